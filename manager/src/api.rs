@@ -1,0 +1,304 @@
+//! The public JSON API (docs/api.md): uploads and asset status. The web
+//! upload form posts to the same handler.
+
+use std::path::PathBuf;
+
+use axum::{
+    extract::{Multipart, Path, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Redirect, Response},
+    Json,
+};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::{
+    auth::{Caller, MaybeCaller},
+    db,
+    error::ApiError,
+    SharedState,
+};
+
+pub const MAX_TITLE_CHARS: usize = 200;
+
+#[derive(Serialize)]
+pub struct UploadAccepted {
+    pub asset_id: String,
+    pub status_url: String,
+}
+
+#[derive(Serialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+pub struct ReplicaView {
+    pub node: String,
+    pub state: String,
+}
+
+#[derive(Serialize)]
+pub struct AssetView {
+    pub id: String,
+    pub title: String,
+    pub state: String,
+    pub progress: f64,
+    pub error: Option<ErrorInfo>,
+    pub replicas: Vec<ReplicaView>,
+    pub media_url: Option<String>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub duration_secs: Option<f64>,
+}
+
+pub fn media_url(st: &SharedState, asset_id: &str) -> String {
+    format!("{}/media/{asset_id}.mp4", st.public_url)
+}
+
+pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, ApiError> {
+    let replicas = db::replicas(&st.db, &a.id)
+        .await?
+        .into_iter()
+        .map(|r| ReplicaView {
+            node: r.node,
+            state: r.state,
+        })
+        .collect();
+    Ok(AssetView {
+        id: a.id.clone(),
+        title: a.title.clone(),
+        state: a.state.clone(),
+        progress: a.progress,
+        error: a.error_code.as_ref().map(|c| ErrorInfo {
+            code: c.clone(),
+            message: a.error_message.clone().unwrap_or_default(),
+        }),
+        replicas,
+        media_url: (a.state == "published").then(|| media_url(st, &a.id)),
+        width: a.width,
+        height: a.height,
+        duration_secs: a.duration_secs,
+    })
+}
+
+/// Who may see an asset: anyone once it is published; before that (or when
+/// rejected) only its owner and operators. Others get a plain 404 so ids of
+/// private uploads cannot be probed.
+pub fn visible_to(a: &db::Asset, caller: Option<&Caller>) -> bool {
+    a.state == "published"
+        || caller.is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator())
+}
+
+pub async fn get_asset(
+    State(st): State<SharedState>,
+    MaybeCaller(caller): MaybeCaller,
+    Path(id): Path<String>,
+) -> Result<Json<AssetView>, ApiError> {
+    let a = db::asset(&st.db, &id)
+        .await?
+        .ok_or(ApiError::NotFound("asset"))?;
+    if !visible_to(&a, caller.as_ref()) {
+        return Err(ApiError::NotFound("asset"));
+    }
+    Ok(Json(asset_view(&st, &a).await?))
+}
+
+/// Deletes a partly received upload unless the upload commits.
+struct StagingGuard(Option<PathBuf>);
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn clean_title(raw: &str, fallback: &str) -> Result<String, ApiError> {
+    let t: String = raw.trim().chars().filter(|c| !c.is_control()).collect();
+    let t = if t.is_empty() {
+        fallback.trim().to_string()
+    } else {
+        t
+    };
+    if t.is_empty() {
+        return Err(ApiError::bad_request(
+            "title_missing",
+            "give the movie a title",
+        ));
+    }
+    if t.chars().count() > MAX_TITLE_CHARS {
+        return Err(ApiError::bad_request(
+            "title_too_long",
+            format!("a title has at most {MAX_TITLE_CHARS} characters"),
+        ));
+    }
+    Ok(t)
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    ApiError::bad_request(
+        "upload_incomplete",
+        format!("the upload was cut off or malformed before it finished ({e}); nothing was kept, please try again"),
+    )
+}
+
+/// `POST /api/v1/uploads`. The file streams to staging in chunks (never
+/// whole in memory); the asset row is created only once every byte is on
+/// disk, so an aborted upload leaves neither a file nor a row.
+///
+/// Browser sessions must send the `csrf` field *before* `file`, so a forged
+/// cross-site post is refused before a byte is written.
+pub async fn upload(
+    State(st): State<SharedState>,
+    caller: Caller,
+    headers: HeaderMap,
+    mut form: Multipart,
+) -> Result<Response, ApiError> {
+    let header_csrf = headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut csrf_ok = caller.check_csrf(header_csrf.as_deref()).is_ok();
+    let asset_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut title: Option<String> = None;
+    let mut received: Option<(String, u64)> = None;
+    let partial = st.cfg.staging_dir().join(format!("{asset_id}.upload"));
+    let mut guard = StagingGuard(None);
+
+    while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
+        match field.name().unwrap_or("") {
+            "csrf" => {
+                let v = field.text().await.map_err(multipart_error)?;
+                csrf_ok = csrf_ok || caller.check_csrf(Some(&v)).is_ok();
+            }
+            "title" => {
+                let v = field.text().await.map_err(multipart_error)?;
+                if v.len() > 4 * MAX_TITLE_CHARS {
+                    return Err(ApiError::bad_request(
+                        "title_too_long",
+                        format!("a title has at most {MAX_TITLE_CHARS} characters"),
+                    ));
+                }
+                title = Some(v);
+            }
+            "file" => {
+                if !csrf_ok {
+                    return Err(ApiError::Csrf);
+                }
+                if received.is_some() {
+                    return Err(ApiError::bad_request(
+                        "too_many_files",
+                        "send one file per upload",
+                    ));
+                }
+                let name = field
+                    .file_name()
+                    .unwrap_or("upload")
+                    .chars()
+                    .take(255)
+                    .collect::<String>();
+                let mut out = tokio::fs::File::create(&partial)
+                    .await
+                    .map_err(|e| ApiError::Internal(e.into()))?;
+                guard.0 = Some(partial.clone());
+                let mut size = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    size += chunk.len() as u64;
+                    if size > st.cfg.max_upload_bytes {
+                        metrics::counter!("manager_uploads_total", "result" => "too_large")
+                            .increment(1);
+                        return Err(ApiError::TooLarge {
+                            limit: st.cfg.max_upload_bytes,
+                        });
+                    }
+                    out.write_all(&chunk)
+                        .await
+                        .map_err(|e| ApiError::Internal(e.into()))?;
+                }
+                out.sync_all()
+                    .await
+                    .map_err(|e| ApiError::Internal(e.into()))?;
+                received = Some((name, size));
+            }
+            _ => {} // unknown fields are ignored, as browsers may add some
+        }
+    }
+    if !csrf_ok {
+        return Err(ApiError::Csrf);
+    }
+    let Some((source_name, size)) = received else {
+        return Err(ApiError::bad_request(
+            "file_missing",
+            "choose a movie file to upload (form field `file`)",
+        ));
+    };
+    if size == 0 {
+        metrics::counter!("manager_uploads_total", "result" => "empty").increment(1);
+        return Err(ApiError::Unprocessable {
+            code: "empty_file",
+            message: "the file is empty".into(),
+        });
+    }
+    let fallback = source_name
+        .rsplit_once('.')
+        .map(|(stem, _)| stem)
+        .unwrap_or(&source_name);
+    let title = clean_title(title.as_deref().unwrap_or(""), fallback)?;
+
+    let src = crate::pipeline::source_path(&st, &asset_id);
+    tokio::fs::rename(&partial, &src)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    guard.0 = Some(src.clone());
+    db::insert_asset(
+        &st.db,
+        &asset_id,
+        caller.user.id,
+        &title,
+        &source_name,
+        size as i64,
+    )
+    .await?;
+    guard.0 = None;
+    st.wake.notify_one();
+    metrics::counter!("manager_uploads_total", "result" => "accepted").increment(1);
+    tracing::info!(asset = %asset_id, user = caller.user.id, bytes = size, "upload accepted");
+
+    let status_url = format!("/api/v1/assets/{asset_id}");
+    // A browser that posted the plain form (no script) goes to the movie page.
+    let wants_html = caller.csrf.is_some()
+        && headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        return Ok(Redirect::to(&format!("/assets/{asset_id}")).into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(UploadAccepted {
+            asset_id,
+            status_url,
+        }),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_are_cleaned_and_bounded() {
+        assert_eq!(clean_title("  My film\u{7} ", "x").unwrap(), "My film");
+        assert_eq!(clean_title("", "holiday").unwrap(), "holiday");
+        assert_eq!(clean_title("", "").unwrap_err().code(), "title_missing");
+        assert_eq!(
+            clean_title(&"a".repeat(201), "x").unwrap_err().code(),
+            "title_too_long"
+        );
+    }
+}

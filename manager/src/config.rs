@@ -1,0 +1,231 @@
+//! The manager's one typed configuration: defaults in code, then the TOML
+//! file, then `MANAGER_*` environment variables (nested fields with `__`, as
+//! in `MANAGER_TRANSCODE__CRF=20`). Validated at start; every message names
+//! the field so an operator can fix it without reading code.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use figment::{
+    providers::{Env, Format, Toml},
+    Figment,
+};
+use serde::Deserialize;
+use shared::Secret;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to bind. Port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Base URL users and viewers reach the manager on; media URLs start
+    /// with it. Empty: derived from the bound address.
+    pub public_url: String,
+    /// Folder for the database, staging and outbox (all on one disk so
+    /// renames are atomic).
+    pub data_dir: PathBuf,
+    /// sqlx database URL. Empty: SQLite at `<data_dir>/manager.db`.
+    pub database_url: String,
+    /// Largest upload accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// Verified copies needed before a movie is published.
+    pub min_replicas: usize,
+    /// Lifetime of a playback token handed out by the redirector, seconds.
+    pub token_ttl_secs: u64,
+    /// Hex of the 32-byte key-encryption key that wraps per-asset data keys.
+    pub master_key: Secret,
+    /// Id of `master_key` (stored with every wrapped key, for rotation).
+    pub master_key_id: u32,
+    /// Hex of the 32-byte Ed25519 seed that signs playback tokens. Nodes get
+    /// only the public half.
+    pub token_signing_key: Secret,
+    /// Seconds a request in flight may take to finish after SIGTERM/Ctrl-C.
+    pub shutdown_grace_secs: u64,
+    /// Output profile for Second Life's media player.
+    pub transcode: TranscodeConfig,
+    /// The view nodes this manager pushes to and redirects viewers to.
+    pub nodes: Vec<NodeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TranscodeConfig {
+    /// Output fits inside this box (never upscaled). At most 2048.
+    pub max_width: u32,
+    pub max_height: u32,
+    /// x264 constant rate factor, 0–51; lower is better and larger.
+    pub crf: u8,
+    /// x264 preset (ultrafast … veryslow).
+    pub preset: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's own `name` setting.
+    pub name: String,
+    /// Base URL, e.g. `http://127.0.0.1:8081`.
+    pub url: String,
+    /// Where the node is, for picking the closest one.
+    pub lat: f64,
+    pub lon: f64,
+    /// Relative share of viewers among equally close nodes.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Hex of the secret shared with this node that signs our calls to it.
+    pub secret: Secret,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            public_url: String::new(),
+            data_dir: PathBuf::from("data/manager"),
+            database_url: String::new(),
+            max_upload_bytes: 2 * 1024 * 1024 * 1024,
+            min_replicas: 2,
+            token_ttl_secs: 6 * 3600,
+            master_key: Secret::default(),
+            master_key_id: 1,
+            token_signing_key: Secret::default(),
+            shutdown_grace_secs: 20,
+            transcode: TranscodeConfig::default(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+impl Default for TranscodeConfig {
+    fn default() -> Self {
+        Self {
+            max_width: 1280,
+            max_height: 720,
+            crf: 23,
+            preset: "veryfast".into(),
+        }
+    }
+}
+
+const PRESETS: &[&str] = &[
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+];
+
+impl Config {
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::new();
+        if let Some(f) = file {
+            if !f.exists() {
+                anyhow::bail!("config file {} does not exist", f.display());
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let mut cfg: Config = fig
+            .merge(Env::prefixed("MANAGER_").split("__"))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        cfg.validate()?;
+        if cfg.database_url.is_empty() {
+            cfg.database_url = format!("sqlite://{}", cfg.data_dir.join("manager.db").display());
+        }
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let field = |name: &str, why: &str| anyhow::anyhow!("configuration field `{name}`: {why}");
+        if shared::MasterKey::from_hex(self.master_key_id, self.master_key.expose()).is_err() {
+            return Err(field("master_key", "must be 64 hex characters (32 bytes)"));
+        }
+        if shared::TokenSigner::from_seed_hex(self.token_signing_key.expose()).is_err() {
+            return Err(field(
+                "token_signing_key",
+                "must be 64 hex characters (32 bytes)",
+            ));
+        }
+        if !self.public_url.is_empty()
+            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
+        {
+            return Err(field("public_url", "must start with http:// or https://"));
+        }
+        if self.min_replicas == 0 {
+            return Err(field("min_replicas", "must be at least 1"));
+        }
+        if self.nodes.len() < self.min_replicas {
+            return Err(field(
+                "nodes",
+                &format!(
+                    "{} node(s) configured but min_replicas is {}: nothing could ever be published",
+                    self.nodes.len(),
+                    self.min_replicas
+                ),
+            ));
+        }
+        if self.max_upload_bytes == 0 {
+            return Err(field("max_upload_bytes", "must be greater than 0"));
+        }
+        if self.token_ttl_secs < 60 {
+            return Err(field("token_ttl_secs", "must be at least 60"));
+        }
+        let t = &self.transcode;
+        for (name, v) in [
+            ("transcode.max_width", t.max_width),
+            ("transcode.max_height", t.max_height),
+        ] {
+            if !(16..=2048).contains(&v) {
+                return Err(field(
+                    name,
+                    "must be between 16 and 2048 (Second Life's media limit)",
+                ));
+            }
+        }
+        if t.crf > 51 {
+            return Err(field("transcode.crf", "must be between 0 and 51"));
+        }
+        if !PRESETS.contains(&t.preset.as_str()) {
+            return Err(field(
+                "transcode.preset",
+                &format!("must be one of {}", PRESETS.join(", ")),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let f = |sub: &str| format!("nodes[{i}].{sub}");
+            if n.name.is_empty() || !seen.insert(n.name.clone()) {
+                return Err(field(&f("name"), "must be set and unique"));
+            }
+            if !(n.url.starts_with("http://") || n.url.starts_with("https://")) {
+                return Err(field(&f("url"), "must start with http:// or https://"));
+            }
+            if !(-90.0..=90.0).contains(&n.lat) {
+                return Err(field(&f("lat"), "must be between -90 and 90"));
+            }
+            if !(-180.0..=180.0).contains(&n.lon) {
+                return Err(field(&f("lon"), "must be between -180 and 180"));
+            }
+            match hex::decode(n.secret.expose()) {
+                Ok(b) if b.len() >= 16 => {}
+                _ => return Err(field(&f("secret"), "must be at least 32 hex characters")),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.data_dir.join("outbox")
+    }
+}

@@ -1,0 +1,476 @@
+//! The catalog database. Every query lives here so the SQL is in one place
+//! when PostgreSQL support arrives; callers see typed rows.
+
+use std::str::FromStr;
+
+use sqlx::{
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    FromRow, SqlitePool,
+};
+
+pub type Db = SqlitePool;
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens the database and applies migrations. WAL with `synchronous=FULL`:
+/// an acknowledged upload or payment survives a power cut.
+pub async fn open(url: &str) -> anyhow::Result<Db> {
+    let opts = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(std::time::Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await?;
+    sqlx::migrate!("./migrations").run(&pool).await?;
+    Ok(pool)
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub password_hash: String,
+    pub role: String,
+}
+
+impl User {
+    pub fn is_operator(&self) -> bool {
+        self.role == "operator"
+    }
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Asset {
+    pub id: String,
+    pub owner_id: i64,
+    pub title: String,
+    pub state: String,
+    pub progress: f64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub source_name: String,
+    pub source_bytes: i64,
+    pub blob_id: Option<String>,
+    pub sealed_len: Option<i64>,
+    pub plain_len: Option<i64>,
+    pub wrapped_key: Option<Vec<u8>>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub duration_secs: Option<f64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Replica {
+    pub asset_id: String,
+    pub node: String,
+    pub state: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+}
+
+// ---- users, sessions, tokens ----------------------------------------------
+
+pub async fn create_user(
+    db: &Db,
+    email: &str,
+    password_hash: &str,
+    role: &str,
+) -> sqlx::Result<i64> {
+    let r = sqlx::query(
+        "INSERT INTO users (email, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(email)
+    .bind(password_hash)
+    .bind(role)
+    .bind(now())
+    .execute(db)
+    .await?;
+    Ok(r.last_insert_rowid())
+}
+
+pub async fn set_password(db: &Db, email: &str, password_hash: &str) -> sqlx::Result<bool> {
+    let r = sqlx::query("UPDATE users SET password_hash = ? WHERE email = ?")
+        .bind(password_hash)
+        .bind(email)
+        .execute(db)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn user_by_email(db: &Db, email: &str) -> sqlx::Result<Option<User>> {
+    sqlx::query_as("SELECT id, email, password_hash, role FROM users WHERE email = ?")
+        .bind(email)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn insert_session(
+    db: &Db,
+    token_hash: &str,
+    user_id: i64,
+    csrf: &str,
+    expires_at: i64,
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO sessions (token_hash, user_id, csrf, expires_at) VALUES (?, ?, ?, ?)")
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(csrf)
+        .bind(expires_at)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_session(db: &Db, token_hash: &str) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+        .bind(token_hash)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The user behind a live session, with the session's CSRF token.
+pub async fn session_user(db: &Db, token_hash: &str) -> sqlx::Result<Option<(User, String)>> {
+    let row: Option<(i64, String, String, String, String)> = sqlx::query_as(
+        "SELECT u.id, u.email, u.password_hash, u.role, s.csrf FROM sessions s
+         JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
+    )
+    .bind(token_hash)
+    .bind(now())
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(id, email, password_hash, role, csrf)| {
+        (
+            User {
+                id,
+                email,
+                password_hash,
+                role,
+            },
+            csrf,
+        )
+    }))
+}
+
+pub async fn insert_api_token(
+    db: &Db,
+    token_hash: &str,
+    user_id: i64,
+    label: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO api_tokens (token_hash, user_id, label, created_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(token_hash)
+    .bind(user_id)
+    .bind(label)
+    .bind(now())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn api_token_user(db: &Db, token_hash: &str) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(
+        "SELECT u.id, u.email, u.password_hash, u.role FROM api_tokens t
+         JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+    )
+    .bind(token_hash)
+    .fetch_optional(db)
+    .await
+}
+
+// ---- assets ------------------------------------------------------------------
+
+const ASSET_COLS: &str = "id, owner_id, title, state, progress, error_code, error_message, source_name,
+    source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at";
+
+pub async fn insert_asset(
+    db: &Db,
+    id: &str,
+    owner_id: i64,
+    title: &str,
+    source_name: &str,
+    source_bytes: i64,
+) -> sqlx::Result<()> {
+    let t = now();
+    sqlx::query(
+        "INSERT INTO assets (id, owner_id, title, state, source_name, source_bytes, created_at, updated_at)
+         VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(owner_id)
+    .bind(title)
+    .bind(source_name)
+    .bind(source_bytes)
+    .bind(t)
+    .bind(t)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn asset(db: &Db, id: &str) -> sqlx::Result<Option<Asset>> {
+    sqlx::query_as(&format!("SELECT {ASSET_COLS} FROM assets WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn published_assets(db: &Db, limit: i64) -> sqlx::Result<Vec<Asset>> {
+    sqlx::query_as(&format!(
+        "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' ORDER BY created_at DESC LIMIT ?"
+    ))
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn assets_of(db: &Db, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>> {
+    sqlx::query_as(&format!(
+        "SELECT {ASSET_COLS} FROM assets WHERE owner_id = ? ORDER BY created_at DESC LIMIT ?"
+    ))
+    .bind(owner_id)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Oldest asset waiting for the pipeline.
+pub async fn next_queued(db: &Db) -> sqlx::Result<Option<Asset>> {
+    sqlx::query_as(&format!(
+        "SELECT {ASSET_COLS} FROM assets WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
+    ))
+    .fetch_optional(db)
+    .await
+}
+
+/// Work interrupted by a crash or shutdown restarts from the top: staging
+/// keeps the source until sealing commits, so nothing is lost.
+pub async fn requeue_interrupted(db: &Db) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE assets SET state = 'queued', progress = 0, updated_at = ?
+         WHERE state IN ('probing', 'transcoding', 'sealing')",
+    )
+    .bind(now())
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+pub async fn set_state(db: &Db, id: &str, state: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE assets SET state = ?, progress = 0, updated_at = ? WHERE id = ?")
+        .bind(state)
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_progress(db: &Db, id: &str, progress: f64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE assets SET progress = ?, updated_at = ? WHERE id = ?")
+        .bind(progress)
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn reject(db: &Db, id: &str, code: &str, message: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE assets SET state = 'rejected', error_code = ?, error_message = ?, progress = 0, updated_at = ?
+         WHERE id = ?",
+    )
+    .bind(code)
+    .bind(message)
+    .bind(now())
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_media_info(
+    db: &Db,
+    id: &str,
+    width: u32,
+    height: u32,
+    duration: f64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE assets SET width = ?, height = ?, duration_secs = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(width as i64)
+    .bind(height as i64)
+    .bind(duration)
+    .bind(now())
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Records the sealed blob and creates one pending replica per node, in one
+/// transaction: either the asset is ready to replicate or nothing changed.
+pub async fn record_sealed(
+    db: &Db,
+    id: &str,
+    blob_id: &str,
+    sealed_len: u64,
+    plain_len: u64,
+    wrapped_key: &[u8],
+    nodes: &[String],
+) -> sqlx::Result<()> {
+    let t = now();
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "UPDATE assets SET state = 'replicating', progress = 0, blob_id = ?, sealed_len = ?, plain_len = ?,
+         wrapped_key = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(blob_id)
+    .bind(sealed_len as i64)
+    .bind(plain_len as i64)
+    .bind(wrapped_key)
+    .bind(t)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    for n in nodes {
+        sqlx::query(
+            "INSERT INTO replicas (asset_id, node, state, updated_at) VALUES (?, ?, 'pending', ?)
+             ON CONFLICT (asset_id, node) DO NOTHING",
+        )
+        .bind(id)
+        .bind(n)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+pub async fn replicas(db: &Db, asset_id: &str) -> sqlx::Result<Vec<Replica>> {
+    sqlx::query_as(
+        "SELECT asset_id, node, state, attempts, last_error FROM replicas WHERE asset_id = ? ORDER BY node",
+    )
+    .bind(asset_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Replicas not yet verified whose retry time has come, for assets that
+/// still have their sealed blob in the outbox.
+pub async fn due_replicas(db: &Db) -> sqlx::Result<Vec<Replica>> {
+    sqlx::query_as(
+        "SELECT r.asset_id, r.node, r.state, r.attempts, r.last_error FROM replicas r
+         JOIN assets a ON a.id = r.asset_id
+         WHERE r.state != 'verified' AND r.next_try <= ? AND a.state IN ('replicating', 'published')
+         ORDER BY r.next_try LIMIT 100",
+    )
+    .bind(now())
+    .fetch_all(db)
+    .await
+}
+
+pub async fn replica_verified(db: &Db, asset_id: &str, node: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE replicas SET state = 'verified', last_error = NULL, attempts = attempts + 1, updated_at = ?
+         WHERE asset_id = ? AND node = ?",
+    )
+    .bind(now())
+    .bind(asset_id)
+    .bind(node)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn replica_failed(
+    db: &Db,
+    asset_id: &str,
+    node: &str,
+    error: &str,
+    next_try: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE replicas SET state = 'failed', last_error = ?, attempts = attempts + 1, next_try = ?, updated_at = ?
+         WHERE asset_id = ? AND node = ?",
+    )
+    .bind(error)
+    .bind(next_try)
+    .bind(now())
+    .bind(asset_id)
+    .bind(node)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Publishes the asset if enough verified copies exist. Returns whether it is
+/// published now. The count and the state change happen in one statement, so
+/// "published" can never be observed with too few copies.
+pub async fn publish_if_replicated(
+    db: &Db,
+    asset_id: &str,
+    min_replicas: usize,
+) -> sqlx::Result<bool> {
+    sqlx::query(
+        "UPDATE assets SET state = 'published', updated_at = ?
+         WHERE id = ? AND state = 'replicating'
+           AND (SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state = 'verified') >= ?",
+    )
+    .bind(now())
+    .bind(asset_id)
+    .bind(asset_id)
+    .bind(min_replicas as i64)
+    .execute(db)
+    .await?;
+    let state: Option<(String,)> = sqlx::query_as("SELECT state FROM assets WHERE id = ?")
+        .bind(asset_id)
+        .fetch_optional(db)
+        .await?;
+    Ok(matches!(state, Some((s,)) if s == "published"))
+}
+
+pub async fn all_verified(db: &Db, asset_id: &str) -> sqlx::Result<bool> {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state != 'verified'")
+            .bind(asset_id)
+            .fetch_one(db)
+            .await?;
+    Ok(n == 0)
+}
+
+/// Health means working: write, read back and delete a row.
+pub async fn health_check(db: &Db) -> anyhow::Result<()> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut tx = db.begin().await?;
+    sqlx::query("INSERT INTO health_probe (id, at) VALUES (?, ?)")
+        .bind(&id)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+    let (back,): (String,) = sqlx::query_as("SELECT id FROM health_probe WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await?;
+    anyhow::ensure!(back == id, "read back a different row");
+    sqlx::query("DELETE FROM health_probe WHERE id = ?")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The manager's HTTP error type. Every rejection, JSON or HTML, carries a
+//! stable machine-readable code and one human sentence; the status mapping
+//! lives here and nowhere else.
+
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("log in, or send `Authorization: Bearer <api token>`")]
+    Unauthenticated,
+    #[error("you may not do that")]
+    Forbidden,
+    #[error("the form was stale or forged (CSRF check failed); reload the page and try again")]
+    Csrf,
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("the file is larger than the {limit} bytes this site accepts")]
+    TooLarge { limit: u64 },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error("this movie is not published yet")]
+    NotPublished,
+    #[error("no mirror holding this movie is reachable right now; try again in a minute")]
+    NoMirror,
+    #[error("too many attempts; wait a minute and try again")]
+    RateLimited,
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Forbidden => "forbidden",
+            ApiError::Csrf => "csrf_failed",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::BadRequest { code, .. } | ApiError::Unprocessable { code, .. } => code,
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::NotPublished => "not_published",
+            ApiError::NoMirror => "no_mirror_available",
+            ApiError::RateLimited => "rate_limited",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden | ApiError::Csrf => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) | ApiError::NotPublished => StatusCode::NOT_FOUND,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NoMirror => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(e) = &self {
+            tracing::error!("internal error: {e:#}");
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}

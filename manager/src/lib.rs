@@ -1,0 +1,231 @@
+//! The manager: the control plane of the pipeline.
+//!
+//! It owns the catalog database ([`db`]), accepts uploads through the JSON
+//! API and the web pages ([`api`], [`web`], [`auth`]), runs the ingest
+//! pipeline ([`pipeline`]: probe and transcode in-process with ffmpeg-next
+//! ([`media`]), seal, push to view nodes ([`nodes`])), and answers media URLs
+//! ([`redirect`]) by sending each viewer to a node holding a verified copy.
+//! Viewers' bytes never pass through it: nodes serve them, and keep serving
+//! valid tokens while the manager is down.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+mod error;
+pub mod media;
+pub mod nodes;
+pub mod pipeline;
+mod redirect;
+mod telemetry;
+mod web;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    routing::{get, post},
+    Json, Router,
+};
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::ApiError;
+pub use telemetry::init_tracing;
+
+pub struct AppState {
+    pub cfg: Config,
+    pub db: db::Db,
+    pub nodes: nodes::Nodes,
+    pub master: shared::MasterKey,
+    pub signer: shared::TokenSigner,
+    /// Wakes the pipeline when an upload lands, instead of waiting for its poll.
+    pub wake: tokio::sync::Notify,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// `cfg.public_url`, or `http://<bound address>` when that is empty.
+    pub public_url: String,
+    pub secure_cookies: bool,
+    /// Verified against when a login names no account, so a failed login
+    /// costs the same time whether or not the email exists.
+    pub dummy_hash: String,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub async fn new(cfg: Config, public_url: String) -> anyhow::Result<Self> {
+        for dir in [cfg.data_dir.clone(), cfg.staging_dir(), cfg.outbox_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "configuration field `data_dir`: cannot create {}: {e}",
+                    dir.display()
+                )
+            })?;
+        }
+        // Partial uploads never committed: nothing refers to them.
+        for entry in std::fs::read_dir(cfg.staging_dir())?.flatten() {
+            if entry
+                .path()
+                .extension()
+                .is_some_and(|e| e == "upload" || e == "part")
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let db = db::open(&cfg.database_url).await.map_err(|e| {
+            anyhow::anyhow!("configuration field `database_url`: cannot open the database: {e:#}")
+        })?;
+        let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())?;
+        let signer = shared::TokenSigner::from_seed_hex(cfg.token_signing_key.expose())?;
+        let nodes = nodes::Nodes::new(&cfg.nodes)?;
+        media::init().map_err(|e| anyhow::anyhow!("cannot initialise ffmpeg: {e}"))?;
+        Ok(Self {
+            secure_cookies: public_url.starts_with("https://"),
+            public_url: public_url.trim_end_matches('/').to_string(),
+            dummy_hash: auth::hash_password(&auth::random_token())?,
+            cfg,
+            db,
+            nodes,
+            master,
+            signer,
+            wake: tokio::sync::Notify::new(),
+            metrics: telemetry::metrics_handle(),
+        })
+    }
+}
+
+pub fn build_router(state: SharedState) -> Router {
+    Router::new()
+        .route("/", get(web::index))
+        .route("/login", get(web::login_form).post(web::login))
+        .route("/logout", post(web::logout))
+        .route("/upload", get(web::upload_form))
+        .route("/assets/{id}", get(web::asset_page))
+        .route(
+            "/api/v1/uploads",
+            // The handler enforces `max_upload_bytes` itself while streaming.
+            post(api::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/assets/{id}", get(api::get_asset))
+        .route("/media/{file}", get(redirect::media))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(telemetry::metrics))
+        .layer(axum::middleware::from_fn(telemetry::access_log))
+        .with_state(state)
+}
+
+/// Health means working: the database takes a write, the staging disk takes
+/// a file; both are read back and removed.
+async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
+    let db = db::health_check(&st.db).await;
+    let disk = async {
+        let p = st
+            .cfg
+            .staging_dir()
+            .join(format!("health.{}.part", uuid::Uuid::new_v4()));
+        let probe = uuid::Uuid::new_v4().to_string();
+        tokio::fs::write(&p, &probe).await?;
+        let back = tokio::fs::read_to_string(&p).await;
+        tokio::fs::remove_file(&p).await?;
+        anyhow::ensure!(back? == probe, "read back differs");
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let nodes: serde_json::Map<String, serde_json::Value> = st
+        .nodes
+        .list
+        .iter()
+        .map(|n| {
+            (
+                n.cfg.name.clone(),
+                serde_json::Value::from(if n.is_healthy() { "ok" } else { "failing" }),
+            )
+        })
+        .collect();
+    let ok = db.is_ok() && disk.is_ok();
+    let show = |r: &anyhow::Result<()>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    if !ok {
+        tracing::error!(db = %show(&db), storage = %show(&disk), "health check failed");
+    }
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "failing" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "checks": { "database": show(&db), "storage": show(&disk) },
+        "nodes": nodes,
+    });
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(body),
+    )
+}
+
+/// Serves until `shutdown` resolves; requests in flight then get
+/// `shutdown_grace_secs` to finish. The pipeline and node monitor stop too.
+pub async fn run(
+    listener: TcpListener,
+    state: SharedState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(pipeline::run(state.clone(), stop_rx.clone()));
+    let monitor = tokio::spawn(
+        state
+            .nodes
+            .clone()
+            .monitor(Duration::from_secs(5), stop_rx.clone()),
+    );
+    let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
+    let app = build_router(state);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let stop_tx2 = stop_tx.clone();
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = rx.await;
+            let _ = stop_tx2.send(true);
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(grace, worker).await;
+    monitor.abort();
+    Ok(())
+}
+
+/// Binary entry point: bind, announce, serve until SIGTERM or Ctrl-C.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "configuration field `listen`: cannot bind {}: {e}",
+            cfg.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let public_url = if cfg.public_url.is_empty() {
+        format!("http://{addr}")
+    } else {
+        cfg.public_url.clone()
+    };
+    let state = Arc::new(AppState::new(cfg, public_url).await?);
+    tracing::info!(%addr, url = %state.public_url, version = env!("CARGO_PKG_VERSION"), "manager listening");
+    println!("LISTENING http://{addr}");
+    run(listener, state, telemetry::shutdown_signal()).await?;
+    tracing::info!("manager stopped");
+    Ok(())
+}

@@ -1,0 +1,209 @@
+use std::{io::Read, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+use manager::{auth, db, Config};
+
+/// The manager: web site, JSON API, ingest pipeline and redirector.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see manager/manager.example.toml). Every field
+    /// can also be set with a `MANAGER_<FIELD>` environment variable
+    /// (nested: `MANAGER_TRANSCODE__CRF`).
+    #[arg(short, long, env = "MANAGER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the web site and API and run the pipeline (the default).
+    Serve,
+    /// Create an account. The password is read from standard input; with
+    /// `--generate-password` a random one is made and printed once.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "uploader", value_parser = ["uploader", "operator"])]
+        role: String,
+        #[arg(long)]
+        generate_password: bool,
+    },
+    /// Create an API token for an account and print it (shown only once).
+    CreateToken {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "cli")]
+        label: String,
+    },
+    /// Write a ready-to-run set of configuration files, with fresh secrets,
+    /// for one manager and the named view nodes, all on this machine.
+    InitCluster {
+        /// Folder for the files and for every process's data.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Manager listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// A node as `name:lat:lon:listen`, e.g. `utah:40.76:-111.89:127.0.0.1:8081`.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    manager::init_tracing();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("manager: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::InitCluster { dir, listen, nodes }) = &cli.command {
+        return init_cluster(dir, listen, nodes);
+    }
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => manager::serve(cfg).await,
+        Command::CreateUser {
+            email,
+            role,
+            generate_password,
+        } => {
+            let password = if generate_password {
+                auth::random_token()[..20].to_string()
+            } else {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                s.trim_end_matches(['\r', '\n']).to_string()
+            };
+            anyhow::ensure!(
+                password.chars().count() >= 10,
+                "a password has at least 10 characters"
+            );
+            let email = email.trim().to_lowercase();
+            anyhow::ensure!(email.contains('@'), "`--email` must be an email address");
+            let db = open_db(&cfg).await?;
+            let hash = auth::hash_password(&password)?;
+            db::create_user(&db, &email, &hash, &role)
+                .await
+                .map_err(|e| match e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        anyhow::anyhow!("an account for {email} already exists")
+                    }
+                    e => e.into(),
+                })?;
+            if generate_password {
+                println!("{password}");
+            }
+            eprintln!("created {role} {email}");
+            Ok(())
+        }
+        Command::CreateToken { email, label } => {
+            let db = open_db(&cfg).await?;
+            let user = db::user_by_email(&db, &email.trim().to_lowercase())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no account for {email}"))?;
+            let token = format!("slm_{}", auth::random_token());
+            db::insert_api_token(&db, &auth::token_hash(&token), user.id, &label).await?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::InitCluster { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn open_db(cfg: &Config) -> anyhow::Result<db::Db> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    db::open(&cfg.database_url).await
+}
+
+fn hex32() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Writes `manager.toml` and `viewnode-<name>.toml` under `dir`. Each file
+/// holds secrets, so it is created readable by its owner only.
+fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let master = hex32();
+    let signer = shared::TokenSigner::generate();
+    let mut mgr = format!(
+        "# Written by `manager init-cluster`. Holds secrets: keep it private.\n\
+         listen = \"{listen}\"\n\
+         data_dir = \"{}\"\n\
+         master_key_id = 1\n\
+         master_key = \"{master}\"\n\
+         token_signing_key = \"{}\"\n",
+        dir.join("manager").display(),
+        signer.seed_hex(),
+    );
+    for spec in nodes {
+        let mut it = spec.splitn(4, ':');
+        let (Some(name), Some(lat), Some(lon), Some(addr)) =
+            (it.next(), it.next(), it.next(), it.next())
+        else {
+            anyhow::bail!("`--node {spec}`: expected name:lat:lon:listen");
+        };
+        let lat: f64 = lat
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`--node {spec}`: bad latitude"))?;
+        let lon: f64 = lon
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`--node {spec}`: bad longitude"))?;
+        let secret = hex32();
+        write!(
+            mgr,
+            "\n[[nodes]]\nname = \"{name}\"\nurl = \"http://{addr}\"\nlat = {lat}\nlon = {lon}\nweight = 1\nsecret = \"{secret}\"\n"
+        )?;
+        let node = format!(
+            "# Written by `manager init-cluster`. Holds secrets: keep it private.\n\
+             name = \"{name}\"\n\
+             listen = \"{addr}\"\n\
+             storage_dir = \"{}\"\n\
+             master_key_id = 1\n\
+             master_key = \"{master}\"\n\
+             token_public_key = \"{}\"\n\
+             manager_secret = \"{secret}\"\n",
+            dir.join(format!("node-{name}")).display(),
+            signer.public_hex(),
+        );
+        write_private(&dir.join(format!("viewnode-{name}.toml")), &node)?;
+    }
+    write_private(&dir.join("manager.toml"), &mgr)?;
+    eprintln!(
+        "wrote configuration for the manager and {} node(s) in {}",
+        nodes.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (refusing to overwrite existing secrets)",
+                path.display()
+            )
+        })?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}

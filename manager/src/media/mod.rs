@@ -1,0 +1,43 @@
+//! In-process media probing and transcoding for user video uploads.
+//!
+//! Why in-process (ffmpeg-next bindings) instead of spawning the `ffmpeg`
+//! CLI: we need structured errors an uploader can act on, fine-grained
+//! progress and cooperative cancellation, and no dependence on a binary and
+//! its output format being present at runtime. The price is that we own the
+//! decode → filter → encode → mux loop, which lives in `transcode`.
+//!
+//! The output format is fixed by the consumer: the Second Life viewer plays
+//! media through LibVLC, so we always produce a conservative, progressive
+//! MP4 (H.264 yuv420p + AAC-LC stereo 48 kHz, `moov` before `mdat`).
+//!
+//! This module is self-contained so it can be dropped into another crate as
+//! `media/` (this file becoming `mod.rs`).
+
+mod error;
+mod probe;
+mod transcode;
+
+pub use error::MediaError;
+pub use probe::{probe, AudioInfo, ProbeInfo, VideoInfo};
+pub use transcode::{transcode, Profile, TranscodeOutput};
+
+use std::sync::OnceLock;
+
+use ffmpeg_next as ffmpeg;
+
+/// Initialise FFmpeg once per process and silence its stderr chatter.
+///
+/// FFmpeg logs every recoverable glitch in user files at warning level to
+/// stderr, which would flood server logs with noise we cannot act on; we keep
+/// only errors and report problems through [`MediaError`] instead. Safe to call
+/// repeatedly and from several threads; `probe`/`transcode` call it themselves.
+pub fn init() -> Result<(), MediaError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        ffmpeg::init().map_err(|e| e.to_string())?;
+        ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Error);
+        Ok(())
+    })
+    .clone()
+    .map_err(|detail| MediaError::Init { detail })
+}

@@ -1,0 +1,371 @@
+//! The ingest pipeline: probe → transcode → seal → replicate → publish.
+//!
+//! Jobs are rows in `assets`, not in memory: a crash or restart requeues any
+//! asset caught mid-step ([`db::requeue_interrupted`]) and the step runs
+//! again from the staged source, which is deleted only after the sealed blob
+//! is recorded. ffmpeg work runs on the blocking pool, one job at a time (a
+//! transcode already uses every core). Replication retries with backoff for
+//! as long as a node lacks a verified copy, so a node that was down gets the
+//! blob when it returns, with no operator action.
+
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use shared::{BlobId, DataKey, Sealer};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::{db, media, SharedState};
+
+pub fn source_path(st: &SharedState, asset_id: &str) -> PathBuf {
+    st.cfg.staging_dir().join(format!("{asset_id}.src"))
+}
+
+fn mp4_path(st: &SharedState, asset_id: &str) -> PathBuf {
+    st.cfg.staging_dir().join(format!("{asset_id}.mp4"))
+}
+
+pub fn outbox_path(st: &SharedState, blob: &BlobId) -> PathBuf {
+    st.cfg.outbox_dir().join(format!("{blob}.sealed"))
+}
+
+/// Deletes everything staged for an asset (source, intermediate MP4).
+fn clear_staging(st: &SharedState, asset_id: &str) {
+    for p in [source_path(st, asset_id), mp4_path(st, asset_id)] {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::remove_file(st.cfg.staging_dir().join(format!("{asset_id}.sealed.part")));
+}
+
+pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
+    match db::requeue_interrupted(&st.db).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "requeued jobs interrupted by the last shutdown"),
+        Err(e) => tracing::error!("cannot requeue interrupted jobs: {e}"),
+    }
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match db::next_queued(&st.db).await {
+            Ok(Some(asset)) => {
+                process(&st, asset, &stop).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("cannot read the job queue: {e}"),
+        }
+        replicate_due(&st).await;
+        tokio::select! {
+            _ = st.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn process(st: &SharedState, asset: db::Asset, stop: &watch::Receiver<bool>) {
+    let id = asset.id.clone();
+    let span = tracing::info_span!("job", asset = %id);
+    match run_steps(st, &asset, stop).instrument(span).await {
+        Ok(()) => {}
+        Err(StepError::Rejected { code, message }) => {
+            tracing::info!(code, "upload rejected: {message}");
+            clear_staging(st, &id);
+            if let Err(e) = db::reject(&st.db, &id, code, &message).await {
+                tracing::error!("cannot record the rejection: {e}");
+            }
+            metrics::counter!("manager_assets_total", "outcome" => "rejected").increment(1);
+        }
+        Err(StepError::Interrupted) => {
+            // Left for the next start: requeue_interrupted picks it up.
+            tracing::info!("job interrupted by shutdown; it resumes at next start");
+        }
+        Err(StepError::Internal(e)) => {
+            // Not the uploader's fault; keep the source and retry later.
+            tracing::error!("job failed, will retry: {e:#}");
+            let _ = db::set_state(&st.db, &id, "queued").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+enum StepError {
+    Rejected { code: &'static str, message: String },
+    Interrupted,
+    Internal(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for StepError {
+    fn from(e: E) -> Self {
+        StepError::Internal(e.into())
+    }
+}
+
+async fn run_steps(
+    st: &SharedState,
+    asset: &db::Asset,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), StepError> {
+    let id = asset.id.as_str();
+    let src = source_path(st, id);
+    if !src.exists() {
+        return Err(StepError::Rejected {
+            code: "source_missing",
+            message: "the uploaded file was lost before processing; please upload it again".into(),
+        });
+    }
+
+    db::set_state(&st.db, id, "probing").await?;
+    let probe_src = src.clone();
+    let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
+    let info = info.map_err(|e| StepError::Rejected {
+        code: e.code(),
+        message: e.to_string(),
+    })?;
+    tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
+
+    db::set_state(&st.db, id, "transcoding").await?;
+    let out = mp4_path(st, id);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
+    let profile = media::Profile {
+        max_width: st.cfg.transcode.max_width,
+        max_height: st.cfg.transcode.max_height,
+        crf: st.cfg.transcode.crf,
+        preset: st.cfg.transcode.preset.clone(),
+        ..media::Profile::default()
+    };
+    let job = {
+        let (src, out, cancel, progress) =
+            (src.clone(), out.clone(), cancel.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut report = |p: f32| progress.store(p.to_bits(), Ordering::Relaxed);
+            media::transcode(&src, &out, &profile, &mut report, &cancel)
+        })
+    };
+    let started = std::time::Instant::now();
+    let result = {
+        let mut job = std::pin::pin!(job);
+        let mut stop = stop.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                r = &mut job => break r?,
+                _ = tick.tick() => {
+                    let p = f32::from_bits(progress.load(Ordering::Relaxed));
+                    let _ = db::set_progress(&st.db, id, p as f64).await;
+                }
+                _ = stop.changed() => cancel.store(true, Ordering::Relaxed),
+            }
+        }
+    };
+    let output = match result {
+        Ok(o) => o,
+        Err(e) if cancel.load(Ordering::Relaxed) => {
+            let _ = std::fs::remove_file(&out);
+            tracing::debug!("transcode cancelled: {e}");
+            return Err(StepError::Interrupted);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&out);
+            return Err(StepError::Rejected {
+                code: e.code(),
+                message: e.to_string(),
+            });
+        }
+    };
+    metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
+    db::set_media_info(
+        &st.db,
+        id,
+        output.width,
+        output.height,
+        output.duration_secs,
+    )
+    .await?;
+
+    db::set_state(&st.db, id, "sealing").await?;
+    let key = DataKey::generate();
+    let wrapped = st.master.wrap(id, &key);
+    let part = st.cfg.staging_dir().join(format!("{id}.sealed.part"));
+    let (blob, sealed_len, plain_len) = {
+        let (out, part, id, key_id) = (out.clone(), part.clone(), id.to_string(), st.master.id());
+        tokio::task::spawn_blocking(move || seal_file(&out, &part, &key, &id, key_id)).await??
+    };
+    let dest = outbox_path(st, &blob);
+    std::fs::rename(&part, &dest)?;
+    fsync_dir(&st.cfg.outbox_dir())?;
+    db::record_sealed(
+        &st.db,
+        id,
+        &blob.to_string(),
+        sealed_len,
+        plain_len,
+        &wrapped,
+        &st.nodes.names(),
+    )
+    .await?;
+    // Only now is the source redundant: the sealed blob and its key are recorded.
+    clear_staging(st, id);
+    tracing::info!(%blob, sealed_len, plain_len, "sealed");
+
+    replicate_asset(st, id).await?;
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Seals `input` into `output` in one streaming pass, hashing as it writes.
+/// Returns the blob name, sealed length and plaintext length.
+pub fn seal_file(
+    input: &Path,
+    output: &Path,
+    key: &DataKey,
+    asset_id: &str,
+    key_id: u32,
+) -> std::io::Result<(BlobId, u64, u64)> {
+    let mut src = std::fs::File::open(input)?;
+    let mut dst = std::fs::File::create(output)?;
+    let mut sealer = Sealer::new(key, asset_id, key_id, shared::DEFAULT_SEGMENT_SIZE);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = Vec::with_capacity((1 << 20) + 4096);
+    let mut plain_len = 0u64;
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        plain_len += n as u64;
+        sealer.update(&buf[..n], &mut out);
+        dst.write_all(&out)?;
+        out.clear();
+    }
+    let (blob, sealed_len) = sealer.finish(&mut out);
+    dst.write_all(&out)?;
+    dst.sync_all()?;
+    Ok((blob, sealed_len, plain_len))
+}
+
+fn backoff_secs(attempts: i64) -> i64 {
+    (5i64 << attempts.clamp(0, 6)).min(300)
+}
+
+/// Pushes the asset's blob to every node that lacks a verified copy, all at
+/// once, then publishes if enough copies are verified.
+pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result<()> {
+    let Some(asset) = db::asset(&st.db, asset_id).await? else {
+        return Ok(());
+    };
+    let Some(blob) = asset
+        .blob_id
+        .as_deref()
+        .and_then(|b| b.parse::<BlobId>().ok())
+    else {
+        return Ok(());
+    };
+    let file = outbox_path(st, &blob);
+    let pending: Vec<db::Replica> = db::replicas(&st.db, asset_id)
+        .await?
+        .into_iter()
+        .filter(|r| r.state != "verified")
+        .collect();
+    let pushes = pending.iter().map(|r| {
+        let file = file.clone();
+        async move {
+            let Some(node) = st.nodes.get(&r.node) else {
+                return (r, Err("node no longer configured".to_string()));
+            };
+            let res = st
+                .nodes
+                .push(node, &blob, &file)
+                .await
+                .map_err(|e| e.to_string());
+            (r, res)
+        }
+    });
+    for (r, res) in futures::future::join_all(pushes).await {
+        match res {
+            Ok(()) => {
+                tracing::info!(asset = asset_id, node = %r.node, "replica verified");
+                metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "ok").increment(1);
+                db::replica_verified(&st.db, asset_id, &r.node).await?;
+            }
+            Err(e) => {
+                tracing::warn!(asset = asset_id, node = %r.node, attempt = r.attempts + 1, "push failed: {e}");
+                metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "failed").increment(1);
+                let next = db::now() + backoff_secs(r.attempts);
+                db::replica_failed(&st.db, asset_id, &r.node, &e, next).await?;
+            }
+        }
+    }
+    if asset.state == "replicating"
+        && db::publish_if_replicated(&st.db, asset_id, st.cfg.min_replicas).await?
+    {
+        tracing::info!(asset = asset_id, "published");
+        metrics::counter!("manager_assets_total", "outcome" => "published").increment(1);
+    }
+    if db::all_verified(&st.db, asset_id).await? {
+        // Every configured node holds a verified copy; the outbox copy has
+        // done its job. Repairs from here on copy from a verified node.
+        let _ = tokio::fs::remove_file(&file).await;
+    }
+    Ok(())
+}
+
+async fn replicate_due(st: &SharedState) {
+    let due = match db::due_replicas(&st.db).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("cannot read pending replicas: {e}");
+            return;
+        }
+    };
+    let mut assets: Vec<String> = due.into_iter().map(|r| r.asset_id).collect();
+    assets.dedup();
+    for a in assets {
+        if let Err(e) = replicate_asset(st, &a).await {
+            tracing::error!(asset = %a, "replication round failed: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff_secs(0), 5);
+        assert_eq!(backoff_secs(1), 10);
+        assert_eq!(backoff_secs(3), 40);
+        assert_eq!(backoff_secs(50), 300);
+    }
+
+    #[test]
+    fn sealed_file_opens_back_to_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.mp4");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&input, &data).unwrap();
+        let key = DataKey::generate();
+        let out = dir.path().join("out.sealed");
+        let (blob, sealed_len, plain_len) = seal_file(&input, &out, &key, "asset-1", 1).unwrap();
+        let sealed = std::fs::read(&out).unwrap();
+        assert_eq!(plain_len, data.len() as u64);
+        assert_eq!(sealed_len, sealed.len() as u64);
+        assert_eq!(blob, BlobId::of(&sealed));
+        assert_eq!(shared::open_all(&key, "asset-1", &sealed).unwrap(), data);
+        // Storage alone reveals nothing: no run of the plaintext survives.
+        assert!(!sealed.windows(32).any(|w| w == &data[1000..1032]));
+    }
+}

@@ -1,0 +1,274 @@
+//! Server-rendered pages: plain HTML from askama templates, working without
+//! script. The only script is progressive enhancement (an upload progress
+//! bar; a player status line).
+
+use askama::Template;
+use axum::{
+    extract::{Path, State},
+    http::{header, StatusCode},
+    response::{Html, IntoResponse, Redirect, Response},
+    Form,
+};
+use serde::Deserialize;
+
+use crate::{
+    api::{self, AssetView},
+    auth::{self, Caller, MaybeCaller},
+    db,
+    error::ApiError,
+    SharedState,
+};
+
+/// A failure shown to a person: the same code and sentence as the API, as a page.
+pub struct PageError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(e: E) -> Self {
+        PageError(e.into())
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    code: &'a str,
+    message: String,
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        if matches!(e, ApiError::Unauthenticated) {
+            return Redirect::to("/login").into_response();
+        }
+        if let ApiError::Internal(inner) = &e {
+            tracing::error!("internal error: {inner:#}");
+        }
+        let page = ErrorPage {
+            user: None,
+            csrf: "",
+            code: e.code(),
+            message: e.to_string(),
+        };
+        (e.status(), render(&page)).into_response()
+    }
+}
+
+fn render(t: &impl Template) -> Response {
+    match t.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!("template failed: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+fn who(c: &Option<Caller>) -> (Option<&str>, &str) {
+    match c {
+        Some(c) => (Some(c.user.email.as_str()), c.csrf.as_deref().unwrap_or("")),
+        None => (None, ""),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "index.html")]
+struct IndexPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    published: Vec<db::Asset>,
+    mine: Vec<db::Asset>,
+}
+
+pub async fn index(
+    State(st): State<SharedState>,
+    MaybeCaller(c): MaybeCaller,
+) -> Result<Response, PageError> {
+    let published = db::published_assets(&st.db, 100).await?;
+    let mine = match &c {
+        Some(c) => db::assets_of(&st.db, c.user.id, 100).await?,
+        None => Vec::new(),
+    };
+    let (user, csrf) = who(&c);
+    Ok(render(&IndexPage {
+        user,
+        csrf,
+        published,
+        mine,
+    }))
+}
+
+#[derive(Template)]
+#[template(path = "upload.html")]
+struct UploadPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    max_mib: u64,
+}
+
+pub async fn upload_form(State(st): State<SharedState>, c: Caller) -> Result<Response, PageError> {
+    let c = Some(c);
+    let (user, csrf) = who(&c);
+    Ok(render(&UploadPage {
+        user,
+        csrf,
+        max_mib: st.cfg.max_upload_bytes / (1024 * 1024),
+    }))
+}
+
+#[derive(Template)]
+#[template(path = "asset.html")]
+struct AssetPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    a: AssetView,
+    busy: bool,
+    percent: u32,
+    watch_url: String,
+}
+
+pub async fn asset_page(
+    State(st): State<SharedState>,
+    MaybeCaller(c): MaybeCaller,
+    Path(id): Path<String>,
+) -> Result<Response, PageError> {
+    let a = db::asset(&st.db, &id)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    if !api::visible_to(&a, c.as_ref()) {
+        return Err(ApiError::NotFound("movie").into());
+    }
+    let view = api::asset_view(&st, &a).await?;
+    let busy = !matches!(view.state.as_str(), "published" | "rejected" | "damaged");
+    let percent = (view.progress.clamp(0.0, 1.0) * 100.0).round() as u32;
+    let (user, csrf) = who(&c);
+    Ok(render(&AssetPage {
+        user,
+        csrf,
+        busy,
+        percent,
+        watch_url: format!("/media/{}.mp4", view.id),
+        a: view,
+    }))
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    error: Option<&'a str>,
+    email: &'a str,
+}
+
+/// Before login there is no session to hold a CSRF token, so the form uses
+/// a double-submit cookie: the hidden field must equal the cookie.
+pub async fn login_form(State(st): State<SharedState>, headers: axum::http::HeaderMap) -> Response {
+    let existing = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE).map(str::to_owned);
+    let token = existing.unwrap_or_else(auth::random_token);
+    let mut resp = render(&LoginPage {
+        user: None,
+        csrf: &token,
+        error: None,
+        email: "",
+    });
+    if let Ok(v) =
+        auth::set_cookie(auth::LOGIN_CSRF_COOKIE, &token, 3600, st.secure_cookies).parse()
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    csrf: String,
+    email: String,
+    password: String,
+}
+
+pub async fn login(
+    State(st): State<SharedState>,
+    headers: axum::http::HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Result<Response, PageError> {
+    let cookie_csrf = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE).map(str::to_owned);
+    if !cookie_csrf.is_some_and(|c| auth::ct_eq(&c, &f.csrf)) {
+        return Err(ApiError::Csrf.into());
+    }
+    let email = f.email.trim().to_lowercase();
+    let user = db::user_by_email(&st.db, &email).await?;
+    // Always run one Argon2 verification so timing does not reveal which
+    // emails have accounts.
+    let hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| st.dummy_hash.clone());
+    let password = f.password.clone();
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
+        .await
+        .unwrap_or(false);
+    let Some(user) = user.filter(|_| ok) else {
+        tracing::info!("failed login");
+        let page = LoginPage {
+            user: None,
+            csrf: &f.csrf,
+            error: Some("Wrong email or password."),
+            email: &email,
+        };
+        return Ok((StatusCode::UNAUTHORIZED, render(&page)).into_response());
+    };
+    let token = auth::random_token();
+    let csrf = auth::random_token();
+    db::insert_session(
+        &st.db,
+        &auth::token_hash(&token),
+        user.id,
+        &csrf,
+        db::now() + auth::SESSION_SECS,
+    )
+    .await?;
+    tracing::info!(user = user.id, "logged in");
+    let mut resp = Redirect::to("/").into_response();
+    let cookie = auth::set_cookie(
+        auth::SESSION_COOKIE,
+        &token,
+        auth::SESSION_SECS,
+        st.secure_cookies,
+    );
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        cookie
+            .parse()
+            .map_err(|e: header::InvalidHeaderValue| ApiError::Internal(e.into()))?,
+    );
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+pub async fn logout(
+    State(st): State<SharedState>,
+    c: Caller,
+    headers: axum::http::HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
+    c.check_csrf(Some(&f.csrf))?;
+    if let Some(tok) = auth::cookie(&headers, auth::SESSION_COOKIE).map(str::to_owned) {
+        db::delete_session(&st.db, &auth::token_hash(&tok)).await?;
+    }
+    let mut resp = Redirect::to("/").into_response();
+    let cookie = auth::set_cookie(auth::SESSION_COOKIE, "", 0, st.secure_cookies);
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        cookie
+            .parse()
+            .map_err(|e: header::InvalidHeaderValue| ApiError::Internal(e.into()))?,
+    );
+    Ok(resp)
+}

@@ -1,0 +1,36 @@
+//! Code shared by the `manager` and the `viewnode` binaries.
+//!
+//! - `blob`: [`BlobId`], the SHA-256 name of a stored (sealed) blob.
+//! - `seal`: the sealed-blob format (`docs/sealed-blob.md`): streaming
+//!   AES-256-GCM in fixed-size segments, so any byte range decrypts by
+//!   reading only the segments it touches. [`Sealer`] and [`SealReader`]
+//!   write, [`Opener`] and [`open_range`] read, [`MasterKey`] wraps the
+//!   per-asset [`DataKey`].
+//! - `token`: Ed25519 playback tokens. The manager holds the
+//!   [`TokenSigner`]; nodes hold only a [`TokenVerifier`].
+//! - `nodeauth`: HMAC-SHA256 request signing between manager and nodes.
+//! - `secret`: [`Secret`], a config string that never prints.
+//!
+//! Every error enum here has a `code()` giving a stable machine-readable
+//! string; the binaries map errors to HTTP statuses.
+
+mod blob;
+mod nodeauth;
+mod seal;
+mod secret;
+mod token;
+
+pub use blob::{BlobId, ParseBlobIdError};
+pub use nodeauth::{
+    content_sha256_hex, sign_request, verify_request, NodeAuthError, AUTH_HEADER, DATE_HEADER,
+    MAX_CLOCK_SKEW_SECS,
+};
+pub use seal::{
+    open_all, open_range, open_range_with, seal_all, wrapped_key_id, DataKey, MasterKey, Opener,
+    RangeRead, SealError, SealReader, SealedHeader, SealedLayout, Sealer, DEFAULT_SEGMENT_SIZE,
+    HEADER_LEN, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, TAG_LEN, WRAPPED_KEY_LEN,
+};
+#[doc(hidden)]
+pub use seal::{seal_with_params, wrap_with_nonce};
+pub use secret::Secret;
+pub use token::{PlaybackClaims, TokenError, TokenSigner, TokenVerifier, MAX_TOKEN_LEN};

@@ -1,0 +1,107 @@
+//! The view node's one typed configuration: defaults in code, then the TOML
+//! file, then `VIEWNODE_*` environment variables (`VIEWNODE_LISTEN=...`).
+//! Every field is checked at start so a typo fails loudly with the field's
+//! name instead of surfacing later as a confusing runtime error.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use figment::{
+    providers::{Env, Format, Toml},
+    Figment,
+};
+use serde::Deserialize;
+use shared::Secret;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's name, as the manager knows it (`utah`, `toronto`).
+    pub name: String,
+    /// Address to bind. Port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Base URL viewers reach this node on. Empty: derived from the bound address.
+    pub public_url: String,
+    /// Folder holding the sealed blobs (ciphertext only) and their temp files.
+    pub storage_dir: PathBuf,
+    /// Hex of the 32-byte key-encryption key that unwraps per-asset data keys.
+    /// It must never live in `storage_dir`: the disk alone must reveal nothing.
+    pub master_key: Secret,
+    /// Id of `master_key`, so keys can rotate without re-encrypting blobs.
+    pub master_key_id: u32,
+    /// Hex of the manager's Ed25519 public key that signs playback tokens.
+    pub token_public_key: String,
+    /// Hex of the secret shared with the manager that signs its calls to us.
+    pub manager_secret: Secret,
+    /// Seconds a request in flight may take to finish after SIGTERM/Ctrl-C.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            listen: "127.0.0.1:8081".parse().expect("literal address"),
+            public_url: String::new(),
+            storage_dir: PathBuf::from("data/viewnode"),
+            master_key: Secret::default(),
+            master_key_id: 1,
+            token_public_key: String::new(),
+            manager_secret: Secret::default(),
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::new();
+        if let Some(f) = file {
+            if !f.exists() {
+                anyhow::bail!("config file {} does not exist", f.display());
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let cfg: Config = fig
+            .merge(Env::prefixed("VIEWNODE_"))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let field = |name: &str, why: &str| anyhow::anyhow!("configuration field `{name}`: {why}");
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(field("name", "must be set to letters, digits, '-' or '_'"));
+        }
+        if shared::MasterKey::from_hex(self.master_key_id, self.master_key.expose()).is_err() {
+            return Err(field("master_key", "must be 64 hex characters (32 bytes)"));
+        }
+        if shared::TokenVerifier::from_public_hex(&self.token_public_key).is_err() {
+            return Err(field(
+                "token_public_key",
+                "must be the manager's Ed25519 public key, 64 hex characters",
+            ));
+        }
+        match hex::decode(self.manager_secret.expose()) {
+            Ok(b) if b.len() >= 16 => {}
+            _ => {
+                return Err(field(
+                    "manager_secret",
+                    "must be at least 32 hex characters",
+                ))
+            }
+        }
+        if !self.public_url.is_empty()
+            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
+        {
+            return Err(field("public_url", "must start with http:// or https://"));
+        }
+        Ok(())
+    }
+}

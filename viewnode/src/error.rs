@@ -1,0 +1,87 @@
+//! The node's one error type for HTTP answers: every rejection maps to a
+//! status and a stable machine-readable code here, and nowhere else.
+
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Token(#[from] shared::TokenError),
+    #[error("{0}")]
+    Auth(#[from] shared::NodeAuthError),
+    #[error("this node holds no copy of that movie")]
+    BlobMissing,
+    #[error("the blob name is not a SHA-256 in hex")]
+    BadBlobName,
+    #[error("the received bytes do not match the blob name")]
+    HashMismatch,
+    #[error("the push was cut off before it finished")]
+    BodyAborted,
+    #[error("the movie's key cannot be unwrapped on this node")]
+    KeyUnavailable,
+    #[error("the stored copy is damaged and has been taken out of service")]
+    Damaged,
+    #[error("storage failure")]
+    Storage(String),
+}
+
+impl NodeError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            NodeError::Token(e) => e.code(),
+            NodeError::Auth(e) => e.code(),
+            NodeError::BlobMissing => "blob_missing",
+            NodeError::BadBlobName => "bad_blob_name",
+            NodeError::HashMismatch => "hash_mismatch",
+            NodeError::BodyAborted => "body_aborted",
+            NodeError::KeyUnavailable => "key_unavailable",
+            NodeError::Damaged => "blob_damaged",
+            NodeError::Storage(_) => "storage_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            NodeError::Token(shared::TokenError::Expired) => StatusCode::GONE,
+            NodeError::Token(_) => StatusCode::FORBIDDEN,
+            NodeError::Auth(_) => StatusCode::UNAUTHORIZED,
+            NodeError::BlobMissing => StatusCode::NOT_FOUND,
+            NodeError::BadBlobName => StatusCode::BAD_REQUEST,
+            NodeError::HashMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            NodeError::BodyAborted => StatusCode::BAD_REQUEST,
+            NodeError::KeyUnavailable | NodeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            NodeError::Damaged => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for NodeError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as S;
+        match e {
+            S::HashMismatch { .. } => NodeError::HashMismatch,
+            S::Body(_) => NodeError::BodyAborted,
+            S::NotFound => NodeError::BlobMissing,
+            other => NodeError::Storage(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for NodeError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), "{self:#}");
+        } else {
+            tracing::info!(code = self.code(), "rejected: {self}");
+        }
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        });
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,122 @@
+//! The view node: the data plane of the pipeline.
+//!
+//! A node stores sealed blobs pushed by the manager ([`store`]), re-hashing
+//! every byte before it commits, and serves viewers decrypted byte ranges of
+//! a movie when they present a playback token the manager signed ([`play`]).
+//! It holds only the manager's *public* token key, so it can check tokens
+//! without calling the manager (playback survives a manager outage) but can
+//! never mint one. Manager-to-node calls ([`internal`]) are HMAC-signed with a
+//! per-node secret.
+//!
+//! Layout: `config` (typed config), `store` (durable create-only blob store),
+//! `play` (viewer-facing ranges), `internal` (manager-facing push/inventory),
+//! `error` (the one HTTP error mapping), `telemetry` (logs, metrics).
+
+mod config;
+mod error;
+mod internal;
+mod play;
+pub mod store;
+mod telemetry;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{routing::get, Router};
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use error::NodeError;
+pub use telemetry::init_tracing;
+
+/// Everything a request handler needs, built once at start.
+pub struct AppState {
+    pub cfg: Config,
+    pub store: store::BlobStore,
+    pub master: shared::MasterKey,
+    pub verifier: shared::TokenVerifier,
+    pub manager_secret: Vec<u8>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn new(cfg: Config) -> anyhow::Result<Self> {
+        let store = store::BlobStore::open(&cfg.storage_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "configuration field `storage_dir`: cannot open {}: {e}",
+                cfg.storage_dir.display()
+            )
+        })?;
+        let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())
+            .map_err(|e| anyhow::anyhow!("configuration field `master_key`: {e}"))?;
+        let verifier = shared::TokenVerifier::from_public_hex(&cfg.token_public_key)
+            .map_err(|e| anyhow::anyhow!("configuration field `token_public_key`: {e}"))?;
+        let manager_secret = hex::decode(cfg.manager_secret.expose())
+            .map_err(|e| anyhow::anyhow!("configuration field `manager_secret`: {e}"))?;
+        Ok(Self {
+            cfg,
+            store,
+            master,
+            verifier,
+            manager_secret,
+            metrics: telemetry::metrics_handle(),
+        })
+    }
+}
+
+pub fn build_router(state: SharedState) -> Router {
+    Router::new()
+        .route("/healthz", get(internal::healthz))
+        .route("/metrics", get(telemetry::metrics))
+        .route("/play/{token}/{name}", get(play::play))
+        .merge(internal::router())
+        .layer(axum::middleware::from_fn(telemetry::access_log))
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then lets requests in
+/// flight finish (bounded by `shutdown_grace_secs`).
+pub async fn run(
+    listener: TcpListener,
+    state: SharedState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
+    let app = build_router(state);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = rx.await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
+    }
+    Ok(())
+}
+
+/// Binary entry point: bind, announce, serve until SIGTERM or Ctrl-C.
+pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "configuration field `listen`: cannot bind {}: {e}",
+            cfg.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    if cfg.public_url.is_empty() {
+        cfg.public_url = format!("http://{addr}");
+    }
+    let state = Arc::new(AppState::new(cfg)?);
+    tracing::info!(node = %state.cfg.name, %addr, version = env!("CARGO_PKG_VERSION"), "view node listening");
+    // One machine-readable line on stdout so scripts and tests can find a
+    // port-0 listener without parsing logs.
+    println!("LISTENING http://{addr}");
+    run(listener, state, telemetry::shutdown_signal()).await?;
+    tracing::info!("view node stopped");
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Viewer-facing playback: `GET`/`HEAD /play/{token}/{name}.mp4`.
+//!
+//! The token is verified locally (Ed25519, manager's public key), the asset's
+//! data key is unwrapped with this node's master key, and only the segments a
+//! byte range touches are read and authenticated, one at a time as the client
+//! drains the response, so memory per request stays at one segment and a slow
+//! client slows the reads instead of filling buffers.
+
+use axum::{
+    body::Body,
+    extract::{Path, State},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
+};
+use futures::StreamExt;
+use shared::{BlobId, PlaybackClaims, SealError};
+
+use crate::{error::NodeError, store::StoredBlob, SharedState};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What the `Range`/`If-Range` headers ask for, resolved against the length.
+#[derive(Debug, PartialEq, Eq)]
+enum Want {
+    Full,
+    Partial(u64, u64), // [start, end)
+    Unsatisfiable,
+}
+
+fn resolve_range(headers: &HeaderMap, etag: &str, len: u64) -> Want {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Want::Full;
+    };
+    // A validator that no longer matches means "send me the whole new thing".
+    if let Some(if_range) = headers.get(header::IF_RANGE) {
+        if if_range.as_bytes() != etag.as_bytes() {
+            return Want::Full;
+        }
+    }
+    let Ok(parsed) = http_range_header::parse_range_header(range) else {
+        // RFC 9110 14.2: a Range header we cannot parse is ignored.
+        return Want::Full;
+    };
+    match parsed.validate(len) {
+        Ok(ranges) if ranges.len() == 1 => Want::Partial(*ranges[0].start(), *ranges[0].end() + 1),
+        // Multipart byteranges buy players nothing; the whole body is valid too.
+        Ok(_) => Want::Full,
+        Err(_) => Want::Unsatisfiable,
+    }
+}
+
+pub async fn play(
+    State(st): State<SharedState>,
+    Path((token, _name)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, NodeError> {
+    let claims: PlaybackClaims = st.verifier.verify(&token, now())?;
+    let blob: BlobId = claims.blob;
+    let Some(sealed_len) = st.store.size(&blob).await? else {
+        return Err(NodeError::BlobMissing);
+    };
+    let key = st
+        .master
+        .unwrap(&claims.asset_id, &claims.wrapped_key)
+        .map_err(|e| {
+            tracing::error!(asset = %claims.asset_id, "cannot unwrap data key: {e}");
+            NodeError::KeyUnavailable
+        })?;
+    let header_bytes = st
+        .store
+        .read_range(&blob, 0..(shared::HEADER_LEN as u64).min(sealed_len))
+        .await?;
+    let plain_len = match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
+        Ok(o) => o.layout().plaintext_len(),
+        Err(e) => {
+            quarantine(&st, blob, &e).await;
+            return Err(NodeError::Damaged);
+        }
+    };
+
+    let etag = format!("\"{blob}\"");
+    let want = resolve_range(&headers, &etag, plain_len);
+    let mut resp = Response::builder()
+        .header(header::CONTENT_TYPE, "video/mp4")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, &etag)
+        // Paid content: no shared cache may keep it; the URL is per viewer.
+        .header(header::CACHE_CONTROL, "private, no-store, no-transform");
+    let (start, end) = match want {
+        Want::Unsatisfiable => {
+            return Ok(resp
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{plain_len}"))
+                .body(Body::empty())
+                .expect("static headers are valid"));
+        }
+        Want::Full => {
+            resp = resp.status(StatusCode::OK);
+            (0, plain_len)
+        }
+        Want::Partial(s, e) => {
+            resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {s}-{}/{plain_len}", e - 1),
+            );
+            (s, e)
+        }
+    };
+    resp = resp.header(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if method == Method::HEAD || start == end {
+        return Ok(resp.body(Body::empty()).expect("valid response"));
+    }
+    let reader = StoredBlob {
+        store: st.store.clone(),
+        id: blob,
+    };
+    let stream = shared::open_range(reader, key, claims.asset_id.clone(), sealed_len, start, end)
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let served = end - start;
+    let st2 = st.clone();
+    let body = stream.then(move |item| {
+        let st = st2.clone();
+        async move {
+            match item {
+                Ok(bytes) => Ok(bytes),
+                Err(e) => {
+                    if matches!(e, SealError::SegmentAuth { .. }) {
+                        quarantine(&st, blob, &e).await;
+                    }
+                    Err(std::io::Error::other(e.to_string()))
+                }
+            }
+        }
+    });
+    metrics::counter!("viewnode_bytes_served_total").increment(served);
+    Ok(resp
+        .body(Body::from_stream(body))
+        .expect("valid response")
+        .into_response())
+}
+
+/// A copy that fails authentication is never served again: it moves to
+/// quarantine and is reported, and a verified copy elsewhere repairs it.
+async fn quarantine(st: &SharedState, blob: BlobId, why: &SealError) {
+    tracing::error!(%blob, code = why.code(), "stored copy failed authentication; quarantining");
+    metrics::counter!("viewnode_blobs_quarantined_total").increment(1);
+    if let Err(e) = st.store.quarantine(&blob).await {
+        tracing::error!(%blob, "quarantine failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn ranges_resolve_like_rfc_9110() {
+        let e = "\"x\"";
+        assert_eq!(resolve_range(&hdrs(&[]), e, 100), Want::Full);
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "bytes=0-9")]), e, 100),
+            Want::Partial(0, 10)
+        );
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "bytes=90-")]), e, 100),
+            Want::Partial(90, 100)
+        );
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "bytes=-5")]), e, 100),
+            Want::Partial(95, 100)
+        );
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "bytes=100-")]), e, 100),
+            Want::Unsatisfiable
+        );
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "pages=1")]), e, 100),
+            Want::Full
+        );
+        assert_eq!(
+            resolve_range(
+                &hdrs(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"old\"")]),
+                e,
+                100
+            ),
+            Want::Full
+        );
+        assert_eq!(
+            resolve_range(
+                &hdrs(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, e)]),
+                e,
+                100
+            ),
+            Want::Partial(0, 10)
+        );
+    }
+}
