@@ -105,6 +105,18 @@ pub async fn get_asset(
     Ok(Json(asset_view(&st, &a).await?))
 }
 
+/// `GET /api/v1/assets`: the caller's own uploads, newest first.
+pub async fn list_assets(
+    State(st): State<SharedState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut out = Vec::new();
+    for a in db::assets_of(&st.db, caller.user.id, 500).await? {
+        out.push(asset_view(&st, &a).await?);
+    }
+    Ok(Json(serde_json::json!({ "assets": out })))
+}
+
 /// Deletes a partly received upload unless the upload commits.
 struct StagingGuard(Option<PathBuf>);
 

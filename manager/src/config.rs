@@ -153,9 +153,8 @@ impl Config {
                 "must be 64 hex characters (32 bytes)",
             ));
         }
-        if !self.public_url.is_empty()
-            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
-        {
+        let is_http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !self.public_url.is_empty() && !is_http(&self.public_url) {
             return Err(field("public_url", "must start with http:// or https://"));
         }
         if self.min_replicas == 0 {
@@ -204,7 +203,7 @@ impl Config {
             if n.name.is_empty() || !seen.insert(n.name.clone()) {
                 return Err(field(&f("name"), "must be set and unique"));
             }
-            if !(n.url.starts_with("http://") || n.url.starts_with("https://")) {
+            if !is_http(&n.url) {
                 return Err(field(&f("url"), "must start with http:// or https://"));
             }
             if !(-90.0..=90.0).contains(&n.lat) {
@@ -227,5 +226,71 @@ impl Config {
 
     pub fn outbox_dir(&self) -> PathBuf {
         self.data_dir.join("outbox")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        master_key = "0000000000000000000000000000000000000000000000000000000000000001"
+        token_signing_key = "0000000000000000000000000000000000000000000000000000000000000002"
+        [[nodes]]
+        name = "utah"
+        url = "http://127.0.0.1:8081"
+        lat = 40.76
+        lon = -111.89
+        secret = "00000000000000000000000000000003"
+        [[nodes]]
+        name = "toronto"
+        url = "http://127.0.0.1:8082"
+        lat = 43.65
+        lon = -79.38
+        secret = "00000000000000000000000000000004"
+    "#;
+
+    fn load(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(Some(&p))
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", load(text).unwrap_err())
+    }
+
+    #[test]
+    fn a_complete_file_loads_with_defaults() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.min_replicas, 2);
+        assert_eq!(c.transcode.max_width, 1280);
+        assert_eq!(c.nodes[1].weight, 1);
+        assert!(c.database_url.starts_with("sqlite://"));
+        assert!(
+            !format!("{c:?}")
+                .contains("0000000000000000000000000000000000000000000000000000000000000001"),
+            "secrets never print"
+        );
+    }
+
+    #[test]
+    fn every_bad_value_names_its_field() {
+        assert!(err("").contains("`master_key`"));
+        assert!(err(&GOOD.replace("lat = 40.76", "lat = 140.76")).contains("`nodes[0].lat`"));
+        assert!(
+            err(&GOOD.replace("name = \"toronto\"", "name = \"utah\"")).contains("`nodes[1].name`")
+        );
+        assert!(err(&format!("min_replicas = 3\n{GOOD}")).contains("`nodes`"));
+        assert!(err(&format!("listen = \"nowhere\"\n{GOOD}")).contains("listen"));
+        assert!(err(&format!("min_replicas = \"two\"\n{GOOD}")).contains("min_replicas"));
+        assert!(err(&format!("mystery = 1\n{GOOD}")).contains("mystery"));
+        assert!(err(&GOOD.replace(
+            "[[nodes]]\n        name = \"utah\"",
+            "[transcode]\n        crf = 99\n        [[nodes]]\n        name = \"utah\""
+        ))
+        .contains("`transcode.crf`"));
+        assert!(err(&format!("public_url = \"ftp://x\"\n{GOOD}")).contains("`public_url`"));
     }
 }

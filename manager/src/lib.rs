@@ -107,6 +107,7 @@ pub fn build_router(state: SharedState) -> Router {
             // The handler enforces `max_upload_bytes` itself while streaming.
             post(api::upload).layer(DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/assets", get(api::list_assets))
         .route("/api/v1/assets/{id}", get(api::get_asset))
         .route("/media/{file}", get(redirect::media))
         .route("/healthz", get(healthz))

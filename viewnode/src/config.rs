@@ -97,9 +97,8 @@ impl Config {
                 ))
             }
         }
-        if !self.public_url.is_empty()
-            && !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://"))
-        {
+        let is_http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !self.public_url.is_empty() && !is_http(&self.public_url) {
             return Err(field("public_url", "must start with http:// or https://"));
         }
         Ok(())

@@ -76,14 +76,15 @@ pub async fn play(
         .store
         .read_range(&blob, 0..(shared::HEADER_LEN as u64).min(sealed_len))
         .await?;
-    let plain_len = match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
-        Ok(o) => o.layout().plaintext_len(),
+    let opener = match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
+        Ok(o) => o,
         Err(e) => {
             quarantine(&st, blob, &e).await;
             return Err(NodeError::Damaged);
         }
     };
 
+    let plain_len = opener.layout().plaintext_len();
     let etag = format!("\"{blob}\"");
     let want = resolve_range(&headers, &etag, plain_len);
     let mut resp = Response::builder()
@@ -120,7 +121,7 @@ pub async fn play(
         store: st.store.clone(),
         id: blob,
     };
-    let stream = shared::open_range(reader, key, claims.asset_id.clone(), sealed_len, start, end)
+    let stream = shared::open_range_with(reader, opener, start, end)
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let served = end - start;
     let st2 = st.clone();
