@@ -34,6 +34,11 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The MaxMind test city database shipped beside the repository.
+pub fn geoip_test_db() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/geoip/GeoIP2-City-Test.mmdb")
+}
+
 fn hex32() -> String {
     let mut b = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut b);
@@ -160,11 +165,14 @@ impl Cluster {
                 &cfg,
                 dir.path().join(format!("{name}.log")),
             );
+            let (lat, lon) = match *name {
+                "utah" => (40.76, -111.89),
+                "toronto" => (43.65, -79.38),
+                _ => (i as f64, i as f64),
+            };
             node_sections += &format!(
-                "\n[[nodes]]\nname = \"{name}\"\nurl = \"{}\"\nlat = {}\nlon = {}\nsecret = \"{secret}\"\n",
+                "\n[[nodes]]\nname = \"{name}\"\nurl = \"{}\"\nlat = {lat}\nlon = {lon}\nsecret = \"{secret}\"\n",
                 proc.url,
-                40.0 + i as f64,
-                -100.0 + i as f64
             );
             nodes.push(Node { proc, storage });
         }
@@ -175,9 +183,11 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
                  token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = 2\n\
+                 geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
                  [transcode]\npreset = \"ultrafast\"\n{node_sections}",
                 manager_data.display(),
-                signer.seed_hex()
+                signer.seed_hex(),
+                geoip_test_db().display()
             ),
         )
         .unwrap();

@@ -40,6 +40,12 @@ pub struct Config {
     pub token_signing_key: Secret,
     /// Seconds a request in flight may take to finish after SIGTERM/Ctrl-C.
     pub shutdown_grace_secs: u64,
+    /// MaxMind-format city database (`.mmdb`) for sending viewers to the
+    /// nearest node. Empty: no GeoIP, every viewer gets the fallback order.
+    pub geoip_db: PathBuf,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is
+    /// believed. Anyone else's is ignored: the header is trivially forged.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Output profile for Second Life's media player.
     pub transcode: TranscodeConfig,
     /// The view nodes this manager pushes to and redirects viewers to.
@@ -93,6 +99,8 @@ impl Default for Config {
             master_key_id: 1,
             token_signing_key: Secret::default(),
             shutdown_grace_secs: 20,
+            geoip_db: PathBuf::new(),
+            trusted_proxies: Vec::new(),
             transcode: TranscodeConfig::default(),
             nodes: Vec::new(),
         }
@@ -292,5 +300,8 @@ mod tests {
         ))
         .contains("`transcode.crf`"));
         assert!(err(&format!("public_url = \"ftp://x\"\n{GOOD}")).contains("`public_url`"));
+        assert!(
+            err(&format!("trusted_proxies = [\"not-a-net\"]\n{GOOD}")).contains("trusted_proxies")
+        );
     }
 }

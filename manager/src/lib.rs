@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 mod error;
+pub mod geo;
 pub mod media;
 pub mod nodes;
 pub mod pipeline;
@@ -49,6 +50,8 @@ pub struct AppState {
     /// Verified against when a login names no account, so a failed login
     /// costs the same time whether or not the email exists.
     pub dummy_hash: String,
+    /// The GeoIP database, when configured.
+    pub geo: Option<geo::GeoDb>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -79,6 +82,15 @@ impl AppState {
         let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())?;
         let signer = shared::TokenSigner::from_seed_hex(cfg.token_signing_key.expose())?;
         let nodes = nodes::Nodes::new(&cfg.nodes)?;
+        let geo = if cfg.geoip_db.as_os_str().is_empty() {
+            tracing::warn!("no geoip_db configured: every viewer gets the fallback node order");
+            None
+        } else {
+            Some(
+                geo::GeoDb::open(&cfg.geoip_db)
+                    .map_err(|e| anyhow::anyhow!("configuration field `geoip_db`: {e:#}"))?,
+            )
+        };
         media::init().map_err(|e| anyhow::anyhow!("cannot initialise ffmpeg: {e}"))?;
         Ok(Self {
             secure_cookies: public_url.starts_with("https://"),
@@ -91,6 +103,7 @@ impl AppState {
             signer,
             wake: tokio::sync::Notify::new(),
             metrics: telemetry::metrics_handle(),
+            geo,
         })
     }
 }

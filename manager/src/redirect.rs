@@ -6,32 +6,64 @@
 //! `GET` answers `302` to a view node holding a verified copy, with a
 //! short-lived playback token the node verifies on its own.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::{
-    extract::{Path, State},
-    http::{header, HeaderValue, Method, StatusCode},
+    extract::{ConnectInfo, Path, Query, State},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
 };
 use shared::PlaybackClaims;
 
-use crate::{db, error::ApiError, SharedState};
+use crate::{db, error::ApiError, geo, SharedState};
 
-/// Picks the node to send a viewer to: healthy, holding a verified copy;
-/// heavier weight first, then configuration order. GeoIP proximity slots in
-/// here.
-pub fn choose_node<'a>(st: &'a SharedState, verified: &[String]) -> Option<&'a crate::nodes::Node> {
-    let mut candidates: Vec<&crate::nodes::Node> = st
+#[derive(serde::Deserialize)]
+pub struct MediaQuery {
+    /// Forces a node by name (testing, and operators checking a mirror).
+    node: Option<String>,
+}
+
+/// Picks the node for this viewer among healthy nodes holding a verified
+/// copy (see [`geo`]). Returns the node and why it was chosen.
+pub fn choose_node<'a>(
+    st: &'a SharedState,
+    verified: &[String],
+    viewer: IpAddr,
+    forced: Option<&str>,
+) -> Result<(&'a crate::nodes::Node, &'static str), ApiError> {
+    let candidates: Vec<&crate::nodes::Node> = st
         .nodes
         .list
         .iter()
         .filter(|n| verified.contains(&n.cfg.name) && n.is_healthy())
         .collect();
-    candidates.sort_by_key(|n| std::cmp::Reverse(n.cfg.weight));
-    candidates.into_iter().next()
+    if let Some(name) = forced {
+        return candidates
+            .into_iter()
+            .find(|n| n.cfg.name == name)
+            .map(|n| (n, "forced"))
+            .ok_or(ApiError::NoMirror);
+    }
+    let ranked: Vec<geo::Candidate<'_>> = candidates
+        .iter()
+        .map(|n| geo::Candidate {
+            name: &n.cfg.name,
+            lat: n.cfg.lat,
+            lon: n.cfg.lon,
+            weight: n.cfg.weight,
+        })
+        .collect();
+    let at = st.geo.as_ref().and_then(|g| g.locate(viewer));
+    let (i, reason) = geo::choose(&ranked, at).ok_or(ApiError::NoMirror)?;
+    Ok((candidates[i], reason.as_str()))
 }
 
 pub async fn media(
     State(st): State<SharedState>,
     Path(file): Path<String>,
+    Query(q): Query<MediaQuery>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     method: Method,
 ) -> Result<Response, ApiError> {
     let id = file.strip_suffix(".mp4").unwrap_or(&file);
@@ -66,10 +98,13 @@ pub async fn media(
         .filter(|r| r.state == "verified")
         .map(|r| r.node)
         .collect();
-    let node = choose_node(&st, &verified).ok_or_else(|| {
-        metrics::counter!("manager_redirects_total", "node" => "none").increment(1);
-        ApiError::NoMirror
-    })?;
+    let viewer = geo::client_ip(peer.ip(), &headers, &st.cfg.trusted_proxies);
+    let (node, reason) = choose_node(&st, &verified, viewer, q.node.as_deref()).inspect_err(
+        |_| {
+            metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "no_mirror")
+                .increment(1);
+        },
+    )?;
     let claims = PlaybackClaims {
         asset_id: a.id.clone(),
         blob: blob
@@ -85,7 +120,8 @@ pub async fn media(
         node.cfg.url.trim_end_matches('/'),
         a.id
     );
-    metrics::counter!("manager_redirects_total", "node" => node.cfg.name.clone()).increment(1);
+    metrics::counter!("manager_redirects_total", "node" => node.cfg.name.clone(), "reason" => reason).increment(1);
+    tracing::debug!(asset = %a.id, node = %node.cfg.name, reason, "redirect");
     Ok((
         StatusCode::FOUND,
         [

@@ -207,6 +207,64 @@ async fn a_webm_upload_is_published_on_two_mirrors_and_plays_with_ranges() {
         );
     }
 
+    // The nearest mirror: GeoIP of the viewer's address (believed from
+    // X-Forwarded-For because the peer, 127.0.0.1, is a trusted proxy).
+    let node_url = |name: &str| {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.proc.name == name)
+            .unwrap()
+            .proc
+            .url
+            .clone()
+    };
+    for (viewer, want) in [
+        (Some("216.160.83.56"), "utah"),    // Milton, WA
+        (Some("175.16.199.1"), "utah"),     // Changchun
+        (Some("81.2.69.142"), "toronto"),   // London
+        (Some("89.160.20.112"), "toronto"), // Linköping
+        (Some("10.0.0.1"), "utah"),         // unknown: fallback order
+        (None, "utah"),                     // loopback: fallback order
+    ] {
+        let mut req = no_follow.get(&media_url);
+        if let Some(ip) = viewer {
+            req = req.header("X-Forwarded-For", ip);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 302);
+        let loc = r.headers()["location"].to_str().unwrap();
+        assert!(
+            loc.starts_with(&node_url(want)),
+            "{viewer:?} → {loc}, want {want}"
+        );
+    }
+    let forced = no_follow
+        .get(format!("{media_url}?node=toronto"))
+        .send()
+        .await
+        .unwrap();
+    assert!(forced.headers()["location"]
+        .to_str()
+        .unwrap()
+        .starts_with(&node_url("toronto")));
+    let metrics = client
+        .get(format!("{}/metrics", cluster.manager.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("manager_redirects_total")
+                && l.contains("reason=\"nearest\"")
+                && l.contains("node=\"toronto\"")),
+        "{metrics}"
+    );
+
     // /healthz and /metrics on every process.
     for url in
         std::iter::once(&cluster.manager.url).chain(cluster.nodes.iter().map(|n| &n.proc.url))
@@ -230,6 +288,47 @@ async fn a_webm_upload_is_published_on_two_mirrors_and_plays_with_ranges() {
             .unwrap();
         assert!(m.contains("_http_requests_total"), "{url}: {m}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_urls_handed_out_keep_playing_while_the_manager_is_down() {
+    let mut cluster = Cluster::start(&["utah", "toronto"]);
+    let input = cluster.dir.path().join("in.webm");
+    make_webm(&input);
+    let (_, body) = cluster.upload(&input, "Outage").await.unwrap();
+    let id = body["asset_id"].as_str().unwrap().to_string();
+    let asset = cluster.wait_terminal(&id, Duration::from_secs(300)).await;
+    let media_url = asset["media_url"].as_str().unwrap().to_string();
+    let client = cluster.client();
+    let whole = client
+        .get(&media_url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let location = no_follow.get(&media_url).send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    assert!(cluster.manager.stop(), "manager exits cleanly");
+    assert!(
+        client.head(&media_url).send().await.is_err(),
+        "the manager really is down"
+    );
+    let (status, cr, bytes) = get_range(&client, &location, "bytes=1000-1999").await;
+    assert_eq!(status, 206);
+    assert_eq!(cr.unwrap(), format!("bytes 1000-1999/{}", whole.len()));
+    assert_eq!(&bytes[..], &whole[1000..2000]);
+    let full = client.get(&location).send().await.unwrap();
+    assert_eq!(full.status(), 200);
+    assert_eq!(full.bytes().await.unwrap(), whole);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,8 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: log files must stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -51,7 +53,13 @@ pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response 
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    tracing::info!(%method, path, status, ms = start.elapsed().as_millis() as u64, "request");
+    let ms = start.elapsed().as_millis() as u64;
+    // Probes arrive every few seconds; logging each would bury real traffic.
+    if path == "/healthz" || path == "/metrics" {
+        tracing::debug!(%method, path, status, ms, "request");
+    } else {
+        tracing::info!(%method, path, status, ms, "request");
+    }
     let route = if path.starts_with("/play/") {
         "play"
     } else {
