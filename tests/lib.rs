@@ -92,6 +92,12 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILL: the process gets no chance to tidy up (a crash, a power cut).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then wait up to 30 s; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         let pid = self.child.id() as i32;
@@ -129,6 +135,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
     pub manager: Proc,
+    pub manager_config: PathBuf,
     pub manager_data: PathBuf,
     pub operator_email: String,
     pub operator_password: String,
@@ -233,11 +240,19 @@ impl Cluster {
             dir,
             nodes,
             manager,
+            manager_config: mcfg,
             manager_data,
             operator_email,
             operator_password,
             api_token,
         }
+    }
+
+    /// Starts the manager again on the same configuration and data (on a
+    /// new port: the old one is the kernel's to reuse).
+    pub fn restart_manager(&mut self) {
+        let log = self.dir.path().join("manager-restarted.log");
+        self.manager = Proc::spawn("manager", &bin("manager"), &self.manager_config, log);
     }
 
     pub fn client(&self) -> reqwest::Client {

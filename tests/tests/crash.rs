@@ -1,0 +1,122 @@
+//! A job survives a crash: the manager is killed with SIGKILL in the middle
+//! of a transcode, started again, and the movie is published exactly once,
+//! with one verified copy per node and nothing left in staging.
+
+use std::time::{Duration, Instant};
+
+use e2e::{ffmpeg, files_under, Cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
+    // A slow preset and a longer, larger input keep the transcode running
+    // long enough to be interrupted.
+    let mut cluster = Cluster::start(&["utah", "toronto"]);
+    std::fs::write(
+        &cluster.manager_config,
+        std::fs::read_to_string(&cluster.manager_config)
+            .unwrap()
+            .replace("preset = \"ultrafast\"", "preset = \"slow\""),
+    )
+    .unwrap();
+    cluster.manager.stop();
+    cluster.restart_manager();
+
+    let input = cluster.dir.path().join("long.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=1280x720:rate=30",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=300",
+        "-t",
+        "20",
+        "-c:v",
+        "mpeg4",
+        "-q:v",
+        "5",
+        "-c:a",
+        "mp3",
+        input.to_str().unwrap(),
+    ]);
+    let (status, body) = cluster.upload(&input, "Crash course").await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let id = body["asset_id"].as_str().unwrap().to_string();
+
+    // Wait until the transcode is under way, then pull the plug.
+    let client = cluster.client();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v: serde_json::Value = client
+            .get(format!("{}/api/v1/assets/{id}", cluster.manager.url))
+            .bearer_auth(&cluster.api_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["state"] == "transcoding" && v["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert_ne!(
+            v["state"], "published",
+            "transcode finished before it could be interrupted; make the input longer"
+        );
+        assert!(Instant::now() < deadline, "never started transcoding: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.manager.kill9();
+    let staged: Vec<_> = files_under(&cluster.manager_data.join("staging"));
+    assert!(
+        staged.iter().any(|p| p.to_string_lossy().ends_with(".src")),
+        "source kept for the retry: {staged:?}"
+    );
+
+    cluster.restart_manager();
+    let asset = cluster.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(asset["state"], "published", "{asset}");
+    assert!(
+        asset["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "verified"),
+        "{asset}"
+    );
+    assert!(
+        cluster
+            .manager
+            .log_text()
+            .contains("requeued jobs interrupted"),
+        "{}",
+        cluster.manager.log_text()
+    );
+
+    // Exactly once: one asset, one blob per node, nothing left over.
+    let mine: serde_json::Value = client
+        .get(format!("{}/api/v1/assets", cluster.manager.url))
+        .bearer_auth(&cluster.api_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["assets"].as_array().unwrap().len(), 1);
+    for node in &cluster.nodes {
+        assert_eq!(
+            files_under(&node.storage.join("blobs")).len(),
+            1,
+            "{}",
+            node.proc.name
+        );
+    }
+    assert!(files_under(&cluster.manager_data.join("staging")).is_empty());
+    assert!(files_under(&cluster.manager_data.join("outbox")).is_empty());
+    let media_url = asset["media_url"].as_str().unwrap();
+    let head = client.head(media_url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+}
