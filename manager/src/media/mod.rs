@@ -10,15 +10,27 @@
 //! media through LibVLC, so we always produce a conservative, progressive
 //! MP4 (H.264 yuv420p + AAC-LC stereo 48 kHz, `moov` before `mdat`).
 //!
+//! Layout: `probe` (open an upload safely and describe it), `limits`
+//! (the site's acceptance policy on a probe result), `transcode` (remux or
+//! re-encode to the Second Life profile), `poster` (a JPEG still for web
+//! pages), `sniff` (byte-level checks before FFmpeg parses anything) and
+//! `error` (one error type with stable codes). The operator-facing story is
+//! in `docs/media.md`.
+//!
 //! This module is self-contained so it can be dropped into another crate as
 //! `media/` (this file becoming `mod.rs`).
 
 mod error;
+mod limits;
+mod poster;
 mod probe;
+mod sniff;
 mod transcode;
 
 pub use error::MediaError;
-pub use probe::{probe, AudioInfo, ProbeInfo, VideoInfo};
+pub use limits::{validate, Limits, MAX_OUTPUT_DIMENSION};
+pub use poster::{default_poster_secs, poster};
+pub use probe::{probe, AudioInfo, ProbeInfo, VideoInfo, MAX_INPUT_DIMENSION, MAX_INPUT_PIXELS};
 pub use transcode::{transcode, Profile, TranscodeOutput};
 
 use std::sync::OnceLock;

@@ -25,11 +25,21 @@
 //! - Audio goes through `aresample=async=1` so timestamp gaps become silence
 //!   instead of drift, and through a buffersink with a fixed frame size since
 //!   FFmpeg's AAC encoder only accepts 1024-sample frames.
+//! - Streams that already have the target shape (H.264 yuv420p / AAC-LC in
+//!   MP4, MOV or MKV) are copied packet for packet instead (remux): two
+//!   orders of magnitude faster and no generation loss. Each stream is
+//!   decided on its own, so a phone clip with PCM audio keeps its video.
+//! - Packets stamped far beyond the container's duration are skipped, so a
+//!   damaged or hostile timestamp cannot turn into hours of padding.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::probe::{input_duration_secs, open_input, stream_fps, stream_rotation};
+use super::limits::MAX_OUTPUT_DIMENSION;
+use super::probe::{
+    input_duration_secs, open_input, pick_video_stream, stream_fps, stream_rotation,
+    MAX_INPUT_PIXELS,
+};
 use super::MediaError;
 use ffmpeg::{
     codec, encoder, filter, format, frame, media, picture, rescale, ChannelLayout, Dictionary,
@@ -41,7 +51,8 @@ use ffmpeg_next as ffmpeg;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
     /// Bounding box; the picture is scaled down (never up) to fit, keeping
-    /// its display aspect ratio.
+    /// its display aspect ratio. Capped at
+    /// [`MAX_OUTPUT_DIMENSION`](super::MAX_OUTPUT_DIMENSION).
     pub max_width: u32,
     pub max_height: u32,
     /// x264 constant rate factor (lower = better quality, bigger file).
@@ -52,6 +63,15 @@ pub struct Profile {
     pub keyframe_secs: u32,
     /// AAC bit rate in bits per second.
     pub audio_bitrate: u32,
+    /// Copy (remux) streams that already fit the profile instead of
+    /// re-encoding them. Off only to force the encode path (benchmarks).
+    pub allow_copy: bool,
+    /// A copied H.264 stream may average at most this many bits/s; above it
+    /// re-encoding saves viewers' bandwidth.
+    pub copy_max_video_bitrate: u64,
+    /// A copied H.264 stream may have keyframes at most this far apart
+    /// (seconds), so seeking in the viewer stays quick.
+    pub copy_max_keyframe_secs: f64,
 }
 
 impl Default for Profile {
@@ -63,33 +83,48 @@ impl Default for Profile {
             preset: "veryfast".to_string(),
             keyframe_secs: 2,
             audio_bitrate: 128_000,
+            allow_copy: true,
+            copy_max_video_bitrate: 8_000_000,
+            copy_max_keyframe_secs: 5.0,
         }
     }
 }
 
 /// What was actually written.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TranscodeOutput {
     pub width: u32,
     pub height: u32,
     pub duration_secs: f64,
     pub has_audio: bool,
+    /// The video stream was copied bit for bit (remux), not re-encoded.
+    pub video_copied: bool,
+    /// The audio stream was copied bit for bit (remux), not re-encoded.
+    pub audio_copied: bool,
 }
 
 const OUT_SAMPLE_RATE: i32 = 48_000;
+/// How far packet timestamps may reach when the container does not know
+/// its duration (the default `Limits::max_duration_secs`).
+const UNKNOWN_DURATION_HORIZON_SECS: f64 = 4.0 * 3600.0;
 /// Consecutive demux errors after which we treat the input as ended.
 const MAX_READ_ERRORS: u32 = 32;
 
 /// Transcode `input` into an MP4 at `output` (overwritten).
+///
+/// Streams that already fit the profile are copied without re-encoding
+/// (see [`TranscodeOutput::video_copied`]); the rest is re-encoded. The
+/// output is always a faststart MP4.
 ///
 /// `progress` receives values in `0.0..=1.0`, derived from decoded video
 /// timestamps over the container duration; it is called at most ~100 times
 /// plus a final `1.0`. Setting `cancel` aborts at the next packet with
 /// [`MediaError::Cancelled`]. On any error the partial output file is removed.
 ///
-/// Truncated inputs: if the container index is readable (e.g. `moov` at the
-/// front) whatever can be decoded is transcoded and the call succeeds with a
-/// shorter output; if nothing can be opened or decoded it fails with
+/// Uploads that were cut off are refused with `truncated` when the container
+/// says how long it should be (MP4/MOV, MKV/WebM with a known size, AVI);
+/// damaged packets inside an otherwise complete file are skipped, as the
+/// ffmpeg CLI does. If nothing at all can be decoded the call fails with
 /// `corrupt_media`.
 pub fn transcode(
     input: &Path,
@@ -99,7 +134,12 @@ pub fn transcode(
     cancel: &AtomicBool,
 ) -> Result<TranscodeOutput, MediaError> {
     super::init()?;
-    let result = run(input, output, profile, progress, cancel);
+    // A panic in our loop (a bug, or an FFmpeg behaviour we did not expect)
+    // must not take the whole server down with it.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(input, output, profile, progress, cancel)
+    }))
+    .unwrap_or_else(|panic| Err(MediaError::failed("panic", panic_message(&panic))));
     match &result {
         Ok(out) => tracing::debug!(?input, ?out, "transcode finished"),
         Err(err) => {
@@ -108,6 +148,24 @@ pub fn transcode(
         }
     }
     result
+}
+
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// Output paths go through FFmpeg's URL parser: make sure a `:` in a file
+/// name is not taken for a protocol, and fail cleanly on non-UTF-8 paths
+/// (ffmpeg-next would panic).
+pub(crate) fn output_url(path: &Path) -> Result<String, MediaError> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| MediaError::failed("output path", "not valid UTF-8"))?;
+    Ok(format!("file:{s}"))
 }
 
 fn run(
@@ -123,6 +181,10 @@ fn run(
             "max_width/max_height must be >= 2",
         ));
     }
+    let (box_w, box_h) = (
+        profile.max_width.min(MAX_OUTPUT_DIMENSION),
+        profile.max_height.min(MAX_OUTPUT_DIMENSION),
+    );
     let mut ictx = open_input(input)?;
 
     // ---- stream selection -------------------------------------------------
@@ -155,46 +217,91 @@ fn run(
     let fps = stream_fps(&vst).unwrap_or(30.0);
     let rotation = stream_rotation(&vst);
 
-    // ---- decoders -----------------------------------------------------------
-    let mut vdec = open_decoder(&vst)?
-        .video()
-        .map_err(|e| decoder_error(&vst, e))?;
+    // ---- copy or encode? -------------------------------------------------
+    let copy_container = profile.allow_copy && is_copy_container(ictx.format().name());
+    let copy_video = copy_container
+        && match video_copy_check(&vst, box_w, box_h, rotation) {
+            Ok(()) => match scan_video(input, v_index, duration, cancel)? {
+                Some(scan) => scan
+                    .fits(profile)
+                    .map_err(|why| tracing::debug!(why, "video not copied"))
+                    .is_ok(),
+                None => false,
+            },
+            Err(why) => {
+                tracing::debug!(why, "video not copied");
+                false
+            }
+        };
+    let copy_audio = copy_container
+        && ast.as_ref().is_some_and(|st| {
+            audio_copy_check(st)
+                .map_err(|why| tracing::debug!(why, "audio not copied"))
+                .is_ok()
+        });
+
+    // ---- decoders (only for streams we re-encode) -------------------------
+    let mut vdec = if copy_video {
+        None
+    } else {
+        Some(
+            open_decoder(&vst)?
+                .video()
+                .map_err(|e| decoder_error(&vst, e))?,
+        )
+    };
     let mut adec = match &ast {
-        Some(st) => Some(
+        Some(st) if !copy_audio => Some(
             open_decoder(st)?
                 .audio()
                 .map_err(|e| decoder_error(st, e))?,
         ),
-        None => None,
+        _ => None,
     };
 
-    if vdec.width() == 0 || vdec.height() == 0 {
+    let (src_w, src_h, src_sar) = match &vdec {
+        Some(d) => (d.width(), d.height(), d.aspect_ratio()),
+        None => {
+            let p = vst.parameters();
+            unsafe {
+                let p = p.as_ptr();
+                (
+                    (*p).width.max(0) as u32,
+                    (*p).height.max(0) as u32,
+                    Rational::from((*p).sample_aspect_ratio),
+                )
+            }
+        }
+    };
+    if src_w == 0 || src_h == 0 {
         return Err(MediaError::corrupt("video stream", "unknown frame size"));
     }
-    let (out_w, out_h) = fit_dimensions(
-        vdec.width(),
-        vdec.height(),
-        vdec.aspect_ratio(),
-        rotation,
-        profile.max_width,
-        profile.max_height,
-    );
+    let (out_w, out_h) = if copy_video {
+        (src_w, src_h)
+    } else {
+        fit_dimensions(src_w, src_h, src_sar, rotation, box_w, box_h)
+    };
     tracing::debug!(
-        src_w = vdec.width(),
-        src_h = vdec.height(),
+        src_w,
+        src_h,
         rotation,
         out_w,
         out_h,
         fps,
+        copy_video,
+        copy_audio,
         "video geometry"
     );
 
     // ---- output + encoders ----------------------------------------------
-    let mut octx =
-        format::output_as(output, "mp4").map_err(|e| MediaError::failed("create output", e))?;
+    let mut octx = format::output_as(&output_url(output)?, "mp4")
+        .map_err(|e| MediaError::failed("create output", e))?;
     let global_header = octx.format().flags().contains(format::Flags::GLOBAL_HEADER);
 
-    let venc = {
+    let venc = if copy_video {
+        add_copy_stream(&mut octx, &vst)?;
+        None
+    } else {
         let codec = encoder::find_by_name("libx264")
             .ok_or_else(|| MediaError::failed("encoder", "libx264 is not available"))?;
         let mut ost = octx
@@ -221,37 +328,42 @@ fn run(
             .open_with(opts)
             .map_err(|e| MediaError::failed("open libx264", e))?;
         ost.set_parameters(&opened);
-        opened
+        Some(opened)
     };
     let v_ost = 0usize;
 
-    let aenc = if adec.is_some() {
-        let codec = encoder::find_by_name("aac")
-            .ok_or_else(|| MediaError::failed("encoder", "aac encoder is not available"))?;
-        let mut ost = octx
-            .add_stream(codec)
-            .map_err(|e| MediaError::failed("add audio stream", e))?;
-        let mut enc = codec::context::Context::new_with_codec(codec)
-            .encoder()
-            .audio()
-            .map_err(|e| MediaError::failed("audio encoder", e))?;
-        enc.set_rate(OUT_SAMPLE_RATE);
-        // FFmpeg 5.1: the legacy mask is converted to ch_layout on open.
-        enc.set_channel_layout(ChannelLayout::STEREO);
-        enc.set_format(format::Sample::F32(format::sample::Type::Planar));
-        enc.set_bit_rate(profile.audio_bitrate as usize);
-        enc.set_time_base(Rational(1, OUT_SAMPLE_RATE));
-        if global_header {
-            enc.set_flags(codec::Flags::GLOBAL_HEADER);
+    let aenc = match &ast {
+        Some(st) if copy_audio => {
+            add_copy_stream(&mut octx, st)?;
+            None
         }
-        let opened = enc
-            .open_as(codec)
-            .map_err(|e| MediaError::failed("open aac", e))?;
-        ost.set_parameters(&opened);
-        ost.set_time_base(Rational(1, OUT_SAMPLE_RATE));
-        Some(opened)
-    } else {
-        None
+        Some(_) => {
+            let codec = encoder::find_by_name("aac")
+                .ok_or_else(|| MediaError::failed("encoder", "aac encoder is not available"))?;
+            let mut ost = octx
+                .add_stream(codec)
+                .map_err(|e| MediaError::failed("add audio stream", e))?;
+            let mut enc = codec::context::Context::new_with_codec(codec)
+                .encoder()
+                .audio()
+                .map_err(|e| MediaError::failed("audio encoder", e))?;
+            enc.set_rate(OUT_SAMPLE_RATE);
+            // FFmpeg 5.1: the legacy mask is converted to ch_layout on open.
+            enc.set_channel_layout(ChannelLayout::STEREO);
+            enc.set_format(format::Sample::F32(format::sample::Type::Planar));
+            enc.set_bit_rate(profile.audio_bitrate as usize);
+            enc.set_time_base(Rational(1, OUT_SAMPLE_RATE));
+            if global_header {
+                enc.set_flags(codec::Flags::GLOBAL_HEADER);
+            }
+            let opened = enc
+                .open_as(codec)
+                .map_err(|e| MediaError::failed("open aac", e))?;
+            ost.set_parameters(&opened);
+            ost.set_time_base(Rational(1, OUT_SAMPLE_RATE));
+            Some(opened)
+        }
+        None => None,
     };
 
     let mut header_opts = Dictionary::new();
@@ -265,25 +377,28 @@ fn run(
         .map(|s| s.time_base())
         .unwrap_or(Rational(1, OUT_SAMPLE_RATE));
 
-    let mut video = VideoPipe {
-        dec: &mut vdec,
-        enc: venc,
-        graph: None,
-        in_tb: v_tb,
-        offset: v_offset,
-        rotation,
-        out_w,
-        out_h,
-        ost_index: v_ost,
-        ost_tb: v_ost_tb,
-        next_in_pts: 0,
-        last_enc_pts: None,
-        frames_encoded: 0,
-        decode_errors: 0,
-        last_secs: 0.0,
+    let mut video = match (vdec.as_mut(), venc) {
+        (Some(dec), Some(enc)) => VideoOut::Encode(VideoPipe {
+            dec,
+            enc,
+            graph: None,
+            in_tb: v_tb,
+            offset: v_offset,
+            rotation,
+            out_w,
+            out_h,
+            ost_index: v_ost,
+            ost_tb: v_ost_tb,
+            next_in_pts: 0,
+            last_enc_pts: None,
+            frames_encoded: 0,
+            decode_errors: 0,
+            last_secs: 0.0,
+        }),
+        _ => VideoOut::Copy(CopyStream::new(&vst, v_offset, v_ost, v_ost_tb)),
     };
     let mut audio = match (adec.as_mut(), aenc) {
-        (Some(dec), Some(enc)) => Some(AudioPipe {
+        (Some(dec), Some(enc)) => Some(AudioOut::Encode(AudioPipe {
             dec,
             enc,
             graph: None,
@@ -295,8 +410,13 @@ fn run(
             next_enc_pts: 0,
             frames_encoded: 0,
             decode_errors: 0,
-        }),
-        _ => None,
+        })),
+        _ => match &ast {
+            Some(st) if copy_audio => {
+                Some(AudioOut::Copy(CopyStream::new(st, a_offset, 1, a_ost_tb)))
+            }
+            _ => None,
+        },
     };
 
     // ---- main loop -----------------------------------------------------------
@@ -311,6 +431,15 @@ fn run(
         }
     };
     let mut read_errors = 0u32;
+    // Packets stamped far beyond the container's duration are damage (or
+    // an attack): fed to the encoders they would become hours of padding
+    // silence or a frozen frame, so they are skipped.
+    let horizon = if duration > 0.0 {
+        duration + (duration * 0.5).max(60.0)
+    } else {
+        UNKNOWN_DURATION_HORIZON_SECS
+    };
+    let mut skipped = 0u64;
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(MediaError::Cancelled);
@@ -330,30 +459,72 @@ fn run(
             }
         }
         let idx = pkt.stream();
+        let (tb, offset) = if idx == v_index {
+            (v_tb, v_offset)
+        } else {
+            (a_tb.unwrap_or(v_tb), a_offset)
+        };
+        if let Some(ts) = pkt.dts().or(pkt.pts()) {
+            if (ts.saturating_sub(offset)) as f64 * f64::from(tb) > horizon {
+                skipped += 1;
+                if skipped == 1 {
+                    tracing::debug!(
+                        stream = idx,
+                        ts,
+                        horizon,
+                        "skipping packets beyond duration"
+                    );
+                }
+                continue;
+            }
+        }
         if idx == v_index {
-            video.send_packet(Some(&pkt), &mut octx)?;
-            report(video.last_secs, progress);
+            let secs = match &mut video {
+                VideoOut::Encode(v) => {
+                    v.send_packet(Some(&pkt), &mut octx)?;
+                    v.last_secs
+                }
+                VideoOut::Copy(c) => {
+                    c.write(pkt, &mut octx)?;
+                    c.last_secs
+                }
+            };
+            report(secs, progress);
         } else if Some(idx) == a_index {
-            if let Some(a) = audio.as_mut() {
-                a.send_packet(Some(&pkt), &mut octx)?;
+            match audio.as_mut() {
+                Some(AudioOut::Encode(a)) => a.send_packet(Some(&pkt), &mut octx)?,
+                Some(AudioOut::Copy(c)) => c.write(pkt, &mut octx)?,
+                None => {}
             }
         }
     }
 
     // ---- flush: decoders → filters → encoders -----------------------------
-    video.send_packet(None, &mut octx)?;
-    video.finish(&mut octx)?;
-    if let Some(a) = audio.as_mut() {
-        a.send_packet(None, &mut octx)?;
-        a.finish(&mut octx)?;
-    }
-    if video.frames_encoded == 0 {
+    let (video_units, last_secs) = match &mut video {
+        VideoOut::Encode(v) => {
+            v.send_packet(None, &mut octx)?;
+            v.finish(&mut octx)?;
+            (v.frames_encoded, v.last_secs)
+        }
+        VideoOut::Copy(c) => (c.packets, c.last_secs),
+    };
+    let audio_units = match audio.as_mut() {
+        Some(AudioOut::Encode(a)) => {
+            a.send_packet(None, &mut octx)?;
+            a.finish(&mut octx)?;
+            a.frames_encoded
+        }
+        Some(AudioOut::Copy(c)) => c.packets,
+        None => 0,
+    };
+    if video_units == 0 {
+        let errors = match &video {
+            VideoOut::Encode(v) => v.decode_errors,
+            VideoOut::Copy(_) => 0,
+        };
         return Err(MediaError::corrupt(
             "video",
-            format!(
-                "no frames could be decoded ({} decode errors)",
-                video.decode_errors
-            ),
+            format!("no frames could be decoded ({errors} decode errors)"),
         ));
     }
     octx.write_trailer()
@@ -361,35 +532,322 @@ fn run(
     drop(octx);
     progress(1.0);
 
-    let has_audio = audio.as_ref().is_some_and(|a| a.frames_encoded > 0);
     // Ask the demuxer what we wrote rather than re-deriving it.
-    let duration_secs = format::input(output)
-        .ok()
-        .and_then(|i| input_duration_secs(&i))
-        .unwrap_or(video.last_secs);
+    let duration_secs = output_duration(output).unwrap_or(last_secs);
     Ok(TranscodeOutput {
         width: out_w,
         height: out_h,
         duration_secs,
-        has_audio,
+        has_audio: audio_units > 0,
+        video_copied: copy_video,
+        audio_copied: copy_audio && audio_units > 0,
     })
 }
 
-/// The "best" video stream, skipping cover art (attached pictures).
-fn pick_video_stream(ictx: &format::context::Input) -> Option<format::stream::Stream<'_>> {
-    let is_real = |s: &format::stream::Stream| {
-        s.parameters().medium() == media::Type::Video
-            && !s
-                .disposition()
-                .contains(format::stream::Disposition::ATTACHED_PIC)
-    };
-    match ictx.streams().best(media::Type::Video) {
-        Some(s) if is_real(&s) => Some(s),
-        _ => ictx.streams().find(|s| is_real(s)),
+fn output_duration(output: &Path) -> Option<f64> {
+    let url = output_url(output).ok()?;
+    format::input(&url)
+        .ok()
+        .and_then(|i| input_duration_secs(&i))
+}
+
+// ---------------------------------------------------------------------------
+// Remux (stream copy)
+
+/// Containers whose H.264/AAC we copy: their packets are already in the
+/// length-prefixed (AVCC) layout MP4 stores, with parameter sets in
+/// extradata. MPEG-TS/FLV are re-encoded (Annex B conversion, timestamp
+/// quirks), as agreed in the issue.
+fn is_copy_container(demuxer: &str) -> bool {
+    demuxer.split(',').any(|n| n == "mov" || n == "matroska")
+}
+
+/// Can this video stream go into the output unchanged? `Err` names why not
+/// (for logs).
+fn video_copy_check(
+    st: &format::stream::Stream,
+    box_w: u32,
+    box_h: u32,
+    rotation: i32,
+) -> Result<(), &'static str> {
+    let par = st.parameters();
+    let p = unsafe { &*par.as_ptr() };
+    if p.codec_id != ffmpeg::ffi::AVCodecID::AV_CODEC_ID_H264 {
+        return Err("not H.264");
+    }
+    if p.format != ffmpeg::ffi::AVPixelFormat::AV_PIX_FMT_YUV420P as i32 {
+        return Err("not 8-bit yuv420p (limited range)");
+    }
+    let (w, h) = (p.width.max(0) as u32, p.height.max(0) as u32);
+    if w < 2 || h < 2 || w % 2 != 0 || h % 2 != 0 {
+        return Err("odd dimensions");
+    }
+    if w > box_w || h > box_h {
+        return Err("larger than the output box");
+    }
+    if rotation != 0 {
+        return Err("rotation must be applied");
+    }
+    let sar = p.sample_aspect_ratio;
+    if sar.num > 0 && sar.den > 0 && sar.num != sar.den {
+        return Err("non-square pixels");
+    }
+    if p.extradata.is_null() || p.extradata_size <= 0 {
+        return Err("no out-of-band parameter sets");
+    }
+    use ffmpeg::ffi::AVFieldOrder::*;
+    if !matches!(p.field_order, AV_FIELD_UNKNOWN | AV_FIELD_PROGRESSIVE) {
+        return Err("interlaced");
+    }
+    Ok(())
+}
+
+/// AAC-LC, mono or stereo, 44.1 or 48 kHz: what every player handles.
+fn audio_copy_check(st: &format::stream::Stream) -> Result<(), &'static str> {
+    let par = st.parameters();
+    let p = unsafe { &*par.as_ptr() };
+    if p.codec_id != ffmpeg::ffi::AVCodecID::AV_CODEC_ID_AAC {
+        return Err("not AAC");
+    }
+    if p.profile != ffmpeg::ffi::FF_PROFILE_AAC_LOW {
+        return Err("not AAC-LC");
+    }
+    if !(1..=2).contains(&p.ch_layout.nb_channels) {
+        return Err("more than two channels");
+    }
+    if p.sample_rate != 44_100 && p.sample_rate != 48_000 {
+        return Err("unusual sample rate");
+    }
+    if p.extradata.is_null() || p.extradata_size <= 0 {
+        return Err("no AudioSpecificConfig");
+    }
+    Ok(())
+}
+
+/// Packet-level statistics of the video stream, gathered without decoding.
+#[derive(Debug)]
+struct VideoScan {
+    first_is_key: bool,
+    max_key_gap_secs: f64,
+    bytes: u64,
+    span_secs: f64,
+}
+
+impl VideoScan {
+    fn fits(&self, profile: &Profile) -> Result<(), &'static str> {
+        if !self.first_is_key {
+            return Err("does not start with a keyframe");
+        }
+        if self.max_key_gap_secs > profile.copy_max_keyframe_secs {
+            return Err("keyframes too far apart");
+        }
+        let rate = self.bytes as f64 * 8.0 / self.span_secs.max(0.5);
+        if rate > profile.copy_max_video_bitrate as f64 {
+            return Err("bit rate too high");
+        }
+        Ok(())
     }
 }
 
-fn open_decoder(st: &format::stream::Stream) -> Result<codec::decoder::Decoder, MediaError> {
+/// Read every video packet once (other streams discarded, so the demuxer
+/// skips their data) to measure keyframe spacing and bit rate. Costs one
+/// read of the file, far less than decoding it. `None` when the stream
+/// cannot be read cleanly; the encode path then deals with it.
+fn scan_video(
+    input: &Path,
+    v_index: usize,
+    duration: f64,
+    cancel: &AtomicBool,
+) -> Result<Option<VideoScan>, MediaError> {
+    let mut ictx = open_input(input)?;
+    for mut st in ictx.streams_mut() {
+        if st.index() != v_index {
+            unsafe { (*st.as_mut_ptr()).discard = ffmpeg::ffi::AVDiscard::AVDISCARD_ALL };
+        }
+    }
+    let tb = match ictx.stream(v_index) {
+        Some(st) => f64::from(st.time_base()),
+        None => return Ok(None),
+    };
+    let (mut first, mut last_key, mut first_ts, mut last_ts) = (None, None, None, None);
+    let (mut max_gap, mut bytes) = (0.0f64, 0u64);
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MediaError::Cancelled);
+        }
+        let mut pkt = Packet::empty();
+        match pkt.read(&mut ictx) {
+            Ok(()) => {}
+            Err(ffmpeg::Error::Eof) => break,
+            Err(_) => return Ok(None),
+        }
+        if pkt.stream() != v_index {
+            continue;
+        }
+        let Some(ts) = pkt.pts().or(pkt.dts()) else {
+            return Ok(None);
+        };
+        let secs = ts as f64 * tb;
+        bytes += pkt.size() as u64;
+        first.get_or_insert(pkt.is_key());
+        first_ts = Some(first_ts.map_or(secs, |f: f64| f.min(secs)));
+        last_ts = Some(last_ts.map_or(secs, |l: f64| l.max(secs)));
+        if pkt.is_key() {
+            if let Some(k) = last_key {
+                max_gap = max_gap.max(secs - k);
+            }
+            last_key = Some(secs);
+        }
+    }
+    let (Some(first_is_key), Some(first_ts), Some(last_ts), Some(last_key)) =
+        (first, first_ts, last_ts, last_key)
+    else {
+        return Ok(None);
+    };
+    // The stretch after the last keyframe counts as a gap too.
+    max_gap = max_gap.max(last_ts - last_key);
+    let span = if duration > 0.0 {
+        duration
+    } else {
+        last_ts - first_ts
+    };
+    Ok(Some(VideoScan {
+        first_is_key,
+        max_key_gap_secs: max_gap,
+        bytes,
+        span_secs: span,
+    }))
+}
+
+/// An output stream that takes the input stream's packets unchanged.
+fn add_copy_stream(
+    octx: &mut format::context::Output,
+    ist: &format::stream::Stream,
+) -> Result<(), MediaError> {
+    let mut ost = octx
+        .add_stream(encoder::find(codec::Id::None))
+        .map_err(|e| MediaError::failed("add copy stream", e))?;
+    ost.set_parameters(ist.parameters());
+    ost.set_time_base(ist.time_base());
+    ost.set_avg_frame_rate(ist.avg_frame_rate());
+    unsafe {
+        // The input's tag (or none, from MKV) is not necessarily valid in
+        // MP4; let the muxer choose (`avc1`, `mp4a`).
+        (*(*ost.as_mut_ptr()).codecpar).codec_tag = 0;
+    }
+    Ok(())
+}
+
+struct CopyStream {
+    in_tb: Rational,
+    offset: i64,
+    ost_index: usize,
+    ost_tb: Rational,
+    /// Nominal frame duration in `in_tb` (0 if unknown), for packets that
+    /// come without a duration.
+    frame_dur: i64,
+    /// Frames of reordering delay (B-frames), from the stream parameters.
+    reorder_delay: i64,
+    /// Last DTS in `in_tb`, after shifting.
+    last_in_dts: Option<i64>,
+    /// Last DTS written, in `ost_tb`.
+    last_dts: Option<i64>,
+    packets: u64,
+    last_secs: f64,
+}
+
+impl CopyStream {
+    fn new(st: &format::stream::Stream, offset: i64, ost_index: usize, ost_tb: Rational) -> Self {
+        let in_tb = st.time_base();
+        let rate = st.avg_frame_rate();
+        let frame_dur = if rate.numerator() > 0 && rate.denominator() > 0 {
+            1i64.rescale(rate.invert(), in_tb)
+        } else {
+            0
+        };
+        let reorder_delay = unsafe { i64::from((*st.parameters().as_ptr()).video_delay.max(0)) };
+        CopyStream {
+            in_tb,
+            offset,
+            ost_index,
+            ost_tb,
+            frame_dur,
+            reorder_delay,
+            last_in_dts: None,
+            last_dts: None,
+            packets: 0,
+            last_secs: 0.0,
+        }
+    }
+
+    /// Shift, rescale and mux one packet; the payload is never touched.
+    ///
+    /// Matroska stores only presentation times, so for H.264 with B-frames
+    /// the demuxer leaves the first packets' DTS unset. Like the ffmpeg CLI,
+    /// we then predict it: the first one starts `reorder_delay` frames before
+    /// its PTS, later ones follow the previous DTS by one frame duration.
+    fn write(
+        &mut self,
+        mut pkt: Packet,
+        octx: &mut format::context::Output,
+    ) -> Result<(), MediaError> {
+        let step = if pkt.duration() > 0 {
+            pkt.duration()
+        } else {
+            self.frame_dur
+        };
+        let pts = pkt.pts().map(|t| t - self.offset);
+        let dts = match (pkt.dts().map(|t| t - self.offset), self.last_in_dts, pts) {
+            (Some(dts), _, _) => dts,
+            (None, Some(last), _) if step > 0 => last + step,
+            (None, None, Some(pts)) => pts - self.reorder_delay * step.max(0),
+            (None, _, Some(pts)) => pts,
+            // A packet we cannot place in time; the muxer would refuse it.
+            (None, _, None) => return Ok(()),
+        };
+        self.last_in_dts = Some(dts);
+        let pts = pts.unwrap_or(dts);
+        self.last_secs = pts as f64 * f64::from(self.in_tb);
+        pkt.set_pts(Some(pts));
+        pkt.set_dts(Some(dts));
+        pkt.rescale_ts(self.in_tb, self.ost_tb);
+        // The MP4 muxer refuses non-increasing DTS and DTS after PTS; nudge
+        // timestamps rather than drop data, so the stream stays bit-identical.
+        let mut dts = pkt.dts().unwrap_or(0);
+        if let Some(last) = self.last_dts {
+            if dts <= last {
+                dts = last + 1;
+            }
+        }
+        let pts = pkt.pts().unwrap_or(dts).max(dts);
+        pkt.set_dts(Some(dts));
+        pkt.set_pts(Some(pts));
+        self.last_dts = Some(dts);
+        pkt.set_stream(self.ost_index);
+        pkt.set_position(-1);
+        pkt.write_interleaved(octx)
+            .map_err(|e| mux_error("write copied packet", e))?;
+        self.packets += 1;
+        Ok(())
+    }
+}
+
+enum VideoOut<'a> {
+    Copy(CopyStream),
+    Encode(VideoPipe<'a>),
+}
+
+enum AudioOut<'a> {
+    Copy(CopyStream),
+    Encode(AudioPipe<'a>),
+}
+
+// ---------------------------------------------------------------------------
+// Decoding helpers
+
+pub(crate) fn open_decoder(
+    st: &format::stream::Stream,
+) -> Result<codec::decoder::Decoder, MediaError> {
     let mut ctx = codec::context::Context::from_parameters(st.parameters())
         .map_err(|e| MediaError::corrupt("stream parameters", e))?;
     ctx.set_threading(codec::threading::Config {
@@ -397,12 +855,17 @@ fn open_decoder(st: &format::stream::Stream) -> Result<codec::decoder::Decoder, 
         count: 2,
         ..Default::default()
     });
+    unsafe {
+        // Refuse to allocate frames beyond the probe-time cap, even if the
+        // bitstream changes size mid-way (decompression bomb).
+        (*ctx.as_mut_ptr()).max_pixels = MAX_INPUT_PIXELS as i64;
+    }
     let mut dec = ctx.decoder();
     dec.set_packet_time_base(st.time_base());
     Ok(dec)
 }
 
-fn decoder_error(st: &format::stream::Stream, e: ffmpeg::Error) -> MediaError {
+pub(crate) fn decoder_error(st: &format::stream::Stream, e: ffmpeg::Error) -> MediaError {
     match e {
         ffmpeg::Error::DecoderNotFound => MediaError::UnsupportedCodec {
             codec: st.parameters().id().name().to_string(),
@@ -449,7 +912,21 @@ pub(crate) fn fit_dimensions(
     (even(dw * scale, max_w), even(dh * scale, max_h))
 }
 
-fn is_again(e: &ffmpeg::Error) -> bool {
+/// The MP4 muxer refuses timestamps it cannot store (`EINVAL`,
+/// `PATCHWELCOME`: out-of-range durations or jumps): those come from the
+/// input's timestamps, so they are the file's fault; anything else (disk
+/// full, I/O) is ours.
+fn mux_error(what: &str, e: ffmpeg::Error) -> MediaError {
+    const EINVAL: i32 = 22;
+    match e {
+        ffmpeg::Error::PatchWelcome
+        | ffmpeg::Error::InvalidData
+        | ffmpeg::Error::Other { errno: EINVAL } => MediaError::corrupt(what, e),
+        e => MediaError::failed(what, e),
+    }
+}
+
+pub(crate) fn is_again(e: &ffmpeg::Error) -> bool {
     matches!(e, ffmpeg::Error::Other { errno } if *errno == 11 /* EAGAIN */)
 }
 
@@ -469,7 +946,7 @@ fn drain_encoder(
                 pkt.rescale_ts(enc_tb, ost_tb);
                 pkt.set_position(-1);
                 pkt.write_interleaved(octx)
-                    .map_err(|e| MediaError::failed("write packet", e))?;
+                    .map_err(|e| mux_error("write packet", e))?;
             }
             Err(ffmpeg::Error::Eof) => return Ok(()),
             Err(e) if is_again(&e) => return Ok(()),
