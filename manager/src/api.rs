@@ -260,6 +260,36 @@ pub async fn upload(
         .unwrap_or(&source_name);
     let title = clean_title(title.as_deref().unwrap_or(""), fallback)?;
 
+    // Probing reads only headers (milliseconds), so a file we will never
+    // accept is refused now, while the uploader is still looking, instead
+    // of turning into a `rejected` asset later.
+    let probe_path = partial.clone();
+    let limits = st.cfg.media_limits();
+    let verdict = tokio::task::spawn_blocking(move || {
+        let info = crate::media::probe(&probe_path)?;
+        crate::media::validate(&info, size, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    if let Err(e) = verdict {
+        if !e.is_user_error() {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "probe failed: {e} ({})",
+                e.detail().unwrap_or_default()
+            )));
+        }
+        metrics::counter!("manager_uploads_total", "result" => "rejected").increment(1);
+        tracing::info!(
+            code = e.code(),
+            user = caller.user.id,
+            "upload refused: {e}"
+        );
+        return Err(ApiError::Unprocessable {
+            code: e.code(),
+            message: e.to_string(),
+        });
+    }
+
     let src = crate::pipeline::source_path(&st, &asset_id);
     tokio::fs::rename(&partial, &src)
         .await

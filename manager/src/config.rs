@@ -46,10 +46,37 @@ pub struct Config {
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is
     /// believed. Anyone else's is ignored: the header is trivially forged.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// What uploads are accepted (beyond `max_upload_bytes`).
+    pub limits: LimitsConfig,
     /// Output profile for Second Life's media player.
     pub transcode: TranscodeConfig,
     /// The view nodes this manager pushes to and redirects viewers to.
     pub nodes: Vec<NodeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest movie accepted, seconds.
+    pub max_duration_secs: f64,
+    /// Largest input picture accepted, either orientation (at most 8192).
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Containers accepted, by FFmpeg demuxer name (mp4, mov, matroska,
+    /// webm, avi, flv, mpegts, ogg, mpeg, asf, 3gp).
+    pub allowed_containers: Vec<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = crate::media::Limits::default();
+        Self {
+            max_duration_secs: d.max_duration_secs,
+            max_width: d.max_width,
+            max_height: d.max_height,
+            allowed_containers: d.allowed_containers,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +128,7 @@ impl Default for Config {
             shutdown_grace_secs: 20,
             geoip_db: PathBuf::new(),
             trusted_proxies: Vec::new(),
+            limits: LimitsConfig::default(),
             transcode: TranscodeConfig::default(),
             nodes: Vec::new(),
         }
@@ -184,6 +212,30 @@ impl Config {
         if self.token_ttl_secs < 60 {
             return Err(field("token_ttl_secs", "must be at least 60"));
         }
+        let l = &self.limits;
+        if l.max_duration_secs.is_nan() || l.max_duration_secs <= 0.0 {
+            return Err(field("limits.max_duration_secs", "must be greater than 0"));
+        }
+        for (name, v) in [
+            ("limits.max_width", l.max_width),
+            ("limits.max_height", l.max_height),
+        ] {
+            if !(16..=crate::media::MAX_INPUT_DIMENSION).contains(&v) {
+                return Err(field(
+                    name,
+                    &format!(
+                        "must be between 16 and {}",
+                        crate::media::MAX_INPUT_DIMENSION
+                    ),
+                ));
+            }
+        }
+        if l.allowed_containers.is_empty() {
+            return Err(field(
+                "limits.allowed_containers",
+                "must name at least one container",
+            ));
+        }
         let t = &self.transcode;
         for (name, v) in [
             ("transcode.max_width", t.max_width),
@@ -226,6 +278,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The media layer's view of the upload limits.
+    pub fn media_limits(&self) -> crate::media::Limits {
+        crate::media::Limits {
+            max_bytes: self.max_upload_bytes,
+            max_duration_secs: self.limits.max_duration_secs,
+            max_width: self.limits.max_width,
+            max_height: self.limits.max_height,
+            allowed_containers: self.limits.allowed_containers.clone(),
+        }
+    }
+
+    pub fn poster_dir(&self) -> PathBuf {
+        self.data_dir.join("posters")
     }
 
     pub fn staging_dir(&self) -> PathBuf {

@@ -474,3 +474,91 @@ pub async fn health_check(db: &Db) -> anyhow::Result<()> {
     tx.commit().await?;
     Ok(())
 }
+
+// ---- terminals -------------------------------------------------------------
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Terminal {
+    pub id: String,
+    pub owner_id: i64,
+    pub name: String,
+    pub wrapped_secret: Vec<u8>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+pub async fn insert_terminal(
+    db: &Db,
+    id: &str,
+    owner_id: i64,
+    name: &str,
+    wrapped_secret: &[u8],
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO terminals (id, owner_id, name, wrapped_secret, created_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(id)
+        .bind(owner_id)
+        .bind(name)
+        .bind(wrapped_secret)
+        .bind(now())
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn terminal(db: &Db, id: &str) -> sqlx::Result<Option<Terminal>> {
+    sqlx::query_as("SELECT id, owner_id, name, wrapped_secret, created_at, last_used_at FROM terminals WHERE id = ?")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn terminals_of(db: &Db, owner_id: i64) -> sqlx::Result<Vec<Terminal>> {
+    sqlx::query_as(
+        "SELECT id, owner_id, name, wrapped_secret, created_at, last_used_at FROM terminals
+         WHERE owner_id = ? ORDER BY created_at DESC",
+    )
+    .bind(owner_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn delete_terminal(db: &Db, id: &str, owner_id: i64) -> sqlx::Result<bool> {
+    let r = sqlx::query("DELETE FROM terminals WHERE id = ? AND owner_id = ?")
+        .bind(id)
+        .bind(owner_id)
+        .execute(db)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Records a nonce; `false` when this terminal already used it (a replay).
+/// Nonces older than `window_secs` are forgotten in the same transaction.
+pub async fn use_terminal_nonce(
+    db: &Db,
+    terminal_id: &str,
+    nonce: &str,
+    window_secs: i64,
+) -> sqlx::Result<bool> {
+    let t = now();
+    let mut tx = db.begin().await?;
+    sqlx::query("DELETE FROM terminal_nonces WHERE seen_at < ?")
+        .bind(t - window_secs)
+        .execute(&mut *tx)
+        .await?;
+    let r = sqlx::query(
+        "INSERT INTO terminal_nonces (terminal_id, nonce, seen_at) VALUES (?, ?, ?)
+         ON CONFLICT (terminal_id, nonce) DO NOTHING",
+    )
+    .bind(terminal_id)
+    .bind(nonce)
+    .bind(t)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE terminals SET last_used_at = ? WHERE id = ?")
+        .bind(t)
+        .bind(terminal_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(r.rows_affected() == 1)
+}

@@ -30,6 +30,10 @@ pub enum ApiError {
     NoMirror,
     #[error("too many attempts; wait a minute and try again")]
     RateLimited,
+    #[error("{message}")]
+    TerminalRefused { code: &'static str, message: String },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -54,7 +58,10 @@ impl ApiError {
             ApiError::Forbidden => "forbidden",
             ApiError::Csrf => "csrf_failed",
             ApiError::NotFound(_) => "not_found",
-            ApiError::BadRequest { code, .. } | ApiError::Unprocessable { code, .. } => code,
+            ApiError::BadRequest { code, .. }
+            | ApiError::Unprocessable { code, .. }
+            | ApiError::TerminalRefused { code, .. }
+            | ApiError::Conflict { code, .. } => code,
             ApiError::TooLarge { .. } => "too_large",
             ApiError::NotPublished => "not_published",
             ApiError::NoMirror => "no_mirror_available",
@@ -65,7 +72,10 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthenticated | ApiError::TerminalRefused { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Forbidden | ApiError::Csrf => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NotPublished => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,

@@ -19,6 +19,7 @@ pub mod nodes;
 pub mod pipeline;
 mod redirect;
 mod telemetry;
+pub mod terminal;
 mod web;
 
 use std::{sync::Arc, time::Duration};
@@ -58,7 +59,12 @@ pub type SharedState = Arc<AppState>;
 
 impl AppState {
     pub async fn new(cfg: Config, public_url: String) -> anyhow::Result<Self> {
-        for dir in [cfg.data_dir.clone(), cfg.staging_dir(), cfg.outbox_dir()] {
+        for dir in [
+            cfg.data_dir.clone(),
+            cfg.staging_dir(),
+            cfg.outbox_dir(),
+            cfg.poster_dir(),
+        ] {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 anyhow::anyhow!(
                     "configuration field `data_dir`: cannot create {}: {e}",
@@ -115,6 +121,14 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/logout", post(web::logout))
         .route("/upload", get(web::upload_form))
         .route("/assets/{id}", get(web::asset_page))
+        .route("/posters/{file}", get(web::poster))
+        .route("/terminals", get(web::terminals).post(web::create_terminal))
+        .route("/terminals/{id}/delete", post(web::delete_terminal))
+        .route("/docs/terminal", get(web::terminal_doc))
+        .route(
+            "/api/v1/terminal/play",
+            post(terminal::play).layer(DefaultBodyLimit::max(4096)),
+        )
         .route(
             "/api/v1/uploads",
             // The handler enforces `max_upload_bytes` itself while streaming.

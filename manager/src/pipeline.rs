@@ -44,6 +44,12 @@ fn clear_staging(st: &SharedState, asset_id: &str) {
     let _ = std::fs::remove_file(st.cfg.staging_dir().join(format!("{asset_id}.sealed.part")));
 }
 
+/// Everything kept for an asset that will never play (its poster).
+fn clear_rejected(st: &SharedState, asset_id: &str) {
+    clear_staging(st, asset_id);
+    let _ = std::fs::remove_file(st.cfg.poster_dir().join(format!("{asset_id}.jpg")));
+}
+
 pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
     match db::requeue_interrupted(&st.db).await {
         Ok(0) => {}
@@ -78,7 +84,7 @@ async fn process(st: &SharedState, asset: db::Asset, stop: &watch::Receiver<bool
         Ok(()) => {}
         Err(StepError::Rejected { code, message }) => {
             tracing::info!(code, "upload rejected: {message}");
-            clear_staging(st, &id);
+            clear_rejected(st, &id);
             if let Err(e) = db::reject(&st.db, &id, code, &message).await {
                 tracing::error!("cannot record the rejection: {e}");
             }
@@ -126,10 +132,9 @@ async fn run_steps(
     db::set_state(&st.db, id, "probing").await?;
     let probe_src = src.clone();
     let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
-    let info = info.map_err(|e| StepError::Rejected {
-        code: e.code(),
-        message: e.to_string(),
-    })?;
+    let info = info.map_err(media_rejection)?;
+    let file_len = std::fs::metadata(&src)?.len();
+    media::validate(&info, file_len, &st.cfg.media_limits()).map_err(media_rejection)?;
     tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
 
     db::set_state(&st.db, id, "transcoding").await?;
@@ -176,12 +181,24 @@ async fn run_steps(
         }
         Err(e) => {
             let _ = std::fs::remove_file(&out);
-            return Err(StepError::Rejected {
-                code: e.code(),
-                message: e.to_string(),
-            });
+            return Err(media_rejection(e));
         }
     };
+    tracing::info!(
+        video_copied = output.video_copied,
+        audio_copied = output.audio_copied,
+        "transcoded"
+    );
+    // A poster for the web pages; a movie without one still plays.
+    let poster = st.cfg.poster_dir().join(format!("{id}.jpg"));
+    let (mp4, at) = (
+        out.clone(),
+        media::default_poster_secs(output.duration_secs),
+    );
+    match tokio::task::spawn_blocking(move || media::poster(&mp4, &poster, at, 640)).await? {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(code = e.code(), "no poster: {e}"),
+    }
     metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
     db::set_media_info(
         &st.db,
@@ -219,6 +236,19 @@ async fn run_steps(
 
     replicate_asset(st, id).await?;
     Ok(())
+}
+
+/// Uploaders' mistakes end the job as `rejected`; our own failures (I/O,
+/// FFmpeg set-up) are retried instead of blamed on the file.
+fn media_rejection(e: media::MediaError) -> StepError {
+    if e.is_user_error() {
+        StepError::Rejected {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    } else {
+        StepError::Internal(anyhow::anyhow!("{e} ({})", e.detail().unwrap_or_default()))
+    }
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {

@@ -99,12 +99,11 @@ pub async fn media(
         .map(|r| r.node)
         .collect();
     let viewer = geo::client_ip(peer.ip(), &headers, &st.cfg.trusted_proxies);
-    let (node, reason) = choose_node(&st, &verified, viewer, q.node.as_deref()).inspect_err(
-        |_| {
+    let (node, reason) =
+        choose_node(&st, &verified, viewer, q.node.as_deref()).inspect_err(|_| {
             metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "no_mirror")
                 .increment(1);
-        },
-    )?;
+        })?;
     let claims = PlaybackClaims {
         asset_id: a.id.clone(),
         blob: blob

@@ -272,3 +272,141 @@ pub async fn logout(
     );
     Ok(resp)
 }
+
+#[derive(Template)]
+#[template(path = "terminals.html")]
+struct TerminalsPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    terminals: Vec<db::Terminal>,
+    movies: Vec<db::Asset>,
+}
+
+pub async fn terminals(State(st): State<SharedState>, c: Caller) -> Result<Response, PageError> {
+    let terminals = db::terminals_of(&st.db, c.user.id).await?;
+    let movies = db::published_assets(&st.db, 500).await?;
+    let c = Some(c);
+    let (user, csrf) = who(&c);
+    Ok(render(&TerminalsPage {
+        user,
+        csrf,
+        terminals,
+        movies,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct NewTerminal {
+    csrf: String,
+    name: String,
+    asset: String,
+}
+
+#[derive(Template)]
+#[template(path = "terminal_created.html")]
+struct TerminalCreated<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    name: String,
+    id: String,
+    secret: String,
+    script: String,
+}
+
+pub async fn create_terminal(
+    State(st): State<SharedState>,
+    c: Caller,
+    Form(f): Form<NewTerminal>,
+) -> Result<Response, PageError> {
+    c.check_csrf(Some(&f.csrf))?;
+    let name: String = f
+        .name
+        .trim()
+        .chars()
+        .filter(|ch| !ch.is_control())
+        .take(100)
+        .collect();
+    if name.is_empty() {
+        return Err(ApiError::bad_request("name_missing", "give the terminal a name").into());
+    }
+    let a = db::asset(&st.db, &f.asset)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    if a.state != "published" {
+        return Err(ApiError::NotPublished.into());
+    }
+    let (id, secret) = crate::terminal::register(&st, c.user.id, &name).await?;
+    tracing::info!(terminal = %id, user = c.user.id, "terminal registered");
+    let script = crate::terminal::script_for(&st.public_url, &id, &secret, &a.id);
+    let c = Some(c);
+    let (user, csrf) = who(&c);
+    let mut resp = render(&TerminalCreated {
+        user,
+        csrf,
+        name,
+        id,
+        secret,
+        script,
+    });
+    // The page holds a secret: no cache may keep it.
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
+}
+
+pub async fn delete_terminal(
+    State(st): State<SharedState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
+    c.check_csrf(Some(&f.csrf))?;
+    if !db::delete_terminal(&st.db, &id, c.user.id).await? {
+        return Err(ApiError::NotFound("terminal").into());
+    }
+    Ok(Redirect::to("/terminals").into_response())
+}
+
+/// The set-up guide, as plain text (it is Markdown, readable as is).
+pub async fn terminal_doc() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        include_str!("../../docs/terminal.md"),
+    )
+        .into_response()
+}
+
+/// `GET /posters/{id}.jpg`: the still made at transcode time, for pages.
+pub async fn poster(
+    State(st): State<SharedState>,
+    MaybeCaller(c): MaybeCaller,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = file
+        .strip_suffix(".jpg")
+        .ok_or(ApiError::NotFound("poster"))?;
+    let a = db::asset(&st.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("poster"))?;
+    if !api::visible_to(&a, c.as_ref()) {
+        return Err(ApiError::NotFound("poster"));
+    }
+    let bytes = tokio::fs::read(st.cfg.poster_dir().join(format!("{}.jpg", a.id)))
+        .await
+        .map_err(|_| ApiError::NotFound("poster"))?;
+    let cache = if a.state == "published" {
+        "public, max-age=86400"
+    } else {
+        "private, no-store"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/jpeg"),
+            (header::CACHE_CONTROL, cache),
+        ],
+        bytes,
+    )
+        .into_response())
+}

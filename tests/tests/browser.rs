@@ -183,5 +183,151 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
     let out = e2e::bin_dir().join("watch-page.png");
     std::fs::write(&out, shot).unwrap();
     eprintln!("screenshot of the watch page: {}", out.display());
+
+    // Register an in-world terminal for this movie on the web site.
+    let asset_id = c
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .trim_start_matches("/assets/")
+        .to_string();
+    c.goto(&format!("{base}/terminals")).await.unwrap();
+    c.find(Locator::Css("input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("Lobby screen")
+        .await
+        .unwrap();
+    c.find(Locator::Css("main form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let terminal_id = c
+        .find(Locator::Id("terminal-id"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let secret = c
+        .find(Locator::Id("terminal-secret"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let script = c
+        .find(Locator::Id("script"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        script.contains(&secret) && script.contains(&terminal_id) && script.contains(&asset_id)
+    );
+    assert!(script.contains("llHMAC(TERMINAL_SECRET, body, \"sha256\")"));
     c.close().await.unwrap();
+    terminal_requests(&cluster, &terminal_id, &secret, &asset_id).await;
+}
+
+fn llhmac(secret: &str, body: &str) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// What the LSL script sends, signed as `llHMAC` signs, and the ways a
+/// forger or a replaying eavesdropper gets refused.
+async fn terminal_requests(cluster: &Cluster, terminal: &str, secret: &str, asset: &str) {
+    let url = format!("{}/api/v1/terminal/play", cluster.manager.url);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let body = |ts: u64, nonce: &str| {
+        format!("terminal={terminal}&asset={asset}&avatar=3c0ffee0-0000-4000-8000-000000000001&ts={ts}&nonce={nonce}")
+    };
+    let send = |body: String, sig: String| {
+        let client = cluster.client();
+        let url = url.clone();
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-terminal-signature", sig)
+                // Forgeable headers change nothing.
+                .header(
+                    "x-secondlife-owner-key",
+                    "00000000-0000-0000-0000-000000000000",
+                )
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let good = body(now, "nonce-1");
+    let (status, v) = send(good.clone(), llhmac(secret, &good)).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["media_url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/media/{asset}.mp4")),
+        "{v}"
+    );
+
+    let (status, v) = send(good.clone(), llhmac(secret, &good)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("terminal_replayed")),
+        "{v}"
+    );
+
+    let other = body(now, "nonce-2");
+    let (status, v) = send(other.clone(), llhmac("slt_guessed", &other)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("terminal_bad_signature")),
+        "{v}"
+    );
+
+    let old = body(now - 3600, "nonce-3");
+    let (status, v) = send(old.clone(), llhmac(secret, &old)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("terminal_stale")),
+        "{v}"
+    );
+
+    let tampered = good.replace("nonce-1", "nonce-4");
+    let (status, v) = send(tampered, llhmac(secret, &good)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("terminal_bad_signature")),
+        "{v}"
+    );
+
+    let unknown = body(now, "nonce-5").replace(terminal, "0000");
+    let (status, v) = send(unknown.clone(), llhmac(secret, &unknown)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("terminal_unknown")),
+        "{v}"
+    );
+
+    let (status, v) = send("garbage".into(), llhmac(secret, "garbage")).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("terminal_bad_request")),
+        "{v}"
+    );
 }

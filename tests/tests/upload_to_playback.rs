@@ -265,6 +265,16 @@ async fn a_webm_upload_is_published_on_two_mirrors_and_plays_with_ranges() {
         "{metrics}"
     );
 
+    // The page's poster exists and is a JPEG.
+    let poster = client
+        .get(format!("{}/posters/{id}.jpg", cluster.manager.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poster.status(), 200);
+    assert_eq!(poster.headers()["content-type"], "image/jpeg");
+    assert!(poster.bytes().await.unwrap().starts_with(&[0xff, 0xd8]));
+
     // /healthz and /metrics on every process.
     for url in
         std::iter::once(&cluster.manager.url).chain(cluster.nodes.iter().map(|n| &n.proc.url))
@@ -340,38 +350,51 @@ async fn a_text_file_named_mp4_is_rejected_and_leaves_nothing() {
         "These are my shopping notes, not a movie.\n".repeat(200),
     )
     .unwrap();
+    // Probing needs only the headers, so the refusal comes in the request.
     let (status, body) = cluster.upload(&fake, "Not a movie").await.unwrap();
-    assert_eq!(status, 202, "{body}");
-    let id = body["asset_id"].as_str().unwrap().to_string();
-    let asset = cluster.wait_terminal(&id, Duration::from_secs(60)).await;
-    assert_eq!(asset["state"], "rejected", "{asset}");
-    assert!(asset["media_url"].is_null());
-    let code = asset["error"]["code"].as_str().expect("error code");
-    assert!(!code.is_empty());
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "not_media", "{body}");
     assert!(
-        asset["error"]["message"].as_str().unwrap().len() > 10,
-        "{asset}"
+        body["error"]["message"].as_str().unwrap().len() > 10,
+        "{body}"
     );
 
-    // Nothing staged remains and no node received anything.
-    let leftovers: Vec<_> = files_under(&cluster.manager_data.join("staging"))
-        .into_iter()
-        .filter(|p| p.to_string_lossy().contains(&id))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A JPEG renamed .mp4 likewise.
+    let photo = cluster.dir.path().join("photo.mp4");
+    e2e::ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=320x240",
+        "-frames:v",
+        "1",
+        "-f",
+        "image2",
+        "-c:v",
+        "mjpeg",
+        photo.to_str().unwrap(),
+    ]);
+    let (status, body) = cluster.upload(&photo, "A photo").await.unwrap();
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "still_image", "{body}");
+
+    // Nothing staged remains, no asset exists, no node received anything.
+    assert!(files_under(&cluster.manager_data.join("staging")).is_empty());
     assert!(files_under(&cluster.manager_data.join("outbox")).is_empty());
     for node in &cluster.nodes {
         assert!(files_under(&node.storage.join("blobs")).is_empty());
     }
-
-    // The media URL of a rejected asset is not served.
-    let r = cluster
+    let mine: serde_json::Value = cluster
         .client()
-        .head(format!("{}/media/{id}.mp4", cluster.manager.url))
+        .get(format!("{}/api/v1/assets", cluster.manager.url))
+        .bearer_auth(&cluster.api_token)
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(mine["assets"].as_array().unwrap().len(), 0, "{mine}");
 
     // An empty upload is refused during the request with a code.
     let empty = cluster.dir.path().join("empty.mp4");

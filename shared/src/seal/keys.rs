@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use rand::rngs::OsRng;
 use rand::RngCore;
@@ -116,12 +116,17 @@ impl MasterKey {
         if id != self.id {
             return Err(SealError::UnknownKeyId(id));
         }
-        let nonce = Nonce::from_slice(&wrapped[4..16]);
+        let nonce = Nonce::try_from(&wrapped[4..16]).map_err(|_| SealError::KeyUnwrap)?;
         let mut buf = Zeroizing::new([0u8; 32]);
         buf.copy_from_slice(&wrapped[16..48]);
-        let tag = Tag::from_slice(&wrapped[48..]);
+        let tag = Tag::try_from(&wrapped[48..]).map_err(|_| SealError::KeyUnwrap)?;
         self.cipher()
-            .decrypt_in_place_detached(nonce, &wrap_aad(self.id, asset_id), buf.as_mut(), tag)
+            .decrypt_inout_detached(
+                &nonce,
+                &wrap_aad(self.id, asset_id),
+                buf.as_mut_slice().into(),
+                &tag,
+            )
             .map_err(|_| SealError::KeyUnwrap)?;
         Ok(DataKey(*buf))
     }
@@ -154,10 +159,10 @@ pub fn wrap_with_nonce(
     out.extend_from_slice(key.as_bytes());
     let tag = master
         .cipher()
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
+        .encrypt_inout_detached(
+            &Nonce::from(nonce),
             &wrap_aad(master.id, asset_id),
-            &mut out[16..48],
+            (&mut out[16..48]).into(),
         )
         .expect("AES-GCM encrypts 32 bytes");
     out.extend_from_slice(&tag);

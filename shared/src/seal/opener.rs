@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, Tag};
 
 use super::header::{segment_cipher, segment_nonce, SealedHeader, HEADER_LEN, TAG_LEN};
@@ -93,11 +93,12 @@ impl Opener {
         let nonce = segment_nonce(&self.header.nonce_prefix, index32, last);
         let (ciphertext, tag) = sealed.split_at(expected - TAG_LEN);
         buf.extend_from_slice(ciphertext);
-        let result = self.cipher.decrypt_in_place_detached(
+        let tag = Tag::try_from(tag).map_err(|_| SealError::InvalidLength)?;
+        let result = self.cipher.decrypt_inout_detached(
             &nonce,
             &self.header_bytes,
-            buf,
-            Tag::from_slice(tag),
+            buf.as_mut_slice().into(),
+            &tag,
         );
         if result.is_err() {
             buf.clear();

@@ -1,9 +1,14 @@
 //! Writing sealed blobs in constant memory.
 
 use std::fmt;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::consts::U12;
+use aes_gcm::aead::inout::InOutBuf;
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::{Aes256Gcm, Nonce};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -23,6 +28,10 @@ use crate::BlobId;
 /// At most one segment of plaintext is buffered (the last segment carries a
 /// flag, so a full segment waits until more input or `finish` shows whether
 /// it is the last).
+///
+/// Once a blob passes [`PIPELINE_AFTER`] bytes, on a machine with more than
+/// one core, SHA-256 of the sealed bytes moves to a helper thread while this
+/// one encrypts the next segment (see [`HashPipe`]); the result is the same.
 pub struct Sealer {
     cipher: Aes256Gcm,
     header: [u8; HEADER_LEN],
@@ -30,9 +39,128 @@ pub struct Sealer {
     segment_size: usize,
     next_index: u64,
     buf: Zeroizing<Vec<u8>>,
-    hasher: Sha256,
+    hasher: Hashing,
     sealed_len: u64,
     header_written: bool,
+}
+
+/// Sealed bytes after which hashing moves to a helper thread: small blobs
+/// (and the tests' tiny segments) never start one.
+const PIPELINE_AFTER: u64 = 1 << 20;
+/// Smallest segment worth handing to another thread.
+const PIPELINE_MIN_SEGMENT: usize = 16 * 1024;
+/// Sealed bytes handed over at once (or one segment, if larger): fewer
+/// hand-overs, fewer thread wake-ups.
+const PIPELINE_BATCH: usize = 256 * 1024;
+/// Sealed bytes queued for the hashing thread at most (at least one
+/// batch): bounds memory when hashing is the slower side.
+const PIPELINE_QUEUE_BYTES: usize = 1 << 20;
+
+enum Hashing {
+    Inline(Sha256),
+    Piped(HashPipe),
+    /// Only while switching from one to the other.
+    Moving,
+}
+
+/// SHA-256 on a helper thread. Sealed segments are gathered in `batch`,
+/// which goes to the thread, in order, through a bounded channel and comes
+/// back emptied through `spare` for reuse. Only sealed bytes (ciphertext,
+/// public) cross over; the plaintext stays in the sealer's zeroized buffer.
+struct HashPipe {
+    tx: SyncSender<Vec<u8>>,
+    worker: JoinHandle<Sha256>,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+    batch: Vec<u8>,
+    batch_len: usize,
+}
+
+impl HashPipe {
+    /// Starts the thread, continuing `hasher`; gives `hasher` back if the
+    /// machine has one core or no thread can be started.
+    fn start(hasher: Sha256, segment_size: usize) -> Result<HashPipe, Sha256> {
+        static CORES: OnceLock<usize> = OnceLock::new();
+        let cores =
+            *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if cores < 2 || segment_size < PIPELINE_MIN_SEGMENT {
+            return Err(hasher);
+        }
+        let batch_len = PIPELINE_BATCH.max(segment_size + super::TAG_LEN);
+        let depth = (PIPELINE_QUEUE_BYTES / batch_len).max(1);
+        let (tx, rx) = sync_channel::<Vec<u8>>(depth);
+        let spare = Arc::new(Mutex::new(Vec::new()));
+        let back = spare.clone();
+        // The hasher moves into the thread; if spawning fails it is lost
+        // with the closure, so spawn with a clone and drop the original
+        // only on success.
+        let mut state = hasher.clone();
+        let worker = std::thread::Builder::new()
+            .name("seal-sha256".into())
+            .spawn(move || {
+                while let Ok(mut piece) = rx.recv() {
+                    state.update(&piece);
+                    piece.clear();
+                    let mut spare = back.lock().unwrap_or_else(|e| e.into_inner());
+                    if spare.len() <= depth {
+                        spare.push(piece);
+                    }
+                }
+                state
+            });
+        match worker {
+            Ok(worker) => Ok(HashPipe {
+                tx,
+                worker,
+                spare,
+                batch: Vec::with_capacity(batch_len + segment_size + super::TAG_LEN),
+                batch_len,
+            }),
+            Err(_) => Err(hasher),
+        }
+    }
+
+    /// Encrypts `plain` into the batch and copies the sealed segment to
+    /// `out`; hands the batch over once it is full.
+    fn seal_into(
+        &mut self,
+        cipher: &Aes256Gcm,
+        nonce: &Nonce<U12>,
+        aad: &[u8],
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        let at = self.batch.len();
+        self.batch.resize(at + plain.len(), 0);
+        let buf = InOutBuf::new(plain, &mut self.batch[at..]).expect("same lengths");
+        let tag = cipher
+            .encrypt_inout_detached(nonce, aad, buf)
+            .expect("AES-GCM encrypts any segment-sized input");
+        self.batch.extend_from_slice(&tag);
+        out.extend_from_slice(&self.batch[at..]);
+        if self.batch.len() >= self.batch_len {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let next = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let next = next.unwrap_or_else(|| Vec::with_capacity(self.batch.capacity()));
+        // The worker only stops when `tx` is dropped, or by panicking,
+        // which `finish` reports.
+        let _ = self.tx.send(std::mem::replace(&mut self.batch, next));
+    }
+
+    fn finish(mut self) -> Sha256 {
+        self.flush();
+        drop(self.tx);
+        match self.worker.join() {
+            Ok(hasher) => hasher,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
 }
 
 impl fmt::Debug for Sealer {
@@ -88,7 +216,7 @@ impl Sealer {
             segment_size: segment_size as usize,
             next_index: 0,
             buf: Zeroizing::new(Vec::with_capacity(segment_size as usize)),
-            hasher: Sha256::new(),
+            hasher: Hashing::Inline(Sha256::new()),
             sealed_len: 0,
             header_written: false,
         }
@@ -131,14 +259,22 @@ impl Sealer {
         let buf = std::mem::take(&mut *self.buf);
         self.seal_segment(&buf, true, out);
         *self.buf = buf; // zeroed on drop
-        (BlobId::from_hasher(self.hasher), self.sealed_len)
+        let hasher = match std::mem::replace(&mut self.hasher, Hashing::Moving) {
+            Hashing::Inline(hasher) => hasher,
+            Hashing::Piped(pipe) => pipe.finish(),
+            Hashing::Moving => unreachable!("the hasher is always put back"),
+        };
+        (BlobId::from_hasher(hasher), self.sealed_len)
     }
 
     fn write_header(&mut self, out: &mut Vec<u8>) {
         if !self.header_written {
             self.header_written = true;
             out.extend_from_slice(&self.header);
-            self.hasher.update(self.header);
+            match &mut self.hasher {
+                Hashing::Inline(hasher) => hasher.update(self.header),
+                _ => unreachable!("the header comes first"),
+            }
             self.sealed_len += HEADER_LEN as u64;
         }
     }
@@ -147,14 +283,36 @@ impl Sealer {
         let index =
             u32::try_from(self.next_index).expect("a sealed blob holds at most 2^32 segments");
         let nonce = segment_nonce(&self.nonce_prefix, index, last);
+        if self.sealed_len >= PIPELINE_AFTER {
+            if let Hashing::Inline(_) = self.hasher {
+                let Hashing::Inline(hasher) = std::mem::replace(&mut self.hasher, Hashing::Moving)
+                else {
+                    unreachable!("matched above")
+                };
+                self.hasher = match HashPipe::start(hasher, self.segment_size) {
+                    Ok(pipe) => Hashing::Piped(pipe),
+                    Err(hasher) => Hashing::Inline(hasher),
+                };
+            }
+        }
         let start = out.len();
-        out.extend_from_slice(plain);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(&nonce, &self.header, &mut out[start..])
-            .expect("AES-GCM encrypts any segment-sized input");
-        out.extend_from_slice(&tag);
-        self.hasher.update(&out[start..]);
+        match &mut self.hasher {
+            Hashing::Inline(hasher) => {
+                out.extend_from_slice(plain);
+                let tag = self
+                    .cipher
+                    .encrypt_inout_detached(&nonce, &self.header, (&mut out[start..]).into())
+                    .expect("AES-GCM encrypts any segment-sized input");
+                out.extend_from_slice(&tag);
+                hasher.update(&out[start..]);
+            }
+            Hashing::Piped(pipe) => {
+                // Encrypts straight into the batch for the hashing thread,
+                // then copies to `out`: one copy, as inline.
+                pipe.seal_into(&self.cipher, &nonce, &self.header, plain, out);
+            }
+            Hashing::Moving => unreachable!("the hasher is always put back"),
+        }
         self.sealed_len += (out.len() - start) as u64;
         self.next_index += 1;
     }
@@ -198,4 +356,64 @@ fn finish_all(mut sealer: Sealer, plaintext: &[u8]) -> (Vec<u8>, BlobId) {
     let (id, len) = sealer.finish(&mut out);
     debug_assert_eq!(len, out.len() as u64);
     (out, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::{open_all, SealedLayout, DEFAULT_SEGMENT_SIZE};
+
+    /// Past `PIPELINE_AFTER` the hash is computed on another thread; the
+    /// blob and its name must be exactly what one thread produces.
+    #[test]
+    fn hashing_on_a_helper_thread_gives_the_same_blob_and_name() {
+        let key = DataKey::from_bytes([9; 32]);
+        let seg = DEFAULT_SEGMENT_SIZE;
+        let len = 3 * PIPELINE_AFTER as usize + 12_345;
+        let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let (whole, id) = seal_with_params(&key, "a", 1, seg, [1; 32], [2; 7], &plain);
+        assert_eq!(id, BlobId::of(&whole));
+        let layout = SealedLayout::for_plaintext(seg, len as u64).unwrap();
+        assert_eq!(whole.len() as u64, layout.sealed_len());
+
+        // Odd chunk sizes through `update`, with `out` drained as we go.
+        let mut sealer = Sealer::with_params(&key, "a", 1, seg, [1; 32], [2; 7]);
+        let (mut out, mut all) = (Vec::new(), Vec::new());
+        for chunk in plain.chunks(100_003) {
+            sealer.update(chunk, &mut out);
+            all.append(&mut out);
+        }
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+            assert!(matches!(sealer.hasher, Hashing::Piped(_)));
+        }
+        let (id2, len2) = sealer.finish(&mut out);
+        all.append(&mut out);
+        assert_eq!((id2, len2), (id, whole.len() as u64));
+        assert!(all == whole);
+        assert!(open_all(&key, "a", &whole).unwrap() == plain);
+
+        // Small blobs and tiny segments never start a thread.
+        let mut small = Sealer::with_params(&key, "a", 1, 16, [1; 32], [2; 7]);
+        small.update(&plain[..PIPELINE_AFTER as usize + 100], &mut out);
+        assert!(matches!(small.hasher, Hashing::Inline(_)));
+    }
+
+    #[test]
+    fn dropping_a_piped_sealer_midway_stops_its_thread() {
+        let key = DataKey::from_bytes([9; 32]);
+        let mut sealer = Sealer::new(&key, "a", 1, DEFAULT_SEGMENT_SIZE);
+        let mut out = Vec::new();
+        sealer.update(&vec![0; 2 * PIPELINE_AFTER as usize], &mut out);
+        // What dropping the sealer does: the sender goes, the thread ends.
+        let Hashing::Piped(HashPipe { tx, worker, .. }) =
+            std::mem::replace(&mut sealer.hasher, Hashing::Moving)
+        else {
+            return; // one core: no helper thread
+        };
+        drop(sealer);
+        drop(tx);
+        worker
+            .join()
+            .expect("the thread ends once its channel closes");
+    }
 }
