@@ -34,9 +34,9 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The MaxMind test city database shipped beside the repository.
+/// The MaxMind test city database kept in `tests/data/geoip`.
 pub fn geoip_test_db() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/geoip/GeoIP2-City-Test.mmdb")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/geoip/GeoIP2-City-Test.mmdb")
 }
 
 fn hex32() -> String {

@@ -157,6 +157,24 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     )
 }
 
+/// Reads a text field, refusing one longer than any real title or token:
+/// the body limit is off for this route, so nothing else bounds it.
+async fn small_field(field: &mut axum::extract::multipart::Field<'_>) -> Result<String, ApiError> {
+    const MAX: usize = 4 * MAX_TITLE_CHARS;
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if buf.len() + chunk.len() > MAX {
+            return Err(ApiError::bad_request(
+                "field_too_long",
+                format!("form fields other than the file have at most {MAX} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    String::from_utf8(buf)
+        .map_err(|_| ApiError::bad_request("field_not_utf8", "form fields must be UTF-8 text"))
+}
+
 /// `POST /api/v1/uploads`. The file streams to staging in chunks (never
 /// whole in memory); the asset row is created only once every byte is on
 /// disk, so an aborted upload leaves neither a file nor a row.
@@ -183,19 +201,10 @@ pub async fn upload(
     while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         match field.name().unwrap_or("") {
             "csrf" => {
-                let v = field.text().await.map_err(multipart_error)?;
+                let v = small_field(&mut field).await?;
                 csrf_ok = csrf_ok || caller.check_csrf(Some(&v)).is_ok();
             }
-            "title" => {
-                let v = field.text().await.map_err(multipart_error)?;
-                if v.len() > 4 * MAX_TITLE_CHARS {
-                    return Err(ApiError::bad_request(
-                        "title_too_long",
-                        format!("a title has at most {MAX_TITLE_CHARS} characters"),
-                    ));
-                }
-                title = Some(v);
-            }
+            "title" => title = Some(small_field(&mut field).await?),
             "file" => {
                 if !csrf_ok {
                     return Err(ApiError::Csrf);
@@ -327,6 +336,85 @@ pub async fn upload(
         }),
     )
         .into_response())
+}
+
+/// `POST /api/v1/assets/{id}/cancel` (owner or operator): stops a job that
+/// has not been sealed yet; the asset ends `rejected` with code `cancelled`.
+pub async fn cancel(
+    State(st): State<SharedState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))?;
+    cancel_as(&st, &caller, &id).await?;
+    let a = db::asset(&st.db, &id)
+        .await?
+        .ok_or(ApiError::NotFound("asset"))?;
+    Ok(Json(
+        serde_json::to_value(asset_view(&st, &a).await?)
+            .map_err(|e| ApiError::Internal(e.into()))?,
+    ))
+}
+
+pub async fn cancel_as(st: &SharedState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    let a = db::asset(&st.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("asset"))?;
+    if a.owner_id != caller.user.id && !caller.user.is_operator() {
+        return Err(ApiError::NotFound("asset"));
+    }
+    match db::request_cancel(&st.db, id).await? {
+        db::CancelOutcome::Cancelled => {
+            let _ = tokio::fs::remove_file(crate::pipeline::source_path(st, id)).await;
+            tracing::info!(asset = id, "cancelled before processing");
+            Ok(())
+        }
+        db::CancelOutcome::Requested => {
+            tracing::info!(asset = id, "cancel requested");
+            Ok(())
+        }
+        db::CancelOutcome::TooLate => Err(ApiError::Conflict {
+            code: "not_cancellable",
+            message: "this movie is already sealed or finished; it can no longer be cancelled"
+                .into(),
+        }),
+    }
+}
+
+/// `POST /api/v1/assets/{id}/retry` (operators): runs again a job that
+/// failed for an internal reason (`processing_failed`).
+pub async fn retry(
+    State(st): State<SharedState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    caller.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))?;
+    if !caller.user.is_operator() {
+        return Err(ApiError::Forbidden);
+    }
+    db::asset(&st.db, &id)
+        .await?
+        .ok_or(ApiError::NotFound("asset"))?;
+    if !crate::pipeline::source_path(&st, &id).exists() {
+        return Err(ApiError::Conflict {
+            code: "source_gone",
+            message: "the uploaded file is no longer kept; it must be uploaded again".into(),
+        });
+    }
+    if !db::retry_failed(&st.db, &id).await? {
+        return Err(ApiError::Conflict {
+            code: "not_retryable",
+            message: "only a job that failed with processing_failed can be retried".into(),
+        });
+    }
+    st.wake.notify_one();
+    tracing::info!(asset = %id, operator = caller.user.id, "job retried by operator");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "asset_id": id, "state": "queued" })),
+    ))
 }
 
 #[cfg(test)]

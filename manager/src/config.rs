@@ -89,6 +89,8 @@ pub struct TranscodeConfig {
     pub crf: u8,
     /// x264 preset (ultrafast … veryslow).
     pub preset: String,
+    /// Jobs transcoded at once (1–16). Each already uses every core.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +144,7 @@ impl Default for TranscodeConfig {
             max_height: 720,
             crf: 23,
             preset: "veryfast".into(),
+            workers: 1,
         }
     }
 }
@@ -168,7 +171,8 @@ impl Config {
             fig = fig.merge(Toml::file(f));
         }
         let mut cfg: Config = fig
-            .merge(Env::prefixed("MANAGER_").split("__"))
+            // `MANAGER_CONFIG` names the file itself, not a field.
+            .merge(Env::prefixed("MANAGER_").ignore(&["config"]).split("__"))
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         cfg.validate()?;
@@ -192,6 +196,12 @@ impl Config {
         let is_http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
         if !self.public_url.is_empty() && !is_http(&self.public_url) {
             return Err(field("public_url", "must start with http:// or https://"));
+        }
+        if self.public_url.is_empty() && self.listen.ip().is_unspecified() {
+            return Err(field(
+                "public_url",
+                "must be set when `listen` is a wildcard address: media URLs cannot point at 0.0.0.0",
+            ));
         }
         if self.min_replicas == 0 {
             return Err(field("min_replicas", "must be at least 1"));
@@ -247,6 +257,9 @@ impl Config {
                     "must be between 16 and 2048 (Second Life's media limit)",
                 ));
             }
+        }
+        if !(1..=16).contains(&t.workers) {
+            return Err(field("transcode.workers", "must be between 1 and 16"));
         }
         if t.crf > 51 {
             return Err(field("transcode.crf", "must be between 0 and 51"));

@@ -67,6 +67,7 @@ pub struct Asset {
     pub height: Option<i64>,
     pub duration_secs: Option<f64>,
     pub created_at: i64,
+    pub attempts: i64,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -193,7 +194,7 @@ pub async fn api_token_user(db: &Db, token_hash: &str) -> sqlx::Result<Option<Us
 // ---- assets ------------------------------------------------------------------
 
 const ASSET_COLS: &str = "id, owner_id, title, state, progress, error_code, error_message, source_name,
-    source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at";
+    source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at, attempts";
 
 pub async fn insert_asset(
     db: &Db,
@@ -246,20 +247,129 @@ pub async fn assets_of(db: &Db, owner_id: i64, limit: i64) -> sqlx::Result<Vec<A
     .await
 }
 
-/// Oldest asset waiting for the pipeline.
-pub async fn next_queued(db: &Db) -> sqlx::Result<Option<Asset>> {
+/// Takes the oldest due job under a lease of `lease_secs`, in one statement
+/// so two workers (or two managers on one database) never take the same
+/// job. A job whose lease ran out (its worker died) is taken up again.
+pub async fn claim_next(db: &Db, lease_secs: i64) -> sqlx::Result<Option<Asset>> {
+    let t = now();
     sqlx::query_as(&format!(
-        "SELECT {ASSET_COLS} FROM assets WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
+        "UPDATE assets SET state = 'probing', progress = 0, lease_until = ?, updated_at = ?
+         WHERE id = (SELECT id FROM assets
+                     WHERE (state = 'queued' AND next_try <= ?)
+                        OR (state IN ('probing', 'transcoding', 'sealing') AND lease_until < ?)
+                     ORDER BY created_at, id LIMIT 1)
+         RETURNING {ASSET_COLS}"
     ))
+    .bind(t + lease_secs)
+    .bind(t)
+    .bind(t)
+    .bind(t)
     .fetch_optional(db)
     .await
+}
+
+/// Extends a job's lease; returns whether its cancel was requested.
+pub async fn renew_lease(db: &Db, id: &str, lease_secs: i64) -> sqlx::Result<bool> {
+    let row: Option<(i64,)> =
+        sqlx::query_as("UPDATE assets SET lease_until = ? WHERE id = ? RETURNING cancel_requested")
+            .bind(now() + lease_secs)
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(matches!(row, Some((1,))))
+}
+
+pub async fn cancel_requested(db: &Db, id: &str) -> sqlx::Result<bool> {
+    let row: Option<(i64,)> = sqlx::query_as("SELECT cancel_requested FROM assets WHERE id = ?")
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+    Ok(matches!(row, Some((1,))))
+}
+
+/// Puts a job back in the queue at once, without counting an attempt
+/// (graceful shutdown interrupted it).
+pub async fn requeue(db: &Db, id: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = ? WHERE id = ?")
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It had not started: it is now `rejected` with code `cancelled`.
+    Cancelled,
+    /// A worker has it; it stops within a second or two.
+    Requested,
+    /// Sealed already (replicating, published) or finished.
+    TooLate,
+}
+
+pub async fn request_cancel(db: &Db, id: &str) -> sqlx::Result<CancelOutcome> {
+    let r = sqlx::query(
+        "UPDATE assets SET state = 'rejected', error_code = 'cancelled', error_message = 'Cancelled by its uploader.',
+         updated_at = ? WHERE id = ? AND state = 'queued'",
+    )
+    .bind(now())
+    .bind(id)
+    .execute(db)
+    .await?;
+    if r.rows_affected() == 1 {
+        return Ok(CancelOutcome::Cancelled);
+    }
+    let r = sqlx::query(
+        "UPDATE assets SET cancel_requested = 1, updated_at = ? WHERE id = ? AND state IN ('probing', 'transcoding')",
+    )
+    .bind(now())
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(if r.rows_affected() == 1 {
+        CancelOutcome::Requested
+    } else {
+        CancelOutcome::TooLate
+    })
+}
+
+/// Operator retry of a job that failed for an internal reason (its source
+/// is kept for this). Returns whether it was requeued.
+pub async fn retry_failed(db: &Db, id: &str) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE assets SET state = 'queued', attempts = 0, next_try = 0, lease_until = 0, progress = 0,
+         error_code = NULL, error_message = NULL, cancel_requested = 0, updated_at = ?
+         WHERE id = ? AND state = 'rejected' AND error_code = 'processing_failed'",
+    )
+    .bind(now())
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Puts a job that failed for an internal reason back in the queue after
+/// `delay_secs`; returns how many attempts it has now had.
+pub async fn retry_later(db: &Db, id: &str, delay_secs: i64) -> sqlx::Result<i64> {
+    let t = now();
+    let (attempts,): (i64,) = sqlx::query_as(
+        "UPDATE assets SET state = 'queued', progress = 0, attempts = attempts + 1, next_try = ?, updated_at = ?
+         WHERE id = ? RETURNING attempts",
+    )
+    .bind(t + delay_secs)
+    .bind(t)
+    .bind(id)
+    .fetch_one(db)
+    .await?;
+    Ok(attempts)
 }
 
 /// Work interrupted by a crash or shutdown restarts from the top: staging
 /// keeps the source until sealing commits, so nothing is lost.
 pub async fn requeue_interrupted(db: &Db) -> sqlx::Result<u64> {
     let r = sqlx::query(
-        "UPDATE assets SET state = 'queued', progress = 0, updated_at = ?
+        "UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = ?
          WHERE state IN ('probing', 'transcoding', 'sealing')",
     )
     .bind(now())
@@ -268,6 +378,7 @@ pub async fn requeue_interrupted(db: &Db) -> sqlx::Result<u64> {
     Ok(r.rows_affected())
 }
 
+/// Moves a job to its next step. Only a worker holding the job calls it.
 pub async fn set_state(db: &Db, id: &str, state: &str) -> sqlx::Result<()> {
     sqlx::query("UPDATE assets SET state = ?, progress = 0, updated_at = ? WHERE id = ?")
         .bind(state)
@@ -561,4 +672,99 @@ pub async fn use_terminal_nonce(
         .await?;
     tx.commit().await?;
     Ok(r.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fresh() -> (tempfile::TempDir, Db, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        let owner = create_user(&db, "a@example.com", "x", "uploader")
+            .await
+            .unwrap();
+        (dir, db, owner)
+    }
+
+    #[tokio::test]
+    async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out() {
+        let (_d, db, owner) = fresh().await;
+        insert_asset(&db, "one", owner, "One", "one.mp4", 10)
+            .await
+            .unwrap();
+        insert_asset(&db, "two", owner, "Two", "two.mp4", 10)
+            .await
+            .unwrap();
+        let a = claim_next(&db, 30).await.unwrap().unwrap();
+        let b = claim_next(&db, 30).await.unwrap().unwrap();
+        assert_ne!(a.id, b.id, "two workers never get the same job");
+        assert!(claim_next(&db, 30).await.unwrap().is_none());
+        // A worker that died: its lease lapses and the job is taken again.
+        sqlx::query("UPDATE assets SET lease_until = 0 WHERE id = ?")
+            .bind(&a.id)
+            .execute(&db)
+            .await
+            .unwrap();
+        assert_eq!(claim_next(&db, 30).await.unwrap().unwrap().id, a.id);
+        assert!(!renew_lease(&db, &a.id, 30).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn failed_jobs_back_off_and_cancel_and_retry_follow_the_state() {
+        let (_d, db, owner) = fresh().await;
+        insert_asset(&db, "j", owner, "J", "j.mp4", 10)
+            .await
+            .unwrap();
+        claim_next(&db, 30).await.unwrap().unwrap();
+        assert_eq!(retry_later(&db, "j", 60).await.unwrap(), 1);
+        assert!(
+            claim_next(&db, 30).await.unwrap().is_none(),
+            "not due for a minute"
+        );
+
+        // Queued: cancelled at once. Running: a request the worker sees.
+        insert_asset(&db, "q", owner, "Q", "q.mp4", 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            request_cancel(&db, "q").await.unwrap(),
+            CancelOutcome::Cancelled
+        );
+        assert_eq!(
+            asset(&db, "q")
+                .await
+                .unwrap()
+                .unwrap()
+                .error_code
+                .as_deref(),
+            Some("cancelled")
+        );
+        insert_asset(&db, "r", owner, "R", "r.mp4", 10)
+            .await
+            .unwrap();
+        assert_eq!(claim_next(&db, 30).await.unwrap().unwrap().id, "r");
+        assert_eq!(
+            request_cancel(&db, "r").await.unwrap(),
+            CancelOutcome::Requested
+        );
+        assert!(renew_lease(&db, "r", 30).await.unwrap());
+        set_state(&db, "r", "replicating").await.unwrap();
+        assert_eq!(
+            request_cancel(&db, "q").await.unwrap(),
+            CancelOutcome::TooLate
+        );
+
+        // Only processing_failed is retried by an operator.
+        assert!(!retry_failed(&db, "q").await.unwrap());
+        reject(&db, "j", "processing_failed", "x").await.unwrap();
+        assert!(retry_failed(&db, "j").await.unwrap());
+        let j = asset(&db, "j").await.unwrap().unwrap();
+        assert_eq!(
+            (j.state.as_str(), j.attempts, j.error_code),
+            ("queued", 0, None)
+        );
+    }
 }

@@ -107,6 +107,9 @@ impl Nodes {
             .header(shared::AUTH_HEADER, auth)
             .header(shared::DATE_HEADER, now.to_string())
             .header(reqwest::header::CONTENT_LENGTH, len)
+            // A node that accepts and then stalls must not hang the pipeline:
+            // a minute plus one second per MiB (a floor of 1 MiB/s).
+            .timeout(Duration::from_secs(60 + len / (1 << 20)))
             .body(body)
             .send()
             .await

@@ -1,9 +1,13 @@
 //! The ingest pipeline: probe → transcode → seal → replicate → publish.
 //!
-//! Jobs are rows in `assets`, not in memory: a crash or restart requeues any
-//! asset caught mid-step ([`db::requeue_interrupted`]) and the step runs
+//! Jobs are rows in `assets`, not in memory. A worker claims one under a
+//! lease it renews every second ([`db::claim_next`], [`db::renew_lease`]); a
+//! crash or restart requeues any asset caught mid-step and the step runs
 //! again from the staged source, which is deleted only after the sealed blob
-//! is recorded. ffmpeg work runs on the blocking pool, one job at a time (a
+//! is recorded. Internal failures back off and give up after
+//! `MAX_JOB_ATTEMPTS` (`processing_failed`, source kept for an operator
+//! retry); uploader cancels are noticed within a second. ffmpeg work runs on
+//! the blocking pool, `transcode.workers` jobs at once (default 1: a
 //! transcode already uses every core). Replication retries with backoff for
 //! as long as a node lacks a verified copy, so a node that was down gets the
 //! blob when it returns, with no operator action.
@@ -50,17 +54,40 @@ fn clear_rejected(st: &SharedState, asset_id: &str) {
     let _ = std::fs::remove_file(st.cfg.poster_dir().join(format!("{asset_id}.jpg")));
 }
 
-pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
+/// Internal failures tolerated before a job is given up (and reported).
+const MAX_JOB_ATTEMPTS: i64 = 5;
+
+/// Seconds a worker's claim on a job lasts without renewal (renewed every
+/// second while it works).
+const LEASE_SECS: i64 = 30;
+
+/// Starts `transcode.workers` job loops and one replication loop; returns
+/// when `stop` fires and they have all finished.
+pub async fn run(st: SharedState, stop: watch::Receiver<bool>) {
+    // The embedded SQLite database belongs to one manager process, so at
+    // start every job caught mid-step was left by a process that is gone.
+    // (Managers sharing a PostgreSQL database rely on the leases instead.)
     match db::requeue_interrupted(&st.db).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(count = n, "requeued jobs interrupted by the last shutdown"),
         Err(e) => tracing::error!("cannot requeue interrupted jobs: {e}"),
     }
+    let mut tasks = Vec::new();
+    for _ in 0..st.cfg.transcode.workers {
+        tasks.push(tokio::spawn(job_loop(st.clone(), stop.clone())));
+    }
+    tasks.push(tokio::spawn(replication_loop(st.clone(), stop)));
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn job_loop(st: SharedState, mut stop: watch::Receiver<bool>) {
     loop {
         if *stop.borrow() {
             return;
         }
-        match db::next_queued(&st.db).await {
+        match db::claim_next(&st.db, LEASE_SECS).await {
             Ok(Some(asset)) => {
                 process(&st, asset, &stop).await;
                 continue;
@@ -68,9 +95,20 @@ pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
             Ok(None) => {}
             Err(e) => tracing::error!("cannot read the job queue: {e}"),
         }
-        replicate_due(&st).await;
         tokio::select! {
             _ = st.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Retries pushes on their own schedule, so busy transcoders never starve
+/// a node that is waiting for its copy.
+async fn replication_loop(st: SharedState, mut stop: watch::Receiver<bool>) {
+    loop {
+        replicate_due(&st).await;
+        tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.changed() => return,
         }
@@ -91,14 +129,31 @@ async fn process(st: &SharedState, asset: db::Asset, stop: &watch::Receiver<bool
             metrics::counter!("manager_assets_total", "outcome" => "rejected").increment(1);
         }
         Err(StepError::Interrupted) => {
-            // Left for the next start: requeue_interrupted picks it up.
             tracing::info!("job interrupted by shutdown; it resumes at next start");
+            if let Err(e) = db::requeue(&st.db, &id).await {
+                tracing::error!("cannot requeue the job: {e}");
+            }
         }
         Err(StepError::Internal(e)) => {
-            // Not the uploader's fault; keep the source and retry later.
-            tracing::error!("job failed, will retry: {e:#}");
-            let _ = db::set_state(&st.db, &id, "queued").await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            // Not the uploader's fault: keep the source and retry later, so
+            // one job that keeps failing never holds up the others.
+            let attempts = asset.attempts + 1;
+            if attempts >= MAX_JOB_ATTEMPTS {
+                // The source stays in staging so an operator can retry.
+                tracing::error!(attempts, "job failed for good: {e:#}");
+                let _ = db::reject(&st.db, &id, "processing_failed", "We could not process this file after several tries. The operator has been told; please try again later.").await;
+                metrics::counter!("manager_assets_total", "outcome" => "failed").increment(1);
+            } else {
+                let delay = backoff_secs(attempts);
+                tracing::error!(
+                    attempts,
+                    retry_in_secs = delay,
+                    "job failed, will retry: {e:#}"
+                );
+                if let Err(e) = db::retry_later(&st.db, &id, delay).await {
+                    tracing::error!("cannot requeue the job: {e}");
+                }
+            }
         }
     }
 }
@@ -167,6 +222,9 @@ async fn run_steps(
                 _ = tick.tick() => {
                     let p = f32::from_bits(progress.load(Ordering::Relaxed));
                     let _ = db::set_progress(&st.db, id, p as f64).await;
+                    if let Ok(true) = db::renew_lease(&st.db, id, LEASE_SECS).await {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
                 }
                 _ = stop.changed() => cancel.store(true, Ordering::Relaxed),
             }
@@ -177,7 +235,7 @@ async fn run_steps(
         Err(e) if cancel.load(Ordering::Relaxed) => {
             let _ = std::fs::remove_file(&out);
             tracing::debug!("transcode cancelled: {e}");
-            return Err(StepError::Interrupted);
+            return Err(cancelled_or_interrupted(st, id).await);
         }
         Err(e) => {
             let _ = std::fs::remove_file(&out);
@@ -209,6 +267,10 @@ async fn run_steps(
     )
     .await?;
 
+    // Last point where a cancel applies: after sealing the job is done.
+    if db::cancel_requested(&st.db, id).await? {
+        return Err(cancelled_or_interrupted(st, id).await);
+    }
     db::set_state(&st.db, id, "sealing").await?;
     let key = DataKey::generate();
     let wrapped = st.master.wrap(id, &key);
@@ -234,8 +296,23 @@ async fn run_steps(
     clear_staging(st, id);
     tracing::info!(%blob, sealed_len, plain_len, "sealed");
 
-    replicate_asset(st, id).await?;
+    // The job is done once sealed: a failed push is retried by
+    // `replicate_due`, never by re-running the job (its source is gone).
+    if let Err(e) = replicate_asset(st, id).await {
+        tracing::error!("first replication round failed; retrying later: {e:#}");
+    }
     Ok(())
+}
+
+/// Why a job stopped early: its uploader cancelled it, or we are shutting down.
+async fn cancelled_or_interrupted(st: &SharedState, id: &str) -> StepError {
+    match db::cancel_requested(&st.db, id).await {
+        Ok(true) => StepError::Rejected {
+            code: "cancelled",
+            message: "Cancelled by its uploader.".into(),
+        },
+        _ => StepError::Interrupted,
+    }
 }
 
 /// Uploaders' mistakes end the job as `rejected`; our own failures (I/O,

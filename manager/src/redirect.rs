@@ -71,7 +71,9 @@ pub async fn media(
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
     if a.state != "published" {
-        return Err(ApiError::NotPublished);
+        // Same answer as for an id that does not exist: private uploads'
+        // ids cannot be probed through the media URL.
+        return Err(ApiError::NotFound("movie"));
     }
     let (Some(blob), Some(wrapped), Some(plain_len)) =
         (a.blob_id.as_deref(), a.wrapped_key.clone(), a.plain_len)
@@ -80,18 +82,6 @@ pub async fn media(
             "published asset {id} lacks its blob record"
         )));
     };
-    if method == Method::HEAD {
-        return Ok((
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, HeaderValue::from_static("video/mp4")),
-                (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
-                (header::CONTENT_LENGTH, HeaderValue::from(plain_len)),
-                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-            ],
-        )
-            .into_response());
-    }
     let verified: Vec<String> = db::replicas(&st.db, id)
         .await?
         .into_iter()
@@ -104,6 +94,20 @@ pub async fn media(
             metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "no_mirror")
                 .increment(1);
         })?;
+    // HEAD is answered here (the viewer's probe may not follow a
+    // redirect), but only when a GET would find a mirror.
+    if method == Method::HEAD {
+        return Ok((
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("video/mp4")),
+                (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
+                (header::CONTENT_LENGTH, HeaderValue::from(plain_len)),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+        )
+            .into_response());
+    }
     let claims = PlaybackClaims {
         asset_id: a.id.clone(),
         blob: blob

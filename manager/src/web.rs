@@ -410,3 +410,15 @@ pub async fn poster(
     )
         .into_response())
 }
+
+/// The cancel button on a movie's page (the plain-form twin of the API).
+pub async fn cancel(
+    State(st): State<SharedState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
+    c.check_csrf(Some(&f.csrf))?;
+    api::cancel_as(&st, &c, &id).await?;
+    Ok(Redirect::to(&format!("/assets/{id}")).into_response())
+}

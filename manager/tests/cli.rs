@@ -42,6 +42,51 @@ fn a_bad_config_exits_non_zero_naming_the_field() {
 }
 
 #[test]
+fn the_config_file_can_be_named_by_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = manager()
+        .args(["init-cluster", "--dir"])
+        .arg(dir.path())
+        .args([
+            "--node",
+            "a:1:2:127.0.0.1:18091",
+            "--node",
+            "b:3:4:127.0.0.1:18092",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // MANAGER_CONFIG is the file's name, not a configuration field.
+    let out = manager()
+        .env("MANAGER_CONFIG", dir.path().join("manager.toml"))
+        .args([
+            "create-user",
+            "--email",
+            "x@example.com",
+            "--generate-password",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_manager"))
+        .env("MANAGER_CONFIG", dir.path().join("manager.toml"))
+        .env("MANAGER_MIN_REPLICAS", "zero")
+        .arg("create-token")
+        .args(["--email", "x@example.com"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Named as the operator wrote it: the MANAGER_MIN_REPLICAS variable.
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .to_lowercase()
+        .contains("min_replicas"));
+}
+
+#[test]
 fn init_cluster_writes_configs_that_load_and_never_overwrites_them() {
     let dir = tempfile::tempdir().unwrap();
     let run = || {

@@ -98,6 +98,13 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
         .click()
         .await
         .unwrap();
+    // Wait for the next page, not the one being left: only a logged-in
+    // page has the log-out form.
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("header form[action='/logout']"))
+        .await
+        .expect("logged in");
     let body = c
         .find(Locator::Css("header"))
         .await
@@ -112,6 +119,11 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
 
     // Upload through the web form.
     c.goto(&format!("{base}/upload")).await.unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("input[name=title]"))
+        .await
+        .unwrap();
     c.find(Locator::Css("input[name=title]"))
         .await
         .unwrap()
@@ -193,6 +205,11 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
         .trim_start_matches("/assets/")
         .to_string();
     c.goto(&format!("{base}/terminals")).await.unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("input[name=name]"))
+        .await
+        .unwrap();
     c.find(Locator::Css("input[name=name]"))
         .await
         .unwrap()
@@ -206,7 +223,9 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
         .await
         .unwrap();
     let terminal_id = c
-        .find(Locator::Id("terminal-id"))
+        .wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Id("terminal-id"))
         .await
         .unwrap()
         .text()

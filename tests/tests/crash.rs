@@ -120,3 +120,75 @@ async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
     let head = client.head(media_url).send().await.unwrap();
     assert_eq!(head.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploader_cancels_a_running_transcode() {
+    let cluster = Cluster::start(&["utah", "toronto"]);
+    let input = cluster.dir.path().join("long.avi");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=1280x720:rate=30",
+        "-t",
+        "30",
+        "-c:v",
+        "mpeg4",
+        "-q:v",
+        "5",
+        input.to_str().unwrap(),
+    ]);
+    let (_, body) = cluster.upload(&input, "Never mind").await.unwrap();
+    let id = body["asset_id"].as_str().unwrap().to_string();
+    let client = cluster.client();
+    let status = |client: reqwest::Client| {
+        let url = format!("{}/api/v1/assets/{id}", cluster.manager.url);
+        let token = cluster.api_token.clone();
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status(client.clone()).await["state"] != "transcoding" {
+        assert!(Instant::now() < deadline, "never started transcoding");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = client
+        .post(format!("{}/api/v1/assets/{id}/cancel", cluster.manager.url))
+        .bearer_auth(&cluster.api_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let asset = cluster.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(asset["state"], "rejected", "{asset}");
+    assert_eq!(asset["error"]["code"], "cancelled", "{asset}");
+    assert!(files_under(&cluster.manager_data.join("staging")).is_empty());
+    for node in &cluster.nodes {
+        assert!(files_under(&node.storage.join("blobs")).is_empty());
+    }
+    // Too late now, with a code.
+    let r = client
+        .post(format!("{}/api/v1/assets/{id}/cancel", cluster.manager.url))
+        .bearer_auth(&cluster.api_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    // Retry is for operators' use on processing_failed only.
+    let r = client
+        .post(format!("{}/api/v1/assets/{id}/retry", cluster.manager.url))
+        .bearer_auth(&cluster.api_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}

@@ -62,7 +62,8 @@ impl Config {
             fig = fig.merge(Toml::file(f));
         }
         let cfg: Config = fig
-            .merge(Env::prefixed("VIEWNODE_"))
+            // `VIEWNODE_CONFIG` names the file itself, not a field.
+            .merge(Env::prefixed("VIEWNODE_").ignore(&["config"]))
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         cfg.validate()?;

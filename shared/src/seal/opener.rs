@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, Tag};
 
@@ -76,7 +77,19 @@ impl Opener {
         sealed: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), SealError> {
-        buf.clear();
+        let result = self.open_segment_inner(index, sealed, buf);
+        if result.is_err() {
+            buf.clear();
+        }
+        result
+    }
+
+    fn open_segment_inner(
+        &self,
+        index: u64,
+        sealed: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), SealError> {
         if index >= self.layout.segment_count() {
             return Err(SealError::RangeOutOfBounds);
         }
@@ -92,19 +105,15 @@ impl Opener {
         let index32 = u32::try_from(index).map_err(|_| SealError::InvalidLength)?;
         let nonce = segment_nonce(&self.header.nonce_prefix, index32, last);
         let (ciphertext, tag) = sealed.split_at(expected - TAG_LEN);
-        buf.extend_from_slice(ciphertext);
         let tag = Tag::try_from(tag).map_err(|_| SealError::InvalidLength)?;
-        let result = self.cipher.decrypt_inout_detached(
-            &nonce,
-            &self.header_bytes,
-            buf.as_mut_slice().into(),
-            &tag,
-        );
-        if result.is_err() {
-            buf.clear();
-            return Err(SealError::SegmentAuth { index });
-        }
-        Ok(())
+        // Decrypt from `sealed` straight into `buf` (no copy first); a
+        // reused `buf` of the right length is not even cleared. Nothing is
+        // written to it unless the tag verifies.
+        buf.resize(ciphertext.len(), 0);
+        let inout = InOutBuf::new(ciphertext, buf).expect("same lengths");
+        self.cipher
+            .decrypt_inout_detached(&nonce, &self.header_bytes, inout, &tag)
+            .map_err(|_| SealError::SegmentAuth { index })
     }
 }
 
