@@ -37,6 +37,22 @@ enum Command {
         #[arg(long, default_value = "cli")]
         label: String,
     },
+    /// Probe a media file as an upload would be, and print what was found
+    /// (or the rejection code and sentence).
+    MediaProbe { file: PathBuf },
+    /// Convert a file to the Second Life profile exactly as the pipeline
+    /// does (remuxing when it can), printing what was done.
+    MediaTranscode {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, default_value = "veryfast")]
+        preset: String,
+        #[arg(long, default_value_t = 23)]
+        crf: u8,
+        /// Always re-encode, even when the input could be remuxed.
+        #[arg(long)]
+        no_copy: bool,
+    },
     /// Write a ready-to-run set of configuration files, with fresh secrets,
     /// for one manager and the named view nodes, all on this machine.
     InitCluster {
@@ -66,8 +82,39 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::InitCluster { dir, listen, nodes }) = &cli.command {
-        return init_cluster(dir, listen, nodes);
+    match &cli.command {
+        Some(Command::InitCluster { dir, listen, nodes }) => {
+            return init_cluster(dir, listen, nodes)
+        }
+        Some(Command::MediaProbe { file }) => {
+            let info =
+                manager::media::probe(file).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+            println!("{info:#?}");
+            return Ok(());
+        }
+        Some(Command::MediaTranscode {
+            input,
+            output,
+            preset,
+            crf,
+            no_copy,
+        }) => {
+            let profile = manager::media::Profile {
+                preset: preset.clone(),
+                crf: *crf,
+                allow_copy: !no_copy,
+                ..manager::media::Profile::default()
+            };
+            let never = std::sync::atomic::AtomicBool::new(false);
+            let out = manager::media::transcode(input, output, &profile, &mut |_| {}, &never)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+            println!(
+                "{}x{} {:.2}s video_copied={} audio_copied={}",
+                out.width, out.height, out.duration_secs, out.video_copied, out.audio_copied
+            );
+            return Ok(());
+        }
+        _ => {}
     }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
@@ -116,7 +163,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::InitCluster { .. } => unreachable!("handled above"),
+        Command::InitCluster { .. }
+        | Command::MediaProbe { .. }
+        | Command::MediaTranscode { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
