@@ -529,15 +529,16 @@ pub async fn replica_failed(
     Ok(())
 }
 
-/// Publishes the asset if enough verified copies exist. Returns whether it is
-/// published now. The count and the state change happen in one statement, so
-/// "published" can never be observed with too few copies.
+/// Publishes the asset if enough verified copies exist. Returns whether
+/// *this* call published it (so it is logged and counted once). The count
+/// and the state change happen in one statement, so "published" can never
+/// be observed with too few copies.
 pub async fn publish_if_replicated(
     db: &Db,
     asset_id: &str,
     min_replicas: usize,
 ) -> sqlx::Result<bool> {
-    sqlx::query(
+    let r = sqlx::query(
         "UPDATE assets SET state = 'published', updated_at = ?
          WHERE id = ? AND state = 'replicating'
            AND (SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state = 'verified') >= ?",
@@ -548,11 +549,7 @@ pub async fn publish_if_replicated(
     .bind(min_replicas as i64)
     .execute(db)
     .await?;
-    let state: Option<(String,)> = sqlx::query_as("SELECT state FROM assets WHERE id = ?")
-        .bind(asset_id)
-        .fetch_optional(db)
-        .await?;
-    Ok(matches!(state, Some((s,)) if s == "published"))
+    Ok(r.rows_affected() == 1)
 }
 
 pub async fn all_verified(db: &Db, asset_id: &str) -> sqlx::Result<bool> {
