@@ -287,20 +287,54 @@ impl Cluster {
         Ok((status, resp.json().await?))
     }
 
+    /// The asset's status, as its owner sees it.
+    pub async fn asset(&self, asset_id: &str) -> serde_json::Value {
+        self.client()
+            .get(format!("{}/api/v1/assets/{asset_id}", self.manager.url))
+            .bearer_auth(&self.api_token)
+            .send()
+            .await
+            .expect("status request")
+            .json()
+            .await
+            .expect("status json")
+    }
+
+    /// `GET /api/v1/assets`: the operator's own uploads.
+    pub async fn my_assets(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = self
+            .client()
+            .get(format!("{}/api/v1/assets", self.manager.url))
+            .bearer_auth(&self.api_token)
+            .send()
+            .await
+            .expect("list request")
+            .json()
+            .await
+            .expect("list json");
+        v["assets"].as_array().expect("assets array").clone()
+    }
+
+    /// Where the redirector sends a GET of `media_url` (not followed).
+    pub async fn redirect_location(&self, media_url: &str) -> String {
+        let no_follow = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let r = no_follow
+            .get(media_url)
+            .send()
+            .await
+            .expect("media request");
+        assert_eq!(r.status(), 302, "{media_url}");
+        r.headers()["location"].to_str().unwrap().to_string()
+    }
+
     /// Polls the asset until it reaches a terminal state or `limit` passes.
     pub async fn wait_terminal(&self, asset_id: &str, limit: Duration) -> serde_json::Value {
         let deadline = Instant::now() + limit;
         loop {
-            let v: serde_json::Value = self
-                .client()
-                .get(format!("{}/api/v1/assets/{asset_id}", self.manager.url))
-                .bearer_auth(&self.api_token)
-                .send()
-                .await
-                .expect("status request")
-                .json()
-                .await
-                .expect("status json");
+            let v = self.asset(asset_id).await;
             let state = v["state"].as_str().unwrap_or("").to_string();
             if matches!(state.as_str(), "published" | "rejected" | "damaged") {
                 return v;

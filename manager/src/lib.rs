@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use error::ApiError;
-pub use telemetry::init_tracing;
+pub use shared::runtime::init_tracing;
 
 pub struct AppState {
     pub cfg: Config,
@@ -108,7 +108,7 @@ impl AppState {
             master,
             signer,
             wake: tokio::sync::Notify::new(),
-            metrics: telemetry::metrics_handle(),
+            metrics: shared::runtime::metrics_handle(),
             geo,
         })
     }
@@ -256,7 +256,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(cfg, public_url).await?);
     tracing::info!(%addr, url = %state.public_url, version = env!("CARGO_PKG_VERSION"), "manager listening");
     println!("LISTENING http://{addr}");
-    run(listener, state, telemetry::shutdown_signal()).await?;
+    run(listener, state, shared::runtime::shutdown_signal()).await?;
     tracing::info!("manager stopped");
     Ok(())
 }

@@ -10,12 +10,14 @@
 //!   [`TokenSigner`]; nodes hold only a [`TokenVerifier`].
 //! - `nodeauth`: HMAC-SHA256 request signing between manager and nodes.
 //! - `secret`: [`Secret`], a config string that never prints.
+//! - [`runtime`]: logging set-up, the metrics recorder, the shutdown signal.
 //!
 //! Every error enum here has a `code()` giving a stable machine-readable
 //! string; the binaries map errors to HTTP statuses.
 
 mod blob;
 mod nodeauth;
+pub mod runtime;
 mod seal;
 mod secret;
 mod token;

@@ -64,17 +64,8 @@ async fn an_upload_cut_off_midway_leaves_nothing_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mine: serde_json::Value = cluster
-        .client()
-        .get(format!("{}/api/v1/assets", cluster.manager.url))
-        .bearer_auth(&cluster.api_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(mine["assets"].as_array().unwrap().len(), 0, "{mine}");
+    let mine = cluster.my_assets().await;
+    assert_eq!(mine.len(), 0, "{mine:?}");
     // The manager is still healthy afterwards.
     let h = cluster
         .client()
@@ -106,14 +97,7 @@ async fn sigterm_finishes_a_download_in_flight_and_exits_cleanly() {
         .unwrap();
 
     // Find the node the redirect points to and download from it slowly.
-    let no_follow = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let location = no_follow.get(media_url).send().await.unwrap().headers()["location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let location = cluster.redirect_location(media_url).await;
     let idx = cluster
         .nodes
         .iter()

@@ -49,15 +49,7 @@ async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
     let client = cluster.client();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let v: serde_json::Value = client
-            .get(format!("{}/api/v1/assets/{id}", cluster.manager.url))
-            .bearer_auth(&cluster.api_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = cluster.asset(&id).await;
         if v["state"] == "transcoding" && v["progress"].as_f64().unwrap_or(0.0) > 0.0 {
             break;
         }
@@ -96,16 +88,8 @@ async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
     );
 
     // Exactly once: one asset, one blob per node, nothing left over.
-    let mine: serde_json::Value = client
-        .get(format!("{}/api/v1/assets", cluster.manager.url))
-        .bearer_auth(&cluster.api_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(mine["assets"].as_array().unwrap().len(), 1);
+    let mine = cluster.my_assets().await;
+    assert_eq!(mine.len(), 1);
     for node in &cluster.nodes {
         assert_eq!(
             files_under(&node.storage.join("blobs")).len(),
@@ -141,23 +125,8 @@ async fn an_uploader_cancels_a_running_transcode() {
     let (_, body) = cluster.upload(&input, "Never mind").await.unwrap();
     let id = body["asset_id"].as_str().unwrap().to_string();
     let client = cluster.client();
-    let status = |client: reqwest::Client| {
-        let url = format!("{}/api/v1/assets/{id}", cluster.manager.url);
-        let token = cluster.api_token.clone();
-        async move {
-            client
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
-        }
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while status(client.clone()).await["state"] != "transcoding" {
+    while cluster.asset(&id).await["state"] != "transcoding" {
         assert!(Instant::now() < deadline, "never started transcoding");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

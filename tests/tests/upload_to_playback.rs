@@ -318,14 +318,7 @@ async fn media_urls_handed_out_keep_playing_while_the_manager_is_down() {
         .bytes()
         .await
         .unwrap();
-    let no_follow = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let location = no_follow.get(&media_url).send().await.unwrap().headers()["location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let location = cluster.redirect_location(&media_url).await;
 
     assert!(cluster.manager.stop(), "manager exits cleanly");
     assert!(
@@ -384,17 +377,8 @@ async fn a_text_file_named_mp4_is_rejected_and_leaves_nothing() {
     for node in &cluster.nodes {
         assert!(files_under(&node.storage.join("blobs")).is_empty());
     }
-    let mine: serde_json::Value = cluster
-        .client()
-        .get(format!("{}/api/v1/assets", cluster.manager.url))
-        .bearer_auth(&cluster.api_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(mine["assets"].as_array().unwrap().len(), 0, "{mine}");
+    let mine = cluster.my_assets().await;
+    assert_eq!(mine.len(), 0, "{mine:?}");
 
     // An empty upload is refused during the request with a code.
     let empty = cluster.dir.path().join("empty.mp4");

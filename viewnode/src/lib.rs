@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use error::NodeError;
-pub use telemetry::init_tracing;
+pub use shared::runtime::init_tracing;
 
 /// Everything a request handler needs, built once at start.
 pub struct AppState {
@@ -60,7 +60,7 @@ impl AppState {
             master,
             verifier,
             manager_secret,
-            metrics: telemetry::metrics_handle(),
+            metrics: shared::runtime::metrics_handle(),
         })
     }
 }
@@ -116,7 +116,7 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     // One machine-readable line on stdout so scripts and tests can find a
     // port-0 listener without parsing logs.
     println!("LISTENING http://{addr}");
-    run(listener, state, telemetry::shutdown_signal()).await?;
+    run(listener, state, shared::runtime::shutdown_signal()).await?;
     tracing::info!("view node stopped");
     Ok(())
 }
