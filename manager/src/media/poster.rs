@@ -15,7 +15,7 @@ use super::limits::MAX_OUTPUT_DIMENSION;
 use super::probe::{input_duration_secs, open_input, pick_video_stream, stream_rotation};
 use super::transcode::{decoder_error, fit_dimensions, is_again, open_decoder, panic_message};
 use super::MediaError;
-use ffmpeg::{codec, encoder, filter, format, frame, media, rescale, Packet, Rational, Rescale};
+use ffmpeg::{codec, encoder, format, frame, media, rescale, Packet, Rational, Rescale};
 use ffmpeg_next as ffmpeg;
 
 /// Where to take the poster from when the caller has no preference: 10 % into
@@ -198,41 +198,7 @@ fn scale_frame(
     w: u32,
     h: u32,
 ) -> Result<frame::Video, ffmpeg::Error> {
-    let mut graph = filter::Graph::new();
-    let sar = f.aspect_ratio();
-    let sar = if sar.numerator() > 0 && sar.denominator() > 0 {
-        sar
-    } else {
-        Rational(1, 1)
-    };
-    let args = format!(
-        "video_size={}x{}:pix_fmt={}:time_base=1/25:pixel_aspect={}/{}",
-        f.width(),
-        f.height(),
-        ffmpeg::ffi::AVPixelFormat::from(f.format()) as i32,
-        sar.numerator(),
-        sar.denominator(),
-    );
-    graph.add(
-        &filter::find("buffer").ok_or(ffmpeg::Error::FilterNotFound)?,
-        "in",
-        &args,
-    )?;
-    graph.add(
-        &filter::find("buffersink").ok_or(ffmpeg::Error::FilterNotFound)?,
-        "out",
-        "",
-    )?;
-    let rotate = match rotation {
-        90 => "transpose=clock,",
-        180 => "hflip,vflip,",
-        270 => "transpose=cclock,",
-        _ => "",
-    };
-    let spec =
-        format!("{rotate}scale={w}:{h}:flags=bicubic:out_range=full,setsar=1,format=yuvj420p");
-    graph.output("in", 0)?.input("out", 0)?.parse(&spec)?;
-    graph.validate()?;
+    let mut graph = super::transcode::build_video_graph(f, Rational(1, 25), rotation, w, h, true)?;
 
     let mut input = f.clone();
     input.set_pts(Some(0));

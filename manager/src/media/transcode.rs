@@ -1037,8 +1037,9 @@ impl VideoPipe<'_> {
                 tracing::debug!(?key, "video format changed mid-stream; rebuilding filters");
                 self.finish_graph(octx)?;
             }
-            let graph = build_video_graph(f, self.in_tb, self.rotation, self.out_w, self.out_h)
-                .map_err(|e| MediaError::failed("video filter", e))?;
+            let graph =
+                build_video_graph(f, self.in_tb, self.rotation, self.out_w, self.out_h, false)
+                    .map_err(|e| MediaError::failed("video filter", e))?;
             self.graph = Some(VideoGraph { graph, key });
         }
         let g = self.graph.as_mut().expect("graph just built");
@@ -1111,12 +1112,16 @@ impl VideoPipe<'_> {
     }
 }
 
-fn build_video_graph(
+/// `buffer → [rotate] → scale → square pixels → yuv420p → buffersink` for
+/// frames shaped like `f`. `full_range` makes JPEG-range `yuvj420p` instead
+/// (the poster's MJPEG encoder wants it).
+pub(super) fn build_video_graph(
     f: &frame::Video,
     tb: Rational,
     rotation: i32,
     out_w: u32,
     out_h: u32,
+    full_range: bool,
 ) -> Result<filter::Graph, ffmpeg::Error> {
     let mut graph = filter::Graph::new();
     let sar = f.aspect_ratio();
@@ -1151,7 +1156,13 @@ fn build_video_graph(
         270 => "transpose=cclock,",
         _ => "",
     };
-    let spec = format!("{rotate}scale={out_w}:{out_h}:flags=bicubic,setsar=1,format=yuv420p");
+    let spec = if full_range {
+        format!(
+            "{rotate}scale={out_w}:{out_h}:flags=bicubic:out_range=full,setsar=1,format=yuvj420p"
+        )
+    } else {
+        format!("{rotate}scale={out_w}:{out_h}:flags=bicubic,setsar=1,format=yuv420p")
+    };
     graph.output("in", 0)?.input("out", 0)?.parse(&spec)?;
     graph.validate()?;
     Ok(graph)
