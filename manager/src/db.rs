@@ -10,12 +10,7 @@ use sqlx::{
 
 pub type Db = SqlitePool;
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use shared::runtime::unix_now as now;
 
 /// Opens the database and applies migrations. WAL with `synchronous=FULL`:
 /// an acknowledged upload or payment survives a power cut.

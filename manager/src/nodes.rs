@@ -47,10 +47,6 @@ pub enum PushError {
     Local(#[from] std::io::Error),
 }
 
-fn unix_now() -> i64 {
-    crate::db::now()
-}
-
 impl Nodes {
     pub fn new(cfgs: &[NodeConfig]) -> anyhow::Result<Self> {
         let list = cfgs
@@ -90,7 +86,7 @@ impl Nodes {
         let f = tokio::fs::File::open(file).await?;
         let len = f.metadata().await?.len();
         let path = format!("/internal/v1/blobs/{blob}");
-        let now = unix_now();
+        let now = shared::runtime::unix_now();
         let auth = shared::sign_request(
             &node.secret,
             "manager",

@@ -31,6 +31,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Seconds since the Unix epoch: the time base of tokens, request
+/// signatures, leases and every timestamp in the catalog.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

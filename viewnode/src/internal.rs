@@ -28,13 +28,6 @@ pub fn router() -> Router<SharedState> {
         )
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn authenticate(
     st: &SharedState,
     headers: &HeaderMap,
@@ -54,7 +47,7 @@ fn authenticate(
         method,
         path,
         header(shared::DATE_HEADER),
-        now(),
+        shared::runtime::unix_now(),
         content_sha256,
     )?;
     Ok(())

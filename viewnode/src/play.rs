@@ -17,13 +17,6 @@ use shared::{BlobId, PlaybackClaims, SealError};
 
 use crate::{error::NodeError, store::StoredBlob, SharedState};
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// What the `Range`/`If-Range` headers ask for, resolved against the length.
 #[derive(Debug, PartialEq, Eq)]
 enum Want {
@@ -60,7 +53,7 @@ pub async fn play(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, NodeError> {
-    let claims: PlaybackClaims = st.verifier.verify(&token, now())?;
+    let claims: PlaybackClaims = st.verifier.verify(&token, shared::runtime::unix_now())?;
     let blob: BlobId = claims.blob;
     let Some(sealed_len) = st.store.size(&blob).await? else {
         return Err(NodeError::BlobMissing);

@@ -189,10 +189,10 @@ impl BlobStore {
     /// quarantined copy is kept for inspection but never served or copied.
     pub async fn quarantine(&self, id: &BlobId) -> Result<(), StoreError> {
         let from = self.file_path(id);
-        let to = self
-            .root
-            .join("quarantine")
-            .join(format!("{}.{}", id, chrono_free_stamp()));
+        let to =
+            self.root
+                .join("quarantine")
+                .join(format!("{}.{}", id, shared::runtime::unix_now()));
         tokio::fs::rename(&from, &to).await?;
         Ok(())
     }
@@ -218,13 +218,6 @@ impl BlobStore {
         tokio::fs::remove_file(&p).await?;
         Ok(())
     }
-}
-
-fn chrono_free_stamp() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Adapts one stored blob to the range-reading seam the sealed-blob opener uses.

@@ -44,19 +44,12 @@ fn fixture() -> Fixture {
     }
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 impl Fixture {
     fn push_request(&self, name: &BlobId, body: Vec<u8>, secret: &[u8]) -> Request<Body> {
         let path = format!("/internal/v1/blobs/{name}");
-        let t = now();
+        let t = shared::runtime::unix_now();
         let auth = shared::sign_request(secret, "manager", "PUT", &path, t, &name.to_string());
         Request::put(path)
             .header(shared::AUTH_HEADER, auth)
@@ -90,7 +83,7 @@ impl Fixture {
             asset_id: asset.into(),
             blob,
             wrapped_key: self.master.wrap(asset, &key),
-            expires_at: now() + 600,
+            expires_at: shared::runtime::unix_now() + 600,
             grant: None,
         });
         (blob, format!("/play/{token}/{asset}.mp4"))
@@ -137,7 +130,7 @@ async fn pushes_must_be_signed_and_match_their_name() {
     let (status, _, _) = f.call(f.push_request(&name, data, &f.secret)).await;
     assert_eq!(status, 200, "a second push of the same blob is idempotent");
 
-    let t = now();
+    let t = shared::runtime::unix_now();
     let inv = Request::get("/internal/v1/blobs")
         .header(
             shared::AUTH_HEADER,
@@ -224,7 +217,7 @@ async fn bad_and_expired_tokens_are_refused_with_codes() {
         asset_id: "asset-b".into(),
         blob,
         wrapped_key: vec![0; 64],
-        expires_at: now() + 600,
+        expires_at: shared::runtime::unix_now() + 600,
         grant: None,
     });
     let (status, _, body) = f
@@ -241,7 +234,7 @@ async fn bad_and_expired_tokens_are_refused_with_codes() {
         asset_id: "asset-b".into(),
         blob,
         wrapped_key: vec![0; 64],
-        expires_at: now() - 1,
+        expires_at: shared::runtime::unix_now() - 1,
         grant: None,
     });
     let (status, _, body) = f
