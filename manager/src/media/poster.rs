@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::limits::MAX_OUTPUT_DIMENSION;
-use super::probe::{input_duration_secs, open_input, pick_video_stream, stream_rotation};
+use super::probe::{input_duration_secs, open_input, require_video_stream, stream_rotation};
 use super::transcode::{decoder_error, fit_dimensions, is_again, open_decoder, panic_message};
 use super::MediaError;
 use ffmpeg::{codec, encoder, format, frame, media, rescale, Packet, Rational, Rescale};
@@ -107,13 +107,7 @@ fn grab_frame(
     ictx: &mut format::context::Input,
     target: f64,
 ) -> Result<Option<(frame::Video, i32)>, MediaError> {
-    let vst = pick_video_stream(ictx).ok_or_else(|| {
-        if ictx.streams().best(media::Type::Audio).is_some() {
-            MediaError::NoVideo
-        } else {
-            MediaError::NoStreams
-        }
-    })?;
+    let vst = require_video_stream(ictx)?;
     let v_index = vst.index();
     let tb = vst.time_base();
     let rotation = stream_rotation(&vst);

@@ -217,6 +217,20 @@ pub(crate) fn pick_video_stream(
     }
 }
 
+/// [`pick_video_stream`], or the reason there is none: `no_video` when the
+/// file has sound only, `no_streams` when it has neither.
+pub(crate) fn require_video_stream(
+    ictx: &format::context::Input,
+) -> Result<format::stream::Stream<'_>, MediaError> {
+    pick_video_stream(ictx).ok_or_else(|| {
+        if ictx.streams().best(media::Type::Audio).is_some() {
+            MediaError::NoVideo
+        } else {
+            MediaError::NoStreams
+        }
+    })
+}
+
 /// Demuxers FFmpeg may use on uploads (`format_whitelist`). Everything else
 /// is refused before its parser runs. This is a security boundary, not just
 /// policy: playlist-style demuxers (`hls`, `concat`, `image2` patterns…) open

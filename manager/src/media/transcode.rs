@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::limits::MAX_OUTPUT_DIMENSION;
 use super::probe::{
-    input_duration_secs, open_input, pick_video_stream, stream_fps, stream_rotation,
+    input_duration_secs, open_input, require_video_stream, stream_fps, stream_rotation,
     MAX_INPUT_PIXELS,
 };
 use super::MediaError;
@@ -188,13 +188,7 @@ fn run(
     let mut ictx = open_input(input)?;
 
     // ---- stream selection -------------------------------------------------
-    let vst = pick_video_stream(&ictx).ok_or_else(|| {
-        if ictx.streams().best(media::Type::Audio).is_some() {
-            MediaError::NoVideo
-        } else {
-            MediaError::NoStreams
-        }
-    })?;
+    let vst = require_video_stream(&ictx)?;
     let v_index = vst.index();
     let v_tb = vst.time_base();
     let ast = ictx.streams().best(media::Type::Audio);
