@@ -15,7 +15,7 @@ use super::limits::MAX_OUTPUT_DIMENSION;
 use super::probe::{input_duration_secs, open_input, require_video_stream, stream_rotation};
 use super::transcode::{decoder_error, fit_dimensions, is_again, open_decoder, panic_message};
 use super::MediaError;
-use ffmpeg::{codec, encoder, format, frame, media, rescale, Packet, Rational, Rescale};
+use ffmpeg::{codec, encoder, format, frame, rescale, Packet, Rational, Rescale};
 use ffmpeg_next as ffmpeg;
 
 /// Where to take the poster from when the caller has no preference: 10 % into
