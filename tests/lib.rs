@@ -129,6 +129,51 @@ impl Drop for Proc {
 pub struct Node {
     pub proc: Proc,
     pub storage: PathBuf,
+    /// Hex secret shared with the manager (tests sign node calls with it).
+    pub secret: String,
+    /// The node's config file, to start it again ([`Cluster::restart_node`]).
+    pub config: PathBuf,
+}
+
+/// The shape of a test cluster ([`Cluster::start_with`]).
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    pub nodes: Vec<String>,
+    pub min_replicas: usize,
+    /// Node `scrub_rate_mb_per_sec` and `scrub_interval_secs`.
+    pub scrub_rate_mb_per_sec: f64,
+    pub scrub_interval_secs: u64,
+    /// Manager `[reconcile]`.
+    pub reconcile_interval_secs: u64,
+    pub unreferenced_grace_secs: u64,
+    /// Pick every port up front so a node or the manager restarts on the
+    /// same URL, and tell nodes the manager's URL (quarantine reports).
+    pub fixed_ports: bool,
+}
+
+impl ClusterOpts {
+    /// The defaults [`Cluster::start`] uses: ports picked by the kernel,
+    /// `min_replicas = 2`, product defaults for scrub and reconciliation.
+    pub fn new(node_names: &[&str]) -> ClusterOpts {
+        ClusterOpts {
+            nodes: node_names.iter().map(|n| n.to_string()).collect(),
+            min_replicas: 2,
+            scrub_rate_mb_per_sec: 25.0,
+            scrub_interval_secs: 86400,
+            reconcile_interval_secs: 60,
+            unreferenced_grace_secs: 7 * 86400,
+            fixed_ports: false,
+        }
+    }
+}
+
+/// A port free right now on 127.0.0.1 (the kernel may hand it out again
+/// before we bind it, but not in practice within a test's lifetime).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 pub struct Cluster {
@@ -140,12 +185,37 @@ pub struct Cluster {
     pub operator_email: String,
     pub operator_password: String,
     pub api_token: String,
+    /// The manager's token key, so tests can mint tokens (expired ones,
+    /// for another asset) that only the manager could otherwise make.
+    pub token_signer: shared::TokenSigner,
 }
 
 impl Cluster {
     /// Starts `node_names.len()` view nodes and a manager with
     /// `min_replicas = 2`.
     pub fn start(node_names: &[&str]) -> Cluster {
+        Cluster::start_with(&ClusterOpts::new(node_names))
+    }
+
+    /// Starts a cluster shaped by `opts` (the drills: node count,
+    /// `min_replicas`, scrub and reconciliation pace, fixed ports).
+    pub fn start_with(opts: &ClusterOpts) -> Cluster {
+        let node_names: Vec<&str> = opts.nodes.iter().map(String::as_str).collect();
+        let node_names = &node_names[..];
+        let port = |fixed: bool| if fixed { free_port() } else { 0 };
+        let manager_port = port(opts.fixed_ports);
+        let min_replicas = opts.min_replicas;
+        let reconcile = format!(
+            "[reconcile]\ninterval_secs = {}\nunreferenced_grace_secs = {}\n",
+            opts.reconcile_interval_secs, opts.unreferenced_grace_secs
+        );
+        let mut node_extra = format!(
+            "scrub_rate_mb_per_sec = {:?}\nscrub_interval_secs = {}\n",
+            opts.scrub_rate_mb_per_sec, opts.scrub_interval_secs
+        );
+        if opts.fixed_ports {
+            node_extra += &format!("manager_url = \"http://127.0.0.1:{manager_port}\"\n");
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let master = hex32();
         let signer = shared::TokenSigner::generate();
@@ -155,12 +225,13 @@ impl Cluster {
             let secret = hex32();
             let storage = dir.path().join(format!("node-{name}"));
             let cfg = dir.path().join(format!("viewnode-{name}.toml"));
+            let node_port = port(opts.fixed_ports);
             std::fs::write(
                 &cfg,
                 format!(
-                    "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\nstorage_dir = \"{}\"\n\
+                    "name = \"{name}\"\nlisten = \"127.0.0.1:{node_port}\"\nstorage_dir = \"{}\"\n\
                      master_key_id = 1\nmaster_key = \"{master}\"\ntoken_public_key = \"{}\"\n\
-                     manager_secret = \"{secret}\"\nshutdown_grace_secs = 5\n",
+                     manager_secret = \"{secret}\"\nshutdown_grace_secs = 5\n{node_extra}",
                     storage.display(),
                     signer.public_hex()
                 ),
@@ -181,17 +252,22 @@ impl Cluster {
                 "\n[[nodes]]\nname = \"{name}\"\nurl = \"{}\"\nlat = {lat}\nlon = {lon}\nsecret = \"{secret}\"\n",
                 proc.url,
             );
-            nodes.push(Node { proc, storage });
+            nodes.push(Node {
+                proc,
+                storage,
+                secret,
+                config: cfg,
+            });
         }
         let manager_data = dir.path().join("manager");
         let mcfg = dir.path().join("manager.toml");
         std::fs::write(
             &mcfg,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
-                 token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = 2\n\
+                "listen = \"127.0.0.1:{manager_port}\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
+                 token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = {min_replicas}\n\
                  geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
-                 [transcode]\npreset = \"ultrafast\"\n{node_sections}",
+                 [transcode]\npreset = \"ultrafast\"\n{reconcile}{node_sections}",
                 manager_data.display(),
                 signer.seed_hex(),
                 geoip_test_db().display()
@@ -245,6 +321,7 @@ impl Cluster {
             operator_email,
             operator_password,
             api_token,
+            token_signer: signer,
         }
     }
 
@@ -253,6 +330,63 @@ impl Cluster {
     pub fn restart_manager(&mut self) {
         let log = self.dir.path().join("manager-restarted.log");
         self.manager = Proc::spawn("manager", &bin("manager"), &self.manager_config, log);
+    }
+
+    /// Starts node `i` again on its configuration and storage (same port
+    /// when the cluster has fixed ports). The old process must be stopped.
+    pub fn restart_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let name = node.proc.name.clone();
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let log = self.dir.path().join(format!("{name}-restarted-{n}.log"));
+        node.proc = Proc::spawn(&name, &bin("viewnode"), &node.config, log);
+    }
+
+    /// A manager-signed call to node `i` (as the manager would make it).
+    pub async fn node_call(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::Response {
+        let node = &self.nodes[i];
+        let secret = hex::decode(&node.secret).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let empty = shared::content_sha256_hex(b"");
+        let auth = shared::sign_request(&secret, "manager", method.as_str(), path, now, &empty);
+        self.client()
+            .request(method, format!("{}{path}", node.proc.url))
+            .header(shared::AUTH_HEADER, auth)
+            .header(shared::DATE_HEADER, now.to_string())
+            .send()
+            .await
+            .expect("node call")
+    }
+
+    /// Node `i`'s inventory (`GET /internal/v1/blobs`, signed).
+    pub async fn node_inventory(&self, i: usize) -> serde_json::Value {
+        let r = self
+            .node_call(i, reqwest::Method::GET, "/internal/v1/blobs")
+            .await;
+        assert!(r.status().is_success(), "inventory: {}", r.status());
+        r.json().await.expect("inventory json")
+    }
+
+    /// The Prometheus text of `base_url/metrics`.
+    pub async fn metrics(&self, base_url: &str) -> String {
+        self.client()
+            .get(format!("{base_url}/metrics"))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     pub fn client(&self) -> reqwest::Client {

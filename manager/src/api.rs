@@ -36,7 +36,15 @@ pub struct ErrorInfo {
 #[derive(Serialize)]
 pub struct ReplicaView {
     pub node: String,
+    /// The node's site (`[[nodes]] site`, default its name); empty for a
+    /// node no longer configured.
+    pub site: String,
+    /// `pending`, `verified`, `failed`, `repairing` or `retired`.
     pub state: String,
+    /// Unix time this copy was last proven intact (push, or the node's scrub).
+    pub verified_at: Option<i64>,
+    /// Why it is not verified (last push error, or what reconciliation found).
+    pub last_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -53,17 +61,20 @@ pub struct AssetView {
     pub duration_secs: Option<f64>,
 }
 
-pub fn media_url(st: &SharedState, asset_id: &str) -> String {
-    format!("{}/media/{asset_id}.mp4", st.public_url)
-}
-
 pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, ApiError> {
     let replicas = db::replicas(&st.db, &a.id)
         .await?
         .into_iter()
         .map(|r| ReplicaView {
+            site: st
+                .nodes
+                .get(&r.node)
+                .map(|n| n.cfg.site().to_string())
+                .unwrap_or_default(),
             node: r.node,
             state: r.state,
+            verified_at: r.verified_at,
+            last_error: r.last_error,
         })
         .collect();
     Ok(AssetView {
@@ -76,7 +87,7 @@ pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, Ap
             message: a.error_message.clone().unwrap_or_default(),
         }),
         replicas,
-        media_url: (a.state == "published").then(|| media_url(st, &a.id)),
+        media_url: crate::redirect::media_url(st, a, None),
         width: a.width,
         height: a.height,
         duration_secs: a.duration_secs,

@@ -52,6 +52,81 @@ pub struct Config {
     pub transcode: TranscodeConfig,
     /// The view nodes this manager pushes to and redirects viewers to.
     pub nodes: Vec<NodeConfig>,
+    /// How the mirrors are compared with the catalog and repaired.
+    pub reconcile: ReconcileConfig,
+    /// Scheduled, verified database backups and their off-machine copies
+    /// (docs/backup.md).
+    pub backup: BackupConfig,
+    /// The settings as given (file, then environment), for the backup to
+    /// carry so a restore can rebuild this configuration. Not a setting.
+    #[serde(skip)]
+    pub effective: crate::backup::EffectiveConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Seconds between scheduled backups (at least 60; default an hour).
+    pub interval_secs: u64,
+    /// An alert (error log, `manager_backup_stale` gauge, `/healthz`) fires
+    /// when the newest verified backup is older than this, seconds.
+    pub max_age_secs: u64,
+    /// Seconds between attempts to push copies a node has not got yet (and
+    /// between checks of the schedule).
+    pub retry_secs: u64,
+    /// Retention, grandfather-father-son: the newest backup of each of the
+    /// last N hours, days, weeks (Monday-based, UTC) and months, plus the
+    /// last `keep_last` whatever their age. The newest is always kept.
+    pub keep_last: usize,
+    pub keep_hourly: usize,
+    pub keep_daily: usize,
+    pub keep_weekly: usize,
+    pub keep_monthly: usize,
+    /// Which nodes hold the sealed copies: "all" or a list of node names
+    /// (at least two when two or more nodes are configured).
+    pub nodes: crate::backup::BackupNodes,
+    /// The recovery key (`slmrk1-…`, from `manager init-cluster` or
+    /// `manager backup keygen`). Seals the off-machine copies; without it
+    /// backups stay on this machine only.
+    pub recovery_key: Secret,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 3600,
+            max_age_secs: 3 * 3600,
+            retry_secs: 60,
+            keep_last: 3,
+            keep_hourly: 24,
+            keep_daily: 7,
+            keep_weekly: 4,
+            keep_monthly: 12,
+            nodes: crate::backup::BackupNodes::default(),
+            recovery_key: Secret::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Seconds between two comparisons of every node's inventory with the
+    /// catalog. A copy lost without a report is refilled within about this.
+    pub interval_secs: u64,
+    /// Seconds a blob no asset references must stay seen on a node before
+    /// it is deleted there. Long on purpose: a catalog restored from an
+    /// older backup must not cost the movies uploaded since.
+    pub unreferenced_grace_secs: u64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 60,
+            unreferenced_grace_secs: 7 * 24 * 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +181,10 @@ pub struct NodeConfig {
     /// Relative share of viewers among equally close nodes.
     #[serde(default = "one")]
     pub weight: u32,
+    /// Where the node runs (data centre, provider, building): two nodes in
+    /// one site can fail together. Empty: the node's name.
+    #[serde(default)]
+    pub site: String,
     /// Hex of the secret shared with this node that signs our calls to it.
     pub secret: Secret,
 }
@@ -133,6 +212,9 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             transcode: TranscodeConfig::default(),
             nodes: Vec::new(),
+            reconcile: ReconcileConfig::default(),
+            backup: BackupConfig::default(),
+            effective: Default::default(),
         }
     }
 }
@@ -170,11 +252,12 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
+        // `MANAGER_CONFIG` names the file itself, not a field.
+        let fig = fig.merge(Env::prefixed("MANAGER_").ignore(&["config"]).split("__"));
         let mut cfg: Config = fig
-            // `MANAGER_CONFIG` names the file itself, not a field.
-            .merge(Env::prefixed("MANAGER_").ignore(&["config"]).split("__"))
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        cfg.effective = crate::backup::EffectiveConfig::capture(&fig);
         cfg.validate()?;
         if cfg.database_url.is_empty() {
             cfg.database_url = format!("sqlite://{}", cfg.data_dir.join("manager.db").display());
@@ -289,7 +372,16 @@ impl Config {
                 Ok(b) if b.len() >= 16 => {}
                 _ => return Err(field(&f("secret"), "must be at least 32 hex characters")),
             }
+            if n.site.len() > 64 || n.site.chars().any(char::is_control) {
+                return Err(field(&f("site"), "must be at most 64 printable characters"));
+            }
         }
+        if self.reconcile.interval_secs == 0 {
+            return Err(field("reconcile.interval_secs", "must be at least 1"));
+        }
+        self.backup
+            .validate(&self.nodes)
+            .map_err(|(name, why)| field(&format!("backup.{name}"), &why))?;
         Ok(())
     }
 
@@ -314,6 +406,17 @@ impl Config {
 
     pub fn outbox_dir(&self) -> PathBuf {
         self.data_dir.join("outbox")
+    }
+}
+
+impl NodeConfig {
+    /// The node's site, defaulting to its name (a site of its own).
+    pub fn site(&self) -> &str {
+        if self.site.is_empty() {
+            &self.name
+        } else {
+            &self.site
+        }
     }
 }
 

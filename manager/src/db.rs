@@ -29,6 +29,31 @@ pub async fn open(url: &str) -> anyhow::Result<Db> {
     Ok(pool)
 }
 
+/// `PRAGMA quick_check` on an existing database before anything migrates
+/// or writes to it. A missing file is a fresh start, not damage.
+pub async fn quick_check(url: &str) -> anyhow::Result<()> {
+    use sqlx::{ConnectOptions, Connection};
+    let opts = SqliteConnectOptions::from_str(url)?;
+    if !opts.get_filename().exists() {
+        return Ok(());
+    }
+    let mut conn = opts
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("the database does not open: {e}"))?;
+    let rows: Result<Vec<(String,)>, _> = sqlx::query_as("PRAGMA quick_check")
+        .fetch_all(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    let rows = rows.map_err(|e| anyhow::anyhow!("quick_check could not run: {e}"))?;
+    if rows.len() == 1 && rows[0].0 == "ok" {
+        return Ok(());
+    }
+    let mut text = rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; ");
+    text.truncate(400);
+    anyhow::bail!("quick_check found damage: {text}")
+}
+
 #[derive(Debug, Clone, FromRow)]
 pub struct User {
     pub id: i64,
@@ -69,9 +94,13 @@ pub struct Asset {
 pub struct Replica {
     pub asset_id: String,
     pub node: String,
+    /// `pending`, `failed`, `verified`, `repairing` or `retired`
+    /// (migrations/0004_mirrors.sql says what each means).
     pub state: String,
     pub attempts: i64,
     pub last_error: Option<String>,
+    /// Last time this copy was proven intact (push or the node's scrub).
+    pub verified_at: Option<i64>,
 }
 
 // ---- users, sessions, tokens ----------------------------------------------
@@ -469,7 +498,7 @@ pub async fn record_sealed(
 
 pub async fn replicas(db: &Db, asset_id: &str) -> sqlx::Result<Vec<Replica>> {
     sqlx::query_as(
-        "SELECT asset_id, node, state, attempts, last_error FROM replicas WHERE asset_id = ? ORDER BY node",
+        "SELECT asset_id, node, state, attempts, last_error, verified_at FROM replicas WHERE asset_id = ? ORDER BY node",
     )
     .bind(asset_id)
     .fetch_all(db)
@@ -480,9 +509,10 @@ pub async fn replicas(db: &Db, asset_id: &str) -> sqlx::Result<Vec<Replica>> {
 /// still have their sealed blob in the outbox.
 pub async fn due_replicas(db: &Db) -> sqlx::Result<Vec<Replica>> {
     sqlx::query_as(
-        "SELECT r.asset_id, r.node, r.state, r.attempts, r.last_error FROM replicas r
+        "SELECT r.asset_id, r.node, r.state, r.attempts, r.last_error, r.verified_at FROM replicas r
          JOIN assets a ON a.id = r.asset_id
-         WHERE r.state != 'verified' AND r.next_try <= ? AND a.state IN ('replicating', 'published')
+         WHERE r.state IN ('pending', 'failed', 'repairing') AND r.next_try <= ?
+           AND a.state IN ('replicating', 'published')
          ORDER BY r.next_try LIMIT 100",
     )
     .bind(now())
@@ -492,9 +522,10 @@ pub async fn due_replicas(db: &Db) -> sqlx::Result<Vec<Replica>> {
 
 pub async fn replica_verified(db: &Db, asset_id: &str, node: &str) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE replicas SET state = 'verified', last_error = NULL, attempts = attempts + 1, updated_at = ?
-         WHERE asset_id = ? AND node = ?",
+        "UPDATE replicas SET state = 'verified', last_error = NULL, attempts = attempts + 1, updated_at = ?,
+         verified_at = ? WHERE asset_id = ? AND node = ?",
     )
+    .bind(now())
     .bind(now())
     .bind(asset_id)
     .bind(node)
@@ -511,7 +542,8 @@ pub async fn replica_failed(
     next_try: i64,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE replicas SET state = 'failed', last_error = ?, attempts = attempts + 1, next_try = ?, updated_at = ?
+        "UPDATE replicas SET state = CASE WHEN state = 'repairing' THEN 'repairing' ELSE 'failed' END,
+         last_error = ?, attempts = attempts + 1, next_try = ?, updated_at = ?
          WHERE asset_id = ? AND node = ?",
     )
     .bind(error)
@@ -548,12 +580,264 @@ pub async fn publish_if_replicated(
 }
 
 pub async fn all_verified(db: &Db, asset_id: &str) -> sqlx::Result<bool> {
-    let (n,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state != 'verified'")
-            .bind(asset_id)
-            .fetch_one(db)
-            .await?;
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state NOT IN ('verified', 'retired')",
+    )
+    .bind(asset_id)
+    .fetch_one(db)
+    .await?;
     Ok(n == 0)
+}
+
+// ---- mirrors: reconciliation and repair (issue 5) --------------------------
+
+/// An asset whose sealed blob should be on the nodes.
+#[derive(Debug, Clone, FromRow)]
+pub struct MirroredAsset {
+    pub id: String,
+    pub state: String,
+    pub blob_id: String,
+    pub sealed_len: i64,
+}
+
+pub async fn mirrored_assets(db: &Db) -> sqlx::Result<Vec<MirroredAsset>> {
+    sqlx::query_as(
+        "SELECT id, state, blob_id, COALESCE(sealed_len, 0) AS sealed_len FROM assets
+         WHERE blob_id IS NOT NULL AND state IN ('replicating', 'published', 'damaged')",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Every blob name any asset refers to (whatever its state).
+pub async fn referenced_blobs(db: &Db) -> sqlx::Result<std::collections::HashSet<String>> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT blob_id FROM assets WHERE blob_id IS NOT NULL")
+            .fetch_all(db)
+            .await?;
+    Ok(rows.into_iter().map(|(b,)| b).collect())
+}
+
+/// Replicas of the assets in [`mirrored_assets`].
+pub async fn mirrored_replicas(db: &Db) -> sqlx::Result<Vec<Replica>> {
+    sqlx::query_as(
+        "SELECT r.asset_id, r.node, r.state, r.attempts, r.last_error, r.verified_at FROM replicas r
+         JOIN assets a ON a.id = r.asset_id
+         WHERE a.blob_id IS NOT NULL AND a.state IN ('replicating', 'published', 'damaged')",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Replicas on nodes no longer configured stop being retried or counted;
+/// every configured node gets a replica row for every mirrored asset (a
+/// node added later, or one that comes back, is filled like any other).
+/// Returns (retired, created or revived).
+pub async fn sync_replica_nodes(db: &Db, nodes: &[String]) -> sqlx::Result<(u64, u64)> {
+    let t = now();
+    let mut tx = db.begin().await?;
+    let list = serde_json::to_string(nodes).expect("names serialise");
+    let retired = sqlx::query(
+        "UPDATE replicas SET state = 'retired', last_error = 'node removed from the configuration',
+         updated_at = ? WHERE state != 'retired' AND node NOT IN (SELECT value FROM json_each(?))",
+    )
+    .bind(t)
+    .bind(&list)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let added = sqlx::query(
+        "INSERT INTO replicas (asset_id, node, state, updated_at)
+         SELECT a.id, n.value, 'pending', ? FROM assets a, json_each(?) n
+         WHERE a.blob_id IS NOT NULL AND a.state IN ('replicating', 'published', 'damaged')
+         ON CONFLICT (asset_id, node) DO UPDATE SET state = 'pending', attempts = 0, next_try = 0,
+             last_error = NULL, updated_at = excluded.updated_at
+         WHERE replicas.state = 'retired'",
+    )
+    .bind(t)
+    .bind(&list)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok((retired, added))
+}
+
+/// A verified copy turned out gone or quarantined: it is to be refilled at
+/// once. Only a copy last verified before `observed_before` (when the
+/// evidence was gathered) is downgraded, so a push that completed while an
+/// inventory was in flight is not undone. Returns whether it changed.
+pub async fn replica_lost(
+    db: &Db,
+    asset_id: &str,
+    node: &str,
+    reason: &str,
+    observed_before: i64,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE replicas SET state = 'repairing', last_error = ?, attempts = 0, next_try = 0, updated_at = ?
+         WHERE asset_id = ? AND node = ? AND state = 'verified' AND COALESCE(verified_at, 0) < ?",
+    )
+    .bind(reason)
+    .bind(now())
+    .bind(asset_id)
+    .bind(node)
+    .bind(observed_before)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A node reports it quarantined `blob`: every replica of it there goes to
+/// `repairing`. Returns the assets concerned.
+pub async fn replicas_quarantined(
+    db: &Db,
+    node: &str,
+    blob_id: &str,
+    reason: &str,
+) -> sqlx::Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "UPDATE replicas SET state = 'repairing', last_error = ?, attempts = 0, next_try = 0, updated_at = ?
+         WHERE node = ? AND state IN ('verified', 'pending', 'failed')
+           AND asset_id IN (SELECT id FROM assets WHERE blob_id = ?)
+         RETURNING asset_id",
+    )
+    .bind(reason)
+    .bind(now())
+    .bind(node)
+    .bind(blob_id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|(a,)| a).collect())
+}
+
+/// The node's inventory lists a good copy: the replica is verified, and its
+/// proof time is the later of ours and the node's. Returns whether the state
+/// changed (a copy found again, e.g. restored by an operator).
+pub async fn replica_seen_good(
+    db: &Db,
+    asset_id: &str,
+    node: &str,
+    node_verified_at: Option<i64>,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE replicas SET state = 'verified', last_error = NULL, updated_at = ?,
+         verified_at = MAX(COALESCE(verified_at, 0), COALESCE(?, 0))
+         WHERE asset_id = ? AND node = ? AND state IN ('pending', 'failed', 'repairing')",
+    )
+    .bind(now())
+    .bind(node_verified_at)
+    .bind(asset_id)
+    .bind(node)
+    .execute(db)
+    .await?;
+    if r.rows_affected() == 1 {
+        return Ok(true);
+    }
+    sqlx::query(
+        "UPDATE replicas SET verified_at = MAX(COALESCE(verified_at, 0), COALESCE(?, 0))
+         WHERE asset_id = ? AND node = ? AND state = 'verified'",
+    )
+    .bind(node_verified_at)
+    .bind(asset_id)
+    .bind(node)
+    .execute(db)
+    .await?;
+    Ok(false)
+}
+
+/// A node is reachable again: its waiting replicas are due now instead of
+/// at the end of their backoff.
+pub async fn replicas_due_now(db: &Db, node: &str) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE replicas SET next_try = 0 WHERE node = ? AND state IN ('pending', 'failed', 'repairing')
+         AND next_try > 0",
+    )
+    .bind(node)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Marks the asset `damaged` if no node holds a verified copy. The caller
+/// has checked that no other source (the outbox) exists. Returns whether
+/// this call changed it (so the alert is raised once).
+pub async fn mark_damaged(db: &Db, asset_id: &str) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE assets SET state = 'damaged', error_code = 'movie_damaged',
+         error_message = 'Every stored copy of this movie is lost or corrupt; an operator must restore it.',
+         updated_at = ?
+         WHERE id = ? AND state IN ('replicating', 'published')
+           AND NOT EXISTS (SELECT 1 FROM replicas WHERE asset_id = ? AND state = 'verified')",
+    )
+    .bind(now())
+    .bind(asset_id)
+    .bind(asset_id)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A damaged asset has a good source again (a node's copy, or a sealed file
+/// an operator put back in the outbox): it replicates, and is published
+/// once `min_replicas` copies are verified.
+pub async fn undamage(db: &Db, asset_id: &str) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE assets SET state = 'replicating', error_code = NULL, error_message = NULL, updated_at = ?
+         WHERE id = ? AND state = 'damaged'",
+    )
+    .bind(now())
+    .bind(asset_id)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Records that `node` holds `blob_id` although no asset refers to it;
+/// returns when it was first seen so.
+pub async fn note_unreferenced(db: &Db, node: &str, blob_id: &str, size: i64) -> sqlx::Result<i64> {
+    let t = now();
+    let (first,): (i64,) = sqlx::query_as(
+        "INSERT INTO unreferenced_blobs (node, blob_id, size, first_seen_at, last_seen_at)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (node, blob_id) DO UPDATE SET size = excluded.size, last_seen_at = excluded.last_seen_at
+         RETURNING first_seen_at",
+    )
+    .bind(node)
+    .bind(blob_id)
+    .bind(size)
+    .bind(t)
+    .bind(t)
+    .fetch_one(db)
+    .await?;
+    Ok(first)
+}
+
+/// Forgets unreferenced blobs of `node` not seen since `before` (deleted,
+/// or referenced again).
+pub async fn forget_unreferenced(db: &Db, node: &str, before: i64) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM unreferenced_blobs WHERE node = ? AND last_seen_at < ?")
+        .bind(node)
+        .bind(before)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn drop_unreferenced(db: &Db, node: &str, blob_id: &str) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM unreferenced_blobs WHERE node = ? AND blob_id = ?")
+        .bind(node)
+        .bind(blob_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Asset counts by state, for the alert gauges.
+pub async fn asset_state_counts(db: &Db) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT state, COUNT(*) FROM assets GROUP BY state")
+        .fetch_all(db)
+        .await
 }
 
 /// Health means working: write, read back and delete a row.

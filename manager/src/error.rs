@@ -34,6 +34,24 @@ pub enum ApiError {
     TerminalRefused { code: &'static str, message: String },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// A media URL's token was refused (see [`shared::TokenError`]): 403 for
+    /// a forged or malformed one, 410 once it has expired, as on the nodes.
+    #[error("{0}")]
+    Token(shared::TokenError),
+    #[error(
+        "this media URL has no playback token; ask the site or the in-world screen for a new one"
+    )]
+    TokenMissing,
+    #[error("this playback token is for another movie")]
+    TokenWrongAsset,
+    /// A node's signed call was refused (unknown node, bad signature, …).
+    #[error("{0}")]
+    NodeAuth(shared::NodeAuthError),
+    #[error("every stored copy of this movie is lost or corrupt; it cannot be played until an operator restores it")]
+    Damaged,
+    /// A purchase the buyer's balance does not cover (docs/credits.md).
+    #[error("your balance ({balance} credits) does not cover the price ({price} credits)")]
+    InsufficientCredits { balance: i64, price: i64 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -66,6 +84,12 @@ impl ApiError {
             ApiError::NotPublished => "not_published",
             ApiError::NoMirror => "no_mirror_available",
             ApiError::RateLimited => "rate_limited",
+            ApiError::Token(e) => e.code(),
+            ApiError::TokenMissing => "token_missing",
+            ApiError::TokenWrongAsset => "token_wrong_asset",
+            ApiError::NodeAuth(e) => e.code(),
+            ApiError::Damaged => "movie_damaged",
+            ApiError::InsufficientCredits { .. } => "insufficient_credits",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -83,6 +107,13 @@ impl ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NoMirror => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Token(shared::TokenError::Expired) => StatusCode::GONE,
+            ApiError::Token(_) | ApiError::TokenMissing | ApiError::TokenWrongAsset => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::NodeAuth(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Damaged => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -5,11 +5,14 @@
 //! pipeline ([`pipeline`]: probe and transcode in-process with ffmpeg-next
 //! ([`media`]), seal, push to view nodes ([`nodes`])), and answers media URLs
 //! ([`redirect`]) by sending each viewer to a node holding a verified copy.
+//! The reconciler ([`reconcile`]) compares the nodes' inventories with the
+//! catalog and has lost or quarantined copies repaired (docs/mirrors.md).
 //! Viewers' bytes never pass through it: nodes serve them, and keep serving
 //! valid tokens while the manager is down.
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod db;
 mod error;
@@ -17,6 +20,7 @@ pub mod geo;
 pub mod media;
 pub mod nodes;
 pub mod pipeline;
+pub mod reconcile;
 mod redirect;
 mod telemetry;
 pub mod terminal;
@@ -53,6 +57,10 @@ pub struct AppState {
     pub dummy_hash: String,
     /// The GeoIP database, when configured.
     pub geo: Option<geo::GeoDb>,
+    /// What the media-URL redirector knows of each movie, briefly cached.
+    pub playable: redirect::PlayableCache,
+    /// Media-URL tokens already verified (see [`redirect::TokenCache`]).
+    pub tokens: redirect::TokenCache,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -110,6 +118,8 @@ impl AppState {
             wake: tokio::sync::Notify::new(),
             metrics: shared::runtime::metrics_handle(),
             geo,
+            playable: redirect::PlayableCache::default(),
+            tokens: redirect::TokenCache::default(),
         })
     }
 }
@@ -139,7 +149,12 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/api/v1/assets/{id}/cancel", post(api::cancel))
         .route("/api/v1/assets/{id}/retry", post(api::retry))
         .route("/assets/{id}/cancel", post(web::cancel))
-        .route("/media/{file}", get(redirect::media))
+        .route("/media/{file}", get(redirect::media_without_token))
+        .route("/media/{token}/{file}", get(redirect::media))
+        .route(
+            "/internal/v1/nodes/{name}/events",
+            post(reconcile::node_events).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(telemetry::metrics))
         .layer(axum::middleware::from_fn(telemetry::access_log))
@@ -187,6 +202,8 @@ async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json:
         "version": env!("CARGO_PKG_VERSION"),
         "checks": { "database": show(&db), "storage": show(&disk) },
         "nodes": nodes,
+        // Reported, not failed on: an old backup is an alert, not an outage.
+        "backup": backup::health(&st.cfg),
     });
     (
         if ok {
@@ -213,6 +230,8 @@ pub async fn run(
             .clone()
             .monitor(Duration::from_secs(5), stop_rx.clone()),
     );
+    let reconciler = tokio::spawn(reconcile::run(state.clone(), stop_rx.clone()));
+    let backups = tokio::spawn(backup::run(state.clone(), stop_rx.clone()));
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -236,6 +255,8 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(grace, worker).await;
     monitor.abort();
+    reconciler.abort();
+    backups.abort();
     Ok(())
 }
 

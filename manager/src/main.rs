@@ -53,6 +53,11 @@ enum Command {
         #[arg(long)]
         no_copy: bool,
     },
+    /// Database backups: `now`, `list`, `verify`, `restore` (docs/backup.md).
+    Backup {
+        #[command(subcommand)]
+        cmd: manager::backup::BackupCommand,
+    },
     /// Write a ready-to-run set of configuration files, with fresh secrets,
     /// for one manager and the named view nodes, all on this machine.
     InitCluster {
@@ -82,6 +87,13 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Some(Command::Backup { .. })) {
+        let Some(Command::Backup { cmd }) = cli.command else {
+            unreachable!("matched above")
+        };
+        // `restore` runs on an empty machine, without a configuration.
+        return manager::backup::cli(cmd, cli.config.as_deref()).await;
+    }
     match &cli.command {
         Some(Command::InitCluster { dir, listen, nodes }) => {
             return init_cluster(dir, listen, nodes)
@@ -118,7 +130,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => manager::serve(cfg).await,
+        Command::Serve => {
+            // Refuse to run broken: a damaged database is not served from.
+            manager::db::quick_check(&cfg.database_url)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e:#}\nThe database in {} is damaged; the manager will not serve from it. \
+                         Move that folder aside and restore the newest verified backup from the nodes: \
+                         `manager backup restore --node <node url> ... --data-dir <new folder> --write-config <file>` \
+                         with the recovery key (docs/backup.md).",
+                        cfg.data_dir.display()
+                    )
+                })?;
+            manager::serve(cfg).await
+        }
         Command::CreateUser {
             email,
             role,
@@ -164,6 +190,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::InitCluster { .. }
+        | Command::Backup { .. }
         | Command::MediaProbe { .. }
         | Command::MediaTranscode { .. } => {
             unreachable!("handled above")
@@ -191,6 +218,9 @@ fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow
     let dir = dir.canonicalize()?;
     let master = hex32();
     let signer = shared::TokenSigner::generate();
+    // Seals the off-machine database backups; nodes get only a read
+    // credential derived from it (docs/backup.md).
+    let recovery = manager::backup::RecoveryKey::generate();
     let mut mgr = format!(
         "# Written by `manager init-cluster`. Holds secrets: keep it private.\n\
          listen = \"{listen}\"\n\
@@ -227,17 +257,32 @@ fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow
              master_key_id = 1\n\
              master_key = \"{master}\"\n\
              token_public_key = \"{}\"\n\
-             manager_secret = \"{secret}\"\n",
+             manager_secret = \"{secret}\"\n\
+             manager_url = \"http://{listen}\"\n\
+             backup_read_key = \"{}\"\n",
             dir.join(format!("node-{name}")).display(),
             signer.public_hex(),
+            recovery.read_secret_hex().expose(),
         );
         write_private(&dir.join(format!("viewnode-{name}.toml")), &node)?;
     }
+    write!(
+        mgr,
+        "\n[backup]\nrecovery_key = \"{}\"\n",
+        recovery.encode().expose()
+    )?;
     write_private(&dir.join("manager.toml"), &mgr)?;
     eprintln!(
         "wrote configuration for the manager and {} node(s) in {}",
         nodes.len(),
         dir.display()
+    );
+    // The recovery key alone on stdout, shown this once: with the node
+    // addresses it is all a restore on an empty machine needs.
+    println!("{}", recovery.encode().expose());
+    eprintln!(
+        "the line above is the RECOVERY KEY: keep it off this machine (password manager, \
+         paper in a safe). `manager backup restore` asks for it when this machine is gone."
     );
     Ok(())
 }

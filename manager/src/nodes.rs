@@ -1,5 +1,11 @@
-//! Talking to view nodes: signed pushes of sealed blobs, and a health monitor
-//! whose view the redirector trusts when it picks a mirror.
+//! Talking to view nodes: signed pushes of sealed blobs, node-to-node copies
+//! (streamed through the manager) for repairs, inventories and deletions for
+//! reconciliation, the check of a node's own signed reports, and a health
+//! monitor whose view the redirector trusts when it picks a mirror.
+//!
+//! Every call carries an HMAC signature with the secret shared with that
+//! node (`shared::nodeauth`); the key id is `manager` one way and the node's
+//! name the other way.
 
 use std::{
     collections::HashMap,
@@ -47,6 +53,31 @@ pub enum PushError {
     Local(#[from] std::io::Error),
 }
 
+/// A node's answer to `GET /internal/v1/blobs`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Inventory {
+    pub blobs: Vec<HeldBlob>,
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedBlob>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HeldBlob {
+    pub blob: String,
+    pub size: u64,
+    /// When the node last proved it hashes to its name.
+    #[serde(default)]
+    pub verified_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct QuarantinedBlob {
+    pub blob: String,
+    pub since: i64,
+}
+
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 impl Nodes {
     pub fn new(cfgs: &[NodeConfig]) -> anyhow::Result<Self> {
         let list = cfgs
@@ -79,29 +110,174 @@ impl Nodes {
         self.list.iter().map(|n| n.cfg.name.clone()).collect()
     }
 
+    /// Checks a request a node signed with its own secret (key id = its
+    /// name) and returns that name. An unknown name, or a signature made
+    /// for another node than `claimed`, is refused.
+    pub fn verify_from_node(
+        &self,
+        claimed: &str,
+        headers: &axum::http::HeaderMap,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<String, shared::NodeAuthError> {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        shared::verify_request(
+            |key_id| {
+                (key_id == claimed)
+                    .then(|| self.get(key_id).map(|n| n.secret.clone()))
+                    .flatten()
+            },
+            header(shared::AUTH_HEADER),
+            method,
+            path,
+            header(shared::DATE_HEADER),
+            shared::runtime::unix_now(),
+            &shared::content_sha256_hex(body),
+        )
+    }
+
+    fn signed(
+        &self,
+        node: &Node,
+        method: reqwest::Method,
+        path: &str,
+        content_sha256: &str,
+    ) -> reqwest::RequestBuilder {
+        let now = shared::runtime::unix_now();
+        let auth = shared::sign_request(
+            &node.secret,
+            "manager",
+            method.as_str(),
+            path,
+            now,
+            content_sha256,
+        );
+        self.http
+            .request(
+                method,
+                format!("{}{}", node.cfg.url.trim_end_matches('/'), path),
+            )
+            .header(shared::AUTH_HEADER, auth)
+            .header(shared::DATE_HEADER, now.to_string())
+    }
+
+    async fn refused(resp: reqwest::Response) -> PushError {
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        PushError::Refused {
+            status: status.as_u16(),
+            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
+            message: v["error"]["message"].as_str().unwrap_or("").into(),
+        }
+    }
+
+    /// What `node` holds: good copies, quarantined ones, proof times.
+    pub async fn inventory(&self, node: &Node) -> Result<Inventory, PushError> {
+        let resp = self
+            .signed(
+                node,
+                reqwest::Method::GET,
+                "/internal/v1/blobs",
+                EMPTY_SHA256,
+            )
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| PushError::Unreachable(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(Self::refused(resp).await);
+        }
+        resp.json()
+            .await
+            .map_err(|e| PushError::Unreachable(format!("unreadable inventory: {e}")))
+    }
+
+    /// Copies `blob` from `source` to `target`, streamed through the manager
+    /// in constant memory. The source re-hashes what it sends (and cuts the
+    /// body off if its copy went bad); the target re-hashes what it gets and
+    /// commits only a match, create-only, as for any push.
+    pub async fn copy(
+        &self,
+        source: &Node,
+        target: &Node,
+        blob: &BlobId,
+        len: u64,
+    ) -> Result<(), PushError> {
+        let path = format!("/internal/v1/blobs/{blob}");
+        let from = self
+            .signed(source, reqwest::Method::GET, &path, EMPTY_SHA256)
+            .timeout(Duration::from_secs(60 + len / (1 << 20)))
+            .send()
+            .await
+            .map_err(|e| {
+                PushError::Unreachable(format!("source {} unreachable: {e}", source.cfg.name))
+            })?;
+        if !from.status().is_success() {
+            return Err(match Self::refused(from).await {
+                PushError::Refused {
+                    status,
+                    code,
+                    message,
+                } => PushError::Refused {
+                    status,
+                    code: format!("source_{code}"),
+                    message: format!("source {}: {message}", source.cfg.name),
+                },
+                other => other,
+            });
+        }
+        self.put(
+            target,
+            blob,
+            reqwest::Body::wrap_stream(from.bytes_stream()),
+            len,
+        )
+        .await
+    }
+
+    /// Deletes `blob` from `node` (unreferenced past its grace period).
+    pub async fn delete_blob(&self, node: &Node, blob: &BlobId) -> Result<(), PushError> {
+        let path = format!("/internal/v1/blobs/{blob}");
+        let resp = self
+            .signed(node, reqwest::Method::DELETE, &path, EMPTY_SHA256)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| PushError::Unreachable(e.to_string()))?;
+        if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        Err(Self::refused(resp).await)
+    }
+
     /// Streams the sealed file to `node` in constant memory. The node
     /// re-hashes what it receives and commits only if it equals `blob`; a
     /// 2xx answer therefore means "a verified copy is stored".
     pub async fn push(&self, node: &Node, blob: &BlobId, file: &Path) -> Result<(), PushError> {
         let f = tokio::fs::File::open(file).await?;
         let len = f.metadata().await?.len();
-        let path = format!("/internal/v1/blobs/{blob}");
-        let now = shared::runtime::unix_now();
-        let auth = shared::sign_request(
-            &node.secret,
-            "manager",
-            "PUT",
-            &path,
-            now,
-            &blob.to_string(),
-        );
         let body =
             reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024));
+        self.put(node, blob, body, len).await
+    }
+
+    /// The signed, verified PUT behind [`Nodes::push`] and [`Nodes::copy`].
+    async fn put(
+        &self,
+        node: &Node,
+        blob: &BlobId,
+        body: reqwest::Body,
+        len: u64,
+    ) -> Result<(), PushError> {
+        let path = format!("/internal/v1/blobs/{blob}");
         let resp = self
-            .http
-            .put(format!("{}{}", node.cfg.url.trim_end_matches('/'), path))
-            .header(shared::AUTH_HEADER, auth)
-            .header(shared::DATE_HEADER, now.to_string())
+            .signed(node, reqwest::Method::PUT, &path, &blob.to_string())
             .header(reqwest::header::CONTENT_LENGTH, len)
             // A node that accepts and then stalls must not hang the pipeline:
             // a minute plus one second per MiB (a floor of 1 MiB/s).
@@ -110,16 +286,10 @@ impl Nodes {
             .send()
             .await
             .map_err(|e| PushError::Unreachable(e.to_string()))?;
-        let status = resp.status();
-        if status.is_success() {
+        if resp.status().is_success() {
             return Ok(());
         }
-        let v: serde_json::Value = resp.json().await.unwrap_or_default();
-        Err(PushError::Refused {
-            status: status.as_u16(),
-            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
-            message: v["error"]["message"].as_str().unwrap_or("").into(),
-        })
+        Err(Self::refused(resp).await)
     }
 
     async fn probe(&self, node: &Node) -> bool {
@@ -137,7 +307,7 @@ impl Nodes {
             for node in self.list.iter() {
                 let ok = self.probe(node).await;
                 node.healthy.store(ok, Ordering::Relaxed);
-                metrics::gauge!("manager_node_healthy", "node" => node.cfg.name.clone())
+                metrics::gauge!("manager_node_healthy", "node" => node.cfg.name.clone(), "site" => node.cfg.site().to_string())
                     .set(if ok { 1.0 } else { 0.0 });
                 if last.insert(node.cfg.name.clone(), ok) != Some(ok) {
                     if ok {

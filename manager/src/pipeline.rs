@@ -11,6 +11,13 @@
 //! transcode already uses every core). Replication retries with backoff for
 //! as long as a node lacks a verified copy, so a node that was down gets the
 //! blob when it returns, with no operator action.
+//!
+//! The same loop repairs: a replica reconciliation (or a node's report)
+//! found gone or quarantined is `repairing`, and is refilled from the outbox
+//! copy while it exists, otherwise from a healthy node holding a verified
+//! copy, streamed node → manager → node ([`crate::nodes::Nodes::copy`]). A
+//! quarantined copy is never a source: it is not `verified`. With no
+//! verified copy and no outbox copy left, the asset is `damaged`.
 
 use std::{
     io::{Read, Write},
@@ -367,6 +374,14 @@ fn backoff_secs(attempts: i64) -> i64 {
     (5i64 << attempts.clamp(0, 6)).min(300)
 }
 
+/// Where the bytes of a push or repair come from.
+enum Source<'a> {
+    /// The sealed file, kept in the outbox until every node verified it.
+    Outbox(PathBuf),
+    /// A healthy node holding a verified copy.
+    Node(&'a crate::nodes::Node),
+}
+
 /// Pushes the asset's blob to every node that lacks a verified copy, all at
 /// once, then publishes if enough copies are verified.
 pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result<()> {
@@ -381,35 +396,87 @@ pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result
         return Ok(());
     };
     let file = outbox_path(st, &blob);
-    let pending: Vec<db::Replica> = db::replicas(&st.db, asset_id)
-        .await?
-        .into_iter()
-        .filter(|r| r.state != "verified")
+    let replicas = db::replicas(&st.db, asset_id).await?;
+    let pending: Vec<&db::Replica> = replicas
+        .iter()
+        .filter(|r| matches!(r.state.as_str(), "pending" | "failed" | "repairing"))
         .collect();
-    let pushes = pending.iter().map(|r| {
-        let file = file.clone();
-        async move {
-            let Some(node) = st.nodes.get(&r.node) else {
-                return (r, Err("node no longer configured".to_string()));
-            };
-            let res = st
-                .nodes
-                .push(node, &blob, &file)
-                .await
-                .map_err(|e| e.to_string());
-            (r, res)
+    let source = if pending.is_empty() {
+        None
+    } else if tokio::fs::try_exists(&file).await.unwrap_or(false) {
+        Some(Source::Outbox(file.clone()))
+    } else {
+        let holders: Vec<&crate::nodes::Node> = replicas
+            .iter()
+            .filter(|r| r.state == "verified")
+            .filter_map(|r| st.nodes.get(&r.node))
+            .collect();
+        match holders.iter().find(|n| n.is_healthy()) {
+            Some(n) => Some(Source::Node(n)),
+            None if holders.is_empty() => {
+                // No verified copy anywhere and no outbox copy: nothing can
+                // repair this movie. Stop serving it and raise the alert.
+                if db::mark_damaged(&st.db, asset_id).await? {
+                    metrics::counter!("manager_assets_damaged_total").increment(1);
+                    tracing::error!(
+                        asset = asset_id,
+                        %blob,
+                        alert = "movie_damaged",
+                        "ALERT: every copy of this movie is lost or corrupt; it is no longer served. \
+                         Restore the sealed blob into the outbox (see docs/mirrors.md)"
+                    );
+                }
+                return Ok(());
+            }
+            None => {
+                // Verified copies exist but their nodes are down: wait.
+                for r in &pending {
+                    let next = db::now() + backoff_secs(r.attempts);
+                    db::replica_failed(
+                        &st.db,
+                        asset_id,
+                        &r.node,
+                        "no healthy node holds a verified copy to repair from",
+                        next,
+                    )
+                    .await?;
+                }
+                return Ok(());
+            }
         }
+    };
+    let len = asset.sealed_len.unwrap_or(0).max(0) as u64;
+    let source = &source;
+    let pushes = pending.iter().map(|r| async move {
+        let Some(node) = st.nodes.get(&r.node) else {
+            return (*r, Err("node no longer configured".to_string()));
+        };
+        let res = match source {
+            Some(Source::Outbox(file)) => st.nodes.push(node, &blob, file).await,
+            Some(Source::Node(from)) => st.nodes.copy(from, node, &blob, len).await,
+            None => return (*r, Err("no source".to_string())),
+        };
+        (*r, res.map_err(|e| e.to_string()))
     });
+    let from = match source {
+        Some(Source::Node(n)) => n.cfg.name.clone(),
+        _ => "outbox".to_string(),
+    };
     for (r, res) in futures::future::join_all(pushes).await {
+        let kind = if r.state == "repairing" {
+            "repair"
+        } else {
+            "push"
+        };
         match res {
             Ok(()) => {
-                tracing::info!(asset = asset_id, node = %r.node, "replica verified");
-                metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "ok").increment(1);
+                tracing::info!(asset = asset_id, node = %r.node, from = %from, kind, "replica verified");
+                metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "ok", "kind" => kind).increment(1);
                 db::replica_verified(&st.db, asset_id, &r.node).await?;
             }
             Err(e) => {
-                tracing::warn!(asset = asset_id, node = %r.node, attempt = r.attempts + 1, "push failed: {e}");
-                metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "failed").increment(1);
+                tracing::warn!(asset = asset_id, node = %r.node, from = %from, kind, attempt = r.attempts + 1, "push failed: {e}");
+                metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "failed", "kind" => kind).increment(1);
                 let next = db::now() + backoff_secs(r.attempts);
                 db::replica_failed(&st.db, asset_id, &r.node, &e, next).await?;
             }

@@ -1,4 +1,7 @@
-//! The media URL a viewer's player is given: `/media/{asset}.mp4`.
+//! The media URL a viewer's player is given:
+//! `/media/{token}/{asset}.mp4`, the token signed by the manager (Ed25519;
+//! see `shared::token`) and checked here before anything else: `403` for a
+//! forged one, `410` once expired.
 //!
 //! `HEAD` is answered here, directly, with `Content-Type: video/mp4` and the
 //! length: the Second Life viewer decides which plugin plays a URL from a
@@ -6,7 +9,12 @@
 //! `GET` answers `302` to a view node holding a verified copy, with a
 //! short-lived playback token the node verifies on its own.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::{ConnectInfo, Path, Query, State},
@@ -21,6 +29,142 @@ use crate::{db, error::ApiError, geo, SharedState};
 pub struct MediaQuery {
     /// Forces a node by name (testing, and operators checking a mirror).
     node: Option<String>,
+    /// Chooses as if the viewer were at this address (testing, and
+    /// operators asking "where would a viewer in London go?"). Harmless to
+    /// expose: like `node`, it can only send the caller somewhere worse.
+    viewer: Option<String>,
+}
+
+/// How long the redirector trusts what it read of a movie. Every viewer
+/// near a screen fetches the media URL when it starts, and two database
+/// reads per request would cap the redirector far below what the nodes
+/// serve; a movie withdrawn or damaged, or a copy lost, reaches viewers
+/// within this time. Node health is not cached: it is read per request.
+pub const PLAYABLE_TTL: Duration = Duration::from_secs(1);
+/// Past this many entries, expired ones are swept before inserting.
+const PLAYABLE_SWEEP_AT: usize = 10_000;
+
+/// What the redirector needs of a published movie.
+#[derive(Clone)]
+pub struct Playable {
+    pub plain_len: u64,
+    /// Nodes holding a verified copy.
+    pub verified: Arc<[String]>,
+}
+
+#[derive(Clone)]
+pub enum Lookup {
+    Playable(Playable),
+    /// Every copy lost or corrupt: answered with its own code.
+    Damaged,
+    /// No such movie, or not (or no longer) published.
+    Gone,
+}
+
+/// Movie id → what was read of it, and when.
+#[derive(Default)]
+pub struct PlayableCache {
+    entries: Mutex<HashMap<String, (Instant, Lookup)>>,
+}
+
+impl PlayableCache {
+    pub async fn get(&self, st: &SharedState, id: &str) -> Result<Lookup, ApiError> {
+        // A stale entry is refreshed by the one request that finds it so;
+        // the others keep the old answer meanwhile instead of all queueing
+        // on the database at once (which is what p99 latency would show).
+        let stale = {
+            let mut entries = self.entries.lock().expect("not poisoned");
+            match entries.get_mut(id) {
+                Some((at, found)) if at.elapsed() < PLAYABLE_TTL => return Ok(found.clone()),
+                Some((at, found)) => {
+                    *at = Instant::now();
+                    Some(found.clone())
+                }
+                None => None,
+            }
+        };
+        let found = match (Self::load(st, id).await, stale) {
+            (Ok(found), _) => found,
+            // A database hiccup does not stop playback of what was playable.
+            (Err(e), Some(old)) => {
+                tracing::warn!(asset = %id, "redirector keeps its last answer: {e}");
+                return Ok(old);
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let mut entries = self.entries.lock().expect("not poisoned");
+        if entries.len() >= PLAYABLE_SWEEP_AT {
+            entries.retain(|_, (at, _)| at.elapsed() < PLAYABLE_TTL);
+        }
+        entries.insert(id.to_string(), (Instant::now(), found.clone()));
+        Ok(found)
+    }
+
+    async fn load(st: &SharedState, id: &str) -> Result<Lookup, ApiError> {
+        let Some(a) = db::asset(&st.db, id).await? else {
+            return Ok(Lookup::Gone);
+        };
+        match a.state.as_str() {
+            "published" => {}
+            "damaged" => return Ok(Lookup::Damaged),
+            _ => return Ok(Lookup::Gone),
+        }
+        let Some(plain_len) = a.plain_len else {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "published asset {id} lacks its blob record"
+            )));
+        };
+        let verified = db::replicas(&st.db, id)
+            .await?
+            .into_iter()
+            .filter(|r| r.state == "verified")
+            .map(|r| r.node)
+            .collect();
+        Ok(Lookup::Playable(Playable {
+            plain_len: plain_len as u64,
+            verified,
+        }))
+    }
+}
+
+/// Tokens this manager has already verified, with their claims. A media
+/// URL is set on a screen and fetched by every avatar near it, so the same
+/// token arrives many times; an Ed25519 verification costs more than the
+/// rest of a redirect. Keyed by the whole token string, so only exactly
+/// those bytes hit; expiry is still checked on every use; failures are
+/// never cached (a forger pays a verification per try).
+#[derive(Default)]
+pub struct TokenCache {
+    entries: Mutex<HashMap<String, PlaybackClaims>>,
+}
+
+/// Bound on [`TokenCache`]; past it, expired entries go, then everything.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+impl TokenCache {
+    pub fn verify(&self, st: &SharedState, token: &str) -> Result<PlaybackClaims, ApiError> {
+        let now = db::now();
+        if let Some(claims) = self.entries.lock().expect("not poisoned").get(token) {
+            if now >= claims.expires_at {
+                return Err(ApiError::Token(shared::TokenError::Expired));
+            }
+            return Ok(claims.clone());
+        }
+        let claims = st
+            .signer
+            .verifier()
+            .verify(token, now)
+            .map_err(ApiError::Token)?;
+        let mut entries = self.entries.lock().expect("not poisoned");
+        if entries.len() >= TOKEN_CACHE_MAX {
+            entries.retain(|_, c| now < c.expires_at);
+            if entries.len() >= TOKEN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(token.to_string(), claims.clone());
+        Ok(claims)
+    }
 }
 
 /// Picks the node for this viewer among healthy nodes holding a verified
@@ -58,39 +202,79 @@ pub fn choose_node<'a>(
     Ok((candidates[i], reason.as_str()))
 }
 
+/// Signs the playback token a media URL carries: the asset, its blob and
+/// wrapped data key (so a node can serve without asking the manager), an
+/// expiry and, for paid views, the grant. `None` unless the asset is
+/// published with its blob recorded.
+pub fn playback_token(st: &SharedState, a: &db::Asset, grant: Option<String>) -> Option<String> {
+    if a.state != "published" {
+        return None;
+    }
+    let claims = PlaybackClaims {
+        asset_id: a.id.clone(),
+        blob: a.blob_id.as_deref()?.parse().ok()?,
+        wrapped_key: a.wrapped_key.clone()?,
+        expires_at: db::now() + st.cfg.token_ttl_secs as i64,
+        grant,
+    };
+    Some(st.signer.sign(&claims))
+}
+
+/// The in-world media URL for `a`: `{public_url}/media/{token}/{asset}.mp4`.
+/// The token is the same one the chosen node checks, so what the manager
+/// hands out is all a viewer needs until it expires, even with the manager
+/// down once the player has been redirected.
+pub fn media_url(st: &SharedState, a: &db::Asset, grant: Option<String>) -> Option<String> {
+    let token = playback_token(st, a, grant)?;
+    Some(format!("{}/media/{token}/{}.mp4", st.public_url, a.id))
+}
+
+/// `/media/{asset}.mp4` without a token: the pre-token form of the URL. It
+/// is refused with a code that says what to do, never served.
+pub async fn media_without_token() -> ApiError {
+    ApiError::TokenMissing
+}
+
 pub async fn media(
     State(st): State<SharedState>,
-    Path(file): Path<String>,
+    Path((token, file)): Path<(String, String)>,
     Query(q): Query<MediaQuery>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     method: Method,
 ) -> Result<Response, ApiError> {
+    // The token first: a forged or expired URL costs one signature check
+    // and no database read.
+    let claims = st.tokens.verify(&st, &token).inspect_err(|e| {
+        metrics::counter!("manager_redirects_total", "node" => "none", "reason" => e.code())
+            .increment(1);
+    })?;
     let id = file.strip_suffix(".mp4").unwrap_or(&file);
-    let a = db::asset(&st.db, id)
-        .await?
-        .ok_or(ApiError::NotFound("movie"))?;
-    if a.state != "published" {
-        // Same answer as for an id that does not exist: private uploads'
-        // ids cannot be probed through the media URL.
-        return Err(ApiError::NotFound("movie"));
+    if claims.asset_id != id {
+        return Err(ApiError::TokenWrongAsset);
     }
-    let (Some(blob), Some(wrapped), Some(plain_len)) =
-        (a.blob_id.as_deref(), a.wrapped_key.clone(), a.plain_len)
-    else {
-        return Err(ApiError::Internal(anyhow::anyhow!(
-            "published asset {id} lacks its blob record"
-        )));
+    let playable = match st.playable.get(&st, id).await? {
+        Lookup::Playable(p) => p,
+        Lookup::Damaged => {
+            // Never a corrupted byte: an error the player and operator can read.
+            metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "movie_damaged")
+                .increment(1);
+            return Err(ApiError::Damaged);
+        }
+        // Withdrawn or gone since the URL was handed out.
+        Lookup::Gone => return Err(ApiError::NotFound("movie")),
     };
-    let verified: Vec<String> = db::replicas(&st.db, id)
-        .await?
-        .into_iter()
-        .filter(|r| r.state == "verified")
-        .map(|r| r.node)
-        .collect();
-    let viewer = geo::client_ip(peer.ip(), &headers, &st.cfg.trusted_proxies);
-    let (node, reason) =
-        choose_node(&st, &verified, viewer, q.node.as_deref()).inspect_err(|_| {
+    let viewer = match q.viewer.as_deref() {
+        Some(v) => v.parse::<IpAddr>().map_err(|_| {
+            ApiError::bad_request(
+                "bad_viewer",
+                format!("`viewer` is not an IP address: {v:?}"),
+            )
+        })?,
+        None => geo::client_ip(peer.ip(), &headers, &st.cfg.trusted_proxies),
+    };
+    let (node, reason) = choose_node(&st, &playable.verified, viewer, q.node.as_deref())
+        .inspect_err(|_| {
             metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "no_mirror")
                 .increment(1);
         })?;
@@ -102,29 +286,24 @@ pub async fn media(
             [
                 (header::CONTENT_TYPE, HeaderValue::from_static("video/mp4")),
                 (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
-                (header::CONTENT_LENGTH, HeaderValue::from(plain_len)),
-                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                (
+                    header::CONTENT_LENGTH,
+                    HeaderValue::from(playable.plain_len),
+                ),
+                (
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("private, no-store"),
+                ),
             ],
         )
             .into_response());
     }
-    let claims = PlaybackClaims {
-        asset_id: a.id.clone(),
-        blob: blob
-            .parse()
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("bad blob id in catalog")))?,
-        wrapped_key: wrapped,
-        expires_at: db::now() + st.cfg.token_ttl_secs as i64,
-        grant: None,
-    };
-    let token = st.signer.sign(&claims);
     let location = format!(
-        "{}/play/{token}/{}.mp4",
-        node.cfg.url.trim_end_matches('/'),
-        a.id
+        "{}/play/{token}/{id}.mp4",
+        node.cfg.url.trim_end_matches('/')
     );
     metrics::counter!("manager_redirects_total", "node" => node.cfg.name.clone(), "reason" => reason).increment(1);
-    tracing::debug!(asset = %a.id, node = %node.cfg.name, reason, "redirect");
+    tracing::debug!(asset = %id, node = %node.cfg.name, reason, "redirect");
     Ok((
         StatusCode::FOUND,
         [
@@ -132,7 +311,10 @@ pub async fn media(
                 header::LOCATION,
                 HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
             ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-store"),
+            ),
         ],
     )
         .into_response())

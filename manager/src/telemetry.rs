@@ -13,7 +13,7 @@ pub async fn metrics(State(st): State<SharedState>) -> String {
 
 pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response {
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let path = shared::runtime::loggable_path(req.uri().path());
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 use shared::DataKey;
 
-use crate::{api, db, error::ApiError, SharedState};
+use crate::{db, error::ApiError, SharedState};
 
 pub const WINDOW_SECS: i64 = 300;
 pub const SIGNATURE_HEADER: &str = "x-terminal-signature";
@@ -133,8 +133,11 @@ pub async fn play(
     }
     tracing::info!(terminal = %term.id, asset = %a.id, avatar = %req.avatar, "terminal play");
     metrics::counter!("manager_terminal_plays_total").increment(1);
+    let media_url = crate::redirect::media_url(&st, &a, None).ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!("published asset {} lacks its blob", a.id))
+    })?;
     Ok(Json(
-        serde_json::json!({ "media_url": api::media_url(&st, &a.id), "title": a.title }),
+        serde_json::json!({ "media_url": media_url, "title": a.title }),
     ))
 }
 

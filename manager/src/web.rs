@@ -149,7 +149,7 @@ pub async fn asset_page(
         csrf,
         busy,
         percent,
-        watch_url: format!("/media/{}.mp4", view.id),
+        watch_url: view.media_url.clone().unwrap_or_default(),
         a: view,
     }))
 }

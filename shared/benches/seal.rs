@@ -1,6 +1,6 @@
 //! Sealed-blob throughput (issue 3, item 6).
 //!
-//! `scripts/bench` runs this beside `openssl speed` and prints the ratios
+//! `scripts/bench seal` runs this beside `openssl speed` and prints the ratios
 //! against the targets in `docs/sealed-blob.md` ("Performance"). Groups:
 //!
 //! - `seal/stream_64k`: [`Sealer::update`] fed 64 KiB chunks, as

@@ -56,3 +56,39 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown requested; finishing requests in flight");
 }
+
+/// A request path fit for a log: media and playback paths carry a bearer
+/// token (`/media/{token}/…` on the manager, `/play/{token}/…` on a node),
+/// which must never reach a log file.
+pub fn loggable_path(path: &str) -> String {
+    for prefix in ["/play/", "/media/"] {
+        if let Some(rest) = path.strip_prefix(prefix) {
+            return match rest.split_once('/') {
+                Some((_, name)) => format!("{prefix}[token]/{name}"),
+                // `/media/{id}.mp4` (no token) is safe; `/play/x` may be one.
+                None if prefix == "/media/" => path.to_string(),
+                None => format!("{prefix}[token]"),
+            };
+        }
+    }
+    path.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_redacted_from_logged_paths() {
+        use super::loggable_path;
+        assert_eq!(
+            loggable_path("/play/eyJhbGciOi.sig/abc.mp4"),
+            "/play/[token]/abc.mp4"
+        );
+        assert_eq!(loggable_path("/play/eyJhbGciOi.sig"), "/play/[token]");
+        assert_eq!(
+            loggable_path("/media/eyJhbGciOi.sig/abc.mp4"),
+            "/media/[token]/abc.mp4"
+        );
+        assert_eq!(loggable_path("/media/abc.mp4"), "/media/abc.mp4");
+        assert_eq!(loggable_path("/healthz"), "/healthz");
+    }
+}

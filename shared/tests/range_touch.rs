@@ -155,7 +155,7 @@ impl CountingReader {
         self.requests.lock().unwrap().clone()
     }
 
-    /// The whole segments read, in order, and how often the header was.
+    /// The segments read (whole ones), in order, and how often the header was.
     /// Panics on any other kind of read.
     fn touched(&self) -> (Vec<u64>, usize) {
         let (mut segments, mut headers) = (Vec::new(), 0);
@@ -164,9 +164,21 @@ impl CountingReader {
                 headers += 1;
                 continue;
             }
-            let i = (r.start - H) / (SEG + T);
-            assert_eq!(self.blob.layout.sealed_range(i), r, "not a whole segment");
-            segments.push(i);
+            // A read may span several consecutive segments (read-ahead),
+            // but must start and end on segment boundaries.
+            let first = (r.start - H) / (SEG + T);
+            let last = (r.end - 1 - H) / (SEG + T);
+            assert_eq!(
+                self.blob.layout.sealed_range(first).start..self.blob.layout.sealed_range(last).end,
+                r,
+                "not whole segments"
+            );
+            assert!(
+                (last - first + 1) * SEG <= shared::READ_AHEAD_BYTES,
+                "one read of {} segments: memory per stream is bounded",
+                last - first + 1
+            );
+            segments.extend(first..=last);
         }
         (segments, headers)
     }

@@ -34,6 +34,23 @@ pub struct Config {
     pub manager_secret: Secret,
     /// Seconds a request in flight may take to finish after SIGTERM/Ctrl-C.
     pub shutdown_grace_secs: u64,
+    /// Hex of the read-only backup credential derived from the operator's
+    /// recovery key (written by `manager init-cluster`): lets a restore on
+    /// an empty machine list and fetch the manager's sealed backups (HMAC key
+    /// id `backup-reader`). Empty: only the manager (`manager_secret`) can.
+    pub backup_read_key: Secret,
+    /// The manager's base URL, where this node reports a copy it took out of
+    /// service (signed with `manager_secret`, key id = `name`). Empty: no
+    /// report is sent and the manager finds out at its next reconciliation.
+    pub manager_url: String,
+    /// Scrubbing: how fast a pass re-reads the stored blobs, in MB/s
+    /// (10^6 bytes). A full pass takes stored bytes / this rate, so the
+    /// operator knows how long a silent corruption can stay unnoticed.
+    pub scrub_rate_mb_per_sec: f64,
+    /// Seconds from the start of one scrub pass to the start of the next (a
+    /// pass that takes longer is followed at once by the next). 0 disables
+    /// scrubbing.
+    pub scrub_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -48,6 +65,12 @@ impl Default for Config {
             token_public_key: String::new(),
             manager_secret: Secret::default(),
             shutdown_grace_secs: 20,
+            backup_read_key: Secret::default(),
+            manager_url: String::new(),
+            // 25 MB/s re-reads 1 TB in about 11 hours, a small share of
+            // one disk's bandwidth, leaving the rest to viewers.
+            scrub_rate_mb_per_sec: 25.0,
+            scrub_interval_secs: 24 * 3600,
         }
     }
 }
@@ -98,9 +121,28 @@ impl Config {
                 ))
             }
         }
+        if !self.backup_read_key.is_empty()
+            && !matches!(hex::decode(self.backup_read_key.expose()), Ok(b) if b.len() == 32)
+        {
+            return Err(field(
+                "backup_read_key",
+                "must be 64 hex characters (32 bytes)",
+            ));
+        }
         let is_http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
         if !self.public_url.is_empty() && !is_http(&self.public_url) {
             return Err(field("public_url", "must start with http:// or https://"));
+        }
+        if !self.manager_url.is_empty() && !is_http(&self.manager_url) {
+            return Err(field("manager_url", "must start with http:// or https://"));
+        }
+        if !(self.scrub_rate_mb_per_sec.is_finite()
+            && (0.01..=100_000.0).contains(&self.scrub_rate_mb_per_sec))
+        {
+            return Err(field(
+                "scrub_rate_mb_per_sec",
+                "must be between 0.01 and 100000 (MB/s)",
+            ));
         }
         Ok(())
     }

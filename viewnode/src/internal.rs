@@ -1,16 +1,26 @@
-//! Manager-facing endpoints: verified push and inventory. Every call must be
-//! HMAC-signed with the secret this node shares with the manager; the signed
-//! content hash of a push is the blob name itself, so the signature also
-//! pins which bytes the manager meant to send.
+//! Manager-facing endpoints: verified push, fetch (the source side of a
+//! repair), delete (unreferenced blobs after the manager's grace period) and
+//! inventory. Every call must be HMAC-signed with the secret this node shares
+//! with the manager; the signed content hash of a push is the blob name
+//! itself, so the signature also pins which bytes the manager meant to send.
+//!
+//! Only `blobs/` is ever listed or served here: quarantined copies are listed
+//! apart (never as held), and anything else kept on the node (backups) is
+//! none of this module's business.
+
+use std::sync::{Arc, Mutex};
 
 use axum::{
     body::Body,
     extract::{DefaultBodyLimit, Path, State},
-    http::{HeaderMap, StatusCode},
-    routing::{get, put},
+    http::{header, HeaderMap, StatusCode},
+    response::Response,
+    routing::get,
     Json, Router,
 };
+use futures::StreamExt;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use shared::BlobId;
 
 use crate::{error::NodeError, store::PutOutcome, SharedState};
@@ -24,7 +34,10 @@ pub fn router() -> Router<SharedState> {
         // Blobs are movies: no body limit here, the hash check bounds trust.
         .route(
             "/internal/v1/blobs/{id}",
-            put(put_blob).layer(DefaultBodyLimit::disable()),
+            get(get_blob)
+                .put(put_blob)
+                .delete(delete_blob)
+                .layer(DefaultBodyLimit::disable()),
         )
 }
 
@@ -89,19 +102,110 @@ async fn put_blob(
     ))
 }
 
+/// Streams a good copy's sealed bytes (a repair's source). The bytes are
+/// re-hashed on the way out: should they no longer match the name, the copy
+/// is quarantined and reported like a failed scrub, and the connection is
+/// reset. (The receiver re-hashes too and refuses to commit such bytes; the
+/// check here is so the bad source is found at once, not at its next scrub.)
+async fn get_blob(
+    State(st): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, NodeError> {
+    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
+    authenticate(
+        &st,
+        &headers,
+        "GET",
+        &format!("/internal/v1/blobs/{id}"),
+        EMPTY_SHA256,
+    )?;
+    let (file, len) = st.store.open_file(&id).await?;
+    // (hasher, bytes seen, read failed)
+    let seen = Arc::new(Mutex::new((Sha256::new(), 0u64, false)));
+    let seen2 = seen.clone();
+    let body = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |r| {
+        let mut s = seen2.lock().expect("hash state");
+        match &r {
+            Ok(b) => {
+                s.0.update(b);
+                s.1 += b.len() as u64;
+            }
+            Err(_) => s.2 = true,
+        }
+        r
+    });
+    let tail = futures::stream::once(async move {
+        let (hasher, n, failed) = std::mem::take(&mut *seen.lock().expect("hash state"));
+        if failed || n != len {
+            return None; // a read error, not proof of corruption
+        }
+        if BlobId::from_hasher(hasher) == id {
+            metrics::counter!("viewnode_blobs_served_for_repair_total").increment(1);
+            return None;
+        }
+        tracing::error!(blob = %id, "copy sent for a repair does not hash to its name; quarantining");
+        crate::scrub::quarantine_and_report(&st, id, "fetch_mismatch").await;
+        Some(Err(std::io::Error::other("stored copy does not hash to its name")))
+    })
+    .filter_map(futures::future::ready);
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .body(Body::from_stream(body.chain(tail)))
+        .expect("valid response"))
+}
+
+/// Removes a good copy no asset references (the manager's call, after its
+/// grace period).
+async fn delete_blob(
+    State(st): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
+    authenticate(
+        &st,
+        &headers,
+        "DELETE",
+        &format!("/internal/v1/blobs/{id}"),
+        EMPTY_SHA256,
+    )?;
+    st.store.delete(&id).await?;
+    metrics::counter!("viewnode_blobs_deleted_total").increment(1);
+    tracing::warn!(blob = %id, "unreferenced blob deleted at the manager's request");
+    Ok(Json(json!({ "blob": id, "state": "deleted" })))
+}
+
+/// What this node holds: good copies with size and last proof of their
+/// hash, quarantined copies apart, and scrub progress.
 async fn inventory(
     State(st): State<SharedState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, NodeError> {
     authenticate(&st, &headers, "GET", "/internal/v1/blobs", EMPTY_SHA256)?;
-    let blobs: Vec<_> = st
+    let good = st.store.list().await?;
+    let good_bytes: u64 = good.iter().map(|(_, n)| n).sum();
+    let blobs: Vec<_> = good
+        .iter()
+        .map(|(id, size)| json!({ "blob": id, "size": size, "verified_at": st.store.verified_at(id) }))
+        .collect();
+    let quarantined: Vec<_> = st
         .store
-        .list()
+        .quarantined()
         .await?
         .into_iter()
-        .map(|(id, size)| json!({ "blob": id, "size": size }))
+        .map(|q| json!({ "blob": q.id, "since": q.since }))
         .collect();
-    Ok(Json(json!({ "node": st.cfg.name, "blobs": blobs })))
+    let scrub = st.scrub.lock().expect("scrub status").clone();
+    Ok(Json(json!({
+        "node": st.cfg.name,
+        "blobs": blobs,
+        "quarantined": quarantined,
+        "counts": { "good": good.len(), "good_bytes": good_bytes, "quarantined": quarantined.len() },
+        "scrub": scrub,
+    })))
 }
 
 /// Health means working: the disk is written, read back and cleaned up.

@@ -9,13 +9,17 @@
 //! per-node secret.
 //!
 //! Layout: `config` (typed config), `store` (durable create-only blob store),
-//! `play` (viewer-facing ranges), `internal` (manager-facing push/inventory),
-//! `error` (the one HTTP error mapping), `telemetry` (logs, metrics).
+//! `play` (viewer-facing ranges), `internal` (manager-facing push, fetch,
+//! delete, inventory), `scrub` (scheduled re-hashing, quarantine reports),
+//! `error` (the one HTTP error mapping), `telemetry` (logs, metrics),
+//! `backups` (the manager's sealed database backups, kept apart from blobs).
 
+mod backups;
 mod config;
 mod error;
 mod internal;
 mod play;
+mod scrub;
 pub mod store;
 mod telemetry;
 
@@ -36,12 +40,23 @@ pub struct AppState {
     pub verifier: shared::TokenVerifier,
     pub manager_secret: Vec<u8>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Scrub progress, for `/metrics` and the inventory.
+    pub scrub: scrub::Status,
+    /// For the node's own calls to the manager (quarantine reports).
+    pub http: reqwest::Client,
 }
 
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
     pub fn new(cfg: Config) -> anyhow::Result<Self> {
+        // The manager's sealed database backups: beside the blobs, never among them.
+        backups::init(&cfg.storage_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "configuration field `storage_dir`: cannot open {}/backups: {e}",
+                cfg.storage_dir.display()
+            )
+        })?;
         let store = store::BlobStore::open(&cfg.storage_dir).map_err(|e| {
             anyhow::anyhow!(
                 "configuration field `storage_dir`: cannot open {}: {e}",
@@ -61,6 +76,10 @@ impl AppState {
             verifier,
             manager_secret,
             metrics: shared::runtime::metrics_handle(),
+            scrub: Default::default(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()?,
         })
     }
 }
@@ -71,6 +90,7 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/metrics", get(telemetry::metrics))
         .route("/play/{token}/{name}", get(play::play))
         .merge(internal::router())
+        .merge(backups::router())
         .layer(axum::middleware::from_fn(telemetry::access_log))
         .with_state(state)
 }
@@ -83,6 +103,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let scrubber = tokio::spawn(scrub::run(state.clone(), stop_rx));
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -96,6 +118,8 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
     }
+    let _ = stop_tx.send(true);
+    scrubber.abort();
     Ok(())
 }
 

@@ -35,15 +35,30 @@ fn resolve_range(headers: &HeaderMap, etag: &str, len: u64) -> Want {
             return Want::Full;
         }
     }
-    let Ok(parsed) = http_range_header::parse_range_header(range) else {
+    use http_range_header::{EndPosition, RangeUnsatisfiableError, StartPosition};
+    // The crate parses the syntax; what a parsed range *means* is resolved
+    // here, because its `validate` departs from RFC 9110 §14.1.2-3 in three
+    // places that players hit: a suffix longer than the file is the whole
+    // file (not 416), `-0` is unsatisfiable (not a syntax error), and
+    // `a-b` with b < a is an invalid header to ignore (not 416).
+    let parsed = match http_range_header::parse_range_header(range) {
+        Ok(p) => p,
+        Err(RangeUnsatisfiableError::ZeroSuffix) => return Want::Unsatisfiable,
         // RFC 9110 14.2: a Range header we cannot parse is ignored.
+        Err(_) => return Want::Full,
+    };
+    // Multipart byteranges buy players nothing; the whole body is valid too.
+    let [r] = parsed.ranges.as_slice() else {
         return Want::Full;
     };
-    match parsed.validate(len) {
-        Ok(ranges) if ranges.len() == 1 => Want::Partial(*ranges[0].start(), *ranges[0].end() + 1),
-        // Multipart byteranges buy players nothing; the whole body is valid too.
-        Ok(_) => Want::Full,
-        Err(_) => Want::Unsatisfiable,
+    match (r.start, r.end) {
+        (StartPosition::FromLast(n), _) if n >= len && len > 0 => Want::Partial(0, len),
+        (StartPosition::FromLast(n), _) if n > 0 => Want::Partial(len - n, len),
+        (StartPosition::FromLast(_), _) => Want::Unsatisfiable,
+        (StartPosition::Index(a), EndPosition::Index(b)) if b < a => Want::Full,
+        (StartPosition::Index(a), _) if a >= len => Want::Unsatisfiable,
+        (StartPosition::Index(a), EndPosition::Index(b)) => Want::Partial(a, b.min(len - 1) + 1),
+        (StartPosition::Index(a), EndPosition::LastByte) => Want::Partial(a, len),
     }
 }
 
@@ -143,10 +158,7 @@ pub async fn play(
 /// quarantine and is reported, and a verified copy elsewhere repairs it.
 async fn quarantine(st: &SharedState, blob: BlobId, why: &SealError) {
     tracing::error!(%blob, code = why.code(), "stored copy failed authentication; quarantining");
-    metrics::counter!("viewnode_blobs_quarantined_total").increment(1);
-    if let Err(e) = st.store.quarantine(&blob).await {
-        tracing::error!(%blob, "quarantine failed: {e}");
-    }
+    crate::scrub::quarantine_and_report(st, blob, "read_auth_failed").await;
 }
 
 #[cfg(test)]
@@ -184,6 +196,27 @@ mod tests {
         assert_eq!(
             resolve_range(&hdrs(&[(header::RANGE, "pages=1")]), e, 100),
             Want::Full
+        );
+        // RFC 9110 §14.1.2-3 where the range crate's own check differs.
+        for (range, want) in [
+            ("bytes=-500", Want::Partial(0, 100)),
+            ("bytes=-100", Want::Partial(0, 100)),
+            ("bytes=-0", Want::Unsatisfiable),
+            ("bytes=20-10", Want::Full),
+            ("bytes=95-1000", Want::Partial(95, 100)),
+            ("bytes=99-99", Want::Partial(99, 100)),
+            ("bytes=100-200", Want::Unsatisfiable),
+            ("bytes=0-1,5-6", Want::Full),
+        ] {
+            assert_eq!(
+                resolve_range(&hdrs(&[(header::RANGE, range)]), e, 100),
+                want,
+                "{range}"
+            );
+        }
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "bytes=0-")]), e, 0),
+            Want::Unsatisfiable
         );
         assert_eq!(
             resolve_range(

@@ -9,12 +9,23 @@
 //! it into place with `link(2)` (which fails rather than overwrite) and fsyncs
 //! the directory. Reads go through `object_store` so that the same code path
 //! later serves an S3 bucket.
+//!
+//! Layout under `storage_dir`: `blobs/<2 hex>/<sha256>` (the good copies, the
+//! only ones served, copied or listed as held), `tmp/` (pushes in flight,
+//! emptied at start), `quarantine/<sha256>.<unix time>` (copies that failed
+//! a check, kept for inspection, never served) and `verified.json`: when
+//! each good blob was last proven to hash to its name (at receipt, then by
+//! every scrub pass), so the inventory can tell the manager how fresh each
+//! copy's proof is. If the whole folder disappears while the node runs
+//! (a wiped or replaced disk), the sub-folders are made again on the next
+//! write, so the manager's reconciliation can refill it without a restart.
 
 use std::{
+    collections::BTreeMap,
     io,
     ops::Range,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
@@ -49,7 +60,21 @@ pub enum PutOutcome {
 pub struct BlobStore {
     root: PathBuf,
     objects: Arc<LocalFileSystem>,
+    /// Blob → unix time it was last proven to hash to its name; mirrored
+    /// in `verified.json` (rewritten atomically on every change).
+    verified: Arc<Mutex<BTreeMap<BlobId, i64>>>,
 }
+
+/// A copy taken out of service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub id: BlobId,
+    /// Unix time it was quarantined.
+    pub since: i64,
+}
+
+const SUBDIRS: [&str; 3] = ["blobs", "tmp", "quarantine"];
+const VERIFIED_FILE: &str = "verified.json";
 
 /// Removes a temp file unless the write that made it succeeded.
 struct TempGuard(Option<PathBuf>);
@@ -70,7 +95,7 @@ impl BlobStore {
     /// Opens (creating if needed) the store under `root`. Temp files left by a
     /// crash are removed: they were never committed, so nothing refers to them.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for sub in ["blobs", "tmp", "quarantine"] {
+        for sub in SUBDIRS {
             std::fs::create_dir_all(root.join(sub))?;
         }
         for entry in std::fs::read_dir(root.join("tmp"))? {
@@ -78,10 +103,65 @@ impl BlobStore {
         }
         let objects = LocalFileSystem::new_with_prefix(root.join("blobs"))
             .map_err(|e| io::Error::other(e.to_string()))?;
+        // A missing or unreadable record only means "not verified since
+        // start": the next scrub pass proves every copy again.
+        let verified: BTreeMap<BlobId, i64> = std::fs::read(root.join(VERIFIED_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Ok(Self {
             root: root.to_path_buf(),
             objects: Arc::new(objects),
+            verified: Arc::new(Mutex::new(verified)),
         })
+    }
+
+    /// Makes the folders again if they vanished (a wiped disk) so writes work.
+    fn ensure_layout(&self) -> io::Result<()> {
+        for sub in SUBDIRS {
+            std::fs::create_dir_all(self.root.join(sub))?;
+        }
+        Ok(())
+    }
+
+    /// When `id` was last proven to hash to its name, if ever on this disk.
+    pub fn verified_at(&self, id: &BlobId) -> Option<i64> {
+        self.verified
+            .lock()
+            .expect("verified map lock")
+            .get(id)
+            .copied()
+    }
+
+    /// Records (`Some`) or forgets (`None`) the proof time of `id`.
+    pub fn set_verified(&self, id: &BlobId, at: Option<i64>) {
+        let snapshot = {
+            let mut m = self.verified.lock().expect("verified map lock");
+            match at {
+                Some(t) => m.insert(*id, t),
+                None => m.remove(id),
+            };
+            serde_json::to_vec(&*m).expect("a map of strings and integers serialises")
+        };
+        if let Err(e) = self.write_atomic(VERIFIED_FILE, &snapshot) {
+            // Only freshness information is lost; the next pass rebuilds it.
+            tracing::warn!("cannot record verification times: {e}");
+        }
+    }
+
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{name}.{}", uuid::Uuid::new_v4()));
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.root.join(name))?;
+        guard.0 = None;
+        Ok(())
     }
 
     fn key(id: &BlobId) -> object_store::path::Path {
@@ -105,6 +185,7 @@ impl BlobStore {
             .root
             .join("tmp")
             .join(format!("{}.{}", id, uuid::Uuid::new_v4()));
+        self.ensure_layout()?;
         let mut guard = TempGuard(Some(tmp.clone()));
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -112,10 +193,12 @@ impl BlobStore {
             .open(&tmp)
             .await?;
         let mut hasher = Sha256::new();
+        let mut received = 0u64;
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
             hasher.update(&chunk);
+            received += chunk.len() as u64;
             file.write_all(&chunk).await?;
         }
         file.flush().await?;
@@ -129,6 +212,18 @@ impl BlobStore {
             });
         }
         let dest = self.file_path(id);
+        // A stored copy of another length under the same name cannot hash
+        // to it (truncated or grown on disk): it gives way to the verified
+        // bytes we hold, and is kept in quarantine, not overwritten.
+        if let Ok(meta) = tokio::fs::metadata(&dest).await {
+            if meta.len() != received {
+                tracing::error!(blob = %id, stored = meta.len(), received, "stored copy has the wrong length; replacing it");
+                match self.quarantine(id).await {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         let outcome = tokio::task::spawn_blocking(move || -> io::Result<PutOutcome> {
             let dir = dest.parent().expect("blob path has a parent");
             if !dir.exists() {
@@ -151,6 +246,9 @@ impl BlobStore {
         .map_err(|e| io::Error::other(e.to_string()))??;
         // The temp name is removed whether we linked or found a copy.
         drop(guard.0.take().map(std::fs::remove_file));
+        if outcome == PutOutcome::Stored {
+            self.set_verified(id, Some(shared::runtime::unix_now()));
+        }
         Ok(outcome)
     }
 
@@ -174,6 +272,10 @@ impl BlobStore {
     /// Every blob this node holds, with its size.
     pub async fn list(&self) -> Result<Vec<(BlobId, u64)>, StoreError> {
         let mut out = Vec::new();
+        if !self.root.join("blobs").is_dir() {
+            // The disk was wiped: it holds nothing (until refilled).
+            return Ok(out);
+        }
         let mut listing = self.objects.list(None);
         while let Some(meta) = listing.next().await {
             let meta = meta?;
@@ -188,17 +290,78 @@ impl BlobStore {
     /// Moves a blob that failed authentication out of the serving path. A
     /// quarantined copy is kept for inspection but never served or copied.
     pub async fn quarantine(&self, id: &BlobId) -> Result<(), StoreError> {
+        self.ensure_layout()?;
         let from = self.file_path(id);
         let to =
             self.root
                 .join("quarantine")
                 .join(format!("{}.{}", id, shared::runtime::unix_now()));
-        tokio::fs::rename(&from, &to).await?;
+        match tokio::fs::rename(&from, &to).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
+            Err(e) => return Err(e.into()),
+        }
+        self.set_verified(id, None);
+        Ok(())
+    }
+
+    /// Copies taken out of service, oldest first.
+    pub async fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        let mut out = Vec::new();
+        let mut rd = match tokio::fs::read_dir(self.root.join("quarantine")).await {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(entry) = rd.next_entry().await? {
+            let name = entry.file_name();
+            let Some((id, since)) = name.to_str().and_then(|n| n.split_once('.')) else {
+                continue;
+            };
+            if let (Ok(id), Ok(since)) = (id.parse::<BlobId>(), since.parse::<i64>()) {
+                out.push(Quarantined { id, since });
+            }
+        }
+        out.sort_by_key(|q| (q.since, q.id));
+        Ok(out)
+    }
+
+    /// Opens a good copy for streaming out whole (repairs of other nodes).
+    pub async fn open_file(&self, id: &BlobId) -> Result<(tokio::fs::File, u64), StoreError> {
+        match tokio::fs::File::open(self.file_path(id)).await {
+            Ok(f) => {
+                let len = f.metadata().await?.len();
+                Ok((f, len))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The path of a good copy, for the scrubber's blocking reads.
+    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+        self.file_path(id)
+    }
+
+    /// Removes a good copy for good (the manager found no asset using it
+    /// for longer than its grace period). The removal is made durable.
+    pub async fn delete(&self, id: &BlobId) -> Result<(), StoreError> {
+        let path = self.file_path(id);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(dir) = path.parent() {
+            let _ = fsync_dir(dir);
+        }
+        self.set_verified(id, None);
         Ok(())
     }
 
     /// Exercises the disk for real: write, fsync, read back, delete.
     pub async fn health_check(&self) -> Result<(), StoreError> {
+        self.ensure_layout()?;
         let p = self
             .root
             .join("tmp")
@@ -320,5 +483,38 @@ mod tests {
             1
         );
         store.health_check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn proofs_persist_a_wrong_length_copy_gives_way_and_a_wiped_disk_refills() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BlobStore::open(&root).unwrap();
+        let data = b"a verified copy".to_vec();
+        let id = BlobId::of(&data);
+        store.put_verified(&id, chunks(&data)).await.unwrap();
+        let t = store.verified_at(&id).expect("recorded at receipt");
+        // The record survives a restart.
+        assert_eq!(BlobStore::open(&root).unwrap().verified_at(&id), Some(t));
+
+        // A copy truncated on disk is replaced by the verified bytes and
+        // kept in quarantine, never overwritten in place.
+        std::fs::write(store.blob_path(&id), &data[..4]).unwrap();
+        assert_eq!(
+            store.put_verified(&id, chunks(&data)).await.unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(std::fs::read(store.blob_path(&id)).unwrap(), data);
+        assert_eq!(store.quarantined().await.unwrap().len(), 1);
+
+        // The whole folder vanishes under a running node: it holds nothing,
+        // and the next push recreates the layout.
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(store.list().await.unwrap().is_empty());
+        store.put_verified(&id, chunks(&data)).await.unwrap();
+        assert_eq!(store.list().await.unwrap(), vec![(id, data.len() as u64)]);
+        store.delete(&id).await.unwrap();
+        assert!(matches!(store.delete(&id).await, Err(StoreError::NotFound)));
+        assert_eq!(store.verified_at(&id), None);
     }
 }

@@ -7,24 +7,47 @@ use axum::{extract::State, http::Request, middleware::Next, response::Response};
 
 use crate::SharedState;
 
+/// Prometheus text. Inventory gauges are measured at scrape time, so they
+/// are true even right after a disk was wiped or a copy quarantined.
 pub async fn metrics(State(st): State<SharedState>) -> String {
-    st.metrics.render()
-}
-
-/// Playback paths carry a bearer token; it must never reach a log.
-fn loggable_path(path: &str) -> String {
-    match path.strip_prefix("/play/") {
-        Some(rest) => match rest.split_once('/') {
-            Some((_, name)) => format!("/play/[token]/{name}"),
-            None => "/play/[token]".into(),
-        },
-        None => path.to_string(),
+    match st.store.list().await {
+        Ok(good) => {
+            let bytes: u64 = good.iter().map(|(_, n)| n).sum();
+            metrics::gauge!("viewnode_blobs", "state" => "good").set(good.len() as f64);
+            metrics::gauge!("viewnode_blob_bytes", "state" => "good").set(bytes as f64);
+            let now = shared::runtime::unix_now();
+            // Age of the stalest proof that a held copy is intact; a copy
+            // never verified on this disk counts from the epoch, on purpose.
+            let oldest = good
+                .iter()
+                .map(|(id, _)| now - st.store.verified_at(id).unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            metrics::gauge!("viewnode_blob_oldest_verification_age_seconds").set(oldest as f64);
+        }
+        Err(e) => tracing::error!("cannot list blobs for metrics: {e}"),
     }
+    if let Ok(q) = st.store.quarantined().await {
+        metrics::gauge!("viewnode_blobs", "state" => "quarantined").set(q.len() as f64);
+    }
+    let s = st.scrub.lock().expect("scrub status").clone();
+    let progress = if s.pass_bytes_total == 0 {
+        if s.pass_running {
+            0.0
+        } else {
+            1.0
+        }
+    } else {
+        s.pass_bytes_done as f64 / s.pass_bytes_total as f64
+    };
+    metrics::gauge!("viewnode_scrub_pass_progress_ratio").set(progress);
+    metrics::gauge!("viewnode_scrub_passes_completed").set(s.passes_completed as f64);
+    st.metrics.render()
 }
 
 pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response {
     let method = req.method().clone();
-    let path = loggable_path(req.uri().path());
+    let path = shared::runtime::loggable_path(req.uri().path());
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
@@ -43,16 +66,4 @@ pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response 
     metrics::counter!("viewnode_http_requests_total", "route" => route, "status" => status.to_string())
         .increment(1);
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tokens_are_redacted_from_logged_paths() {
-        assert_eq!(
-            super::loggable_path("/play/eyJhbGciOi.sig/abc.mp4"),
-            "/play/[token]/abc.mp4"
-        );
-        assert_eq!(super::loggable_path("/healthz"), "/healthz");
-    }
 }

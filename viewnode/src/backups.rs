@@ -1,0 +1,491 @@
+//! The manager's sealed database backups, kept apart from movie blobs.
+//!
+//! They live in `<storage_dir>/backups/<created>-<sha256>` (temp files in
+//! `<storage_dir>/backups-tmp/`), outside `blobs/`, so scrubbing and
+//! reconciliation of movie blobs never see them. The node cannot read them:
+//! they are sealed with a key derived from the operator's recovery key,
+//! which no node holds.
+//!
+//! Endpoints, all HMAC-signed (`shared::nodeauth`):
+//! - `PUT /internal/v1/backups/{name}`: manager only (key id `manager`).
+//!   The body must hash to the name's SHA-256 (which the signature covers);
+//!   written like a blob: temp file, fsync, `link(2)` (create-only), fsync
+//!   of the folder. The same name again with the same bytes is a no-op.
+//! - `GET /internal/v1/backups`, `GET /internal/v1/backups/{name}`: the
+//!   manager, or a restore on an empty machine signing with the
+//!   `backup_read_key` (key id `backup-reader`), which can do nothing else.
+//! - `DELETE /internal/v1/backups/{name}`: manager only (retention).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use axum::{
+    body::Body,
+    extract::{DefaultBodyLimit, Path as UrlPath, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use futures::StreamExt;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use shared::BlobId;
+use tokio::io::AsyncWriteExt;
+
+use crate::SharedState;
+
+/// Key id of the read-only credential (`backup_read_key`).
+const READER_KEY_ID: &str = "backup-reader";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Auth(#[from] shared::NodeAuthError),
+    #[error("this credential may only list and fetch backups")]
+    ReadOnly,
+    #[error("a backup name is `<unix seconds>-<64 hex SHA-256>`")]
+    BadName,
+    #[error("the received bytes hash to {actual}, not to the name's {expected}")]
+    HashMismatch { expected: BlobId, actual: BlobId },
+    #[error("the upload was cut off before it finished")]
+    BodyAborted,
+    #[error("this node holds no backup by that name")]
+    Missing,
+    #[error("storage failure")]
+    Io(#[from] io::Error),
+}
+
+impl BackupError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            BackupError::Auth(e) => e.code(),
+            BackupError::ReadOnly => "auth_read_only",
+            BackupError::BadName => "bad_backup_name",
+            BackupError::HashMismatch { .. } => "hash_mismatch",
+            BackupError::BodyAborted => "body_aborted",
+            BackupError::Missing => "backup_missing",
+            BackupError::Io(_) => "storage_error",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            BackupError::Auth(_) => StatusCode::UNAUTHORIZED,
+            BackupError::ReadOnly => StatusCode::FORBIDDEN,
+            BackupError::BadName | BackupError::BodyAborted => StatusCode::BAD_REQUEST,
+            BackupError::HashMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            BackupError::Missing => StatusCode::NOT_FOUND,
+            BackupError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for BackupError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), "backup request failed: {self:?}");
+        } else {
+            tracing::info!(code = self.code(), "backup request rejected: {self}");
+        }
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        (status, Json(body)).into_response()
+    }
+}
+
+fn dir(st: &SharedState) -> PathBuf {
+    st.cfg.storage_dir.join("backups")
+}
+
+fn tmp_dir(st: &SharedState) -> PathBuf {
+    st.cfg.storage_dir.join("backups-tmp")
+}
+
+/// Creates the folders and removes temp files a crash left (never committed,
+/// so nothing refers to them). Called once at start.
+pub fn init(storage_dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(storage_dir.join("backups"))?;
+    let tmp = storage_dir.join("backups-tmp");
+    std::fs::create_dir_all(&tmp)?;
+    for e in std::fs::read_dir(&tmp)? {
+        let _ = std::fs::remove_file(e?.path());
+    }
+    Ok(())
+}
+
+fn parse_name(name: &str) -> Result<BlobId, BackupError> {
+    let (t, h) = name.split_once('-').ok_or(BackupError::BadName)?;
+    if t.is_empty() || t.len() > 18 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(BackupError::BadName);
+    }
+    h.parse().map_err(|_| BackupError::BadName)
+}
+
+/// Who may do what: the manager everything, the recovery reader only reads.
+fn authenticate(
+    st: &SharedState,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+    content_sha256: &str,
+    write: bool,
+) -> Result<(), BackupError> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let reader = hex::decode(st.cfg.backup_read_key.expose()).ok();
+    let key_id = shared::verify_request(
+        |id| match id {
+            "manager" => Some(st.manager_secret.clone()),
+            READER_KEY_ID => reader.clone().filter(|k| !k.is_empty()),
+            _ => None,
+        },
+        header(shared::AUTH_HEADER),
+        method,
+        path,
+        header(shared::DATE_HEADER),
+        shared::runtime::unix_now(),
+        content_sha256,
+    )?;
+    if write && key_id != "manager" {
+        return Err(BackupError::ReadOnly);
+    }
+    Ok(())
+}
+
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/internal/v1/backups", get(list))
+        .route(
+            "/internal/v1/backups/{name}",
+            // The hash check and the signature bound what is accepted.
+            get(fetch)
+                .put(store)
+                .delete(remove)
+                .layer(DefaultBodyLimit::disable()),
+        )
+}
+
+/// Removes a temp file unless the write that made it succeeded.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+async fn store(
+    State(st): State<SharedState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<serde_json::Value>), BackupError> {
+    let expected = parse_name(&name)?;
+    authenticate(
+        &st,
+        &headers,
+        "PUT",
+        &format!("/internal/v1/backups/{name}"),
+        &expected.to_string(),
+        true,
+    )?;
+    let tmp = tmp_dir(&st).join(format!("{name}.{}", uuid::Uuid::new_v4()));
+    let _guard = TempGuard(Some(tmp.clone()));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .await?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| BackupError::BodyAborted)?;
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    drop(file);
+    let actual = BlobId::from_hasher(hasher);
+    if actual != expected {
+        metrics::counter!("viewnode_backups_rejected_total").increment(1);
+        return Err(BackupError::HashMismatch { expected, actual });
+    }
+    let dest = dir(&st).join(&name);
+    let stored = tokio::task::spawn_blocking(move || -> io::Result<bool> {
+        match std::fs::hard_link(&tmp, &dest) {
+            Ok(()) => {
+                fsync_dir(dest.parent().expect("a file has a folder"))?;
+                Ok(true)
+            }
+            // Same name, same SHA-256: these bytes are already here.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))??;
+    metrics::counter!("viewnode_backups_stored_total").increment(u64::from(stored));
+    tracing::info!(backup = %name, size, stored, "sealed backup verified and kept");
+    let status = if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "backup": name, "size": size }))))
+}
+
+async fn list(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, BackupError> {
+    authenticate(
+        &st,
+        &headers,
+        "GET",
+        "/internal/v1/backups",
+        &shared::content_sha256_hex(b""),
+        false,
+    )?;
+    let mut out = Vec::new();
+    let mut rd = tokio::fs::read_dir(dir(&st)).await?;
+    while let Some(e) = rd.next_entry().await? {
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if parse_name(&name).is_ok() {
+            let size = e.metadata().await?.len();
+            let created: i64 = name
+                .split('-')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            out.push((created, name, size));
+        }
+    }
+    out.sort_by(|a, b| b.cmp(a));
+    let backups: Vec<_> = out
+        .into_iter()
+        .map(|(created, name, size)| json!({ "name": name, "created": created, "size": size }))
+        .collect();
+    Ok(Json(json!({ "node": st.cfg.name, "backups": backups })))
+}
+
+async fn fetch(
+    State(st): State<SharedState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, BackupError> {
+    parse_name(&name)?;
+    authenticate(
+        &st,
+        &headers,
+        "GET",
+        &format!("/internal/v1/backups/{name}"),
+        &shared::content_sha256_hex(b""),
+        false,
+    )?;
+    // Served as stored: the reader checks the hash against the name and
+    // authenticates every segment, so a damaged copy is found there.
+    let file = match tokio::fs::File::open(dir(&st).join(&name)).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BackupError::Missing),
+        Err(e) => return Err(e.into()),
+    };
+    let len = file.metadata().await?.len();
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response())
+}
+
+async fn remove(
+    State(st): State<SharedState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, BackupError> {
+    parse_name(&name)?;
+    authenticate(
+        &st,
+        &headers,
+        "DELETE",
+        &format!("/internal/v1/backups/{name}"),
+        &shared::content_sha256_hex(b""),
+        true,
+    )?;
+    let d = dir(&st);
+    match tokio::fs::remove_file(d.join(&name)).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BackupError::Missing),
+        Err(e) => return Err(e.into()),
+    }
+    tokio::task::spawn_blocking(move || fsync_dir(&d))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
+    tracing::info!(backup = %name, "backup deleted at the manager's request");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    const MANAGER: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const READER: [u8; 32] = [7u8; 32];
+
+    fn state(dir: &Path) -> SharedState {
+        let signer = shared::TokenSigner::generate();
+        let file = dir.join("node.toml");
+        std::fs::write(&file, format!(
+            "name = \"utah\"\nstorage_dir = \"{}\"\nmaster_key = \"{}\"\ntoken_public_key = \"{}\"\n\
+             manager_secret = \"{}\"\nbackup_read_key = \"{}\"\n",
+            dir.display(),
+            "11".repeat(32),
+            signer.public_hex(),
+            hex::encode(MANAGER),
+            hex::encode(READER),
+        ))
+        .unwrap();
+        let cfg = crate::Config::load(Some(&file)).unwrap();
+        std::sync::Arc::new(crate::AppState::new(cfg).unwrap())
+    }
+
+    fn req(
+        method: &str,
+        path: &str,
+        key: (&str, &[u8]),
+        content: &str,
+        body: Vec<u8>,
+    ) -> Request<Body> {
+        let now = shared::runtime::unix_now();
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(
+                shared::AUTH_HEADER,
+                shared::sign_request(key.1, key.0, method, path, now, content),
+            )
+            .header(shared::DATE_HEADER, now.to_string())
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    async fn send(st: &SharedState, r: Request<Body>) -> (StatusCode, Vec<u8>) {
+        let resp = crate::build_router(st.clone()).oneshot(r).await.unwrap();
+        let status = resp.status();
+        (
+            status,
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+    }
+
+    fn code(body: &[u8]) -> String {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        v["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+
+    #[tokio::test]
+    async fn store_list_fetch_delete_with_the_right_credentials() {
+        let d = tempfile::tempdir().unwrap();
+        let st = state(d.path());
+        let data = b"sealed backup bytes".to_vec();
+        let sha = BlobId::of(&data).to_string();
+        let name = format!("1700000000-{sha}");
+        let path = format!("/internal/v1/backups/{name}");
+        let empty = shared::content_sha256_hex(b"");
+        let m = ("manager", MANAGER);
+        let r = ("backup-reader", &READER[..]);
+
+        // The reader cannot write; a wrong body is refused; nothing half-written.
+        let (s, b) = send(&st, req("PUT", &path, r, &sha, data.clone())).await;
+        assert_eq!(
+            (s, code(&b).as_str()),
+            (StatusCode::FORBIDDEN, "auth_read_only")
+        );
+        let (s, b) = send(&st, req("PUT", &path, m, &sha, b"other".to_vec())).await;
+        assert_eq!(
+            (s, code(&b).as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch")
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join("backups-tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        let (s, b) = send(
+            &st,
+            req("PUT", "/internal/v1/backups/nope", m, &sha, data.clone()),
+        )
+        .await;
+        assert_eq!(
+            (s, code(&b).as_str()),
+            (StatusCode::BAD_REQUEST, "bad_backup_name")
+        );
+
+        let (s, _) = send(&st, req("PUT", &path, m, &sha, data.clone())).await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (s, _) = send(&st, req("PUT", &path, m, &sha, data.clone())).await;
+        assert_eq!(s, StatusCode::OK, "same bytes again: no-op");
+        assert_eq!(
+            std::fs::read(d.path().join("backups").join(&name)).unwrap(),
+            data
+        );
+        assert!(
+            !d.path().join("blobs").join(&sha[..2]).exists(),
+            "apart from blobs"
+        );
+
+        // Unsigned: refused. The reader lists and fetches.
+        let unsigned = Request::get("/internal/v1/backups")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&st, unsigned).await.0, StatusCode::UNAUTHORIZED);
+        let (s, b) = send(&st, req("GET", "/internal/v1/backups", r, &empty, vec![])).await;
+        assert_eq!(s, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["node"], "utah");
+        assert_eq!(v["backups"][0]["name"], name.as_str());
+        assert_eq!(v["backups"][0]["size"], data.len());
+        let (s, b) = send(&st, req("GET", &path, r, &empty, vec![])).await;
+        assert_eq!((s, b), (StatusCode::OK, data.clone()));
+
+        // Only the manager deletes.
+        let (s, _) = send(&st, req("DELETE", &path, r, &empty, vec![])).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, _) = send(&st, req("DELETE", &path, m, &empty, vec![])).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let (s, b) = send(&st, req("GET", &path, m, &empty, vec![])).await;
+        assert_eq!(
+            (s, code(&b).as_str()),
+            (StatusCode::NOT_FOUND, "backup_missing")
+        );
+    }
+}

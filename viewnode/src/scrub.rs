@@ -1,0 +1,333 @@
+//! Scrubbing: every good blob is re-read and re-hashed on a schedule, at a
+//! configured rate, so a copy that rotted on disk (a dying drive writing
+//! zeroes, a bit flip) is found within one pass instead of when a viewer
+//! or a repair happens to read it.
+//!
+//! A pass lists the blobs, then reads each one start to end through a token
+//! bucket of `scrub_rate_mb_per_sec`; a pass over `B` stored bytes therefore
+//! takes about `B / rate` seconds, which is the longest a silent corruption
+//! can go unnoticed (plus `scrub_interval_secs` between pass starts). A copy
+//! whose SHA-256 is not its name goes to quarantine (never served, never
+//! copied, no longer in the inventory's good list) and is reported to the
+//! manager, which repairs it from a verified copy elsewhere. A copy that
+//! matches gets its last-verified time recorded (see `store`).
+//!
+//! The bucket is hand-rolled on purpose: one sequential reader pacing itself
+//! is the whole job (sleep until `bytes / rate` has elapsed), which general
+//! rate-limiter crates solve for many concurrent callers at the price of
+//! more dependencies.
+
+use std::{
+    io::Read,
+    os::unix::fs::MetadataExt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use shared::BlobId;
+use tokio::sync::watch;
+
+use crate::SharedState;
+
+/// Token bucket over bytes: `take(n)` says how long to wait before `n` more
+/// bytes may be read. Its capacity is one read, so a pass never bursts.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: f64, capacity: u64, now: Instant) -> Self {
+        Self {
+            rate: bytes_per_sec,
+            capacity: capacity as f64,
+            tokens: capacity as f64,
+            last: now,
+        }
+    }
+
+    pub fn take(&mut self, n: u64, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity) - n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// What `/metrics` and the inventory say about scrubbing.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScrubStatus {
+    pub rate_bytes_per_sec: f64,
+    pub passes_completed: u64,
+    pub pass_running: bool,
+    pub pass_started_at: Option<i64>,
+    pub pass_bytes_done: u64,
+    pub pass_bytes_total: u64,
+    pub last_pass_completed_at: Option<i64>,
+    pub last_pass_secs: Option<f64>,
+    pub last_pass_bytes: u64,
+    /// Bytes per second the last pass achieved (to compare with the rate).
+    pub last_pass_rate_bytes_per_sec: Option<f64>,
+    pub mismatches_total: u64,
+}
+
+pub type Status = Arc<Mutex<ScrubStatus>>;
+
+fn rate_bytes(st: &SharedState) -> f64 {
+    st.cfg.scrub_rate_mb_per_sec * 1e6
+}
+
+/// Runs passes every `scrub_interval_secs` until `stop` fires.
+pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_secs(st.cfg.scrub_interval_secs);
+    if interval.is_zero() {
+        tracing::warn!("scrubbing is disabled (scrub_interval_secs = 0)");
+        return;
+    }
+    metrics::gauge!("viewnode_scrub_rate_configured_bytes_per_second").set(rate_bytes(&st));
+    st.scrub.lock().expect("scrub status").rate_bytes_per_sec = rate_bytes(&st);
+    let cancel = Arc::new(AtomicBool::new(false));
+    loop {
+        let started = Instant::now();
+        let pass = pass(&st, &cancel);
+        tokio::select! {
+            _ = pass => {}
+            _ = stop.changed() => {
+                cancel.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+enum Verdict {
+    Good,
+    Bad { actual: BlobId, inode: u64 },
+    Gone,
+}
+
+/// One full pass over the good blobs.
+async fn pass(st: &SharedState, cancel: &Arc<AtomicBool>) {
+    let blobs = match st.store.list().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("scrub cannot list the blobs: {e}");
+            return;
+        }
+    };
+    let total: u64 = blobs.iter().map(|(_, n)| n).sum();
+    let started_at = shared::runtime::unix_now();
+    {
+        let mut s = st.scrub.lock().expect("scrub status");
+        s.pass_running = true;
+        s.pass_started_at = Some(started_at);
+        s.pass_bytes_done = 0;
+        s.pass_bytes_total = total;
+    }
+    metrics::gauge!("viewnode_scrub_pass_bytes").set(total as f64);
+    metrics::gauge!("viewnode_scrub_pass_done_bytes").set(0.0);
+    let rate = rate_bytes(st);
+    // Reads of at most a quarter second's worth keep the pace smooth.
+    let chunk = ((rate / 4.0) as usize).clamp(4096, 1 << 20);
+    let throttle = Arc::new(Mutex::new(Throttle::new(
+        rate,
+        chunk as u64,
+        Instant::now(),
+    )));
+    let clock = Instant::now();
+    let mut done = 0u64;
+    for (id, size) in blobs {
+        if cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        let path = st.store.blob_path(&id);
+        let (throttle2, cancel2) = (throttle.clone(), cancel.clone());
+        let verdict = tokio::task::spawn_blocking(move || -> std::io::Result<Verdict> {
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Verdict::Gone),
+                Err(e) => return Err(e),
+            };
+            let inode = f.metadata()?.ino();
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; chunk];
+            loop {
+                if cancel2.load(Ordering::Relaxed) {
+                    return Ok(Verdict::Gone);
+                }
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                let wait = throttle2
+                    .lock()
+                    .expect("throttle")
+                    .take(n as u64, Instant::now());
+                std::thread::sleep(wait);
+                hasher.update(&buf[..n]);
+                metrics::counter!("viewnode_scrub_bytes_total").increment(n as u64);
+            }
+            let actual = BlobId::from_hasher(hasher);
+            Ok(if actual == id {
+                Verdict::Good
+            } else {
+                Verdict::Bad { actual, inode }
+            })
+        })
+        .await;
+        done += size;
+        match verdict {
+            Ok(Ok(Verdict::Good)) => st
+                .store
+                .set_verified(&id, Some(shared::runtime::unix_now())),
+            Ok(Ok(Verdict::Gone)) => {}
+            Ok(Ok(Verdict::Bad { actual, inode })) => {
+                // Quarantine only the file we read: a repair may have put a
+                // fresh, verified copy under the name meanwhile.
+                let same = std::fs::metadata(st.store.blob_path(&id))
+                    .map(|m| m.ino() == inode)
+                    .unwrap_or(false);
+                if same {
+                    tracing::error!(blob = %id, %actual, "scrub: stored copy does not hash to its name; quarantining");
+                    metrics::counter!("viewnode_scrub_mismatches_total").increment(1);
+                    st.scrub.lock().expect("scrub status").mismatches_total += 1;
+                    quarantine_and_report(st, id, "scrub_mismatch").await;
+                }
+            }
+            Ok(Err(e)) => {
+                // A read error is not proof of corruption; the disk's own
+                // health is for /healthz. The next pass tries again.
+                metrics::counter!("viewnode_scrub_read_errors_total").increment(1);
+                tracing::error!(blob = %id, "scrub cannot read the blob: {e}");
+            }
+            Err(e) => tracing::error!(blob = %id, "scrub task failed: {e}"),
+        }
+        st.scrub.lock().expect("scrub status").pass_bytes_done = done;
+        metrics::gauge!("viewnode_scrub_pass_done_bytes").set(done as f64);
+    }
+    let secs = clock.elapsed().as_secs_f64();
+    let achieved = (secs > 0.0).then(|| total as f64 / secs);
+    let now = shared::runtime::unix_now();
+    {
+        let mut s = st.scrub.lock().expect("scrub status");
+        s.pass_running = false;
+        s.passes_completed += 1;
+        s.last_pass_completed_at = Some(now);
+        s.last_pass_secs = Some(secs);
+        s.last_pass_bytes = total;
+        s.last_pass_rate_bytes_per_sec = achieved;
+    }
+    metrics::counter!("viewnode_scrub_passes_total").increment(1);
+    metrics::gauge!("viewnode_scrub_last_pass_seconds").set(secs);
+    metrics::gauge!("viewnode_scrub_last_pass_bytes").set(total as f64);
+    metrics::gauge!("viewnode_scrub_last_pass_completed_timestamp_seconds").set(now as f64);
+    if let Some(r) = achieved {
+        metrics::gauge!("viewnode_scrub_last_pass_rate_bytes_per_second").set(r);
+    }
+    tracing::info!(bytes = total, secs, "scrub pass complete");
+}
+
+/// Takes a bad copy out of service and tells the manager, which then
+/// repairs it from a verified copy elsewhere. Used by the scrubber and by
+/// playback when a segment fails its AEAD tag.
+pub async fn quarantine_and_report(st: &SharedState, blob: BlobId, reason: &'static str) {
+    metrics::counter!("viewnode_blobs_quarantined_total").increment(1);
+    match st.store.quarantine(&blob).await {
+        Ok(()) => {}
+        // Another reader got there first; it reports too.
+        Err(crate::store::StoreError::NotFound) => return,
+        Err(e) => {
+            tracing::error!(%blob, "quarantine failed: {e}");
+            return;
+        }
+    }
+    let st = st.clone();
+    tokio::spawn(async move { report(&st, blob, reason).await });
+}
+
+/// `POST {manager_url}/internal/v1/nodes/{name}/events`, signed with our
+/// shared secret under key id = our name. A few retries; if the manager
+/// stays unreachable its reconciliation finds the quarantine anyway.
+async fn report(st: &SharedState, blob: BlobId, reason: &str) {
+    if st.cfg.manager_url.is_empty() {
+        return;
+    }
+    let path = format!("/internal/v1/nodes/{}/events", st.cfg.name);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "events": [{ "kind": "quarantined", "blob": blob, "reason": reason,
+                     "at": shared::runtime::unix_now() }]
+    }))
+    .expect("json");
+    let url = format!("{}{path}", st.cfg.manager_url.trim_end_matches('/'));
+    for attempt in 0..4u32 {
+        let now = shared::runtime::unix_now();
+        let auth = shared::sign_request(
+            &st.manager_secret,
+            &st.cfg.name,
+            "POST",
+            &path,
+            now,
+            &shared::content_sha256_hex(&body),
+        );
+        let sent = st
+            .http
+            .post(&url)
+            .header(shared::AUTH_HEADER, auth)
+            .header(shared::DATE_HEADER, now.to_string())
+            .header("content-type", "application/json")
+            .timeout(Duration::from_secs(10))
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(%blob, "quarantine reported to the manager");
+                return;
+            }
+            Ok(r) => {
+                tracing::warn!(%blob, status = %r.status(), "manager refused the quarantine report")
+            }
+            Err(e) => tracing::warn!(%blob, "cannot report the quarantine: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(2u64 << attempt)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_paces_reads_at_the_rate() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(1_000_000.0, 100_000, t0);
+        // Reading as fast as possible: the waits add up to bytes / rate,
+        // less the one bucketful allowed at once.
+        let mut clock = t0;
+        for _ in 0..100 {
+            clock += t.take(100_000, clock);
+        }
+        let secs = clock.duration_since(t0).as_secs_f64();
+        assert!((secs - 9.9).abs() < 0.01, "{secs}");
+        // Idle time refills at most one bucketful.
+        clock += Duration::from_secs(60);
+        assert_eq!(t.take(100_000, clock), Duration::ZERO);
+        assert!(t.take(100_000, clock) > Duration::from_millis(99));
+    }
+}
