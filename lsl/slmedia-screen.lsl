@@ -13,21 +13,38 @@ string ASSET_ID = "__ASSET_ID__";
 integer FACE = 0;
 
 key pending;
+// Paid movies (docs/credits.md): who touched, the purchase's request id
+// (kept for a retry, so a retried purchase is charged once), a chat listener
+// for the avatar's link code.
+key viewer;
+string buy_request;
+integer buy_retries;
+integer listener;
 
-request_movie(key avatar)
+send(string path, string fields)
 {
-    string body = "terminal=" + TERMINAL_ID
-        + "&asset=" + ASSET_ID
-        + "&avatar=" + (string)avatar
+    string body = "terminal=" + TERMINAL_ID + fields
         + "&ts=" + (string)llGetUnixTime()
         + "&nonce=" + (string)llGenerateKey();
     string signature = llHMAC(TERMINAL_SECRET, body, "sha256");
-    pending = llHTTPRequest(MANAGER_URL + "/api/v1/terminal/play",
+    pending = llHTTPRequest(MANAGER_URL + path,
         [HTTP_METHOD, "POST",
          HTTP_MIMETYPE, "application/x-www-form-urlencoded",
          HTTP_CUSTOM_HEADER, "X-Terminal-Signature", signature,
          HTTP_BODY_MAXLENGTH, 4096],
         body);
+}
+
+request_movie(key avatar)
+{
+    viewer = avatar;
+    send("/api/v1/terminal/play", "&asset=" + ASSET_ID + "&avatar=" + (string)avatar);
+}
+
+buy()
+{
+    send("/api/v1/terminal/buy", "&asset=" + ASSET_ID + "&avatar=" + (string)viewer
+        + "&request=" + buy_request);
 }
 
 default
@@ -37,9 +54,47 @@ default
         request_movie(llDetectedKey(0));
     }
 
+    listen(integer channel, string name, key id, string message)
+    {
+        llListenRemove(listener);
+        llSetTimerEvent(0.0);
+        send("/api/v1/terminal/link", "&avatar=" + (string)viewer
+            + "&code=" + llStringTrim(message, STRING_TRIM));
+    }
+
+    timer()
+    {
+        llListenRemove(listener);
+        llSetTimerEvent(0.0);
+    }
+
     http_response(key id, integer status, list meta, string body)
     {
         if (id != pending) return;
+        string code = llJsonGetValue(body, ["error", "code"]);
+        if (code == "payment_required") {
+            buy_request = (string)llGenerateKey();
+            buy_retries = 0;
+            buy();
+            return;
+        }
+        if (code == "avatar_not_linked") {
+            llRegionSayTo(viewer, 0, "This movie has a price. Say the link code from your account page on the web site (within 60 seconds).");
+            llListenRemove(listener);
+            listener = llListen(0, "", viewer, "");
+            llSetTimerEvent(60.0);
+            return;
+        }
+        if (llJsonGetValue(body, ["linked"]) == JSON_TRUE) {
+            buy();
+            return;
+        }
+        // No answer or a server error: retry the same purchase once.
+        if ((status == 499 || status >= 500) && buy_request != "" && buy_retries < 1) {
+            buy_retries += 1;
+            buy();
+            return;
+        }
         if (status != 200) {
             string message = llJsonGetValue(body, ["error", "message"]);
             if (message == JSON_INVALID) message = "HTTP " + (string)status;
@@ -47,6 +102,7 @@ default
             return;
         }
         string url = llJsonGetValue(body, ["media_url"]);
+        buy_request = "";
         llSetPrimMediaParams(FACE,
             [PRIM_MEDIA_CURRENT_URL, url,
              PRIM_MEDIA_HOME_URL, url,

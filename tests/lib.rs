@@ -149,6 +149,9 @@ pub struct ClusterOpts {
     /// Pick every port up front so a node or the manager restarts on the
     /// same URL, and tell nodes the manager's URL (quarantine reports).
     pub fixed_ports: bool,
+    /// TOML tables appended to the manager's configuration (e.g. a
+    /// `[credits]` section with short windows for the credits tests).
+    pub manager_extra: String,
 }
 
 impl ClusterOpts {
@@ -163,6 +166,7 @@ impl ClusterOpts {
             reconcile_interval_secs: 60,
             unreferenced_grace_secs: 7 * 86400,
             fixed_ports: false,
+            manager_extra: String::new(),
         }
     }
 }
@@ -267,10 +271,11 @@ impl Cluster {
                 "listen = \"127.0.0.1:{manager_port}\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
                  token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = {min_replicas}\n\
                  geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
-                 [transcode]\npreset = \"ultrafast\"\n{reconcile}{node_sections}",
+                 [transcode]\npreset = \"ultrafast\"\n{reconcile}{}\n{node_sections}",
                 manager_data.display(),
                 signer.seed_hex(),
-                geoip_test_db().display()
+                geoip_test_db().display(),
+                opts.manager_extra
             ),
         )
         .unwrap();
@@ -323,6 +328,23 @@ impl Cluster {
             api_token,
             token_signer: signer,
         }
+    }
+
+    /// Runs `manager --config <cluster config> <args>` (a CLI command next
+    /// to the running manager) and returns its stdout; panics on failure.
+    pub fn manager_cli(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("manager"))
+            .arg("--config")
+            .arg(&self.manager_config)
+            .args(args)
+            .output()
+            .expect("manager command");
+        assert!(
+            out.status.success(),
+            "manager {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
     /// Starts the manager again on the same configuration and data (on a

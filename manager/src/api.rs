@@ -59,6 +59,9 @@ pub struct AssetView {
     pub width: Option<i64>,
     pub height: Option<i64>,
     pub duration_secs: Option<f64>,
+    /// Credits per view; 0 = free. A paid movie's `media_url` is shown only
+    /// to its owner and operators; others buy a view (docs/credits.md).
+    pub price: i64,
 }
 
 pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, ApiError> {
@@ -91,6 +94,7 @@ pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, Ap
         width: a.width,
         height: a.height,
         duration_secs: a.duration_secs,
+        price: crate::ledger::price(&st.db, &a.id).await?,
     })
 }
 
@@ -113,7 +117,9 @@ pub async fn get_asset(
     if !visible_to(&a, caller.as_ref()) {
         return Err(ApiError::NotFound("asset"));
     }
-    Ok(Json(asset_view(&st, &a).await?))
+    let mut view = asset_view(&st, &a).await?;
+    crate::account::gate_media_url(&a, caller.as_ref(), &mut view);
+    Ok(Json(view))
 }
 
 /// `GET /api/v1/assets`: the caller's own uploads, newest first.
@@ -315,8 +321,10 @@ pub async fn upload(
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     guard.0 = Some(src.clone());
-    db::insert_asset(
+    // The row and the upload's cost (docs/credits.md) in one transaction.
+    crate::ledger::insert_asset_paid(
         &st.db,
+        st.cfg.credits.upload_cost as i64,
         &asset_id,
         caller.user.id,
         &title,

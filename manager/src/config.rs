@@ -57,6 +57,9 @@ pub struct Config {
     /// Scheduled, verified database backups and their off-machine copies
     /// (docs/backup.md).
     pub backup: BackupConfig,
+    /// Credits: signup bonus, view prices' split, grant window, refunds
+    /// (docs/credits.md).
+    pub credits: CreditsConfig,
     /// The settings as given (file, then environment), for the backup to
     /// carry so a restore can rebuild this configuration. Not a setting.
     #[serde(skip)]
@@ -105,6 +108,66 @@ impl Default for BackupConfig {
             nodes: crate::backup::BackupNodes::default(),
             recovery_key: Secret::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreditsConfig {
+    /// Credits a new account starts with (given in the sign-up transaction).
+    pub signup_bonus: u64,
+    /// Credits an upload costs, charged when it is accepted and given back
+    /// if it ends rejected. 0 = free (a promotion).
+    pub upload_cost: u64,
+    /// Percent of a view's price credited to the movie's uploader (0–100);
+    /// the rest stays with the site.
+    pub uploader_share_percent: u8,
+    /// Seconds a purchased view may be played for (the playback token
+    /// expires with it). At least 60.
+    pub grant_window_secs: u64,
+    /// A grant under which nothing was served is refunded once it has
+    /// expired and every node has delivered its view journal at least this
+    /// many seconds after the expiry (responses still running at expiry
+    /// report within `journal_flush_secs` on the node). At least 30.
+    pub refund_grace_secs: u64,
+    /// Seconds between two runs of the refund sweeper.
+    pub sweep_interval_secs: u64,
+}
+
+impl Default for CreditsConfig {
+    fn default() -> Self {
+        Self {
+            signup_bonus: 1000,
+            upload_cost: 0,
+            uploader_share_percent: 70,
+            grant_window_secs: 4 * 3600,
+            refund_grace_secs: 120,
+            sweep_interval_secs: 30,
+        }
+    }
+}
+
+impl CreditsConfig {
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.signup_bonus > crate::ledger::MAX_AMOUNT as u64 {
+            return Err(("signup_bonus", "must be at most 1000000000000"));
+        }
+        if self.upload_cost > crate::ledger::MAX_AMOUNT as u64 {
+            return Err(("upload_cost", "must be at most 1000000000000"));
+        }
+        if self.uploader_share_percent > 100 {
+            return Err(("uploader_share_percent", "must be between 0 and 100"));
+        }
+        if self.grant_window_secs < 60 {
+            return Err(("grant_window_secs", "must be at least 60"));
+        }
+        if self.refund_grace_secs < 30 {
+            return Err(("refund_grace_secs", "must be at least 30"));
+        }
+        if self.sweep_interval_secs == 0 {
+            return Err(("sweep_interval_secs", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -214,6 +277,7 @@ impl Default for Config {
             nodes: Vec::new(),
             reconcile: ReconcileConfig::default(),
             backup: BackupConfig::default(),
+            credits: CreditsConfig::default(),
             effective: Default::default(),
         }
     }
@@ -376,6 +440,9 @@ impl Config {
                 return Err(field(&f("site"), "must be at most 64 printable characters"));
             }
         }
+        self.credits
+            .validate()
+            .map_err(|(name, why)| field(&format!("credits.{name}"), why))?;
         if self.reconcile.interval_secs == 0 {
             return Err(field("reconcile.interval_secs", "must be at least 1"));
         }

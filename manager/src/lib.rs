@@ -10,6 +10,7 @@
 //! Viewers' bytes never pass through it: nodes serve them, and keep serving
 //! valid tokens while the manager is down.
 
+mod account;
 pub mod api;
 pub mod auth;
 pub mod backup;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod db;
 mod error;
 pub mod geo;
+pub mod ledger;
 pub mod media;
 pub mod nodes;
 pub mod pipeline;
@@ -61,6 +63,8 @@ pub struct AppState {
     pub playable: redirect::PlayableCache,
     /// Media-URL tokens already verified (see [`redirect::TokenCache`]).
     pub tokens: redirect::TokenCache,
+    /// Log-in and sign-up rate limits (see [`account::Limiter`]).
+    pub limits: account::Limiter,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -120,6 +124,7 @@ impl AppState {
             geo,
             playable: redirect::PlayableCache::default(),
             tokens: redirect::TokenCache::default(),
+            limits: account::Limiter::default(),
         })
     }
 }
@@ -154,6 +159,33 @@ pub fn build_router(state: SharedState) -> Router {
         .route(
             "/internal/v1/nodes/{name}/events",
             post(reconcile::node_events).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
+        .route("/signup", get(account::signup_form).post(account::signup))
+        .route("/account", get(account::account_page))
+        .route("/account/export", get(account::export))
+        .route("/account/link-code", post(account::new_link_code))
+        .route("/account/grants", post(account::grant_form))
+        .route("/assets/{id}/price", post(account::set_price_form))
+        .route("/assets/{id}/buy", post(account::buy_form))
+        .route("/api/v1/account", get(account::account_api))
+        .route(
+            "/api/v1/assets/{id}/price",
+            axum::routing::put(account::set_price_api),
+        )
+        .route("/api/v1/assets/{id}/purchase", post(account::purchase_api))
+        .route("/api/v1/grants/{id}", get(account::grant_status))
+        .route("/api/v1/admin/grants", post(account::grant_api))
+        .route(
+            "/api/v1/terminal/buy",
+            post(terminal::buy).layer(DefaultBodyLimit::max(4096)),
+        )
+        .route(
+            "/api/v1/terminal/link",
+            post(terminal::link).layer(DefaultBodyLimit::max(4096)),
+        )
+        .route(
+            "/internal/v1/nodes/{name}/journal",
+            post(ledger::journal).layer(DefaultBodyLimit::max(1024 * 1024)),
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(telemetry::metrics))
@@ -232,6 +264,7 @@ pub async fn run(
     );
     let reconciler = tokio::spawn(reconcile::run(state.clone(), stop_rx.clone()));
     let backups = tokio::spawn(backup::run(state.clone(), stop_rx.clone()));
+    let refunds = tokio::spawn(ledger::run(state.clone(), stop_rx.clone()));
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -257,6 +290,7 @@ pub async fn run(
     monitor.abort();
     reconciler.abort();
     backups.abort();
+    refunds.abort();
     Ok(())
 }
 

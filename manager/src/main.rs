@@ -37,6 +37,25 @@ enum Command {
         #[arg(long, default_value = "cli")]
         label: String,
     },
+    /// Grant credits to one account (`--email`) or to every account created
+    /// before a unix time (`--created-before`), recorded with who and why.
+    /// `--key` makes it idempotent: running it again grants nobody twice.
+    GrantCredits {
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        created_before: Option<i64>,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        reason: String,
+        /// Who grants (recorded as `operator:<by>`).
+        #[arg(long)]
+        by: String,
+        /// Idempotency key; default: a fresh one (the grant always applies).
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Probe a media file as an upload would be, and print what was found
     /// (or the rejection code and sentence).
     MediaProbe { file: PathBuf },
@@ -187,6 +206,36 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let token = format!("slm_{}", auth::random_token());
             db::insert_api_token(&db, &auth::token_hash(&token), user.id, &label).await?;
             println!("{token}");
+            Ok(())
+        }
+        Command::GrantCredits {
+            email,
+            created_before,
+            amount,
+            reason,
+            by,
+            key,
+        } => {
+            let db = open_db(&cfg).await?;
+            let fail = |e: manager::ApiError| anyhow::anyhow!("{}: {e}", e.code());
+            let amount = manager::ledger::parse_amount_text(&amount).map_err(fail)?;
+            let to = match (email, created_before) {
+                (Some(email), None) => {
+                    let user = db::user_by_email(&db, &email.trim().to_lowercase())
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("no account for {email}"))?;
+                    manager::ledger::Recipients::Account(user.id)
+                }
+                (None, Some(t)) => manager::ledger::Recipients::CreatedBefore(t),
+                _ => anyhow::bail!("give exactly one of --email or --created-before"),
+            };
+            let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let done =
+                manager::ledger::grant(&db, &to, amount, &format!("operator:{by}"), &reason, &key)
+                    .await
+                    .map_err(fail)?;
+            println!("{}", done.len());
+            eprintln!("granted {amount} credits to {} account(s)", done.len());
             Ok(())
         }
         Command::InitCluster { .. }

@@ -245,7 +245,7 @@ struct Event {
 }
 
 /// `POST /internal/v1/nodes/{name}/events`: a node reports what happened to
-/// its copies (today: `quarantined`). Signed by the node with its own secret
+/// its copies (`quarantined`, `missing`). Signed by the node with its own secret
 /// under key id = its name; an unknown node, or one signing for another, is
 /// refused with `auth_*` codes (401).
 pub async fn node_events(
@@ -264,7 +264,10 @@ pub async fn node_events(
     })?;
     let mut repairing = Vec::new();
     for ev in events.events {
-        if ev.kind != "quarantined" {
+        // `quarantined`: the node found its copy bad and set it aside.
+        // `missing`: a viewer was sent to the node for a copy it does not
+        // have (storage wiped). Either way the copy is gone: repair it.
+        if ev.kind != "quarantined" && ev.kind != "missing" {
             tracing::warn!(node = %name, kind = %ev.kind, "unknown node event ignored");
             continue;
         }
@@ -274,10 +277,10 @@ pub async fn node_events(
                 "`blob` must be a SHA-256 in hex",
             ));
         }
-        let reason = format!("quarantined on the node ({})", ev.reason);
+        let reason = format!("{} on the node ({})", ev.kind, ev.reason);
         let assets = db::replicas_quarantined(&st.db, &name, &ev.blob, &reason).await?;
         tracing::warn!(node = %name, blob = %ev.blob, reason = %ev.reason, assets = assets.len(),
-            "node reports a quarantined copy; repairing");
+            kind = %ev.kind, "node reports a lost copy; repairing");
         metrics::counter!("manager_replicas_lost_total", "node" => name.clone()).increment(1);
         repairing.extend(assets);
     }

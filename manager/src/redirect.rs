@@ -204,9 +204,14 @@ pub fn choose_node<'a>(
 
 /// Signs the playback token a media URL carries: the asset, its blob and
 /// wrapped data key (so a node can serve without asking the manager), an
-/// expiry and, for paid views, the grant. `None` unless the asset is
-/// published with its blob recorded.
-pub fn playback_token(st: &SharedState, a: &db::Asset, grant: Option<String>) -> Option<String> {
+/// expiry and, for paid views, the grant (whose window the expiry is).
+/// `None` unless the asset is published with its blob recorded.
+pub fn playback_token_until(
+    st: &SharedState,
+    a: &db::Asset,
+    grant: Option<String>,
+    expires_at: i64,
+) -> Option<String> {
     if a.state != "published" {
         return None;
     }
@@ -214,7 +219,7 @@ pub fn playback_token(st: &SharedState, a: &db::Asset, grant: Option<String>) ->
         asset_id: a.id.clone(),
         blob: a.blob_id.as_deref()?.parse().ok()?,
         wrapped_key: a.wrapped_key.clone()?,
-        expires_at: db::now() + st.cfg.token_ttl_secs as i64,
+        expires_at,
         grant,
     };
     Some(st.signer.sign(&claims))
@@ -225,7 +230,17 @@ pub fn playback_token(st: &SharedState, a: &db::Asset, grant: Option<String>) ->
 /// hands out is all a viewer needs until it expires, even with the manager
 /// down once the player has been redirected.
 pub fn media_url(st: &SharedState, a: &db::Asset, grant: Option<String>) -> Option<String> {
-    let token = playback_token(st, a, grant)?;
+    media_url_until(st, a, grant, db::now() + st.cfg.token_ttl_secs as i64)
+}
+
+/// [`media_url`] expiring at `expires_at` (a paid view's grant window).
+pub fn media_url_until(
+    st: &SharedState,
+    a: &db::Asset,
+    grant: Option<String>,
+    expires_at: i64,
+) -> Option<String> {
+    let token = playback_token_until(st, a, grant, expires_at)?;
     Some(format!("{}/media/{token}/{}.mp4", st.public_url, a.id))
 }
 

@@ -18,8 +18,12 @@ pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response 
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let ms = start.elapsed().as_millis() as u64;
-    // Probes arrive every few seconds; logging each would bury real traffic.
-    if path == "/healthz" || path == "/metrics" {
+    // Probes and the nodes' journal heartbeats arrive every few seconds;
+    // logging each would bury real traffic. Failures are still logged.
+    let routine = path == "/healthz"
+        || path == "/metrics"
+        || (path.starts_with("/internal/v1/nodes/") && path.ends_with("/journal"));
+    if routine && status < 400 {
         tracing::debug!(%method, path, status, ms, "request");
     } else {
         tracing::info!(%method, path, status, ms, "request");

@@ -87,7 +87,47 @@ pub async fn play(
             "nonce and avatar must be 1–64 characters",
         ));
     }
-    let Some(term) = db::terminal(&st.db, &req.terminal).await? else {
+    check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
+    let a = db::asset(&st.db, &req.asset)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    if a.state != "published" {
+        return Err(ApiError::NotPublished);
+    }
+    // A paid movie is played through `/api/v1/terminal/buy` (docs/credits.md).
+    if crate::ledger::price(&st.db, &a.id).await? > 0 {
+        return Err(ApiError::Conflict {
+            code: "payment_required",
+            message: "this movie has a price: buy a view (the screen's buy request)".into(),
+        });
+    }
+    tracing::info!(terminal = %req.terminal, asset = %a.id, avatar = %req.avatar, "terminal play");
+    metrics::counter!("manager_terminal_plays_total").increment(1);
+    let media_url = crate::redirect::media_url(&st, &a, None).ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!("published asset {} lacks its blob", a.id))
+    })?;
+    Ok(Json(
+        serde_json::json!({ "media_url": media_url, "title": a.title }),
+    ))
+}
+
+/// Checks a terminal request: known terminal, signature over the exact
+/// body, fresh time, unused nonce. Every terminal endpoint calls it first.
+pub async fn check_signed(
+    st: &SharedState,
+    headers: &HeaderMap,
+    body: &[u8],
+    terminal_id: &str,
+    ts: i64,
+    nonce: &str,
+) -> Result<db::Terminal, ApiError> {
+    if nonce.is_empty() || nonce.len() > 64 {
+        return Err(ApiError::bad_request(
+            "terminal_bad_request",
+            "nonce must be 1–64 characters",
+        ));
+    }
+    let Some(term) = db::terminal(&st.db, terminal_id).await? else {
         return Err(refuse(
             "terminal_unknown",
             "this terminal is not registered (or was removed)",
@@ -106,38 +146,96 @@ pub async fn play(
         .get(SIGNATURE_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !crate::auth::ct_eq(presented.trim(), &sign(&secret_string(&raw), &body)) {
+    if !crate::auth::ct_eq(presented.trim(), &sign(&secret_string(&raw), body)) {
         tracing::warn!(terminal = %term.id, "terminal request with a bad signature");
         return Err(refuse(
             "terminal_bad_signature",
             "the request is not signed with this terminal's secret",
         ));
     }
-    if (db::now() - req.ts).abs() > WINDOW_SECS {
+    if (db::now() - ts).abs() > WINDOW_SECS {
         return Err(refuse(
             "terminal_stale",
             "the request's time is too far from ours; check it is sent at once",
         ));
     }
-    if !db::use_terminal_nonce(&st.db, &term.id, &req.nonce, 2 * WINDOW_SECS).await? {
+    if !db::use_terminal_nonce(&st.db, &term.id, nonce, 2 * WINDOW_SECS).await? {
         return Err(ApiError::Conflict {
             code: "terminal_replayed",
             message: "this request was already used".into(),
         });
     }
-    let a = db::asset(&st.db, &req.asset)
-        .await?
-        .ok_or(ApiError::NotFound("movie"))?;
-    if a.state != "published" {
-        return Err(ApiError::NotPublished);
+    Ok(term)
+}
+
+#[derive(Deserialize)]
+struct BuyRequest {
+    terminal: String,
+    asset: String,
+    avatar: String,
+    /// The purchase's idempotency key: a screen that retries sends the
+    /// same one (with a new nonce) and is charged once.
+    request: String,
+    ts: i64,
+    nonce: String,
+}
+
+fn parse_form<T: serde::de::DeserializeOwned>(body: &[u8], fields: &str) -> Result<T, ApiError> {
+    serde_urlencoded::from_bytes(body).map_err(|e| {
+        ApiError::bad_request("terminal_bad_request", format!("expected {fields}: {e}"))
+    })
+}
+
+fn check_avatar(avatar: &str) -> Result<(), ApiError> {
+    if avatar.is_empty() || avatar.len() > 64 {
+        return Err(ApiError::bad_request(
+            "terminal_bad_request",
+            "avatar must be 1–64 characters",
+        ));
     }
-    tracing::info!(terminal = %term.id, asset = %a.id, avatar = %req.avatar, "terminal play");
-    metrics::counter!("manager_terminal_plays_total").increment(1);
-    let media_url = crate::redirect::media_url(&st, &a, None).ok_or_else(|| {
-        ApiError::Internal(anyhow::anyhow!("published asset {} lacks its blob", a.id))
-    })?;
+    Ok(())
+}
+
+/// `POST /api/v1/terminal/buy`: a signed form body
+/// `terminal=…&asset=…&avatar=…&request=…&ts=…&nonce=…` → a purchase
+/// charged to the account linked to the avatar (docs/credits.md).
+pub async fn buy(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: BuyRequest = parse_form(&body, "terminal, asset, avatar, request, ts and nonce")?;
+    check_avatar(&req.avatar)?;
+    let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
+    tracing::info!(terminal = %term.id, asset = %req.asset, avatar = %req.avatar, "terminal purchase");
     Ok(Json(
-        serde_json::json!({ "media_url": media_url, "title": a.title }),
+        crate::account::terminal_purchase(&st, &req.avatar, &req.asset, &req.request).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct LinkRequest {
+    terminal: String,
+    avatar: String,
+    code: String,
+    ts: i64,
+    nonce: String,
+}
+
+/// `POST /api/v1/terminal/link`: `terminal=…&avatar=…&code=…&ts=…&nonce=…`
+/// links the avatar to the account that made the one-time code.
+pub async fn link(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: LinkRequest = parse_form(&body, "terminal, avatar, code, ts and nonce")?;
+    check_avatar(&req.avatar)?;
+    let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
+    crate::account::redeem_code(&st, &req.code, &req.avatar).await?;
+    tracing::info!(terminal = %term.id, avatar = %req.avatar, "avatar linked");
+    Ok(Json(
+        serde_json::json!({ "linked": true, "avatar": req.avatar }),
     ))
 }
 

@@ -127,6 +127,10 @@ struct AssetPage<'a> {
     busy: bool,
     percent: u32,
     watch_url: String,
+    /// Whether the caller owns the movie (sets its price) and a fresh
+    /// request id for the buy form (a double submit is charged once).
+    owner: bool,
+    request_id: String,
 }
 
 pub async fn asset_page(
@@ -140,7 +144,11 @@ pub async fn asset_page(
     if !api::visible_to(&a, c.as_ref()) {
         return Err(ApiError::NotFound("movie").into());
     }
-    let view = api::asset_view(&st, &a).await?;
+    let mut view = api::asset_view(&st, &a).await?;
+    crate::account::gate_media_url(&a, c.as_ref(), &mut view);
+    let owner = c
+        .as_ref()
+        .is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator());
     let busy = !matches!(view.state.as_str(), "published" | "rejected" | "damaged");
     let percent = (view.progress.clamp(0.0, 1.0) * 100.0).round() as u32;
     let (user, csrf) = who(&c);
@@ -151,6 +159,8 @@ pub async fn asset_page(
         percent,
         watch_url: view.media_url.clone().unwrap_or_default(),
         a: view,
+        owner,
+        request_id: uuid::Uuid::new_v4().simple().to_string(),
     }))
 }
 
@@ -191,6 +201,7 @@ pub struct LoginForm {
 
 pub async fn login(
     State(st): State<SharedState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: axum::http::HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Result<Response, PageError> {
@@ -199,6 +210,9 @@ pub async fn login(
         return Err(ApiError::Csrf.into());
     }
     let email = f.email.trim().to_lowercase();
+    // Failed attempts per address and per account are limited (429).
+    let ip = crate::account::client_ip(&st, peer, &headers);
+    crate::account::check_login(&st, &ip, &email)?;
     let user = db::user_by_email(&st.db, &email).await?;
     // Always run one Argon2 verification so timing does not reveal which
     // emails have accounts.
@@ -212,6 +226,7 @@ pub async fn login(
         .unwrap_or(false);
     let Some(user) = user.filter(|_| ok) else {
         tracing::info!("failed login");
+        crate::account::record_login_failure(&st, &ip, &email);
         let page = LoginPage {
             user: None,
             csrf: &f.csrf,

@@ -47,14 +47,8 @@ async fn start_chromedriver() -> (Driver, String) {
     (Driver(child), url)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
-    let cluster = Cluster::start(&["utah", "toronto"]);
-    let input = cluster.dir.path().join("garden.webm");
-    make_webm(&input);
-    let profile = cluster.dir.path().join("chromium-profile");
-    let (_driver, driver_url) = start_chromedriver().await;
-
+/// A headless Chromium session through chromedriver, with its own profile.
+async fn chromium(profile: &std::path::Path, driver_url: &str) -> fantoccini::Client {
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -71,11 +65,22 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
         }),
     );
     // chromedriver is on loopback: plain HTTP, no TLS stack needed.
-    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
-        .connect(&driver_url)
+        .connect(driver_url)
         .await
-        .expect("connect to chromedriver");
+        .expect("connect to chromedriver")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
+    let cluster = Cluster::start(&["utah", "toronto"]);
+    let input = cluster.dir.path().join("garden.webm");
+    make_webm(&input);
+    let profile = cluster.dir.path().join("chromium-profile");
+    let (_driver, driver_url) = start_chromedriver().await;
+
+    let c = chromium(&profile, &driver_url).await;
     let base = &cluster.manager.url;
 
     // Log in through the form.
@@ -159,29 +164,7 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
     }
 
     // Play it and watch the clock move.
-    c.execute(
-        "const v = document.getElementById('player'); v.muted = true; v.play(); return true;",
-        vec![],
-    )
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let state = loop {
-        let s = c
-            .execute(
-                "const v = document.getElementById('player');
-                 return {t: v.currentTime, err: v.error ? v.error.code : null, w: v.videoWidth, h: v.videoHeight, d: v.duration};",
-                vec![],
-            )
-            .await
-            .unwrap();
-        assert!(s["err"].is_null(), "media error in the browser: {s}");
-        if s["t"].as_f64().unwrap_or(0.0) > 1.5 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "video did not play: {s}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let state = plays(&c).await;
     assert_eq!(
         (state["w"].as_u64(), state["h"].as_u64()),
         (Some(640), Some(360)),
@@ -348,4 +331,152 @@ async fn terminal_requests(cluster: &Cluster, terminal: &str, secret: &str, asse
         (400, Some("terminal_bad_request")),
         "{v}"
     );
+}
+
+/// Plays the page's `<video id=player>` until its clock passes 1.5 s.
+async fn plays(c: &fantoccini::Client) -> serde_json::Value {
+    c.execute(
+        "const v = document.getElementById('player'); v.muted = true; v.play(); return true;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = c
+            .execute(
+                "const v = document.getElementById('player');
+                 return {t: v.currentTime, err: v.error ? v.error.code : null, w: v.videoWidth, h: v.videoHeight, d: v.duration};",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert!(s["err"].is_null(), "media error in the browser: {s}");
+        if s["t"].as_f64().unwrap_or(0.0) > 1.5 {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "video did not play: {s}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn fill(c: &fantoccini::Client, css: &str, text: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
+async fn text_of(c: &fantoccini::Client, css: &str) -> String {
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("no {css} on the page"))
+        .text()
+        .await
+        .unwrap()
+}
+
+/// What the demo shows, in a real browser: a new viewer signs up (and gets
+/// the signup bonus), buys a view of a priced movie, watches it, and finds
+/// the purchase in their ledger; the uploader finds their share in theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_viewer_signs_up_buys_a_view_watches_it_and_sees_the_ledger_in_chromium() {
+    let cluster = Cluster::start(&["utah", "toronto"]);
+    let input = cluster.dir.path().join("paid.webm");
+    make_webm(&input);
+    let (status, body) = cluster.upload(&input, "Premiere").await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let id = body["asset_id"].as_str().unwrap().to_string();
+    let asset = cluster.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(asset["state"], "published", "{asset}");
+    let base = &cluster.manager.url;
+    let r = cluster
+        .client()
+        .put(format!("{base}/api/v1/assets/{id}/price"))
+        .bearer_auth(&cluster.api_token)
+        .json(&json!({ "price": 40 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let (_driver, driver_url) = start_chromedriver().await;
+    let c = chromium(&cluster.dir.path().join("viewer-profile"), &driver_url).await;
+
+    // Sign up through the form.
+    c.goto(&format!("{base}/signup")).await.unwrap();
+    text_of(&c, "input[name=email]").await;
+    fill(&c, "input[name=email]", "viewer@example.com").await;
+    fill(&c, "input[name=password]", "a long enough password").await;
+    c.find(Locator::Css("main form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("header form[action='/logout']"))
+        .await
+        .expect("signed up and logged in");
+    c.goto(&format!("{base}/account")).await.unwrap();
+    assert_eq!(text_of(&c, "#balance").await, "1000", "signup bonus");
+
+    // A paid movie's page offers a purchase, not the movie.
+    c.goto(&format!("{base}/assets/{id}")).await.unwrap();
+    assert_eq!(text_of(&c, "#price").await, "40");
+    assert!(
+        c.find(Locator::Id("player")).await.is_err(),
+        "a paid movie must not play before it is bought"
+    );
+    c.find(Locator::Css(&format!(
+        "form[action='/assets/{id}/buy'] button"
+    )))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    assert_eq!(text_of(&c, "#balance").await, "960");
+    let media_url = text_of(&c, "#media-url").await;
+    assert!(media_url.contains(&format!("/{id}.mp4")), "{media_url}");
+    let state = plays(&c).await;
+    assert_eq!(
+        (state["w"].as_u64(), state["h"].as_u64()),
+        (Some(640), Some(360)),
+        "{state}"
+    );
+
+    // The ledger shows the bonus and the purchase, newest first or last.
+    c.goto(&format!("{base}/account")).await.unwrap();
+    assert_eq!(text_of(&c, "#balance").await, "960");
+    let ledger = text_of(&c, "#ledger").await;
+    assert!(
+        ledger.contains("signup_bonus") && ledger.contains("1000"),
+        "{ledger}"
+    );
+    assert!(
+        ledger.contains("purchase") && ledger.contains("-40"),
+        "{ledger}"
+    );
+    let shot = c.screenshot().await.unwrap();
+    let out = e2e::bin_dir().join("account-page.png");
+    std::fs::write(&out, shot).unwrap();
+    eprintln!("screenshot of the account page: {}", out.display());
+    c.close().await.unwrap();
+
+    // The uploader's share (70% by default) is in the operator's ledger.
+    let r = cluster
+        .client()
+        .get(format!("{base}/api/v1/account"))
+        .bearer_auth(&cluster.api_token)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v.to_string().contains("\"sale\""), "{v}");
 }

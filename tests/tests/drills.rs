@@ -228,7 +228,7 @@ async fn zeroed_bytes_are_found_by_one_scrub_pass_and_repaired_from_the_other_no
         started.elapsed()
     );
     let log = cluster.manager.log_text();
-    assert!(log.contains("node reports a quarantined copy"), "{log}");
+    assert!(log.contains("node reports a lost copy"), "{log}");
     assert!(log.contains("from=toronto"), "repaired from B: {log}");
 
     // B's copy untouched: same file, same bytes, same modification time.
@@ -275,6 +275,61 @@ async fn zeroed_bytes_are_found_by_one_scrub_pass_and_repaired_from_the_other_no
             "{v}"
         );
     }
+}
+
+/// A viewer sent to a node whose storage vanished gets a `404` with a code,
+/// and the node tells the manager at once: the copy is refilled long before
+/// reconciliation (here an hour away) would have noticed, and viewers are
+/// no longer sent there meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_finding_a_copy_missing_makes_the_node_report_it_at_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut opts = drill_opts(&["utah", "toronto"]);
+    opts.reconcile_interval_secs = 3600;
+    let cluster = Cluster::start_with(&opts);
+    let (id, asset) = publish_movie(&cluster, "vanished").await;
+    let media_url = asset["media_url"].as_str().unwrap().to_string();
+    let client = cluster.client();
+    let reference = fetch(&client, &media_url).await.unwrap();
+    std::fs::remove_dir_all(&cluster.nodes[0].storage).unwrap();
+
+    let err = fetch(&client, &forced(&media_url, "utah"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.starts_with("404") && err.contains("blob_missing"),
+        "{err}"
+    );
+    let started = Instant::now();
+    let mut lost_seen: Option<Instant> = None;
+    loop {
+        let v = cluster.asset(&id).await;
+        let r = replica(&v, "utah");
+        if r["state"] == "verified"
+            && files_under(&cluster.nodes[0].storage.join("blobs")).len() == 1
+        {
+            break;
+        }
+        // Meanwhile the redirector sends viewers to the intact mirror (once
+        // its 1 s view of the replicas has caught up).
+        if r["state"] != "verified" {
+            let since = *lost_seen.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(1500) {
+                assert!(fetch(&client, &media_url).await.unwrap() == reference);
+            }
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "never refilled without reconciliation: {v}\nmanager log:\n{}",
+            cluster.manager.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(cluster
+        .manager
+        .log_text()
+        .contains("node reports a lost copy"));
+    assert!(fetch_from_repaired(&client, &media_url, "utah").await == reference);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use e2e::{ffmpeg, Cluster};
+use e2e::{ffmpeg, Cluster, ClusterOpts};
 use shared::PlaybackClaims;
 
 /// A 20 s H.264/AAC MP4 with a moving picture: remuxed, not transcoded, so
@@ -537,4 +537,87 @@ async fn vlc(args: &[&str], url: String, home: &Path) -> Output {
     })
     .await
     .unwrap()
+}
+
+/// The nearest node failing its health check: viewers go to the next one
+/// (HEAD still answers 200), and back once it is healthy again. The choice
+/// and its reason are counted in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_nearest_node_is_passed_over_until_it_recovers() {
+    // Fixed ports: toronto comes back on the URL the manager knows.
+    let mut opts = ClusterOpts::new(&["utah", "toronto"]);
+    opts.fixed_ports = true;
+    let mut cluster = Cluster::start_with(&opts);
+    let (_id, media_url) = published(&cluster).await;
+    let london = format!("{media_url}?viewer=81.2.69.142");
+    let url_of = |c: &Cluster, name: &str| {
+        c.nodes
+            .iter()
+            .find(|n| n.proc.name == name)
+            .unwrap()
+            .proc
+            .url
+            .clone()
+    };
+    let (utah, toronto) = (url_of(&cluster, "utah"), url_of(&cluster, "toronto"));
+    assert!(cluster
+        .redirect_location(&london)
+        .await
+        .starts_with(&toronto));
+
+    let t = cluster
+        .nodes
+        .iter()
+        .position(|n| n.proc.name == "toronto")
+        .unwrap();
+    assert!(cluster.nodes[t].proc.stop(), "toronto stops cleanly");
+    // The health monitor probes every few seconds; poll until it notices.
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    loop {
+        let loc = cluster.redirect_location(&london).await;
+        if loc.starts_with(&utah) {
+            break;
+        }
+        assert!(loc.starts_with(&toronto), "{loc}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "toronto was never passed over"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let head = client.head(&london).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let body = client.get(&london).send().await.unwrap();
+    assert_eq!(body.status(), 200, "played from utah");
+
+    // Back again: toronto is chosen again once healthy.
+    cluster.restart_node(t);
+    let started = std::time::Instant::now();
+    let toronto = url_of(&cluster, "toronto");
+    while !cluster
+        .redirect_location(&london)
+        .await
+        .starts_with(&toronto)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "toronto never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = client
+        .get(format!("{}/metrics", cluster.manager.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("manager_redirects_total") && l.contains("node=\"toronto\"")),
+        "{metrics}"
+    );
 }

@@ -51,6 +51,13 @@ pub struct Config {
     /// pass that takes longer is followed at once by the next). 0 disables
     /// scrubbing.
     pub scrub_interval_secs: u64,
+    /// Seconds between two deliveries of the view journal to `manager_url`
+    /// (an empty delivery still tells the manager we are alive, which lets
+    /// it refund unplayed grants). Between 1 and 300.
+    pub journal_forward_secs: u64,
+    /// A paid response still streaming journals what it served at least
+    /// this often, seconds, not only when it ends. Between 1 and 60.
+    pub journal_flush_secs: u64,
 }
 
 impl Default for Config {
@@ -71,6 +78,8 @@ impl Default for Config {
             // one disk's bandwidth, leaving the rest to viewers.
             scrub_rate_mb_per_sec: 25.0,
             scrub_interval_secs: 24 * 3600,
+            journal_forward_secs: 5,
+            journal_flush_secs: 10,
         }
     }
 }
@@ -143,6 +152,12 @@ impl Config {
                 "scrub_rate_mb_per_sec",
                 "must be between 0.01 and 100000 (MB/s)",
             ));
+        }
+        if !(1..=300).contains(&self.journal_forward_secs) {
+            return Err(field("journal_forward_secs", "must be between 1 and 300"));
+        }
+        if !(1..=60).contains(&self.journal_flush_secs) {
+            return Err(field("journal_flush_secs", "must be between 1 and 60"));
         }
         Ok(())
     }

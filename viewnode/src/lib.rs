@@ -18,7 +18,9 @@ mod backups;
 mod config;
 mod error;
 mod internal;
+mod journal;
 mod play;
+mod playcache;
 mod scrub;
 pub mod store;
 mod telemetry;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub scrub: scrub::Status,
     /// For the node's own calls to the manager (quarantine reports).
     pub http: reqwest::Client,
+    /// What was served under paid grants, for the manager ([`journal`]).
+    pub journal: Arc<journal::Journal>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -67,6 +71,12 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("configuration field `master_key`: {e}"))?;
         let verifier = shared::TokenVerifier::from_public_hex(&cfg.token_public_key)
             .map_err(|e| anyhow::anyhow!("configuration field `token_public_key`: {e}"))?;
+        let journal = journal::Journal::open(&cfg.storage_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "configuration field `storage_dir`: cannot open {}/journal: {e}",
+                cfg.storage_dir.display()
+            )
+        })?;
         let manager_secret = hex::decode(cfg.manager_secret.expose())
             .map_err(|e| anyhow::anyhow!("configuration field `manager_secret`: {e}"))?;
         Ok(Self {
@@ -80,6 +90,7 @@ impl AppState {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
+            journal: Arc::new(journal),
         })
     }
 }
@@ -104,7 +115,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let scrubber = tokio::spawn(scrub::run(state.clone(), stop_rx));
+    let scrubber = tokio::spawn(scrub::run(state.clone(), stop_rx.clone()));
+    let forwarder = tokio::spawn(journal::forward(state.clone(), stop_rx));
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -120,6 +132,7 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     scrubber.abort();
+    forwarder.abort();
     Ok(())
 }
 

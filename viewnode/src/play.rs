@@ -68,27 +68,36 @@ pub async fn play(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, NodeError> {
-    let claims: PlaybackClaims = st.verifier.verify(&token, shared::runtime::unix_now())?;
+    let claims: PlaybackClaims = crate::playcache::verify(&st, &token)?;
     let blob: BlobId = claims.blob;
     let Some(sealed_len) = st.store.size(&blob).await? else {
+        crate::scrub::report_missing(&st, blob);
         return Err(NodeError::BlobMissing);
     };
-    let key = st
-        .master
-        .unwrap(&claims.asset_id, &claims.wrapped_key)
-        .map_err(|e| {
-            tracing::error!(asset = %claims.asset_id, "cannot unwrap data key: {e}");
-            NodeError::KeyUnavailable
-        })?;
-    let header_bytes = st
-        .store
-        .read_range(&blob, 0..(shared::HEADER_LEN as u64).min(sealed_len))
-        .await?;
-    let opener = match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
-        Ok(o) => o,
-        Err(e) => {
-            quarantine(&st, blob, &e).await;
-            return Err(NodeError::Damaged);
+    let opener = match crate::playcache::cached_opener(&claims, sealed_len) {
+        Some(o) => o,
+        None => {
+            let key = st
+                .master
+                .unwrap(&claims.asset_id, &claims.wrapped_key)
+                .map_err(|e| {
+                    tracing::error!(asset = %claims.asset_id, "cannot unwrap data key: {e}");
+                    NodeError::KeyUnavailable
+                })?;
+            let header_bytes = st
+                .store
+                .read_range(&blob, 0..(shared::HEADER_LEN as u64).min(sealed_len))
+                .await?;
+            match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
+                Ok(o) => {
+                    crate::playcache::keep_opener(&claims, &o);
+                    o
+                }
+                Err(e) => {
+                    quarantine(&st, blob, &e).await;
+                    return Err(NodeError::Damaged);
+                }
+            }
         }
     };
 
@@ -148,6 +157,22 @@ pub async fn play(
         }
     });
     metrics::counter!("viewnode_bytes_served_total").increment(served);
+    // A paid view journals the bytes the client actually took (journal.rs).
+    let body = match claims.grant {
+        Some(grant) => {
+            let flush = std::time::Duration::from_secs(st.cfg.journal_flush_secs);
+            let mut served = st.journal.served(grant, claims.asset_id.clone(), flush);
+            body.map(move |item| {
+                if let Ok(b) = &item {
+                    served.add(b.len());
+                }
+                item
+            })
+            .left_stream()
+        }
+        // No box for free views: the serve benchmark's hot path.
+        None => body.right_stream(),
+    };
     Ok(resp
         .body(Body::from_stream(body))
         .expect("valid response")

@@ -248,6 +248,7 @@ async fn pass(st: &SharedState, cancel: &Arc<AtomicBool>) {
 /// playback when a segment fails its AEAD tag.
 pub async fn quarantine_and_report(st: &SharedState, blob: BlobId, reason: &'static str) {
     metrics::counter!("viewnode_blobs_quarantined_total").increment(1);
+    crate::playcache::forget_blob(&blob);
     match st.store.quarantine(&blob).await {
         Ok(()) => {}
         // Another reader got there first; it reports too.
@@ -258,19 +259,43 @@ pub async fn quarantine_and_report(st: &SharedState, blob: BlobId, reason: &'sta
         }
     }
     let st = st.clone();
-    tokio::spawn(async move { report(&st, blob, reason).await });
+    tokio::spawn(async move { report(&st, "quarantined", blob, reason).await });
+}
+
+/// A viewer was sent here for a blob this node does not hold (its disk was
+/// wiped or swapped under it). Told to the manager at once, so viewers stop
+/// being sent here before the next reconciliation finds it; at most once a
+/// minute per blob, however many viewers arrive.
+pub fn report_missing(st: &SharedState, blob: BlobId) {
+    static RECENT: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<BlobId, Instant>>,
+    > = std::sync::OnceLock::new();
+    {
+        let mut recent = RECENT
+            .get_or_init(Default::default)
+            .lock()
+            .expect("not poisoned");
+        recent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        if recent.contains_key(&blob) {
+            return;
+        }
+        recent.insert(blob, Instant::now());
+    }
+    metrics::counter!("viewnode_missing_blob_reports_total").increment(1);
+    let st = st.clone();
+    tokio::spawn(async move { report(&st, "missing", blob, "not_on_disk").await });
 }
 
 /// `POST {manager_url}/internal/v1/nodes/{name}/events`, signed with our
 /// shared secret under key id = our name. A few retries; if the manager
 /// stays unreachable its reconciliation finds the quarantine anyway.
-async fn report(st: &SharedState, blob: BlobId, reason: &str) {
+async fn report(st: &SharedState, kind: &str, blob: BlobId, reason: &str) {
     if st.cfg.manager_url.is_empty() {
         return;
     }
     let path = format!("/internal/v1/nodes/{}/events", st.cfg.name);
     let body = serde_json::to_vec(&serde_json::json!({
-        "events": [{ "kind": "quarantined", "blob": blob, "reason": reason,
+        "events": [{ "kind": kind, "blob": blob, "reason": reason,
                      "at": shared::runtime::unix_now() }]
     }))
     .expect("json");
@@ -297,13 +322,13 @@ async fn report(st: &SharedState, blob: BlobId, reason: &str) {
             .await;
         match sent {
             Ok(r) if r.status().is_success() => {
-                tracing::info!(%blob, "quarantine reported to the manager");
+                tracing::info!(%blob, kind, "reported to the manager");
                 return;
             }
             Ok(r) => {
-                tracing::warn!(%blob, status = %r.status(), "manager refused the quarantine report")
+                tracing::warn!(%blob, kind, status = %r.status(), "manager refused the report")
             }
-            Err(e) => tracing::warn!(%blob, "cannot report the quarantine: {e}"),
+            Err(e) => tracing::warn!(%blob, kind, "cannot report to the manager: {e}"),
         }
         tokio::time::sleep(Duration::from_secs(2u64 << attempt)).await;
     }

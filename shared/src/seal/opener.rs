@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use aes_gcm::aead::consts::U12;
 use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, Tag};
@@ -16,6 +17,7 @@ use super::SealError;
 /// Each segment is authenticated on its own; which segment is the last
 /// comes from the layout, so a blob cut at a segment boundary or extended
 /// fails on its (apparent) last segment.
+#[derive(Clone)]
 pub struct Opener {
     cipher: Aes256Gcm,
     header_bytes: [u8; HEADER_LEN],
@@ -77,40 +79,72 @@ impl Opener {
         sealed: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), SealError> {
-        let result = self.open_segment_inner(index, sealed, buf);
+        buf.resize(sealed.len().saturating_sub(TAG_LEN), 0);
+        let result = self.open_segment_to(index, sealed, buf);
         if result.is_err() {
             buf.clear();
         }
         result
     }
 
-    fn open_segment_inner(
+    /// Authenticates segment `index` and decrypts it where it lies: `sealed`
+    /// holds exactly the segment (ciphertext and tag); on success its first
+    /// `sealed.len() - TAG_LEN` bytes are the plaintext. On error the bytes
+    /// are left as they were (the tag is checked before anything is
+    /// decrypted). Saves a second buffer when the reader owns the bytes.
+    pub fn open_segment_in_place(&self, index: u64, sealed: &mut [u8]) -> Result<(), SealError> {
+        let (expected, nonce) = self.check_segment(index, sealed.len())?;
+        let (ciphertext, tag) = sealed.split_at_mut(expected - TAG_LEN);
+        let tag = Tag::try_from(&*tag).map_err(|_| SealError::InvalidLength)?;
+        self.cipher
+            .decrypt_inout_detached(&nonce, &self.header_bytes, ciphertext.into(), &tag)
+            .map_err(|_| SealError::SegmentAuth { index })
+    }
+
+    /// The sealed length segment `index` must have (checked against
+    /// `len`), and its nonce.
+    fn check_segment(
         &self,
         index: u64,
-        sealed: &[u8],
-        buf: &mut Vec<u8>,
-    ) -> Result<(), SealError> {
+        len: usize,
+    ) -> Result<(usize, aes_gcm::Nonce<U12>), SealError> {
         if index >= self.layout.segment_count() {
             return Err(SealError::RangeOutOfBounds);
         }
         let range = self.layout.sealed_range(index);
         let expected = (range.end - range.start) as usize;
-        if sealed.len() < expected {
+        if len < expected {
             return Err(SealError::Truncated);
         }
-        if sealed.len() > expected {
+        if len > expected {
             return Err(SealError::InvalidLength);
         }
         let last = index + 1 == self.layout.segment_count();
         let index32 = u32::try_from(index).map_err(|_| SealError::InvalidLength)?;
-        let nonce = segment_nonce(&self.header.nonce_prefix, index32, last);
+        Ok((
+            expected,
+            segment_nonce(&self.header.nonce_prefix, index32, last),
+        ))
+    }
+
+    /// Authenticates segment `index` and decrypts it into `out`, which must
+    /// be exactly its plaintext length (`sealed.len() - TAG_LEN`): lets a
+    /// reader decrypt consecutive segments straight into one buffer.
+    /// Nothing is written to `out` unless the tag verifies.
+    pub fn open_segment_to(
+        &self,
+        index: u64,
+        sealed: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), SealError> {
+        let (expected, nonce) = self.check_segment(index, sealed.len())?;
+        if out.len() != expected - TAG_LEN {
+            return Err(SealError::InvalidLength);
+        }
         let (ciphertext, tag) = sealed.split_at(expected - TAG_LEN);
         let tag = Tag::try_from(tag).map_err(|_| SealError::InvalidLength)?;
-        // Decrypt from `sealed` straight into `buf` (no copy first); a
-        // reused `buf` of the right length is not even cleared. Nothing is
-        // written to it unless the tag verifies.
-        buf.resize(ciphertext.len(), 0);
-        let inout = InOutBuf::new(ciphertext, buf).expect("same lengths");
+        // Decrypt from `sealed` straight into `out` (no copy first).
+        let inout = InOutBuf::new(ciphertext, out).expect("same lengths");
         self.cipher
             .decrypt_inout_detached(&nonce, &self.header_bytes, inout, &tag)
             .map_err(|_| SealError::SegmentAuth { index })

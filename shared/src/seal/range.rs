@@ -5,7 +5,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 
 use super::header::{HEADER_LEN, TAG_LEN};
@@ -178,22 +178,29 @@ impl<R: RangeRead + Send + Sync> State<R> {
             let sealed = self
                 .read_exact(first_range.start..layout.sealed_range(last).end)
                 .await?;
-            let mut plain = Vec::with_capacity(
-                ((last - index + 1) * u64::from(layout.segment_size())) as usize,
-            );
-            let mut segment = Vec::new();
+            // Decrypt in the buffer storage filled (it is ours alone unless
+            // the reader kept a reference: then one copy), moving each
+            // segment's plaintext down over the tags before it, so the
+            // batch leaves as one contiguous chunk with no second buffer.
+            let mut buf = sealed
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            let offset = layout.plain_offset(index);
+            let mut at_plain = 0usize;
             for i in index..=last {
                 let r = layout.sealed_range(i);
                 let at = (r.start - first_range.start) as usize;
                 let len = (r.end - r.start) as usize;
-                opener.open_segment_into(i, &sealed[at..at + len], &mut segment)?;
-                plain.extend_from_slice(&segment);
+                opener.open_segment_in_place(i, &mut buf[at..at + len])?;
+                buf.copy_within(at..at + len - TAG_LEN, at_plain);
+                at_plain += len - TAG_LEN;
             }
-            let offset = layout.plain_offset(index);
+            buf.truncate(at_plain);
+            let plain = buf.freeze();
             let from = self.start.saturating_sub(offset) as usize;
             let to = (self.end.min(offset + plain.len() as u64) - offset) as usize;
             self.next = last + 1;
-            return Ok(Some((Bytes::from(plain).slice(from..to), self)));
+            return Ok(Some((plain.slice(from..to), self)));
         }
     }
 }

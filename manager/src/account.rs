@@ -1,0 +1,815 @@
+//! Accounts and credits on the web site and the JSON API (docs/credits.md):
+//! sign-up, the log-in rate limit, view prices, purchases, the account page
+//! and data export, operator grants, avatar linking codes. The money
+//! itself moves only in [`crate::ledger`].
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use askama::Template;
+use axum::{
+    extract::{ConnectInfo, Path, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{Html, IntoResponse, Redirect, Response},
+    Form, Json,
+};
+use serde::Deserialize;
+
+use crate::{
+    api,
+    auth::{self, Caller},
+    db,
+    error::ApiError,
+    ledger, SharedState,
+};
+
+// ---- log-in rate limit -----------------------------------------------------
+
+/// Failed log-ins allowed per account, and per client address, within
+/// [`LIMIT_WINDOW`]. Counting failures only: a user who types the right
+/// password is never slowed by someone else guessing from another address,
+/// beyond the per-account cap that protects that account.
+pub const MAX_FAILURES_PER_ACCOUNT: u32 = 10;
+pub const MAX_FAILURES_PER_ADDRESS: u32 = 30;
+/// Sign-ups allowed per client address within [`LIMIT_WINDOW`].
+pub const MAX_SIGNUPS_PER_ADDRESS: u32 = 10;
+pub const LIMIT_WINDOW: Duration = Duration::from_secs(15 * 60);
+const LIMITER_MAX_KEYS: usize = 100_000;
+
+/// Fixed-window counters in memory (one manager process; a restart
+/// forgets them, which only helps the attacker for one window).
+#[derive(Default)]
+pub struct Limiter {
+    counts: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl Limiter {
+    /// Whether `key` has already reached `max` within the window.
+    pub fn exceeded(&self, key: &str, max: u32) -> bool {
+        let counts = self.counts.lock().expect("not poisoned");
+        counts
+            .get(key)
+            .is_some_and(|(at, n)| at.elapsed() < LIMIT_WINDOW && *n >= max)
+    }
+
+    pub fn record(&self, key: &str) {
+        let mut counts = self.counts.lock().expect("not poisoned");
+        if counts.len() >= LIMITER_MAX_KEYS {
+            counts.retain(|_, (at, _)| at.elapsed() < LIMIT_WINDOW);
+        }
+        let e = counts.entry(key.to_string()).or_insert((Instant::now(), 0));
+        if e.0.elapsed() >= LIMIT_WINDOW {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+    }
+}
+
+/// Refuses a log-in attempt for an address or account that failed too often.
+pub fn check_login(st: &SharedState, ip: &str, email: &str) -> Result<(), ApiError> {
+    if st
+        .limits
+        .exceeded(&format!("login-ip:{ip}"), MAX_FAILURES_PER_ADDRESS)
+        || st
+            .limits
+            .exceeded(&format!("login-account:{email}"), MAX_FAILURES_PER_ACCOUNT)
+    {
+        tracing::warn!(%ip, "log-in rate limited");
+        return Err(ApiError::RateLimited);
+    }
+    Ok(())
+}
+
+pub fn record_login_failure(st: &SharedState, ip: &str, email: &str) {
+    st.limits.record(&format!("login-ip:{ip}"));
+    st.limits.record(&format!("login-account:{email}"));
+}
+
+pub fn client_ip(st: &SharedState, peer: SocketAddr, headers: &HeaderMap) -> String {
+    crate::geo::client_ip(peer.ip(), headers, &st.cfg.trusted_proxies).to_string()
+}
+
+// ---- pages -------------------------------------------------------------------
+
+fn render(t: &impl Template) -> Response {
+    match t.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!("template failed: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+fn page_error(e: ApiError) -> Response {
+    crate::web::PageError(e).into_response()
+}
+
+#[derive(Template)]
+#[template(path = "signup.html")]
+struct SignupPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    error: Option<&'a str>,
+    email: &'a str,
+    bonus: u64,
+}
+
+pub const MIN_PASSWORD_CHARS: usize = 10;
+
+/// `GET /signup`. Like the log-in form, a double-submit cookie stands in
+/// for the CSRF token a session would hold.
+pub async fn signup_form(State(st): State<SharedState>, headers: HeaderMap) -> Response {
+    let token = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE)
+        .map(str::to_owned)
+        .unwrap_or_else(auth::random_token);
+    let mut resp = render(&SignupPage {
+        user: None,
+        csrf: &token,
+        error: None,
+        email: "",
+        bonus: st.cfg.credits.signup_bonus,
+    });
+    if let Ok(v) =
+        auth::set_cookie(auth::LOGIN_CSRF_COOKIE, &token, 3600, st.secure_cookies).parse()
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+#[derive(Deserialize)]
+pub struct SignupForm {
+    csrf: String,
+    email: String,
+    password: String,
+}
+
+/// `POST /signup`: creates an uploader account with the signup bonus (one
+/// transaction) and logs it in.
+pub async fn signup(
+    State(st): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(f): Form<SignupForm>,
+) -> Response {
+    let cookie_csrf = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE).map(str::to_owned);
+    if !cookie_csrf.is_some_and(|c| auth::ct_eq(&c, &f.csrf)) {
+        return page_error(ApiError::Csrf);
+    }
+    let ip = client_ip(&st, peer, &headers);
+    let key = format!("signup-ip:{ip}");
+    if st.limits.exceeded(&key, MAX_SIGNUPS_PER_ADDRESS) {
+        return page_error(ApiError::RateLimited);
+    }
+    let email = f.email.trim().to_lowercase();
+    let again = |code: &'static str, msg: &str| {
+        let page = SignupPage {
+            user: None,
+            csrf: &f.csrf,
+            error: Some(msg),
+            email: &email,
+            bonus: st.cfg.credits.signup_bonus,
+        };
+        let mut r = (StatusCode::BAD_REQUEST, render(&page)).into_response();
+        if let Ok(v) = code.parse() {
+            r.headers_mut().insert("x-error-code", v);
+        }
+        r
+    };
+    let at = email.find('@');
+    if email.len() > 254
+        || !at.is_some_and(|i| i > 0 && i + 1 < email.len())
+        || email.contains(char::is_whitespace)
+    {
+        return again("email_invalid", "Enter a valid email address.");
+    }
+    if f.password.chars().count() < MIN_PASSWORD_CHARS || f.password.len() > 1024 {
+        return again(
+            "password_too_short",
+            "Choose a password of at least 10 characters.",
+        );
+    }
+    let password = f.password.clone();
+    let hash = match tokio::task::spawn_blocking(move || auth::hash_password(&password)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return page_error(ApiError::Internal(e)),
+        Err(e) => return page_error(ApiError::Internal(e.into())),
+    };
+    st.limits.record(&key);
+    let bonus = st.cfg.credits.signup_bonus as i64;
+    let id = match ledger::create_account(&st.db, &email, &hash, "uploader", bonus).await {
+        Ok(id) => id,
+        Err(ApiError::Conflict {
+            code: "email_taken",
+            ..
+        }) => {
+            return again(
+                "email_taken",
+                "An account with this email exists; log in instead.",
+            )
+        }
+        Err(e) => return page_error(e),
+    };
+    tracing::info!(user = id, "account created");
+    match start_session(&st, id, "/account").await {
+        Ok(r) => r,
+        Err(e) => page_error(e),
+    }
+}
+
+/// Logs `user_id` in: a new session and its cookie, then a redirect.
+pub async fn start_session(st: &SharedState, user_id: i64, to: &str) -> Result<Response, ApiError> {
+    let token = auth::random_token();
+    let csrf = auth::random_token();
+    db::insert_session(
+        &st.db,
+        &auth::token_hash(&token),
+        user_id,
+        &csrf,
+        db::now() + auth::SESSION_SECS,
+    )
+    .await?;
+    let mut resp = Redirect::to(to).into_response();
+    let cookie = auth::set_cookie(
+        auth::SESSION_COOKIE,
+        &token,
+        auth::SESSION_SECS,
+        st.secure_cookies,
+    );
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        cookie
+            .parse()
+            .map_err(|e: header::InvalidHeaderValue| ApiError::Internal(e.into()))?,
+    );
+    Ok(resp)
+}
+
+/// JSON calls made with a session cookie must carry its CSRF token in
+/// `X-CSRF-Token` (as `POST /api/v1/assets/{id}/cancel`); bearer callers need not.
+fn check_api_csrf(c: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
+    c.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))
+}
+
+// ---- prices --------------------------------------------------------------------
+
+async fn owned_asset(st: &SharedState, c: &Caller, id: &str) -> Result<db::Asset, ApiError> {
+    let a = db::asset(&st.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    if !api::visible_to(&a, Some(c)) {
+        return Err(ApiError::NotFound("movie"));
+    }
+    if a.owner_id != c.user.id && !c.user.is_operator() {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(a)
+}
+
+/// `PUT /api/v1/assets/{id}/price` `{"price": n}` (0 = free): owner or operator.
+pub async fn set_price_api(
+    State(st): State<SharedState>,
+    c: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_api_csrf(&c, &headers)?;
+    let a = owned_asset(&st, &c, &id).await?;
+    let price = ledger::parse_price(body.get("price").unwrap_or(&serde_json::Value::Null))?;
+    ledger::set_price(&st.db, &a.id, price).await?;
+    tracing::info!(asset = %a.id, price, user = c.user.id, "price set");
+    Ok(Json(
+        serde_json::json!({ "asset_id": a.id, "price": price }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct PriceForm {
+    csrf: String,
+    price: String,
+}
+
+/// The price form on a movie's page.
+pub async fn set_price_form(
+    State(st): State<SharedState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Form(f): Form<PriceForm>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        let a = owned_asset(&st, &c, &id).await?;
+        let price = if f.price.trim() == "0" {
+            0
+        } else {
+            ledger::parse_amount_text(&f.price)?
+        };
+        ledger::set_price(&st.db, &a.id, price).await?;
+        Ok::<_, ApiError>(Redirect::to(&format!("/assets/{}", a.id)).into_response())
+    }
+    .await;
+    r.unwrap_or_else(page_error)
+}
+
+/// Paid movies hand out no grant-less media URL except to their owner and
+/// operators; the asset JSON and page call this after [`api::asset_view`].
+pub fn gate_media_url(a: &db::Asset, caller: Option<&Caller>, view: &mut api::AssetView) {
+    if view.price > 0 && !caller.is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator()) {
+        view.media_url = None;
+    }
+}
+
+// ---- purchases -----------------------------------------------------------------
+
+async fn purchase_answer(
+    st: &SharedState,
+    buyer: i64,
+    asset_id: &str,
+    request_id: &str,
+    source: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let p = ledger::purchase(st, buyer, asset_id, request_id, source).await?;
+    let a = db::asset(&st.db, asset_id)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    let media_url = ledger::purchase_media_url(st, &a, &p).ok_or(ApiError::NotPublished)?;
+    Ok(serde_json::json!({
+        "grant_id": p.grant_id,
+        "asset_id": p.asset_id,
+        "title": a.title,
+        "price": p.price,
+        "charged_now": p.charged_now,
+        "balance": p.balance,
+        "expires_at": p.expires_at,
+        "media_url": media_url,
+    }))
+}
+
+/// `POST /api/v1/assets/{id}/purchase` `{"request_id": "…"}`.
+pub async fn purchase_api(
+    State(st): State<SharedState>,
+    c: Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_api_csrf(&c, &headers)?;
+    let request_id = body
+        .get("request_id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    Ok(Json(
+        purchase_answer(&st, c.user.id, &id, request_id, "api").await?,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct BuyForm {
+    csrf: String,
+    request_id: String,
+}
+
+#[derive(Template)]
+#[template(path = "purchased.html")]
+struct PurchasedPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    title: String,
+    asset_id: String,
+    media_url: String,
+    price: i64,
+    balance: i64,
+    expires_at: i64,
+}
+
+/// The "buy a view" form on a movie's page. The form carries a request id
+/// made when the page was rendered, so a double-click is charged once.
+pub async fn buy_form(
+    State(st): State<SharedState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Form(f): Form<BuyForm>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        let v = purchase_answer(&st, c.user.id, &id, &f.request_id, "web").await?;
+        let mut resp = render(&PurchasedPage {
+            user: Some(&c.user.email),
+            csrf: c.csrf.as_deref().unwrap_or(""),
+            title: v["title"].as_str().unwrap_or("").into(),
+            asset_id: id.clone(),
+            media_url: v["media_url"].as_str().unwrap_or("").into(),
+            price: v["price"].as_i64().unwrap_or(0),
+            balance: v["balance"].as_i64().unwrap_or(0),
+            expires_at: v["expires_at"].as_i64().unwrap_or(0),
+        });
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        Ok::<_, ApiError>(resp)
+    }
+    .await;
+    r.unwrap_or_else(page_error)
+}
+
+// ---- the account -----------------------------------------------------------------
+
+async fn account_json(
+    st: &SharedState,
+    c: &Caller,
+    limit: i64,
+) -> Result<serde_json::Value, ApiError> {
+    let balance = ledger::balance(&st.db, c.user.id).await?;
+    let entries = ledger::history(&st.db, c.user.id, limit).await?;
+    let mut movies = Vec::new();
+    for a in db::assets_of(&st.db, c.user.id, 10_000).await? {
+        let replicas = db::replicas(&st.db, &a.id).await?;
+        movies.push(serde_json::json!({
+            "id": a.id,
+            "title": a.title,
+            "state": a.state,
+            "price": ledger::price(&st.db, &a.id).await?,
+            "verified_replicas": replicas.iter().filter(|r| r.state == "verified").count(),
+            "created_at": a.created_at,
+        }));
+    }
+    Ok(serde_json::json!({
+        "account": { "id": c.user.id, "email": c.user.email, "role": c.user.role },
+        "balance": balance,
+        "ledger": entries,
+        "movies": movies,
+    }))
+}
+
+/// `GET /api/v1/account`: balance, the latest ledger entries, my movies.
+pub async fn account_api(
+    State(st): State<SharedState>,
+    c: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(account_json(&st, &c, 200).await?))
+}
+
+/// `GET /account/export`: everything we hold about the account's money and
+/// movies, as a JSON download.
+pub async fn export(State(st): State<SharedState>, c: Caller) -> Result<Response, ApiError> {
+    let v = account_json(&st, &c, i64::MAX).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"slmedia-account.json\"",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        serde_json::to_vec_pretty(&v).map_err(|e| ApiError::Internal(e.into()))?,
+    )
+        .into_response())
+}
+
+struct MovieLine {
+    id: String,
+    title: String,
+    state: String,
+    replicas: usize,
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+struct AccountPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    balance: i64,
+    entries: Vec<ledger::LedgerRow>,
+    movies: Vec<MovieLine>,
+    link_code: Option<String>,
+    avatars: Vec<String>,
+    /// Operators get the grant form; its key makes a double submit grant once.
+    operator: bool,
+    grant_key: String,
+    granted: Option<String>,
+}
+
+async fn account_page_with(
+    st: &SharedState,
+    c: &Caller,
+    link_code: Option<String>,
+) -> Result<Response, ApiError> {
+    account_page_full(st, c, link_code, None).await
+}
+
+async fn account_page_full(
+    st: &SharedState,
+    c: &Caller,
+    link_code: Option<String>,
+    granted: Option<String>,
+) -> Result<Response, ApiError> {
+    let v = account_json(st, c, 100).await?;
+    let entries = ledger::history(&st.db, c.user.id, 100).await?;
+    let movies = v["movies"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|m| MovieLine {
+                    id: m["id"].as_str().unwrap_or("").into(),
+                    title: m["title"].as_str().unwrap_or("").into(),
+                    state: m["state"].as_str().unwrap_or("").into(),
+                    replicas: m["verified_replicas"].as_u64().unwrap_or(0) as usize,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let avatars: Vec<(String,)> =
+        sqlx::query_as("SELECT avatar_key FROM avatar_links WHERE user_id = ?")
+            .bind(c.user.id)
+            .fetch_all(&st.db)
+            .await?;
+    let mut resp = render(&AccountPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        balance: v["balance"].as_i64().unwrap_or(0),
+        entries,
+        movies,
+        link_code,
+        avatars: avatars.into_iter().map(|a| a.0).collect(),
+        operator: c.user.is_operator(),
+        grant_key: uuid::Uuid::new_v4().simple().to_string(),
+        granted,
+    });
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
+}
+
+/// `GET /account`.
+pub async fn account_page(State(st): State<SharedState>, c: Caller) -> Response {
+    account_page_with(&st, &c, None)
+        .await
+        .unwrap_or_else(page_error)
+}
+
+// ---- avatar linking ------------------------------------------------------------
+
+/// Minutes a link code stays valid.
+pub const LINK_CODE_SECS: i64 = 15 * 60;
+
+#[derive(Deserialize)]
+pub struct CsrfOnly {
+    csrf: String,
+}
+
+/// `POST /account/link-code`: a fresh one-time code (only its hash is
+/// stored) for linking an avatar at an in-world terminal.
+pub async fn new_link_code(
+    State(st): State<SharedState>,
+    c: Caller,
+    Form(f): Form<CsrfOnly>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        let code = new_code(&st, c.user.id).await?;
+        account_page_with(&st, &c, Some(code)).await
+    }
+    .await;
+    r.unwrap_or_else(page_error)
+}
+
+/// Eight digits and letters (no look-alikes): short enough to type in chat.
+pub async fn new_code(st: &SharedState, user_id: i64) -> Result<String, ApiError> {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rngs::OsRng;
+    let code: String = (0..8)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    sqlx::query("DELETE FROM link_codes WHERE user_id = ? OR expires_at < ?")
+        .bind(user_id)
+        .bind(db::now())
+        .execute(&st.db)
+        .await?;
+    sqlx::query("INSERT INTO link_codes (code_hash, user_id, expires_at) VALUES (?, ?, ?)")
+        .bind(auth::token_hash(&code))
+        .bind(user_id)
+        .bind(db::now() + LINK_CODE_SECS)
+        .execute(&st.db)
+        .await?;
+    Ok(code)
+}
+
+/// Consumes a link code (once) and links `avatar` to its account.
+pub async fn redeem_code(st: &SharedState, code: &str, avatar: &str) -> Result<i64, ApiError> {
+    let code = code.trim().to_uppercase();
+    let row: Option<(i64,)> = sqlx::query_as(
+        "DELETE FROM link_codes WHERE code_hash = ? AND expires_at >= ? RETURNING user_id",
+    )
+    .bind(auth::token_hash(&code))
+    .bind(db::now())
+    .fetch_optional(&st.db)
+    .await?;
+    let Some((user,)) = row else {
+        return Err(ApiError::bad_request(
+            "link_code_invalid",
+            "this code is unknown, used or expired; get a new one on your account page",
+        ));
+    };
+    sqlx::query(
+        "INSERT INTO avatar_links (avatar_key, user_id, linked_at) VALUES (?, ?, ?)
+         ON CONFLICT (avatar_key) DO UPDATE SET user_id = excluded.user_id, linked_at = excluded.linked_at",
+    )
+    .bind(avatar)
+    .bind(user)
+    .bind(db::now())
+    .execute(&st.db)
+    .await?;
+    Ok(user)
+}
+
+pub async fn linked_account(st: &SharedState, avatar: &str) -> Result<Option<i64>, ApiError> {
+    let r: Option<(i64,)> = sqlx::query_as("SELECT user_id FROM avatar_links WHERE avatar_key = ?")
+        .bind(avatar)
+        .fetch_optional(&st.db)
+        .await?;
+    Ok(r.map(|r| r.0))
+}
+
+/// A purchase for the account linked to `avatar` (terminal requests).
+pub async fn terminal_purchase(
+    st: &SharedState,
+    avatar: &str,
+    asset_id: &str,
+    request_id: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let Some(buyer) = linked_account(st, avatar).await? else {
+        return Err(ApiError::Conflict {
+            code: "avatar_not_linked",
+            message: "this avatar is not linked to an account: get a code on your account page and say it to the terminal".into(),
+        });
+    };
+    purchase_answer(st, buyer, asset_id, request_id, "terminal").await
+}
+
+// ---- operator grants ---------------------------------------------------------------
+
+/// `POST /api/v1/admin/grants` (operators):
+/// `{"email": …}` or `{"created_before": unix}`, with `amount`, `reason`
+/// and an idempotency `key`.
+pub async fn grant_api(
+    State(st): State<SharedState>,
+    c: Caller,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_api_csrf(&c, &headers)?;
+    if !c.user.is_operator() {
+        return Err(ApiError::Forbidden);
+    }
+    let amount = ledger::parse_amount(body.get("amount").unwrap_or(&serde_json::Value::Null))?;
+    let to = match (
+        body.get("email").and_then(|v| v.as_str()),
+        body.get("created_before"),
+    ) {
+        (Some(email), None) => {
+            let u = db::user_by_email(&st.db, &email.trim().to_lowercase())
+                .await?
+                .ok_or(ApiError::NotFound("account"))?;
+            ledger::Recipients::Account(u.id)
+        }
+        (None, Some(t)) => ledger::Recipients::CreatedBefore(t.as_i64().ok_or_else(|| {
+            ApiError::bad_request("rule_invalid", "`created_before` is a unix time")
+        })?),
+        _ => {
+            return Err(ApiError::bad_request(
+                "rule_invalid",
+                "give exactly one of `email` or `created_before`",
+            ))
+        }
+    };
+    let reason = body.get("reason").and_then(|v| v.as_str()).unwrap_or("");
+    let key = body.get("key").and_then(|v| v.as_str()).unwrap_or("");
+    let actor = format!("operator:{}", c.user.email);
+    let accounts = ledger::grant(&st.db, &to, amount, &actor, reason, key).await?;
+    tracing::info!(%actor, amount, count = accounts.len(), reason, "credits granted");
+    Ok(Json(
+        serde_json::json!({ "granted": accounts.len(), "accounts": accounts, "amount": amount }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct GrantForm {
+    csrf: String,
+    /// An account's email, or empty with `created_before` (YYYY-MM-DD, UTC).
+    email: String,
+    created_before: String,
+    amount: String,
+    reason: String,
+    key: String,
+}
+
+/// `POST /account/grants`: the operators' grant form on `/account`.
+pub async fn grant_form(
+    State(st): State<SharedState>,
+    c: Caller,
+    Form(f): Form<GrantForm>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        if !c.user.is_operator() {
+            return Err(ApiError::Forbidden);
+        }
+        let amount = ledger::parse_amount_text(&f.amount)?;
+        let to = match (f.email.trim(), f.created_before.trim()) {
+            (e, "") if !e.is_empty() => {
+                let u = db::user_by_email(&st.db, &e.to_lowercase())
+                    .await?
+                    .ok_or(ApiError::NotFound("account"))?;
+                ledger::Recipients::Account(u.id)
+            }
+            ("", d) if !d.is_empty() => ledger::Recipients::CreatedBefore(parse_date(d)?),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "rule_invalid",
+                    "give either an email or a date, not both",
+                ))
+            }
+        };
+        let actor = format!("operator:{}", c.user.email);
+        let done = ledger::grant(&st.db, &to, amount, &actor, &f.reason, &f.key).await?;
+        tracing::info!(%actor, amount, count = done.len(), reason = %f.reason, "credits granted");
+        account_page_full(
+            &st,
+            &c,
+            None,
+            Some(format!(
+                "{amount} credits granted to {} account(s).",
+                done.len()
+            )),
+        )
+        .await
+    }
+    .await;
+    r.unwrap_or_else(page_error)
+}
+
+/// `YYYY-MM-DD` → unix time of that day's start, UTC.
+fn parse_date(d: &str) -> Result<i64, ApiError> {
+    let bad = || ApiError::bad_request("rule_invalid", "the date is YYYY-MM-DD");
+    let parts: Vec<i64> = d
+        .split('-')
+        .map(|p| p.parse::<i64>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let [y, m, day] = parts[..] else {
+        return Err(bad());
+    };
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return Err(bad());
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146097 + doe - 719468) * 86400)
+}
+
+/// `GET /api/v1/grants/{id}` (the buyer, or operators): a grant's state.
+pub async fn grant_status(
+    State(st): State<SharedState>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ledger::GrantRowView>, ApiError> {
+    let g = ledger::grant_view(&st.db, &id)
+        .await?
+        .ok_or(ApiError::NotFound("grant"))?;
+    let buyer: (i64,) = sqlx::query_as("SELECT buyer_id FROM play_grants WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&st.db)
+        .await?;
+    if buyer.0 != c.user.id && !c.user.is_operator() {
+        return Err(ApiError::NotFound("grant"));
+    }
+    Ok(Json(g))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_are_utc_day_starts() {
+        assert_eq!(super::parse_date("1970-01-01").unwrap(), 0);
+        assert_eq!(super::parse_date("2026-11-24").unwrap(), 1_795_478_400);
+        assert_eq!(super::parse_date("2000-03-01").unwrap(), 951_868_800);
+        for bad in ["2026-13-01", "2026-11", "x", "1969-12-31"] {
+            assert!(super::parse_date(bad).is_err(), "{bad}");
+        }
+    }
+}
