@@ -588,3 +588,9 @@ pub fn mp4_top_level_boxes(data: &[u8]) -> Vec<String> {
     }
     out
 }
+
+/// A response's status and JSON body (`null` when the body is not JSON).
+pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(serde_json::Value::Null))
+}

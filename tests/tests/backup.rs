@@ -162,10 +162,7 @@ const PRICE: i64 = 600;
 const SHARE: i64 = PRICE * 70 / 100;
 const LIMIT: Duration = Duration::from_secs(240);
 
-async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(serde_json::Value::Null))
-}
+use e2e::status_json as json;
 
 async fn purchase(
     cluster: &Cluster,

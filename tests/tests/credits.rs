@@ -11,17 +11,8 @@ use e2e::{make_webm, Cluster, ClusterOpts};
 const LIMIT: Duration = Duration::from_secs(240);
 const PRICE: i64 = 600;
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(serde_json::Value::Null))
-}
+use e2e::status_json as json;
+use shared::runtime::unix_now as now;
 
 fn code(v: &serde_json::Value) -> Option<&str> {
     v["error"]["code"].as_str()

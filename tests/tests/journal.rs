@@ -14,17 +14,8 @@ const LIMIT: Duration = Duration::from_secs(240);
 const VIEWS: usize = 20;
 const PRICE: i64 = 10;
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(serde_json::Value::Null))
-}
+use e2e::status_json as json;
+use shared::runtime::unix_now as now;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn views_played_while_the_manager_is_down_are_counted_exactly_once() {
