@@ -124,22 +124,15 @@ pub const MIN_PASSWORD_CHARS: usize = 10;
 /// `GET /signup`. Like the log-in form, a double-submit cookie stands in
 /// for the CSRF token a session would hold.
 pub async fn signup_form(State(st): State<SharedState>, headers: HeaderMap) -> Response {
-    let token = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE)
-        .map(str::to_owned)
-        .unwrap_or_else(auth::random_token);
-    let mut resp = render(&SignupPage {
+    let token = crate::web::login_csrf_token(&headers);
+    let resp = render(&SignupPage {
         user: None,
         csrf: &token,
         error: None,
         email: "",
         bonus: st.cfg.credits.signup_bonus,
     });
-    if let Ok(v) =
-        auth::set_cookie(auth::LOGIN_CSRF_COOKIE, &token, 3600, st.secure_cookies).parse()
-    {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    resp
+    crate::web::with_login_csrf_cookie(&st, resp, &token)
 }
 
 #[derive(Deserialize)]
@@ -250,12 +243,6 @@ pub async fn start_session(st: &SharedState, user_id: i64, to: &str) -> Result<R
     Ok(resp)
 }
 
-/// JSON calls made with a session cookie must carry its CSRF token in
-/// `X-CSRF-Token` (as `POST /api/v1/assets/{id}/cancel`); bearer callers need not.
-fn check_api_csrf(c: &Caller, headers: &HeaderMap) -> Result<(), ApiError> {
-    c.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))
-}
-
 // ---- prices --------------------------------------------------------------------
 
 async fn owned_asset(st: &SharedState, c: &Caller, id: &str) -> Result<db::Asset, ApiError> {
@@ -279,7 +266,7 @@ pub async fn set_price_api(
     Path(id): Path<String>,
     Json(body): Json<serde_json::Value>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_api_csrf(&c, &headers)?;
+    c.check_csrf_header(&headers)?;
     let a = owned_asset(&st, &c, &id).await?;
     let price = ledger::parse_price(body.get("price").unwrap_or(&serde_json::Value::Null))?;
     ledger::set_price(&st.db, &a.id, price).await?;
@@ -359,7 +346,7 @@ pub async fn purchase_api(
     Path(id): Path<String>,
     Json(body): Json<serde_json::Value>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_api_csrf(&c, &headers)?;
+    c.check_csrf_header(&headers)?;
     let request_id = body
         .get("request_id")
         .and_then(|v| v.as_str())
@@ -668,7 +655,7 @@ pub async fn grant_api(
     headers: HeaderMap,
     Json(body): Json<serde_json::Value>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_api_csrf(&c, &headers)?;
+    c.check_csrf_header(&headers)?;
     if !c.user.is_operator() {
         return Err(ApiError::Forbidden);
     }

@@ -365,7 +365,7 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))?;
+    caller.check_csrf_header(&headers)?;
     cancel_as(&st, &caller, &id).await?;
     let a = db::asset(&st.db, &id)
         .await?
@@ -409,7 +409,7 @@ pub async fn retry(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    caller.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))?;
+    caller.check_csrf_header(&headers)?;
     if !caller.user.is_operator() {
         return Err(ApiError::Forbidden);
     }

@@ -93,6 +93,12 @@ impl Caller {
             },
         }
     }
+
+    /// [`check_csrf`](Caller::check_csrf) for JSON calls: a session caller
+    /// sends the token in `X-CSRF-Token`; bearer callers need none.
+    pub fn check_csrf_header(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        self.check_csrf(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))
+    }
 }
 
 async fn resolve(parts: &Parts, st: &SharedState) -> Result<Option<Caller>, ApiError> {

@@ -173,23 +173,33 @@ struct LoginPage<'a> {
     email: &'a str,
 }
 
-/// Before login there is no session to hold a CSRF token, so the form uses
-/// a double-submit cookie: the hidden field must equal the cookie.
+/// Before login there is no session to hold a CSRF token, so the log-in
+/// and sign-up forms use a double-submit cookie: the hidden field must equal
+/// the cookie. The token already in the browser's cookie, or a new one.
+pub fn login_csrf_token(headers: &axum::http::HeaderMap) -> String {
+    auth::cookie(headers, auth::LOGIN_CSRF_COOKIE)
+        .map(str::to_owned)
+        .unwrap_or_else(auth::random_token)
+}
+
+/// `resp` (a pre-login form) with the double-submit cookie for `token`.
+pub fn with_login_csrf_cookie(st: &SharedState, mut resp: Response, token: &str) -> Response {
+    if let Ok(v) = auth::set_cookie(auth::LOGIN_CSRF_COOKIE, token, 3600, st.secure_cookies).parse()
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
 pub async fn login_form(State(st): State<SharedState>, headers: axum::http::HeaderMap) -> Response {
-    let existing = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE).map(str::to_owned);
-    let token = existing.unwrap_or_else(auth::random_token);
-    let mut resp = render(&LoginPage {
+    let token = login_csrf_token(&headers);
+    let resp = render(&LoginPage {
         user: None,
         csrf: &token,
         error: None,
         email: "",
     });
-    if let Ok(v) =
-        auth::set_cookie(auth::LOGIN_CSRF_COOKIE, &token, 3600, st.secure_cookies).parse()
-    {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    resp
+    with_login_csrf_cookie(&st, resp, &token)
 }
 
 #[derive(Deserialize)]
@@ -235,31 +245,8 @@ pub async fn login(
         };
         return Ok((StatusCode::UNAUTHORIZED, render(&page)).into_response());
     };
-    let token = auth::random_token();
-    let csrf = auth::random_token();
-    db::insert_session(
-        &st.db,
-        &auth::token_hash(&token),
-        user.id,
-        &csrf,
-        db::now() + auth::SESSION_SECS,
-    )
-    .await?;
     tracing::info!(user = user.id, "logged in");
-    let mut resp = Redirect::to("/").into_response();
-    let cookie = auth::set_cookie(
-        auth::SESSION_COOKIE,
-        &token,
-        auth::SESSION_SECS,
-        st.secure_cookies,
-    );
-    resp.headers_mut().append(
-        header::SET_COOKIE,
-        cookie
-            .parse()
-            .map_err(|e: header::InvalidHeaderValue| ApiError::Internal(e.into()))?,
-    );
-    Ok(resp)
+    Ok(crate::account::start_session(&st, user.id, "/").await?)
 }
 
 #[derive(Deserialize)]
