@@ -29,12 +29,10 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use futures::StreamExt;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use shared::BlobId;
-use tokio::io::AsyncWriteExt;
 
+use crate::store::{fsync_dir, link_create_only, receive_hashed, ReceiveError, TempGuard};
 use crate::SharedState;
 
 /// Key id of the read-only credential (`backup_read_key`).
@@ -172,21 +170,6 @@ pub fn router() -> Router<SharedState> {
         )
 }
 
-/// Removes a temp file unless the write that made it succeeded.
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 async fn store(
     State(st): State<SharedState>,
     UrlPath(name): UrlPath<String>,
@@ -204,42 +187,19 @@ async fn store(
     )?;
     let tmp = tmp_dir(&st).join(format!("{name}.{}", uuid::Uuid::new_v4()));
     let _guard = TempGuard(Some(tmp.clone()));
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .await?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| BackupError::BodyAborted)?;
-        hasher.update(&chunk);
-        size += chunk.len() as u64;
-        file.write_all(&chunk).await?;
-    }
-    file.flush().await?;
-    file.sync_all().await?;
-    drop(file);
-    let actual = BlobId::from_hasher(hasher);
+    let (actual, size) = match receive_hashed(&tmp, body.into_data_stream()).await {
+        Ok(r) => r,
+        Err(ReceiveError::Io(e)) => return Err(e.into()),
+        Err(ReceiveError::Body(_)) => return Err(BackupError::BodyAborted),
+    };
     if actual != expected {
         metrics::counter!("viewnode_backups_rejected_total").increment(1);
         return Err(BackupError::HashMismatch { expected, actual });
     }
     let dest = dir(&st).join(&name);
-    let stored = tokio::task::spawn_blocking(move || -> io::Result<bool> {
-        match std::fs::hard_link(&tmp, &dest) {
-            Ok(()) => {
-                fsync_dir(dest.parent().expect("a file has a folder"))?;
-                Ok(true)
-            }
-            // Same name, same SHA-256: these bytes are already here.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
-    })
-    .await
-    .map_err(|e| io::Error::other(e.to_string()))??;
+    let stored = tokio::task::spawn_blocking(move || link_create_only(&tmp, &dest))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
     metrics::counter!("viewnode_backups_stored_total").increment(u64::from(stored));
     tracing::info!(backup = %name, size, stored, "sealed backup verified and kept");
     let status = if stored {

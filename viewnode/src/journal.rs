@@ -316,29 +316,9 @@ async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
     let journal = st.journal.clone();
     let (events, offset) = tokio::task::spawn_blocking(move || journal.pending(BATCH)).await??;
     let full = events.len() >= BATCH;
-    let path = format!("/internal/v1/nodes/{}/journal", st.cfg.name);
     let body = serde_json::to_vec(&serde_json::json!({ "events": events }))?;
-    let now = shared::runtime::unix_now();
-    let auth = shared::sign_request(
-        &st.manager_secret,
-        &st.cfg.name,
-        "POST",
-        &path,
-        now,
-        &shared::content_sha256_hex(&body),
-    );
     let r = st
-        .http
-        .post(format!(
-            "{}{path}",
-            st.cfg.manager_url.trim_end_matches('/')
-        ))
-        .header(shared::AUTH_HEADER, auth)
-        .header(shared::DATE_HEADER, now.to_string())
-        .header("content-type", "application/json")
-        .timeout(Duration::from_secs(30))
-        .body(body)
-        .send()
+        .post_to_manager("journal", body, Duration::from_secs(30))
         .await?;
     let status = r.status();
     if !status.is_success() {

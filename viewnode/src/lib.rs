@@ -53,6 +53,40 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
+    /// `POST {manager_url}/internal/v1/nodes/{name}/{what}` with a JSON
+    /// body, signed with this node's shared secret under key id = its name
+    /// (how the manager knows which node speaks). Quarantine reports and
+    /// the view journal both travel this way.
+    pub async fn post_to_manager(
+        &self,
+        what: &str,
+        body: Vec<u8>,
+        timeout: std::time::Duration,
+    ) -> reqwest::Result<reqwest::Response> {
+        let path = format!("/internal/v1/nodes/{}/{what}", self.cfg.name);
+        let now = shared::runtime::unix_now();
+        let auth = shared::sign_request(
+            &self.manager_secret,
+            &self.cfg.name,
+            "POST",
+            &path,
+            now,
+            &shared::content_sha256_hex(&body),
+        );
+        self.http
+            .post(format!(
+                "{}{path}",
+                self.cfg.manager_url.trim_end_matches('/')
+            ))
+            .header(shared::AUTH_HEADER, auth)
+            .header(shared::DATE_HEADER, now.to_string())
+            .header("content-type", "application/json")
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+    }
+
     pub fn new(cfg: Config) -> anyhow::Result<Self> {
         // The manager's sealed database backups: beside the blobs, never among them.
         backups::init(&cfg.storage_dir).map_err(|e| {

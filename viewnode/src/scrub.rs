@@ -286,39 +286,21 @@ pub fn report_missing(st: &SharedState, blob: BlobId) {
     tokio::spawn(async move { report(&st, "missing", blob, "not_on_disk").await });
 }
 
-/// `POST {manager_url}/internal/v1/nodes/{name}/events`, signed with our
-/// shared secret under key id = our name. A few retries; if the manager
+/// An `events` report to the manager ([`crate::AppState::post_to_manager`]),
+/// with a few retries; if the manager
 /// stays unreachable its reconciliation finds the quarantine anyway.
 async fn report(st: &SharedState, kind: &str, blob: BlobId, reason: &str) {
     if st.cfg.manager_url.is_empty() {
         return;
     }
-    let path = format!("/internal/v1/nodes/{}/events", st.cfg.name);
     let body = serde_json::to_vec(&serde_json::json!({
         "events": [{ "kind": kind, "blob": blob, "reason": reason,
                      "at": shared::runtime::unix_now() }]
     }))
     .expect("json");
-    let url = format!("{}{path}", st.cfg.manager_url.trim_end_matches('/'));
     for attempt in 0..4u32 {
-        let now = shared::runtime::unix_now();
-        let auth = shared::sign_request(
-            &st.manager_secret,
-            &st.cfg.name,
-            "POST",
-            &path,
-            now,
-            &shared::content_sha256_hex(&body),
-        );
         let sent = st
-            .http
-            .post(&url)
-            .header(shared::AUTH_HEADER, auth)
-            .header(shared::DATE_HEADER, now.to_string())
-            .header("content-type", "application/json")
-            .timeout(Duration::from_secs(10))
-            .body(body.clone())
-            .send()
+            .post_to_manager("events", body.clone(), Duration::from_secs(10))
             .await;
         match sent {
             Ok(r) if r.status().is_success() => {

@@ -77,7 +77,7 @@ const SUBDIRS: [&str; 3] = ["blobs", "tmp", "quarantine"];
 const VERIFIED_FILE: &str = "verified.json";
 
 /// Removes a temp file unless the write that made it succeeded.
-struct TempGuard(Option<PathBuf>);
+pub(crate) struct TempGuard(pub(crate) Option<PathBuf>);
 
 impl Drop for TempGuard {
     fn drop(&mut self) {
@@ -87,8 +87,60 @@ impl Drop for TempGuard {
     }
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Why [`receive_hashed`] stopped.
+pub(crate) enum ReceiveError {
+    Io(io::Error),
+    /// The sender's stream failed (a cut connection).
+    Body(String),
+}
+
+/// Receives `body` into `tmp` (created new, never reused), hashing as it
+/// goes, then flushes and fsyncs it. Returns its SHA-256 and length. The
+/// caller holds a [`TempGuard`] on `tmp` and commits with
+/// [`link_create_only`] only once the hash is the one expected. The one
+/// write path for movie blobs and the manager's backups alike.
+pub(crate) async fn receive_hashed<S, E>(tmp: &Path, body: S) -> Result<(BlobId, u64), ReceiveError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: std::fmt::Display,
+{
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .await
+        .map_err(ReceiveError::Io)?;
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ReceiveError::Body(e.to_string()))?;
+        hasher.update(&chunk);
+        received += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(ReceiveError::Io)?;
+    }
+    file.flush().await.map_err(ReceiveError::Io)?;
+    file.sync_all().await.map_err(ReceiveError::Io)?;
+    Ok((BlobId::from_hasher(hasher), received))
+}
+
+/// Commits the fsynced `tmp` as `dest`, create-only: a hard link never
+/// replaces an existing name, and the folder is fsynced so the name
+/// survives a power cut. `false` when `dest` already exists (same name,
+/// same SHA-256: the bytes are already there).
+pub(crate) fn link_create_only(tmp: &Path, dest: &Path) -> io::Result<bool> {
+    match std::fs::hard_link(tmp, dest) {
+        Ok(()) => {
+            fsync_dir(dest.parent().expect("a file has a folder"))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl BlobStore {
@@ -187,24 +239,11 @@ impl BlobStore {
             .join(format!("{}.{}", id, uuid::Uuid::new_v4()));
         self.ensure_layout()?;
         let mut guard = TempGuard(Some(tmp.clone()));
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .await?;
-        let mut hasher = Sha256::new();
-        let mut received = 0u64;
-        let mut body = std::pin::pin!(body);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
-            hasher.update(&chunk);
-            received += chunk.len() as u64;
-            file.write_all(&chunk).await?;
-        }
-        file.flush().await?;
-        file.sync_all().await?;
-        drop(file);
-        let actual = BlobId::from_hasher(hasher);
+        let (actual, received) = match receive_hashed(&tmp, body).await {
+            Ok(r) => r,
+            Err(ReceiveError::Io(e)) => return Err(e.into()),
+            Err(ReceiveError::Body(e)) => return Err(StoreError::Body(e)),
+        };
         if actual != *id {
             return Err(StoreError::HashMismatch {
                 expected: *id,
@@ -230,17 +269,11 @@ impl BlobStore {
                 std::fs::create_dir_all(dir)?;
                 fsync_dir(dir.parent().expect("shard dir has a parent"))?;
             }
-            match std::fs::hard_link(&tmp, &dest) {
-                Ok(()) => {
-                    fsync_dir(dir)?;
-                    Ok(PutOutcome::Stored)
-                }
-                // Same name means same SHA-256: the bytes are already here.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Ok(PutOutcome::AlreadyPresent)
-                }
-                Err(e) => Err(e),
-            }
+            Ok(if link_create_only(&tmp, &dest)? {
+                PutOutcome::Stored
+            } else {
+                PutOutcome::AlreadyPresent
+            })
         })
         .await
         .map_err(|e| io::Error::other(e.to_string()))??;
