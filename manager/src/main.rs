@@ -93,6 +93,11 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before any code built for this CPU's extensions can run.
+    if let Err(msg) = shared::runtime::check_build_cpu("manager") {
+        eprintln!("{msg}");
+        return std::process::ExitCode::from(2);
+    }
     let cli = Cli::parse();
     manager::init_tracing();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -28,9 +28,10 @@ pub use nodeauth::{
     MAX_CLOCK_SKEW_SECS,
 };
 pub use seal::{
-    open_all, open_range, open_range_with, seal_all, wrapped_key_id, DataKey, MasterKey, Opener,
-    RangeRead, SealError, SealReader, SealedHeader, SealedLayout, Sealer, DEFAULT_SEGMENT_SIZE,
-    HEADER_LEN, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, READ_AHEAD_BYTES, TAG_LEN, WRAPPED_KEY_LEN,
+    open_all, open_file_range, open_range, open_range_with, seal_all, wrapped_key_id, DataKey,
+    MasterKey, Opener, RangeRead, ReadAt, SealError, SealReader, SealedHeader, SealedLayout,
+    Sealer, DEFAULT_SEGMENT_SIZE, HEADER_LEN, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, READ_AHEAD_BYTES,
+    TAG_LEN, WRAPPED_KEY_LEN,
 };
 #[doc(hidden)]
 pub use seal::{seal_with_params, wrap_with_nonce};

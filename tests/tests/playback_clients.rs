@@ -12,11 +12,14 @@ use std::{
 use e2e::{ffmpeg, Cluster, ClusterOpts};
 use shared::PlaybackClaims;
 
-/// A 20 s H.264/AAC MP4 with a moving picture: remuxed, not transcoded, so
-/// the test spends its time on playback; long enough that seeking to 14 s
-/// lands well past what a player reads ahead.
-fn make_mp4(path: &Path) {
-    ffmpeg(&[
+/// A seekable H.264/AAC MP4 of `secs` seconds with a moving picture,
+/// remuxed by the manager, not transcoded, so tests spend their time on
+/// playback. `dense` spends the manager's whole copy bit rate (noise at
+/// 7 Mbit/s, still under its 8 Mbit/s limit) for a movie larger than a
+/// player's read-ahead.
+fn make_mp4(path: &Path, secs: u32, dense: bool) {
+    let secs = secs.to_string();
+    let mut args = vec![
         "-f",
         "lavfi",
         "-i",
@@ -26,26 +29,49 @@ fn make_mp4(path: &Path) {
         "-i",
         "sine=frequency=440:sample_rate=48000",
         "-t",
-        "20",
+        &secs,
         "-c:v",
         "libx264",
         "-preset",
         "ultrafast",
         "-pix_fmt",
         "yuv420p",
-        "-b:v",
-        "1500k",
+    ];
+    if dense {
+        args.extend([
+            "-vf",
+            "noise=alls=40:allf=t",
+            "-g",
+            "100",
+            "-b:v",
+            "7M",
+            "-minrate",
+            "7M",
+            "-maxrate",
+            "7M",
+            "-bufsize",
+            "7M",
+        ]);
+    } else {
+        args.extend(["-b:v", "1500k"]);
+    }
+    args.extend([
         "-c:a",
         "aac",
         "-movflags",
         "+faststart",
         path.to_str().unwrap(),
     ]);
+    ffmpeg(&args);
 }
 
 async fn published(cluster: &Cluster) -> (String, String) {
+    published_movie(cluster, 20, false).await
+}
+
+async fn published_movie(cluster: &Cluster, secs: u32, dense: bool) -> (String, String) {
     let input = cluster.dir.path().join("seekable.mp4");
-    make_mp4(&input);
+    make_mp4(&input, secs, dense);
     let (status, body) = cluster.upload(&input, "Seekable").await.unwrap();
     assert_eq!(status, 202, "{body}");
     let id = body["asset_id"].as_str().unwrap().to_string();
@@ -393,12 +419,15 @@ async fn forwarding_proxy(upstream: String, viewer: &'static str) -> String {
 /// VLC (`cvlc`, libVLC 3 as in the Second Life viewer) plays the media URL
 /// with its MP4 demuxer, for a viewer in London behind the site's proxy:
 /// it must follow the redirect to the nearest node (toronto, not the
-/// fallback utah), start 14 s in — a seek, so a byte range well into the
+/// fallback utah), start 25 s in — a seek, so a byte range well into the
 /// file — and decode pictures there, which it writes out and we check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vlc_plays_the_media_url_from_the_nearest_node_and_seeks() {
     let cluster = Cluster::start(&["utah", "toronto"]);
-    let (id, media_url) = published(&cluster).await;
+    // About 26 MB: VLC reads ahead up to 16 MiB, and a movie that fits
+    // could be swallowed whole before the seek, which then needs no range.
+    // In-world movies are far larger than that read-ahead, like this one.
+    let (id, media_url) = published_movie(&cluster, 30, true).await;
     let proxy = forwarding_proxy(cluster.manager.url.clone(), "81.2.69.142").await;
     let via_proxy = media_url.replacen(&cluster.manager.url, &proxy, 1);
     let frames = tempfile::Builder::new()
@@ -412,7 +441,7 @@ async fn vlc_plays_the_media_url_from_the_nearest_node_and_seeks() {
             "--aout=dummy",
             "--no-video-title-show",
             "--demux=mp4",
-            "--start-time=14",
+            "--start-time=25",
             "--run-time=2",
             "--play-and-exit",
             "--video-filter=scene",
@@ -467,8 +496,8 @@ async fn vlc_plays_the_media_url_from_the_nearest_node_and_seeks() {
         .max()
         .unwrap_or_else(|| panic!("VLC made no range request:\n{log}"));
     assert!(
-        seek_from > len / 2,
-        "seeking to 14 s of 20 s should start past the middle: {seek_from} of {len}"
+        seek_from > len * 2 / 3,
+        "seeking to 25 s of 30 s should start past two thirds: {seek_from} of {len}\n{log}"
     );
     assert!(
         log.contains(&format!(

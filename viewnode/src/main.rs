@@ -14,6 +14,11 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before any code built for this CPU's extensions can run.
+    if let Err(msg) = shared::runtime::check_build_cpu("viewnode") {
+        eprintln!("{msg}");
+        return std::process::ExitCode::from(2);
+    }
     let cli = Cli::parse();
     viewnode::init_tracing();
     let cfg = match viewnode::Config::load(cli.config.as_deref()) {

@@ -15,7 +15,7 @@ use axum::{
 use futures::StreamExt;
 use shared::{BlobId, PlaybackClaims, SealError};
 
-use crate::{error::NodeError, store::StoredBlob, SharedState};
+use crate::{error::NodeError, SharedState};
 
 /// What the `Range`/`If-Range` headers ask for, resolved against the length.
 #[derive(Debug, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub async fn play(
 ) -> Result<Response, NodeError> {
     let claims: PlaybackClaims = crate::playcache::verify(&st, &token)?;
     let blob: BlobId = claims.blob;
-    let Some(sealed_len) = st.store.size(&blob).await? else {
+    let Some((file, sealed_len)) = st.store.open_for_playback(&blob).await? else {
         crate::scrub::report_missing(&st, blob);
         return Err(NodeError::BlobMissing);
     };
@@ -84,10 +84,18 @@ pub async fn play(
                     tracing::error!(asset = %claims.asset_id, "cannot unwrap data key: {e}");
                     NodeError::KeyUnavailable
                 })?;
-            let header_bytes = st
-                .store
-                .read_range(&blob, 0..(shared::HEADER_LEN as u64).min(sealed_len))
-                .await?;
+            let header_bytes = {
+                let file = file.clone();
+                let len = (shared::HEADER_LEN as u64).min(sealed_len) as usize;
+                tokio::task::spawn_blocking(move || {
+                    let mut header = vec![0; len];
+                    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut header, 0)
+                        .map(|()| header)
+                })
+                .await
+                .map_err(|e| NodeError::Storage(e.to_string()))?
+                .map_err(|e| NodeError::Storage(e.to_string()))?
+            };
             match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
                 Ok(o) => {
                     crate::playcache::keep_opener(&claims, &o);
@@ -134,11 +142,7 @@ pub async fn play(
     if method == Method::HEAD || start == end {
         return Ok(resp.body(Body::empty()).expect("valid response"));
     }
-    let reader = StoredBlob {
-        store: st.store.clone(),
-        id: blob,
-    };
-    let stream = shared::open_range_with(reader, opener, start, end)
+    let stream = shared::open_file_range(file, opener, start, end)
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let served = end - start;
     let st2 = st.clone();

@@ -7,8 +7,11 @@
 //! have. Writes therefore go through [`BlobStore::put_verified`], which hashes
 //! while streaming to a temp file, fsyncs it, refuses a hash mismatch, links
 //! it into place with `link(2)` (which fails rather than overwrite) and fsyncs
-//! the directory. Reads go through `object_store` so that the same code path
-//! later serves an S3 bucket.
+//! the directory. Listing and lookups go through `object_store`; playback
+//! reads the open file with `pread` ([`BlobStore::open_for_playback`]),
+//! because every `object_store` ranged read reopens the file and copies
+//! into a fresh buffer, and playback is the node's hot path. A bucket-backed
+//! store would need its own playback reader behind `shared::RangeRead`.
 //!
 //! Layout under `storage_dir`: `blobs/<2 hex>/<sha256>` (the good copies, the
 //! only ones served, copied or listed as held), `tmp/` (pushes in flight,
@@ -23,7 +26,6 @@
 use std::{
     collections::BTreeMap,
     io,
-    ops::Range,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -294,10 +296,29 @@ impl BlobStore {
         }
     }
 
-    pub async fn read_range(&self, id: &BlobId, range: Range<u64>) -> Result<Bytes, StoreError> {
-        match self.objects.get_range(&Self::key(id), range).await {
-            Ok(b) => Ok(b),
-            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound),
+    /// Opens a good copy for playback, with its length: one blocking-pool
+    /// hop per request, then positional reads on the open file (see
+    /// [`shared::open_file_range`]). Playback reads the local file directly
+    /// rather than through `object_store`, whose every ranged read reopens
+    /// the file: on this path that was a measurable share of the node's
+    /// time. A copy quarantined or deleted mid-request stays readable
+    /// through the open file until the request ends; its bytes are still
+    /// authenticated segment by segment.
+    pub async fn open_for_playback(
+        &self,
+        id: &BlobId,
+    ) -> Result<Option<(Arc<std::fs::File>, u64)>, StoreError> {
+        let path = self.file_path(id);
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path)?;
+            let len = file.metadata()?.len();
+            Ok::<_, io::Error>((Arc::new(file), len))
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?;
+        match opened {
+            Ok(found) => Ok(Some(found)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -416,28 +437,6 @@ impl BlobStore {
     }
 }
 
-/// Adapts one stored blob to the range-reading seam the sealed-blob opener uses.
-pub struct StoredBlob {
-    pub store: BlobStore,
-    pub id: BlobId,
-}
-
-impl shared::RangeRead for StoredBlob {
-    fn read_range(
-        &self,
-        range: Range<u64>,
-    ) -> impl std::future::Future<Output = io::Result<Bytes>> + Send {
-        let store = self.store.clone();
-        let id = self.id;
-        async move {
-            store
-                .read_range(&id, range)
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,12 +464,14 @@ mod tests {
             PutOutcome::AlreadyPresent
         );
         assert_eq!(store.size(&id).await.unwrap(), Some(data.len() as u64));
-        assert_eq!(
-            &store.read_range(&id, 7..12).await.unwrap()[..],
-            &data[7..12]
-        );
+        let (file, len) = store.open_for_playback(&id).await.unwrap().unwrap();
+        assert_eq!(len, data.len() as u64);
+        let mut part = [0u8; 5];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut part, 7).unwrap();
+        assert_eq!(&part[..], &data[7..12]);
 
         let other = BlobId::of(b"something else");
+        assert!(store.open_for_playback(&other).await.unwrap().is_none());
         let err = store.put_verified(&other, chunks(&data)).await.unwrap_err();
         assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
         assert_eq!(store.size(&other).await.unwrap(), None);

@@ -26,7 +26,9 @@ pub use header::{
 pub use keys::{wrap_with_nonce, wrapped_key_id, DataKey, MasterKey, WRAPPED_KEY_LEN};
 pub use layout::SealedLayout;
 pub use opener::{open_all, Opener};
-pub use range::{open_range, open_range_with, RangeRead, READ_AHEAD_BYTES};
+pub use range::{
+    open_file_range, open_range, open_range_with, RangeRead, ReadAt, READ_AHEAD_BYTES,
+};
 pub use reader::SealReader;
 pub use sealer::{seal_all, seal_with_params, Sealer};
 
