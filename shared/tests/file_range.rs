@@ -151,6 +151,11 @@ async fn reads_whole_touched_segments_once_and_waits_only_for_what_is_not_cached
     // All cached: no blocking read at all, batches cover exactly `span`.
     let warm = MemFile::new(sealed.clone(), sealed.len());
     read(warm.clone(), &sealed, want.clone()).await;
+    assert_eq!(
+        warm.reads()[0],
+        Read::Cached(layout.sealed_range(touched.start)),
+        "the first batch is one segment, so the first bytes leave early"
+    );
     let mut at = span.start;
     for r in warm.reads() {
         let Read::Cached(r) = r else {
@@ -187,6 +192,18 @@ async fn reads_whole_touched_segments_once_and_waits_only_for_what_is_not_cached
     assert_eq!(at, span.end);
 }
 
+/// `got` is the plaintext up to the start of a batch: none of the bytes
+/// from `bad` on (where the damage is), and at most one batch short of it.
+fn ends_before_the_bad_batch(got: &[u8], plain: &[u8], bad: u64) {
+    assert!(got == &plain[..got.len()], "not the plaintext");
+    let n = got.len() as u64;
+    assert!(n <= bad, "{n} bytes served, damage at {bad}");
+    assert!(
+        n + READ_AHEAD_BYTES >= bad,
+        "{n} bytes served, damage at {bad}: a whole batch withheld"
+    );
+}
+
 #[tokio::test]
 async fn damage_ends_the_stream_with_its_error_and_no_bytes_of_that_batch() {
     let seg = 4096u32;
@@ -205,11 +222,7 @@ async fn damage_ends_the_stream_with_its_error_and_no_bytes_of_that_batch() {
         let (bytes, err) =
             drain(open_file_range(file, o, 0, layout.plaintext_len()).unwrap()).await;
         assert_eq!(err, Some(SealError::SegmentAuth { index: bad }));
-        assert_eq!(
-            bytes,
-            plain[..READ_AHEAD_BYTES as usize],
-            "the first batch, then nothing"
-        );
+        ends_before_the_bad_batch(&bytes, &plain, bad * u64::from(seg));
     }
 
     // The file is shorter than the length the opener was built for (cut
@@ -221,7 +234,11 @@ async fn damage_ends_the_stream_with_its_error_and_no_bytes_of_that_batch() {
         let (bytes, err) =
             drain(open_file_range(file, o, 0, layout.plaintext_len()).unwrap()).await;
         assert_eq!(err, Some(SealError::Truncated), "cached {cached}");
-        assert_eq!(bytes, plain[..2 * READ_AHEAD_BYTES as usize]);
+        ends_before_the_bad_batch(
+            &bytes,
+            &plain,
+            layout.plain_offset(layout.segment_count() - 1),
+        );
     }
 
     let o = opener(&sealed, sealed.len() as u64);
@@ -281,4 +298,29 @@ async fn a_real_file_reads_from_the_page_cache_and_survives_truncation() {
     let (_, err) = drain(open_file_range(file, o, 0, n).unwrap()).await;
     assert_eq!(err, Some(SealError::Truncated));
     std::fs::remove_file(&path).unwrap();
+}
+
+/// Time to first byte: the first segment comes alone, and the stream then
+/// gives the HTTP layer one turn (it writes what it holds when the body is
+/// not ready) before decrypting the next batch. Checked by polling, not by
+/// timing.
+#[tokio::test]
+async fn the_first_segment_leaves_before_the_next_batch_is_read() {
+    let seg = 4096u32;
+    let plain = data(2 * READ_AHEAD_BYTES as usize);
+    let (sealed, _) = seal_all(&key(), ASSET, 1, seg, &plain);
+    let file = MemFile::new(sealed.clone(), sealed.len());
+    let o = opener(&sealed, sealed.len() as u64);
+    let want = 10_000..900_000u64.min(plain.len() as u64);
+    let mut stream = Box::pin(open_file_range(file.clone(), o, want.start, want.end).unwrap());
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], &plain[10_000..3 * seg as usize]);
+    assert_eq!(file.reads().len(), 1, "one segment read so far");
+    assert!(
+        futures::poll!(stream.next()).is_pending(),
+        "no turn for the HTTP layer to send the first segment"
+    );
+    let (rest, err) = drain(stream).await;
+    assert_eq!(err, None);
+    assert!(rest == plain[3 * seg as usize..want.end as usize]);
 }

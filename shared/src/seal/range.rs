@@ -173,7 +173,7 @@ impl<R: RangeRead + Send + Sync> State<R> {
             if self.next >= self.stop {
                 return Ok(None);
             }
-            let batch = Batch::at(opener, self.next, self.stop);
+            let batch = Batch::at(opener, self.next, self.stop, READ_AHEAD_BYTES);
             let sealed = self.read_exact(batch.sealed.clone()).await?;
             // Decrypt in the buffer storage filled (it is ours alone unless
             // the reader kept a reference: then one copy).
@@ -205,9 +205,11 @@ struct Batch {
 }
 
 impl Batch {
-    fn at(opener: &Opener, next: u64, stop: u64) -> Batch {
+    /// The batch starting at segment `next`: up to `max_plain` bytes of
+    /// plaintext, never past `stop`.
+    fn at(opener: &Opener, next: u64, stop: u64, max_plain: u64) -> Batch {
         let layout = opener.layout();
-        let per_read = (READ_AHEAD_BYTES / u64::from(layout.segment_size())).max(1);
+        let per_read = (max_plain / u64::from(layout.segment_size())).max(1);
         let last = (next + per_read).min(stop) - 1;
         Batch {
             first: next,
@@ -341,6 +343,7 @@ pub fn open_file_range<F: ReadAt>(
         file,
         opener: Arc::new(opener),
         want: start..end,
+        first: segments.start,
         next: segments.start,
         stop: segments.end,
         pending: VecDeque::new(),
@@ -352,6 +355,8 @@ struct FileState<F> {
     file: Arc<F>,
     opener: Arc<Opener>,
     want: Range<u64>,
+    /// The range's first segment.
+    first: u64,
     next: u64,
     stop: u64,
     pending: VecDeque<Bytes>,
@@ -360,7 +365,21 @@ struct FileState<F> {
 impl<F: ReadAt> FileState<F> {
     async fn step(mut self) -> Result<Option<(Bytes, FileState<F>)>, SealError> {
         if self.pending.is_empty() && self.next < self.stop {
-            let batch = Batch::at(&self.opener, self.next, self.stop);
+            // The first batch is one segment, and the batch after it waits
+            // for one turn of the scheduler: the HTTP layer pulls body
+            // chunks until its buffer fills or the body is not ready, so
+            // without that turn the headers would leave only after about
+            // 400 KiB were decrypted. Time to first byte is what a viewer
+            // waits for after a seek.
+            if self.next == self.first + 1 {
+                tokio::task::yield_now().await;
+            }
+            let max = if self.next == self.first {
+                0
+            } else {
+                READ_AHEAD_BYTES
+            };
+            let batch = Batch::at(&self.opener, self.next, self.stop, max);
             let mut buf = pool::take(batch.len());
             let cached = self.file.read_cached_at(&mut buf, batch.sealed.start);
             let (batch, buf) = if cached == buf.len() {
