@@ -411,9 +411,9 @@ impl<F: ReadAt> FileState<F> {
     }
 }
 
-/// Batch buffers, recycled: a fresh 512 KiB allocation is mapped anew by
-/// the allocator and page-faults on first touch, which cost more than the
-/// read that fills it. A buffer goes back when the last slice of it has
+/// Batch buffers, recycled: a fresh allocation of a batch's size is mapped
+/// anew by the allocator and page-faults on first touch, which cost more
+/// than the read that fills it. A buffer goes back when the last slice of it has
 /// been written to the socket. Plaintext left in a free buffer is
 /// overwritten by the next read before anyone sees it.
 mod pool {
