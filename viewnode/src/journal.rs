@@ -18,8 +18,14 @@
 //!   playback does not depend on it. A batch delivered but not recorded as
 //!   forwarded (a crash in between) is sent again and ignored as duplicate.
 //!
-//! The file only grows; at ~150 bytes per event that is ~150 MB per million
-//! paid responses. Compaction (dropping what is forwarded) is left to do.
+//! - Compaction: once everything written has been delivered and the file is
+//!   past [`COMPACT_AT`], the forwarder empties it. It first writes the
+//!   cursor back to 0 and only then truncates, with appends held off
+//!   meanwhile, so a crash between the two can only make the node resend
+//!   events the manager already has (it ignores them), never skip one. A
+//!   node that is never quiet for the instant between a delivery and the
+//!   next append keeps growing its file until it is (at ~150 bytes per
+//!   event, ~150 MB per million paid responses).
 
 use std::{
     fs::{File, OpenOptions},
@@ -40,6 +46,9 @@ use crate::SharedState;
 /// Events per delivery (the manager accepts up to 1000).
 const BATCH: usize = 500;
 
+/// A journal file this long, all delivered, is emptied.
+const COMPACT_AT: u64 = 1 << 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     pub id: String,
@@ -56,6 +65,9 @@ pub struct Journal {
     dir: PathBuf,
     /// Bytes of `views.jsonl` known to be on disk (fsynced).
     durable: Arc<AtomicU64>,
+    /// Held by the writer for each append and by compaction, so the file
+    /// is never emptied under an append.
+    appending: Arc<Mutex<()>>,
     /// Woken after each fsync, so the forwarder can deliver promptly.
     pub written: Arc<Notify>,
 }
@@ -66,6 +78,26 @@ fn log_path(dir: &Path) -> PathBuf {
 
 fn cursor_path(dir: &Path) -> PathBuf {
     dir.join("forwarded")
+}
+
+fn read_cursor(dir: &Path) -> u64 {
+    std::fs::read_to_string(cursor_path(dir))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Replaces the forwarded offset atomically and durably.
+fn write_cursor(dir: &Path, offset: u64) -> std::io::Result<()> {
+    let tmp = dir.join("forwarded.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(offset.to_string().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, cursor_path(dir))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 impl Journal {
@@ -93,22 +125,54 @@ impl Journal {
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
+        if read_cursor(&dir) > whole as u64 {
+            // The journal is shorter than what was delivered of it (emptied
+            // by hand, or restored): deliver it all again rather than let
+            // new events fall under the old offset and never be sent.
+            tracing::warn!("journal cursor beyond the journal; delivering it all again");
+            write_cursor(&dir, 0)?;
+        }
         let durable = Arc::new(AtomicU64::new(whole as u64));
         let written = Arc::new(Notify::new());
+        let appending = Arc::new(Mutex::new(()));
         let (tx, rx) = mpsc::channel::<Event>();
         {
             let durable = durable.clone();
             let written = written.clone();
+            let appending = appending.clone();
             std::thread::Builder::new()
                 .name("view-journal".into())
-                .spawn(move || writer(rx, file, durable, written))?;
+                .spawn(move || writer(rx, file, durable, written, appending))?;
         }
         Ok(Journal {
             tx: Mutex::new(tx),
             dir,
             durable,
+            appending,
             written,
         })
+    }
+
+    /// Empties the journal if everything in it has been delivered (the
+    /// cursor is at `forwarded`, the end) and it is at least `min_len`
+    /// long. Returns whether it did. The cursor goes back to 0 before the
+    /// file is cut (module docs: a crash between can only cause resends).
+    fn compact(&self, forwarded: u64, min_len: u64) -> std::io::Result<bool> {
+        let _no_appends = self.appending.lock().expect("not poisoned");
+        let durable = self.durable.load(Ordering::Acquire);
+        if durable != forwarded || durable < min_len {
+            return Ok(false);
+        }
+        self.mark_forwarded(0)?;
+        let f = OpenOptions::new().write(true).open(log_path(&self.dir))?;
+        f.set_len(0)?;
+        f.sync_all()?;
+        self.durable.store(0, Ordering::Release);
+        tracing::info!(
+            bytes = durable,
+            "view journal delivered in full; emptied it"
+        );
+        Ok(true)
     }
 
     fn append(&self, e: Event) {
@@ -134,10 +198,7 @@ impl Journal {
     /// Durable events past the forwarded offset: (events, offset after them).
     fn pending(&self, max: usize) -> std::io::Result<(Vec<Event>, u64)> {
         let durable = self.durable.load(Ordering::Acquire);
-        let mut from = std::fs::read_to_string(cursor_path(&self.dir))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let mut from = read_cursor(&self.dir);
         if from > durable {
             // Only possible if the journal was replaced under us; resend all
             // (the manager ignores duplicates).
@@ -168,15 +229,7 @@ impl Journal {
     }
 
     fn mark_forwarded(&self, offset: u64) -> std::io::Result<()> {
-        let tmp = self.dir.join("forwarded.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(offset.to_string().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, cursor_path(&self.dir))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_cursor(&self.dir, offset)
     }
 }
 
@@ -187,6 +240,7 @@ fn writer(
     mut file: File,
     durable: Arc<AtomicU64>,
     written: Arc<Notify>,
+    appending: Arc<Mutex<()>>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut buf = Vec::new();
@@ -196,6 +250,7 @@ fn writer(
             buf.push(b'\n');
             n += 1;
         }
+        let _appending = appending.lock().expect("not poisoned");
         let len = durable.load(Ordering::Acquire);
         loop {
             let r = file
@@ -212,6 +267,7 @@ fn writer(
             }
         }
         durable.store(len + buf.len() as u64, Ordering::Release);
+        drop(_appending);
         metrics::counter!("viewnode_journal_events_total").increment(n);
         written.notify_one();
     }
@@ -329,7 +385,11 @@ async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
     }
     if !events.is_empty() {
         let journal = st.journal.clone();
-        tokio::task::spawn_blocking(move || journal.mark_forwarded(offset)).await??;
+        tokio::task::spawn_blocking(move || {
+            journal.mark_forwarded(offset)?;
+            journal.compact(offset, COMPACT_AT)
+        })
+        .await??;
         tracing::debug!(count = events.len(), "view journal delivered");
     }
     Ok(full)
@@ -386,5 +446,54 @@ mod tests {
         let (rest, _) = j.pending(1000).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].grant.as_deref(), Some("g3"));
+    }
+
+    fn serve(j: &Arc<Journal>, grant: &str, bytes: usize) {
+        let mut s = j.served(grant.into(), "a".into(), Duration::from_secs(3600));
+        s.add(bytes);
+    }
+
+    #[test]
+    fn a_fully_delivered_journal_is_emptied_and_nothing_undelivered_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_path(&dir.path().join("journal"));
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        serve(&j, "g1", 10);
+        serve(&j, "g2", 20);
+        wait_durable(&j, 2);
+        let (_, all) = j.pending(1000).unwrap();
+        let (_, first) = j.pending(1).unwrap();
+
+        // Not everything delivered, or too short: kept.
+        j.mark_forwarded(first).unwrap();
+        assert!(!j.compact(first, 0).unwrap());
+        j.mark_forwarded(all).unwrap();
+        assert!(!j.compact(all, all + 1).unwrap());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), all);
+
+        // Everything delivered: emptied, cursor back at 0, and appends
+        // carry on from the start.
+        assert!(j.compact(all, 0).unwrap());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(read_cursor(&j.dir), 0);
+        serve(&j, "g3", 30);
+        let events = wait_durable(&j, 1);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].grant.as_deref(), Some("g3"));
+        assert!(std::fs::metadata(&log).unwrap().len() > 0);
+
+        // A cursor beyond the file (emptied by hand after delivery) is put
+        // back at 0 on open, so events appended later are not hidden under
+        // it (here it would land inside the next event's line).
+        drop(j);
+        let len = std::fs::metadata(&log).unwrap().len();
+        write_cursor(&dir.path().join("journal"), len + 1).unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        serve(&j, "g4", 40);
+        let events = wait_durable(&j, 2);
+        assert_eq!(
+            events.iter().map(|e| e.bytes).collect::<Vec<_>>(),
+            vec![30, 40]
+        );
     }
 }
