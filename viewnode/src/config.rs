@@ -58,6 +58,10 @@ pub struct Config {
     /// A paid response still streaming journals what it served at least
     /// this often, seconds, not only when it ends. Between 1 and 60.
     pub journal_flush_secs: u64,
+    /// Days a copy set aside in `quarantine/` is kept for inspection
+    /// before it is deleted, checked after each scrub pass. 0 keeps them
+    /// until an operator removes them. At most 3650.
+    pub quarantine_keep_days: u64,
 }
 
 impl Default for Config {
@@ -80,6 +84,9 @@ impl Default for Config {
             scrub_interval_secs: 24 * 3600,
             journal_forward_secs: 5,
             journal_flush_secs: 10,
+            // A month to look at what went wrong; a disk that keeps
+            // corrupting copies does not fill up with their carcasses.
+            quarantine_keep_days: 30,
         }
     }
 }
@@ -158,6 +165,12 @@ impl Config {
         }
         if !(1..=60).contains(&self.journal_flush_secs) {
             return Err(field("journal_flush_secs", "must be between 1 and 60"));
+        }
+        if self.quarantine_keep_days > 3650 {
+            return Err(field(
+                "quarantine_keep_days",
+                "must be at most 3650 (0 keeps them until removed by hand)",
+            ));
         }
         Ok(())
     }

@@ -241,6 +241,26 @@ async fn pass(st: &SharedState, cancel: &Arc<AtomicBool>) {
         metrics::gauge!("viewnode_scrub_last_pass_rate_bytes_per_second").set(r);
     }
     tracing::info!(bytes = total, secs, "scrub pass complete");
+    purge_quarantine(st, now).await;
+}
+
+/// Deletes quarantined copies older than `quarantine_keep_days`: they were
+/// reported and repaired long ago, and only take disk space.
+async fn purge_quarantine(st: &SharedState, now: i64) {
+    let days = st.cfg.quarantine_keep_days;
+    if days == 0 {
+        return;
+    }
+    let cutoff = now.saturating_sub(i64::try_from(days * 86_400).unwrap_or(i64::MAX));
+    match st.store.purge_quarantine(cutoff).await {
+        Ok(gone) => {
+            for q in &gone {
+                tracing::info!(blob = %q.id, since = q.since, days, "quarantined copy deleted after its keep period");
+            }
+            metrics::counter!("viewnode_quarantine_purged_total").increment(gone.len() as u64);
+        }
+        Err(e) => tracing::error!("cannot purge old quarantined copies: {e}"),
+    }
 }
 
 /// Takes a bad copy out of service and tells the manager, which then

@@ -359,6 +359,30 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Deletes the quarantined copies set aside before `cutoff` (unix
+    /// time), durably; returns them.
+    pub async fn purge_quarantine(&self, cutoff: i64) -> Result<Vec<Quarantined>, StoreError> {
+        let mut gone = Vec::new();
+        for q in self.quarantined().await? {
+            if q.since >= cutoff {
+                continue;
+            }
+            let path = self
+                .root
+                .join("quarantine")
+                .join(format!("{}.{}", q.id, q.since));
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => gone.push(q),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !gone.is_empty() {
+            fsync_dir(&self.root.join("quarantine"))?;
+        }
+        Ok(gone)
+    }
+
     /// Copies taken out of service, oldest first.
     pub async fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
         let mut out = Vec::new();
@@ -517,6 +541,35 @@ mod tests {
             1
         );
         store.health_check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn quarantined_copies_are_purged_only_after_their_keep_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let q = dir.path().join("quarantine");
+        let (old, new) = (BlobId::of(b"old"), BlobId::of(b"new"));
+        // Set aside 40 days ago and an hour ago.
+        let now = shared::runtime::unix_now();
+        std::fs::write(q.join(format!("{old}.{}", now - 40 * 86_400)), b"old").unwrap();
+        std::fs::write(q.join(format!("{new}.{}", now - 3600)), b"new").unwrap();
+        std::fs::write(q.join("notes.txt"), b"an operator's file").unwrap();
+        let gone = store.purge_quarantine(now - 30 * 86_400).await.unwrap();
+        assert_eq!(gone.iter().map(|g| g.id).collect::<Vec<_>>(), vec![old]);
+        let left: Vec<BlobId> = store
+            .quarantined()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
+        assert_eq!(left, vec![new]);
+        assert!(q.join("notes.txt").exists(), "only quarantined copies go");
+        assert!(store
+            .purge_quarantine(now - 30 * 86_400)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
