@@ -1040,19 +1040,33 @@ impl NodeClient {
         })
     }
 
-    pub async fn list(&self) -> Result<RemoteListing, BackupError> {
+    /// A signed request without a body, its answer checked.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, BackupError> {
         let empty = shared::content_sha256_hex(b"");
         let resp = self
-            .signed(reqwest::Method::GET, "/internal/v1/backups", &empty)
-            .timeout(Duration::from_secs(30))
+            .signed(method, path, &empty)
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
-        self.check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| self.unreachable(e))
+        self.check(resp).await
+    }
+
+    pub async fn list(&self) -> Result<RemoteListing, BackupError> {
+        self.call(
+            reqwest::Method::GET,
+            "/internal/v1/backups",
+            Duration::from_secs(30),
+        )
+        .await?
+        .json()
+        .await
+        .map_err(|e| self.unreachable(e))
     }
 
     pub async fn put(&self, name: &str, file: &Path) -> Result<(), BackupError> {
@@ -1083,18 +1097,13 @@ impl NodeClient {
         let (_, sha) = parse_remote_name(name).ok_or_else(|| {
             BackupError::ManifestInvalid(format!("`{name}` is not a backup name"))
         })?;
-        let empty = shared::content_sha256_hex(b"");
         let resp = self
-            .signed(
+            .call(
                 reqwest::Method::GET,
                 &format!("/internal/v1/backups/{name}"),
-                &empty,
+                Duration::from_secs(3600),
             )
-            .timeout(Duration::from_secs(3600))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = self.check(resp).await?;
+            .await?;
         let mut guard = TempFile(Some(dest.to_path_buf()));
         let mut out = tokio::fs::File::create(dest).await?;
         let mut h = Sha256::new();
@@ -1117,18 +1126,13 @@ impl NodeClient {
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), BackupError> {
-        let empty = shared::content_sha256_hex(b"");
-        let resp = self
-            .signed(
-                reqwest::Method::DELETE,
-                &format!("/internal/v1/backups/{name}"),
-                &empty,
-            )
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        self.check(resp).await.map(drop)
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/internal/v1/backups/{name}"),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(drop)
     }
 }
 
