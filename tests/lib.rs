@@ -152,6 +152,13 @@ pub struct ClusterOpts {
     /// TOML tables appended to the manager's configuration (e.g. a
     /// `[credits]` section with short windows for the credits tests).
     pub manager_extra: String,
+    /// Top-level TOML lines appended to every node's configuration (e.g.
+    /// short journal and price-poll intervals for the drills).
+    pub node_extra: String,
+    /// TLS inside the cluster, as `manager init-cluster --tls` sets it up:
+    /// a private CA, a certificate per node, the manager calling each
+    /// node's TLS port and sending viewers to its plain one.
+    pub tls: bool,
 }
 
 impl ClusterOpts {
@@ -167,6 +174,8 @@ impl ClusterOpts {
             unreferenced_grace_secs: 7 * 86400,
             fixed_ports: false,
             manager_extra: String::new(),
+            node_extra: String::new(),
+            tls: false,
         }
     }
 }
@@ -220,9 +229,13 @@ impl Cluster {
         if opts.fixed_ports {
             node_extra += &format!("manager_url = \"http://127.0.0.1:{manager_port}\"\n");
         }
+        node_extra += &opts.node_extra;
         let dir = tempfile::tempdir().expect("temp dir");
         let master = hex32();
         let signer = shared::TokenSigner::generate();
+        let ca = opts
+            .tls
+            .then(|| shared::tls::ClusterCa::generate("test").expect("a test CA"));
         let mut nodes = Vec::new();
         let mut node_sections = String::new();
         for (i, name) in node_names.iter().enumerate() {
@@ -230,12 +243,33 @@ impl Cluster {
             let storage = dir.path().join(format!("node-{name}"));
             let cfg = dir.path().join(format!("viewnode-{name}.toml"));
             let node_port = port(opts.fixed_ports);
+            let (tls_lines, tls_url) = match &ca {
+                None => (String::new(), None),
+                Some(ca) => {
+                    let tls_port = free_port();
+                    let issued = ca.issue(name, &["127.0.0.1".into()]).unwrap();
+                    let (crt, key) = (
+                        dir.path().join(format!("{name}.crt")),
+                        dir.path().join(format!("{name}.key")),
+                    );
+                    std::fs::write(&crt, issued.cert_pem).unwrap();
+                    std::fs::write(&key, issued.key_pem).unwrap();
+                    (
+                        format!(
+                            "tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                            crt.display(),
+                            key.display()
+                        ),
+                        Some(format!("https://127.0.0.1:{tls_port}")),
+                    )
+                }
+            };
             std::fs::write(
                 &cfg,
                 format!(
                     "name = \"{name}\"\nlisten = \"127.0.0.1:{node_port}\"\nstorage_dir = \"{}\"\n\
                      master_key_id = 1\nmaster_key = \"{master}\"\ntoken_public_key = \"{}\"\n\
-                     manager_secret = \"{secret}\"\nshutdown_grace_secs = 5\n{node_extra}",
+                     manager_secret = \"{secret}\"\nshutdown_grace_secs = 5\n{node_extra}{tls_lines}",
                     storage.display(),
                     signer.public_hex()
                 ),
@@ -252,10 +286,16 @@ impl Cluster {
                 "toronto" => (43.65, -79.38),
                 _ => (i as f64, i as f64),
             };
-            node_sections += &format!(
-                "\n[[nodes]]\nname = \"{name}\"\nurl = \"{}\"\nlat = {lat}\nlon = {lon}\nsecret = \"{secret}\"\n",
-                proc.url,
-            );
+            node_sections += &match &tls_url {
+                None => format!(
+                    "\n[[nodes]]\nname = \"{name}\"\nurl = \"{}\"\nlat = {lat}\nlon = {lon}\nsecret = \"{secret}\"\n",
+                    proc.url,
+                ),
+                Some(tls) => format!(
+                    "\n[[nodes]]\nname = \"{name}\"\nurl = \"{tls}\"\npublic_url = \"{}\"\nlat = {lat}\nlon = {lon}\nsecret = \"{secret}\"\n",
+                    proc.url,
+                ),
+            };
             nodes.push(Node {
                 proc,
                 storage,
@@ -270,11 +310,14 @@ impl Cluster {
             format!(
                 "listen = \"127.0.0.1:{manager_port}\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
                  token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = {min_replicas}\n\
-                 geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
+                 geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}\
                  [transcode]\npreset = \"ultrafast\"\n{reconcile}{}\n{node_sections}",
                 manager_data.display(),
                 signer.seed_hex(),
                 geoip_test_db().display(),
+                ca.as_ref()
+                    .map(|ca| format!("node_ca_cert = \"\"\"\n{}\"\"\"\n", ca.cert_pem()))
+                    .unwrap_or_default(),
                 opts.manager_extra
             ),
         )

@@ -29,15 +29,22 @@ use crate::{
 
 // ---- log-in rate limit -----------------------------------------------------
 
-/// Failed log-ins allowed per account, and per client address, within
-/// [`LIMIT_WINDOW`]. Counting failures only: a user who types the right
-/// password is never slowed by someone else guessing from another address,
-/// beyond the per-account cap that protects that account.
+/// Failed log-ins allowed per account, and per client address (an IPv6
+/// client's whole /64), within [`LIMIT_WINDOW`]. An attempt is counted as a
+/// failure *before* its password is checked and given back when it
+/// succeeds, so a burst of concurrent guesses cannot all slip under the
+/// limit while their hashes run. A user who types the right password is
+/// never slowed by someone else guessing from another address, beyond the
+/// per-account cap that protects that account.
 pub const MAX_FAILURES_PER_ACCOUNT: u32 = 10;
 pub const MAX_FAILURES_PER_ADDRESS: u32 = 30;
 /// Sign-ups allowed per client address within [`LIMIT_WINDOW`].
 pub const MAX_SIGNUPS_PER_ADDRESS: u32 = 10;
 pub const LIMIT_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Keys the limiter holds at most (each under ~300 bytes: emails are
+/// bounded). When every slot holds a live window, new keys are refused
+/// (`rate_limited`) rather than letting the map grow or forgetting the
+/// counts that protect accounts under attack.
 const LIMITER_MAX_KEYS: usize = 100_000;
 
 /// Fixed-window counters in memory (one manager process; a restart
@@ -56,41 +63,117 @@ impl Limiter {
             .is_some_and(|(at, n)| at.elapsed() < LIMIT_WINDOW && *n >= max)
     }
 
-    pub fn record(&self, key: &str) {
+    /// Counts one attempt against every `(key, max)` at once, unless one of
+    /// them has reached its max (or the limiter is full): then nothing is
+    /// counted and the answer is `false`. One lock, so concurrent callers
+    /// cannot all see the last free slot.
+    pub fn try_take(&self, keys: &[(&str, u32)]) -> bool {
         let mut counts = self.counts.lock().expect("not poisoned");
-        if counts.len() >= LIMITER_MAX_KEYS {
-            counts.retain(|_, (at, _)| at.elapsed() < LIMIT_WINDOW);
+        let live = |e: &(Instant, u32)| e.0.elapsed() < LIMIT_WINDOW;
+        if keys
+            .iter()
+            .any(|(k, max)| counts.get(*k).is_some_and(|e| live(e) && e.1 >= *max))
+        {
+            return false;
         }
-        let e = counts.entry(key.to_string()).or_insert((Instant::now(), 0));
-        if e.0.elapsed() >= LIMIT_WINDOW {
-            *e = (Instant::now(), 0);
+        let new_keys = keys
+            .iter()
+            .filter(|(k, _)| !counts.contains_key(*k))
+            .count();
+        if counts.len() + new_keys > LIMITER_MAX_KEYS {
+            counts.retain(|_, e| live(e));
+            if counts.len() + new_keys > LIMITER_MAX_KEYS {
+                tracing::warn!(
+                    keys = counts.len(),
+                    "rate limiter full: refusing new clients until windows expire"
+                );
+                return false;
+            }
         }
-        e.1 += 1;
+        for (k, _) in keys {
+            let e = counts.entry(k.to_string()).or_insert((Instant::now(), 0));
+            if !live(e) {
+                *e = (Instant::now(), 0);
+            }
+            e.1 = e.1.saturating_add(1);
+        }
+        true
+    }
+
+    /// Takes back one attempt counted by [`try_take`](Limiter::try_take).
+    pub fn give_back(&self, key: &str) {
+        let mut counts = self.counts.lock().expect("not poisoned");
+        if let Some(e) = counts.get_mut(key) {
+            e.1 = e.1.saturating_sub(1);
+        }
     }
 }
 
-/// Refuses a log-in attempt for an address or account that failed too often.
-pub fn check_login(st: &SharedState, ip: &str, email: &str) -> Result<(), ApiError> {
-    if st
-        .limits
-        .exceeded(&format!("login-ip:{ip}"), MAX_FAILURES_PER_ADDRESS)
-        || st
-            .limits
-            .exceeded(&format!("login-account:{email}"), MAX_FAILURES_PER_ACCOUNT)
-    {
+/// A log-in attempt, counted as a failure from the start. Unless
+/// [`failed`](Self::failed) says the password was wrong, dropping it gives
+/// the count back: a right password, a `busy` answer or our own error must
+/// not use up the account's budget.
+pub struct LoginAttempt {
+    st: SharedState,
+    ip_key: String,
+    account_key: String,
+    wrong: bool,
+}
+
+impl LoginAttempt {
+    /// The password was wrong: the attempt stays counted.
+    pub fn failed(mut self) {
+        self.wrong = true;
+    }
+}
+
+impl Drop for LoginAttempt {
+    fn drop(&mut self) {
+        if !self.wrong {
+            self.st.limits.give_back(&self.ip_key);
+            self.st.limits.give_back(&self.account_key);
+        }
+    }
+}
+
+/// Counts a log-in attempt before its password is checked; refused
+/// (`rate_limited`) when the address or the account failed too often.
+pub fn begin_login(st: &SharedState, ip: &str, email: &str) -> Result<LoginAttempt, ApiError> {
+    let (ip_key, account_key) = (format!("login-ip:{ip}"), format!("login-account:{email}"));
+    if !st.limits.try_take(&[
+        (&ip_key, MAX_FAILURES_PER_ADDRESS),
+        (&account_key, MAX_FAILURES_PER_ACCOUNT),
+    ]) {
         tracing::warn!(%ip, "log-in rate limited");
         return Err(ApiError::RateLimited);
     }
-    Ok(())
+    Ok(LoginAttempt {
+        st: st.clone(),
+        ip_key,
+        account_key,
+        wrong: false,
+    })
 }
 
-pub fn record_login_failure(st: &SharedState, ip: &str, email: &str) {
-    st.limits.record(&format!("login-ip:{ip}"));
-    st.limits.record(&format!("login-account:{email}"));
-}
-
+/// The client's address as a rate-limit key: IPv4 as is, IPv6 as its /64
+/// (one home or server usually holds a whole /64).
 pub fn client_ip(st: &SharedState, peer: SocketAddr, headers: &HeaderMap) -> String {
-    crate::geo::client_ip(peer.ip(), headers, &st.cfg.trusted_proxies).to_string()
+    limit_key(crate::geo::client_ip(
+        peer.ip(),
+        headers,
+        &st.cfg.trusted_proxies,
+    ))
+}
+
+fn limit_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().expect("checked").to_string(),
+        v4 => v4.to_string(),
+    }
 }
 
 // ---- pages -------------------------------------------------------------------
@@ -156,7 +239,9 @@ pub async fn signup(
     }
     let ip = client_ip(&st, peer, &headers);
     let key = format!("signup-ip:{ip}");
-    if st.limits.exceeded(&key, MAX_SIGNUPS_PER_ADDRESS) {
+    // Every attempt counts, in one step with the check: concurrent
+    // sign-ups cannot all see the last free slot (and farm the bonus).
+    if !st.limits.try_take(&[(&key, MAX_SIGNUPS_PER_ADDRESS)]) {
         return page_error(ApiError::RateLimited);
     }
     let email = f.email.trim().to_lowercase();
@@ -187,13 +272,10 @@ pub async fn signup(
             "Choose a password of at least 10 characters.",
         );
     }
-    let password = f.password.clone();
-    let hash = match tokio::task::spawn_blocking(move || auth::hash_password(&password)).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return page_error(ApiError::Internal(e)),
-        Err(e) => return page_error(ApiError::Internal(e.into())),
+    let hash = match auth::hash_password_bounded(&st, &f.password).await {
+        Ok(h) => h,
+        Err(e) => return page_error(e),
     };
-    st.limits.record(&key);
     let bonus = st.cfg.credits.signup_bonus as i64;
     let id = match ledger::create_account(&st.db, &email, &hash, "uploader", bonus).await {
         Ok(id) => id,
@@ -269,7 +351,8 @@ pub async fn set_price_api(
     c.check_csrf_header(&headers)?;
     let a = owned_asset(&st, &c, &id).await?;
     let price = ledger::parse_price(body.get("price").unwrap_or(&serde_json::Value::Null))?;
-    ledger::set_price(&st.db, &a.id, price).await?;
+    crate::prices::set_price(&st.db, &a.id, price).await?;
+    st.playable.forget(&a.id);
     tracing::info!(asset = %a.id, price, user = c.user.id, "price set");
     Ok(Json(
         serde_json::json!({ "asset_id": a.id, "price": price }),
@@ -297,7 +380,8 @@ pub async fn set_price_form(
         } else {
             ledger::parse_amount_text(&f.price)?
         };
-        ledger::set_price(&st.db, &a.id, price).await?;
+        crate::prices::set_price(&st.db, &a.id, price).await?;
+        st.playable.forget(&a.id);
         Ok::<_, ApiError>(Redirect::to(&format!("/assets/{}", a.id)).into_response())
     }
     .await;
@@ -321,7 +405,7 @@ async fn purchase_answer(
     request_id: &str,
     source: &str,
 ) -> Result<serde_json::Value, ApiError> {
-    let p = ledger::purchase(st, buyer, asset_id, request_id, source).await?;
+    let p = ledger::purchase(st, buyer, asset_id, request_id, source, None).await?;
     let a = db::asset(&st.db, asset_id)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
@@ -592,31 +676,51 @@ pub async fn new_code(st: &SharedState, user_id: i64) -> Result<String, ApiError
     Ok(code)
 }
 
-/// Consumes a link code (once) and links `avatar` to its account.
+/// Links `avatar` to the account that made `code`, and consumes the code.
+/// An avatar linked to another account stays there
+/// (`avatar_linked_elsewhere`): only that account can unlink it, on the web.
 pub async fn redeem_code(st: &SharedState, code: &str, avatar: &str) -> Result<i64, ApiError> {
-    let code = code.trim().to_uppercase();
-    let row: Option<(i64,)> = sqlx::query_as(
-        "DELETE FROM link_codes WHERE code_hash = ? AND expires_at >= ? RETURNING user_id",
-    )
-    .bind(auth::token_hash(&code))
-    .bind(db::now())
-    .fetch_optional(&st.db)
-    .await?;
+    let code_hash = auth::token_hash(&code.trim().to_uppercase());
+    // The write lock up front: two links racing must queue, not fail on a
+    // lock upgrade (SQLITE_BUSY) half-way.
+    let mut tx = st.db.begin_with("BEGIN IMMEDIATE").await?;
+    let row: Option<(i64,)> =
+        sqlx::query_as("SELECT user_id FROM link_codes WHERE code_hash = ? AND expires_at >= ?")
+            .bind(&code_hash)
+            .bind(db::now())
+            .fetch_optional(&mut *tx)
+            .await?;
     let Some((user,)) = row else {
         return Err(ApiError::bad_request(
             "link_code_invalid",
             "this code is unknown, used or expired; get a new one on your account page",
         ));
     };
-    sqlx::query(
+    // Re-linking to the same account only refreshes the time; a link held
+    // by another account is left alone and the code stays usable.
+    let linked = sqlx::query(
         "INSERT INTO avatar_links (avatar_key, user_id, linked_at) VALUES (?, ?, ?)
-         ON CONFLICT (avatar_key) DO UPDATE SET user_id = excluded.user_id, linked_at = excluded.linked_at",
+         ON CONFLICT (avatar_key) DO UPDATE SET linked_at = excluded.linked_at
+         WHERE avatar_links.user_id = excluded.user_id",
     )
     .bind(avatar)
     .bind(user)
     .bind(db::now())
-    .execute(&st.db)
+    .execute(&mut *tx)
     .await?;
+    if linked.rows_affected() == 0 {
+        return Err(ApiError::Conflict {
+            code: "avatar_linked_elsewhere",
+            message:
+                "this avatar is linked to another account; unlink it on that account's page first"
+                    .into(),
+        });
+    }
+    sqlx::query("DELETE FROM link_codes WHERE code_hash = ?")
+        .bind(&code_hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(user)
 }
 
@@ -628,9 +732,14 @@ pub async fn linked_account(st: &SharedState, avatar: &str) -> Result<Option<i64
     Ok(r.map(|r| r.0))
 }
 
-/// A purchase for the account linked to `avatar` (terminal requests).
+/// A purchase for the account linked to `avatar`, through a terminal of
+/// `terminal_owner`. Charged only with the account's approval of that
+/// owner (`terminal_not_approved`) and within its daily cap. The answer
+/// and every refusal leave out the account's balance: whoever holds a
+/// terminal's secret can put any avatar key in a request.
 pub async fn terminal_purchase(
     st: &SharedState,
+    terminal_owner: i64,
     avatar: &str,
     asset_id: &str,
     request_id: &str,
@@ -641,7 +750,235 @@ pub async fn terminal_purchase(
             message: "this avatar is not linked to an account: get a code on your account page and say it to the terminal".into(),
         });
     };
-    purchase_answer(st, buyer, asset_id, request_id, "terminal").await
+    let p = ledger::purchase(
+        st,
+        buyer,
+        asset_id,
+        request_id,
+        "terminal",
+        Some(terminal_owner),
+    )
+    .await
+    .map_err(|e| match e {
+        ApiError::InsufficientCredits { price, .. } => ApiError::PaymentRequired {
+            code: "insufficient_credits",
+            message: format!(
+                "the account's credits do not cover the price ({price} credits); add credits on the web site"
+            ),
+        },
+        e => e,
+    })?;
+    let a = db::asset(&st.db, asset_id)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    // A paid view gets the short URL per-agent parcel media can take.
+    let media_url = match &p.grant_id {
+        Some(g) => crate::redirect::grant_media_url(st, &a.id, g),
+        None => ledger::purchase_media_url(st, &a, &p).ok_or(ApiError::NotPublished)?,
+    };
+    Ok(serde_json::json!({
+        "grant_id": p.grant_id,
+        "asset_id": p.asset_id,
+        "title": a.title,
+        "price": p.price,
+        "charged_now": p.charged_now,
+        "expires_at": p.expires_at,
+        "media_url": media_url,
+    }))
+}
+
+/// `POST /account/avatars/unlink`: the account holding an avatar's link
+/// lets it go, so the avatar can be linked elsewhere.
+pub async fn unlink_avatar(
+    State(st): State<SharedState>,
+    c: Caller,
+    Form(f): Form<AvatarForm>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        sqlx::query("DELETE FROM avatar_links WHERE avatar_key = ? AND user_id = ?")
+            .bind(&f.avatar)
+            .bind(c.user.id)
+            .execute(&st.db)
+            .await?;
+        tracing::info!(user = c.user.id, avatar = %f.avatar, "avatar unlinked");
+        Ok::<_, ApiError>(Redirect::to("/account").into_response())
+    }
+    .await;
+    r.unwrap_or_else(page_error)
+}
+
+#[derive(Deserialize)]
+pub struct AvatarForm {
+    csrf: String,
+    avatar: String,
+}
+
+// ---- approvals of terminal owners --------------------------------------------
+
+/// The cap offered when a buyer first approves a screen's owner.
+const DEFAULT_DAILY_CAP: i64 = 100;
+
+struct ApprovalLine {
+    owner_id: i64,
+    daily_cap: i64,
+    spent_24h: i64,
+    via: String,
+}
+
+/// The terminal a screen sent its buyer to approve.
+struct Pending {
+    id: String,
+    name: String,
+    owner_id: i64,
+    current_cap: Option<i64>,
+}
+
+#[derive(Template)]
+#[template(path = "approvals.html")]
+struct ApprovalsPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    approvals: Vec<ApprovalLine>,
+    pending: Option<Pending>,
+    default_cap: i64,
+    done: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+pub struct ApprovalsQuery {
+    terminal: Option<String>,
+}
+
+async fn approvals_page_with(
+    st: &SharedState,
+    c: &Caller,
+    terminal: Option<&str>,
+    done: Option<&str>,
+) -> Result<Response, ApiError> {
+    let mut pending = None;
+    if let Some(id) = terminal.filter(|t| !t.is_empty() && t.len() <= 64) {
+        if let Some(t) = db::terminal(&st.db, id).await? {
+            if t.owner_id != c.user.id {
+                pending = Some(Pending {
+                    current_cap: ledger::approval(&st.db, c.user.id, t.owner_id)
+                        .await?
+                        .map(|a| a.daily_cap),
+                    id: t.id,
+                    name: t.name,
+                    owner_id: t.owner_id,
+                });
+            }
+        }
+    }
+    let approvals = ledger::approvals(&st.db, c.user.id)
+        .await?
+        .into_iter()
+        .map(|a| ApprovalLine {
+            owner_id: a.owner_id,
+            daily_cap: a.daily_cap,
+            spent_24h: a.spent_24h,
+            via: a.via_terminal,
+        })
+        .collect();
+    let mut resp = render(&ApprovalsPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        approvals,
+        pending,
+        default_cap: DEFAULT_DAILY_CAP,
+        done,
+    });
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
+}
+
+/// `GET /account/approvals[?terminal=ID]`: the owners whose screens may
+/// charge this account, and (from a screen's link) a form to approve one.
+pub async fn approvals_page(
+    State(st): State<SharedState>,
+    c: Caller,
+    axum::extract::Query(q): axum::extract::Query<ApprovalsQuery>,
+) -> Response {
+    approvals_page_with(&st, &c, q.terminal.as_deref(), None)
+        .await
+        .unwrap_or_else(page_error)
+}
+
+#[derive(Deserialize)]
+pub struct ApproveForm {
+    csrf: String,
+    terminal: String,
+    daily_cap: String,
+}
+
+/// `POST /account/approvals`: approve the owner of `terminal`, with a cap.
+pub async fn approve_form(
+    State(st): State<SharedState>,
+    c: Caller,
+    Form(f): Form<ApproveForm>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        let t = db::terminal(&st.db, f.terminal.trim())
+            .await?
+            .ok_or(ApiError::NotFound("terminal"))?;
+        if t.owner_id == c.user.id {
+            return Err(ApiError::bad_request(
+                "approval_own_terminal",
+                "your own screens need no approval",
+            ));
+        }
+        let cap = ledger::parse_amount_text(&f.daily_cap).map_err(|_| {
+            ApiError::bad_request(
+                "daily_cap_invalid",
+                format!(
+                    "the daily cap is a whole number of credits, 1 to {}",
+                    ledger::MAX_AMOUNT
+                ),
+            )
+        })?;
+        ledger::approve(&st.db, c.user.id, t.owner_id, cap, &t.name).await?;
+        tracing::info!(
+            user = c.user.id,
+            owner = t.owner_id,
+            cap,
+            "terminal owner approved"
+        );
+        approvals_page_with(&st, &c, None, Some("Approved.")).await
+    }
+    .await;
+    r.unwrap_or_else(page_error)
+}
+
+#[derive(Deserialize)]
+pub struct RevokeForm {
+    csrf: String,
+    owner: i64,
+}
+
+/// `POST /account/approvals/revoke`: no more purchases through that
+/// owner's screens, from now on.
+pub async fn revoke_form(
+    State(st): State<SharedState>,
+    c: Caller,
+    Form(f): Form<RevokeForm>,
+) -> Response {
+    let r = async {
+        c.check_csrf(Some(&f.csrf))?;
+        ledger::revoke(&st.db, c.user.id, f.owner).await?;
+        tracing::info!(
+            user = c.user.id,
+            owner = f.owner,
+            "terminal owner approval revoked"
+        );
+        approvals_page_with(&st, &c, None, Some("Revoked.")).await
+    }
+    .await;
+    r.unwrap_or_else(page_error)
 }
 
 // ---- operator grants ---------------------------------------------------------------
@@ -790,6 +1127,54 @@ pub async fn grant_status(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(limit_key(a), limit_key(b));
+        assert_ne!(limit_key(a), limit_key(c));
+        assert_eq!(limit_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
+        assert_eq!(limit_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
+    }
+
+    #[test]
+    fn attempts_are_counted_before_they_run_and_given_back_on_success() {
+        let l = Limiter::default();
+        for _ in 0..3 {
+            assert!(l.try_take(&[("ip", 30), ("acct", 3)]));
+        }
+        assert!(
+            !l.try_take(&[("ip", 30), ("acct", 3)]),
+            "the fourth is refused"
+        );
+        assert!(
+            !l.try_take(&[("other-ip", 30), ("acct", 3)]),
+            "from any address"
+        );
+        assert!(l.exceeded("acct", 3));
+        l.give_back("acct");
+        assert!(
+            l.try_take(&[("ip", 30), ("acct", 3)]),
+            "a success freed a slot"
+        );
+        // A refused attempt counted nothing anywhere.
+        assert!(!l.exceeded("other-ip", 1));
+    }
+
+    #[test]
+    fn the_limiter_never_holds_more_than_its_bound() {
+        let l = Limiter::default();
+        for i in 0..LIMITER_MAX_KEYS {
+            assert!(l.try_take(&[(&format!("k{i}"), 10)]));
+        }
+        assert!(!l.try_take(&[("one-more", 10)]), "full of live windows");
+        assert_eq!(l.counts.lock().unwrap().len(), LIMITER_MAX_KEYS);
+        assert!(l.try_take(&[("k7", 10)]), "known keys still count");
+    }
+
     #[test]
     fn dates_are_utc_day_starts() {
         assert_eq!(super::parse_date("1970-01-01").unwrap(), 0);

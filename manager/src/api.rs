@@ -321,6 +321,13 @@ pub async fn upload(
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     guard.0 = Some(src.clone());
+    // The rename itself must survive a power cut before the upload is
+    // acknowledged: the file's data was fsynced, its new name was not.
+    let staging = st.cfg.staging_dir();
+    tokio::task::spawn_blocking(move || crate::pipeline::fsync_dir(&staging))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::Internal(e.into()))?;
     // The row and the upload's cost (docs/credits.md) in one transaction.
     crate::ledger::insert_asset_paid(
         &st.db,

@@ -39,6 +39,61 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Password checks (Argon2id, ~19 MiB and tens of milliseconds each) that
+/// may run at once. Past this, a log-in waits briefly for a slot, then is
+/// answered `429 busy`: a flood of guesses must not exhaust memory or
+/// starve the transcoder of the blocking pool.
+pub const MAX_PASSWORD_CHECKS: usize = 4;
+const PASSWORD_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One slot of [`MAX_PASSWORD_CHECKS`], or `busy`. Owned, so it moves into
+/// the blocking task: a client that hangs up drops the request's future,
+/// but the hash runs on, and must keep its slot until it ends.
+async fn password_slot(st: &SharedState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let slot = st.password_checks.clone().acquire_owned();
+    match tokio::time::timeout(PASSWORD_SLOT_WAIT, slot).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => {
+            metrics::counter!("manager_password_checks_refused_total").increment(1);
+            Err(ApiError::Busy)
+        }
+    }
+}
+
+/// [`verify_password`] on the blocking pool, within the bound.
+pub async fn verify_password_bounded(
+    st: &SharedState,
+    hash: &str,
+    password: &str,
+) -> Result<bool, ApiError> {
+    let slot = password_slot(st).await?;
+    metrics::counter!("manager_password_checks_total").increment(1);
+    let (hash, password) = (
+        hash.to_string(),
+        zeroize::Zeroizing::new(password.to_string()),
+    );
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        verify_password(&hash, &password)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// [`hash_password`] on the blocking pool, within the bound.
+pub async fn hash_password_bounded(st: &SharedState, password: &str) -> Result<String, ApiError> {
+    let slot = password_slot(st).await?;
+    metrics::counter!("manager_password_checks_total").increment(1);
+    let password = zeroize::Zeroizing::new(password.to_string());
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        hash_password(&password)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
+    .map_err(ApiError::Internal)
+}
+
 /// 32 random bytes, URL-safe base64.
 pub fn random_token() -> String {
     let mut b = [0u8; 32];

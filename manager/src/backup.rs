@@ -967,15 +967,9 @@ pub struct RemoteListing {
     pub backups: Vec<RemoteBackup>,
 }
 
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .expect("HTTP client")
-}
-
 impl NodeClient {
-    pub fn as_manager(node: &NodeConfig) -> Result<NodeClient, BackupError> {
+    /// `ca_pem`: the manager's `node_ca_cert` (see [`crate::nodecall::client`]).
+    pub fn as_manager(node: &NodeConfig, ca_pem: &str) -> Result<NodeClient, BackupError> {
         Ok(NodeClient {
             label: node.name.clone(),
             url: node.url.trim_end_matches('/').to_string(),
@@ -984,17 +978,20 @@ impl NodeClient {
                 hex::decode(node.secret.expose())
                     .map_err(|_| BackupError::Db("node secret is not hex".into()))?,
             ),
-            http: http_client(),
+            http: crate::nodecall::client(ca_pem)
+                .map_err(|e| BackupError::Db(format!("node_ca_cert: {e}")))?,
         })
     }
 
-    pub fn as_reader(url: &str, key: &RecoveryKey) -> NodeClient {
+    /// With the recovery key's read credential; `http` from
+    /// [`crate::nodecall::restore_client`] when the cluster CA is unknown.
+    pub fn as_reader(url: &str, key: &RecoveryKey, http: reqwest::Client) -> NodeClient {
         NodeClient {
             label: url.to_string(),
             url: url.trim_end_matches('/').to_string(),
             key_id: READER_KEY_ID,
             secret: Zeroizing::new(key.read_secret().to_vec()),
-            http: http_client(),
+            http,
         }
     }
 
@@ -1003,20 +1000,16 @@ impl NodeClient {
         method: reqwest::Method,
         path: &str,
         content_sha256: &str,
-    ) -> reqwest::RequestBuilder {
-        let now = shared::runtime::unix_now();
-        let auth = shared::sign_request(
+    ) -> crate::nodecall::Call {
+        crate::nodecall::signed(
+            &self.http,
+            &self.url,
             &self.secret,
             self.key_id,
-            method.as_str(),
+            method,
             path,
-            now,
             content_sha256,
-        );
-        self.http
-            .request(method, format!("{}{path}", self.url))
-            .header(shared::AUTH_HEADER, auth)
-            .header(shared::DATE_HEADER, now.to_string())
+        )
     }
 
     fn unreachable(&self, e: impl std::fmt::Display) -> BackupError {
@@ -1026,47 +1019,42 @@ impl NodeClient {
         }
     }
 
-    async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, BackupError> {
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let v: serde_json::Value = resp.json().await.unwrap_or_default();
-        Err(BackupError::Node {
+    fn refused(&self, status: reqwest::StatusCode, body: &[u8]) -> BackupError {
+        let (code, message) = crate::nodecall::refusal(body);
+        BackupError::Node {
             node: self.label.clone(),
             status: status.as_u16(),
-            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
-            message: v["error"]["message"].as_str().unwrap_or("").into(),
-        })
+            code,
+            message,
+        }
     }
 
-    /// A signed request without a body, its answer checked.
-    async fn call(
+    /// A signed call whose whole answer is read and its MAC checked;
+    /// returns the body of a success.
+    async fn call_checked(
         &self,
-        method: reqwest::Method,
-        path: &str,
+        call: crate::nodecall::Call,
         timeout: Duration,
-    ) -> Result<reqwest::Response, BackupError> {
-        let empty = shared::content_sha256_hex(b"");
-        let resp = self
-            .signed(method, path, &empty)
-            .timeout(timeout)
-            .send()
+    ) -> Result<bytes::Bytes, BackupError> {
+        let (status, body) = call
+            .send_checked(&self.secret, timeout)
             .await
             .map_err(|e| self.unreachable(e))?;
-        self.check(resp).await
+        if !status.is_success() {
+            return Err(self.refused(status, &body));
+        }
+        Ok(body)
     }
 
     pub async fn list(&self) -> Result<RemoteListing, BackupError> {
-        self.call(
-            reqwest::Method::GET,
-            "/internal/v1/backups",
-            Duration::from_secs(30),
-        )
-        .await?
-        .json()
-        .await
-        .map_err(|e| self.unreachable(e))
+        let empty = shared::content_sha256_hex(b"");
+        let body = self
+            .call_checked(
+                self.signed(reqwest::Method::GET, "/internal/v1/backups", &empty),
+                Duration::from_secs(30),
+            )
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| self.unreachable(e))
     }
 
     pub async fn put(&self, name: &str, file: &Path) -> Result<(), BackupError> {
@@ -1074,19 +1062,18 @@ impl NodeClient {
         let f = tokio::fs::File::open(file).await?;
         let len = f.metadata().await?.len();
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
-        let resp = self
-            .signed(
-                reqwest::Method::PUT,
-                &format!("/internal/v1/backups/{name}"),
-                &sha.to_string(),
-            )
+        let mut call = self.signed(
+            reqwest::Method::PUT,
+            &format!("/internal/v1/backups/{name}"),
+            &sha.to_string(),
+        );
+        call.request = call
+            .request
             .header(reqwest::header::CONTENT_LENGTH, len)
-            .timeout(Duration::from_secs(60 + len / (1 << 20)))
-            .body(body)
-            .send()
+            .body(body);
+        self.call_checked(call, Duration::from_secs(60 + len / (1 << 20)))
             .await
-            .map_err(|e| self.unreachable(e))?;
-        self.check(resp).await.map(drop)
+            .map(drop)
     }
 
     /// Downloads `name` into `dest`, checking that its bytes hash to the
@@ -1097,13 +1084,22 @@ impl NodeClient {
         let (_, sha) = parse_remote_name(name).ok_or_else(|| {
             BackupError::ManifestInvalid(format!("`{name}` is not a backup name"))
         })?;
+        // The body is not MACed: it is checked against its name below.
+        let empty = shared::content_sha256_hex(b"");
         let resp = self
-            .call(
+            .signed(
                 reqwest::Method::GET,
                 &format!("/internal/v1/backups/{name}"),
-                Duration::from_secs(3600),
+                &empty,
             )
-            .await?;
+            .send(Duration::from_secs(3600))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(self.refused(status, &body));
+        }
         let mut guard = TempFile(Some(dest.to_path_buf()));
         let mut out = tokio::fs::File::create(dest).await?;
         let mut h = Sha256::new();
@@ -1126,9 +1122,13 @@ impl NodeClient {
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), BackupError> {
-        self.call(
-            reqwest::Method::DELETE,
-            &format!("/internal/v1/backups/{name}"),
+        let empty = shared::content_sha256_hex(b"");
+        self.call_checked(
+            self.signed(
+                reqwest::Method::DELETE,
+                &format!("/internal/v1/backups/{name}"),
+                &empty,
+            ),
             Duration::from_secs(30),
         )
         .await
@@ -1254,7 +1254,7 @@ impl Offsite {
             .backup
             .target_nodes(&cfg.nodes)
             .into_iter()
-            .map(NodeClient::as_manager)
+            .map(|n| NodeClient::as_manager(n, &cfg.node_ca_cert))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Offsite {
             key,
@@ -1601,7 +1601,7 @@ async fn list(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
         );
     }
     for n in &cfg.backup.target_nodes(&cfg.nodes) {
-        let client = NodeClient::as_manager(n)?;
+        let client = NodeClient::as_manager(n, &cfg.node_ca_cert)?;
         match client.list().await {
             Ok(l) => {
                 println!("node {}:", n.name);
@@ -1633,7 +1633,7 @@ async fn verify(cfg: &Config, dir: &Path, remote: bool) -> anyhow::Result<()> {
         let work = dir.join("tmp");
         ensure_dirs(dir)?;
         for n in &cfg.backup.target_nodes(&cfg.nodes) {
-            let client = NodeClient::as_manager(n)?;
+            let client = NodeClient::as_manager(n, &cfg.node_ca_cert)?;
             let listing = match client.list().await {
                 Ok(l) => l,
                 Err(e) => {
@@ -1742,8 +1742,12 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
     // Every node's list; a backup is a candidate once, with every node holding it.
     let mut by_time: BTreeMap<i64, Vec<(String, NodeClient)>> = BTreeMap::new();
     let mut node_names: HashMap<String, String> = HashMap::new();
+    let http = match &a.cfg {
+        Some(c) if !c.node_ca_cert.trim().is_empty() => crate::nodecall::client(&c.node_ca_cert)?,
+        _ => crate::nodecall::restore_client(),
+    };
     for url in &urls {
-        let mut client = NodeClient::as_reader(url, &key);
+        let mut client = NodeClient::as_reader(url, &key, http.clone());
         match client.list().await {
             Ok(l) => {
                 eprintln!("node {} ({url}): {} backup(s)", l.node, l.backups.len());
@@ -1826,6 +1830,9 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
     let tmp_db = data_dir.join(format!("manager.db.restore-{}", uuid::Uuid::new_v4()));
     let mut tmp_guard = TempFile(Some(tmp_db.clone()));
     std::fs::copy(&local_db, &tmp_db)?;
+    // Frozen before the database is put in place: a restore cut short never
+    // leaves a live database that could refund views served in the gap.
+    freeze_refunds(&tmp_db, m.created_at).await?;
     commit_create_only(&tmp_db, &db_path)?;
     tmp_guard.disarm();
     if let (Some(text), Some(path)) = (new_config, &a.write_config) {
@@ -1845,6 +1852,48 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
         format_utc(m.created_at),
         m.schema_version,
         m.tables.values().sum::<i64>()
+    );
+    Ok(())
+}
+
+/// Views the old manager recorded after the backup are not in the restored
+/// books: refunds that could depend on them are frozen
+/// (migrations/0007, `refund_freeze`). Opens the database as the manager
+/// will, so its migrations run first.
+async fn freeze_refunds(db_path: &Path, backup_at: i64) -> anyhow::Result<()> {
+    let db = crate::db::open(&format!("sqlite://{}", db_path.display())).await?;
+    let (safe_until,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MIN(watermark), 0) FROM journal_contacts")
+            .fetch_one(&db)
+            .await?;
+    sqlx::query("INSERT INTO refund_freeze (backup_at, safe_until, restored_at) VALUES (?, ?, ?)")
+        .bind(backup_at)
+        .bind(safe_until.min(backup_at))
+        .bind(shared::runtime::unix_now())
+        .execute(&db)
+        .await?;
+    // Everything into the main file before it is renamed into place: the
+    // WAL beside this temporary name would not follow it.
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&db)
+        .await?;
+    db.close().await;
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    if wal.exists() {
+        anyhow::ensure!(
+            std::fs::metadata(&wal)?.len() == 0,
+            "{} still holds changes after the checkpoint",
+            wal.display()
+        );
+        std::fs::remove_file(&wal)?;
+    }
+    let mut shm = db_path.as_os_str().to_owned();
+    shm.push("-shm");
+    let _ = std::fs::remove_file(std::path::PathBuf::from(shm));
+    eprintln!(
+        "refunds of views bought before the backup are frozen until the nodes report past now (docs/backup.md)"
     );
     Ok(())
 }

@@ -52,6 +52,11 @@ pub struct Config {
     pub transcode: TranscodeConfig,
     /// The view nodes this manager pushes to and redirects viewers to.
     pub nodes: Vec<NodeConfig>,
+    /// The cluster CA's certificate, PEM text (not a path: backups carry
+    /// the configuration, so a restore brings it back). When set, calls to
+    /// `https://` node URLs trust this CA and nothing else; empty, they
+    /// trust the web's public CAs. `manager init-cluster --tls` writes it.
+    pub node_ca_cert: String,
     /// How the mirrors are compared with the catalog and repaired.
     pub reconcile: ReconcileConfig,
     /// Scheduled, verified database backups and their off-machine copies
@@ -236,8 +241,15 @@ pub struct TranscodeConfig {
 pub struct NodeConfig {
     /// The node's own `name` setting.
     pub name: String,
-    /// Base URL, e.g. `http://127.0.0.1:8081`.
+    /// Base URL the manager calls the node on, e.g. `http://127.0.0.1:8081`
+    /// or, with TLS inside the cluster, the node's `tls_listen` as
+    /// `https://10.0.0.11:8444`.
     pub url: String,
+    /// Base URL viewers are sent to. Empty: `url`. Differs from `url` when
+    /// the node's manager-facing port is TLS with the cluster CA (players
+    /// would not trust it) or the node sits behind a reverse proxy.
+    #[serde(default)]
+    pub public_url: String,
     /// Where the node is, for picking the closest one.
     pub lat: f64,
     pub lon: f64,
@@ -254,6 +266,17 @@ pub struct NodeConfig {
 
 fn one() -> u32 {
     1
+}
+
+impl NodeConfig {
+    /// Where viewers are sent (`public_url`, else `url`).
+    pub fn viewer_url(&self) -> &str {
+        if self.public_url.is_empty() {
+            &self.url
+        } else {
+            &self.public_url
+        }
+    }
 }
 
 impl Default for Config {
@@ -275,6 +298,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             transcode: TranscodeConfig::default(),
             nodes: Vec::new(),
+            node_ca_cert: String::new(),
             reconcile: ReconcileConfig::default(),
             backup: BackupConfig::default(),
             credits: CreditsConfig::default(),
@@ -426,6 +450,12 @@ impl Config {
             if !is_http(&n.url) {
                 return Err(field(&f("url"), "must start with http:// or https://"));
             }
+            if !n.public_url.is_empty() && !is_http(&n.public_url) {
+                return Err(field(
+                    &f("public_url"),
+                    "must start with http:// or https://",
+                ));
+            }
             if !(-90.0..=90.0).contains(&n.lat) {
                 return Err(field(&f("lat"), "must be between -90 and 90"));
             }
@@ -439,6 +469,10 @@ impl Config {
             if n.site.len() > 64 || n.site.chars().any(char::is_control) {
                 return Err(field(&f("site"), "must be at most 64 printable characters"));
             }
+        }
+        if !self.node_ca_cert.trim().is_empty() {
+            reqwest::Certificate::from_pem(self.node_ca_cert.as_bytes())
+                .map_err(|e| field("node_ca_cert", &format!("is not a PEM certificate: {e}")))?;
         }
         self.credits
             .validate()

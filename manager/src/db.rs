@@ -88,6 +88,11 @@ pub struct Asset {
     pub duration_secs: Option<f64>,
     pub created_at: i64,
     pub attempts: i64,
+    /// Credits per view; 0 = free.
+    pub price: i64,
+    /// See migrations/0007: grant-less tokens older than this are refused
+    /// while the movie has a price.
+    pub price_epoch: i64,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -218,7 +223,8 @@ pub async fn api_token_user(db: &Db, token_hash: &str) -> sqlx::Result<Option<Us
 // ---- assets ------------------------------------------------------------------
 
 const ASSET_COLS: &str = "id, owner_id, title, state, progress, error_code, error_message, source_name,
-    source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at, attempts";
+    source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at, attempts,
+    price, price_epoch";
 
 pub async fn insert_asset(
     db: &Db,
@@ -301,6 +307,21 @@ pub async fn renew_lease(db: &Db, id: &str, lease_secs: i64) -> sqlx::Result<boo
             .fetch_optional(db)
             .await?;
     Ok(matches!(row, Some((1,))))
+}
+
+/// Moves a transcoded job to `sealing` unless its cancel was requested, in
+/// one statement: a cancel that arrives at any moment before is honoured
+/// (`false`), one after finds the job past cancelling (`TooLate`).
+pub async fn start_sealing(db: &Db, id: &str) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE assets SET state = 'sealing', progress = 0, updated_at = ?
+         WHERE id = ? AND state = 'transcoding' AND cancel_requested = 0",
+    )
+    .bind(now())
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 pub async fn cancel_requested(db: &Db, id: &str) -> sqlx::Result<bool> {
@@ -986,6 +1007,37 @@ mod tests {
             .unwrap();
         assert_eq!(claim_next(&db, 30).await.unwrap().unwrap().id, a.id);
         assert!(!renew_lease(&db, &a.id, 30).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_racing_the_move_to_sealing_wins() {
+        let (_d, db, owner) = fresh().await;
+        insert_asset(&db, "s", owner, "S", "s.mp4", 10)
+            .await
+            .unwrap();
+        claim_next(&db, 30).await.unwrap().unwrap();
+        set_state(&db, "s", "transcoding").await.unwrap();
+        // The worker's last look finds no cancel; the uploader's cancel
+        // lands right after and is told "requested".
+        assert!(!cancel_requested(&db, "s").await.unwrap());
+        assert_eq!(
+            request_cancel(&db, "s").await.unwrap(),
+            CancelOutcome::Requested
+        );
+        // So the move to sealing must not happen.
+        assert!(!start_sealing(&db, "s").await.unwrap());
+        assert_eq!(asset(&db, "s").await.unwrap().unwrap().state, "transcoding");
+        // Without a cancel it does, and a cancel after it is too late.
+        insert_asset(&db, "t", owner, "T", "t.mp4", 10)
+            .await
+            .unwrap();
+        assert_eq!(claim_next(&db, 30).await.unwrap().unwrap().id, "t");
+        set_state(&db, "t", "transcoding").await.unwrap();
+        assert!(start_sealing(&db, "t").await.unwrap());
+        assert_eq!(
+            request_cancel(&db, "t").await.unwrap(),
+            CancelOutcome::TooLate
+        );
     }
 
     #[tokio::test]

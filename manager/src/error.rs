@@ -30,6 +30,17 @@ pub enum ApiError {
     NoMirror,
     #[error("too many attempts; wait a minute and try again")]
     RateLimited,
+    /// Too many password checks are running at once; nothing was checked.
+    #[error("the site is busy; try again in a few seconds")]
+    Busy,
+    /// A terminal purchase for an account that has not approved the
+    /// terminal's owner; says nothing about the account (docs/credits.md).
+    #[error("purchases through this screen need your approval first: approve its owner on your account page on the web site")]
+    TerminalNotApproved,
+    /// Payment is needed or refused for a reason other than the balance
+    /// (`payment_required`, `daily_cap_reached`).
+    #[error("{message}")]
+    PaymentRequired { code: &'static str, message: String },
     #[error("{message}")]
     TerminalRefused { code: &'static str, message: String },
     #[error("{message}")]
@@ -79,11 +90,14 @@ impl ApiError {
             ApiError::BadRequest { code, .. }
             | ApiError::Unprocessable { code, .. }
             | ApiError::TerminalRefused { code, .. }
+            | ApiError::PaymentRequired { code, .. }
             | ApiError::Conflict { code, .. } => code,
             ApiError::TooLarge { .. } => "too_large",
             ApiError::NotPublished => "not_published",
             ApiError::NoMirror => "no_mirror_available",
             ApiError::RateLimited => "rate_limited",
+            ApiError::Busy => "busy",
+            ApiError::TerminalNotApproved => "terminal_not_approved",
             ApiError::Token(e) => e.code(),
             ApiError::TokenMissing => "token_missing",
             ApiError::TokenWrongAsset => "token_wrong_asset",
@@ -100,20 +114,24 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
-            ApiError::Forbidden | ApiError::Csrf => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::Csrf | ApiError::TerminalNotApproved => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::NotFound(_) | ApiError::NotPublished => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NoMirror => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited | ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Token(shared::TokenError::Expired) => StatusCode::GONE,
             ApiError::Token(_) | ApiError::TokenMissing | ApiError::TokenWrongAsset => {
                 StatusCode::FORBIDDEN
             }
             ApiError::NodeAuth(_) => StatusCode::UNAUTHORIZED,
             ApiError::Damaged => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::InsufficientCredits { .. } | ApiError::PaymentRequired { .. } => {
+                StatusCode::PAYMENT_REQUIRED
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

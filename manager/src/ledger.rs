@@ -28,6 +28,13 @@ use tokio::sync::watch;
 
 use crate::{db, error::ApiError, redirect::Lookup, SharedState};
 
+/// A grant id as logs show it: its first 8 characters. The whole id is a
+/// bearer credential (the short media URL `/media/g/{grant}/…`), and 8 are
+/// plenty to find the row (`WHERE id LIKE 'abcd1234%'`).
+pub fn log_id(grant: &str) -> &str {
+    grant.get(..8).unwrap_or(grant)
+}
+
 /// Largest amount one movement may carry (10^12 credits).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 /// Largest balance an account may hold; with [`MAX_AMOUNT`] it keeps every
@@ -381,12 +388,24 @@ pub async fn purchase(
     asset_id: &str,
     request_id: &str,
     source: &str,
+    terminal_owner: Option<i64>,
 ) -> Result<Purchase, ApiError> {
     check_request_id(request_id)?;
+    // Before anything else, so a refused terminal learns nothing (not even
+    // whether a request id was used) about an account that never consented.
+    if let Some(owner) = terminal_owner {
+        if owner != buyer && approval(&st.db, buyer, owner).await?.is_none() {
+            return Err(ApiError::TerminalNotApproved);
+        }
+    }
     let request_key = format!("{buyer}:{request_id}");
     // A retry of a purchase already made answers as before, even if the
     // movie became unplayable since (the grant is refunded if unused).
-    if let Some(p) = existing_purchase(&st.db, &request_key, asset_id, buyer).await? {
+    let origin = Origin {
+        source,
+        terminal_owner,
+    };
+    if let Some(p) = existing_purchase(&st.db, &request_key, asset_id, origin, buyer).await? {
         return Ok(p);
     }
     match st.playable.get(st, asset_id).await? {
@@ -443,6 +462,38 @@ pub async fn purchase(
             balance,
         });
     }
+    if let Some(owner) = terminal_owner.filter(|o| *o != buyer) {
+        // Inside the write transaction: two purchases racing for the last
+        // of the cap cannot both see room for themselves.
+        let cap: Option<(i64,)> = sqlx::query_as(
+            "SELECT daily_cap FROM terminal_approvals WHERE user_id = ? AND owner_id = ?",
+        )
+        .bind(buyer)
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((cap,)) = cap else {
+            return Err(ApiError::TerminalNotApproved);
+        };
+        let (spent,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(SUM(price), 0) FROM play_grants
+             WHERE buyer_id = ? AND terminal_owner_id = ? AND created_at > ? AND state = 'active'",
+        )
+        .bind(buyer)
+        .bind(owner)
+        .bind(t - CAP_WINDOW_SECS)
+        .fetch_one(&mut *tx)
+        .await?;
+        if spent + price > cap {
+            return Err(ApiError::PaymentRequired {
+                code: "daily_cap_reached",
+                message: format!(
+                    "this purchase would pass the daily cap you set for this screen's owner \
+                     ({cap} credits in 24 hours); raise it on your account page"
+                ),
+            });
+        }
+    }
     let share = price * st.cfg.credits.uploader_share_percent as i64 / 100;
     let grant_id = uuid::Uuid::new_v4().simple().to_string();
     let actor = format!("{source}:{buyer}");
@@ -483,7 +534,7 @@ pub async fn purchase(
     }
     let inserted = sqlx::query(
         "INSERT INTO play_grants (id, asset_id, buyer_id, seller_id, price, seller_share, request_key,
-         source, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         source, created_at, expires_at, terminal_owner_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&grant_id)
     .bind(asset_id)
@@ -495,6 +546,7 @@ pub async fn purchase(
     .bind(source)
     .bind(t)
     .bind(t + window)
+    .bind(terminal_owner)
     .execute(&mut *tx)
     .await;
     match inserted {
@@ -502,7 +554,7 @@ pub async fn purchase(
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
             drop(tx); // rolls back the charge
             drop(_writer);
-            return existing_purchase(&st.db, &request_key, asset_id, buyer)
+            return existing_purchase(&st.db, &request_key, asset_id, origin, buyer)
                 .await?
                 .ok_or_else(|| {
                     ApiError::Internal(anyhow::anyhow!("grant for {request_key} vanished"))
@@ -512,7 +564,7 @@ pub async fn purchase(
     }
     tx.commit().await?;
     metrics::counter!("manager_purchases_total").increment(1);
-    tracing::info!(grant = %grant_id, asset = %asset_id, buyer, price, "view purchased");
+    tracing::info!(grant = log_id(&grant_id), asset = %asset_id, buyer, price, "view purchased");
     Ok(Purchase {
         grant_id: Some(grant_id),
         asset_id: asset_id.into(),
@@ -523,14 +575,111 @@ pub async fn purchase(
     })
 }
 
-type GrantRow = (String, String, i64, i64);
+// ---- consent to in-world purchases ------------------------------------------
 
-fn purchase_from(row: GrantRow, asset_id: &str, balance: i64) -> Result<Purchase, ApiError> {
-    let (id, asset, price, expires_at) = row;
-    if asset != asset_id {
+/// The window of a terminal approval's cap: a rolling day, so the cap
+/// cannot be spent twice around midnight.
+pub const CAP_WINDOW_SECS: i64 = 24 * 3600;
+
+/// An account's consent to purchases through one owner's terminals.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Approval {
+    pub owner_id: i64,
+    pub daily_cap: i64,
+    pub via_terminal: String,
+    pub created_at: i64,
+    /// Credits spent through this owner's terminals in the last 24 hours.
+    pub spent_24h: i64,
+}
+
+const APPROVALS: &str = "SELECT a.owner_id, a.daily_cap, a.via_terminal, a.created_at,
+     (SELECT COALESCE(SUM(g.price), 0) FROM play_grants g
+      WHERE g.buyer_id = a.user_id AND g.terminal_owner_id = a.owner_id
+        AND g.created_at > ? AND g.state = 'active') AS spent_24h
+     FROM terminal_approvals a WHERE a.user_id = ?";
+
+pub async fn approval(db: &db::Db, user: i64, owner: i64) -> sqlx::Result<Option<Approval>> {
+    sqlx::query_as(&format!("{APPROVALS} AND a.owner_id = ?"))
+        .bind(db::now() - CAP_WINDOW_SECS)
+        .bind(user)
+        .bind(owner)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn approvals(db: &db::Db, user: i64) -> sqlx::Result<Vec<Approval>> {
+    sqlx::query_as(&format!("{APPROVALS} ORDER BY a.created_at DESC"))
+        .bind(db::now() - CAP_WINDOW_SECS)
+        .bind(user)
+        .fetch_all(db)
+        .await
+}
+
+/// Approves (or changes the cap of) purchases by `user` through the
+/// terminals of `owner`.
+pub async fn approve(
+    db: &db::Db,
+    user: i64,
+    owner: i64,
+    daily_cap: i64,
+    via_terminal: &str,
+) -> Result<(), ApiError> {
+    check_amount(daily_cap).map_err(|_| {
+        ApiError::bad_request(
+            "daily_cap_invalid",
+            format!("the daily cap is a whole number of credits, 1 to {MAX_AMOUNT}"),
+        )
+    })?;
+    sqlx::query(
+        "INSERT INTO terminal_approvals (user_id, owner_id, daily_cap, via_terminal, created_at)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (user_id, owner_id) DO UPDATE SET daily_cap = excluded.daily_cap",
+    )
+    .bind(user)
+    .bind(owner)
+    .bind(daily_cap)
+    .bind(via_terminal)
+    .bind(db::now())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Withdraws consent at once; `false` when there was none.
+pub async fn revoke(db: &db::Db, user: i64, owner: i64) -> sqlx::Result<bool> {
+    let r = sqlx::query("DELETE FROM terminal_approvals WHERE user_id = ? AND owner_id = ?")
+        .bind(user)
+        .bind(owner)
+        .execute(db)
+        .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+type GrantRow = (String, String, i64, i64, String, Option<i64>);
+
+/// Where a purchase was asked from: a retry must come from the same place.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    /// `web`, `api` or `terminal`.
+    pub source: &'a str,
+    /// The terminal's owner, for terminal purchases.
+    pub terminal_owner: Option<i64>,
+}
+
+fn purchase_from(
+    row: GrantRow,
+    asset_id: &str,
+    origin: Origin<'_>,
+    balance: i64,
+) -> Result<Purchase, ApiError> {
+    let (id, asset, price, expires_at, source, terminal_owner) = row;
+    // Request ids are the client's choice ("1" will do): a retry that
+    // names another movie, or comes through another source or another
+    // owner's screen, is a different purchase, never the old grant.
+    if asset != asset_id || source != origin.source || terminal_owner != origin.terminal_owner {
         return Err(ApiError::Conflict {
             code: "request_id_reused",
-            message: "this request id was already used for another movie".into(),
+            message: "this request id was already used for another purchase".into(),
         });
     }
     Ok(Purchase {
@@ -543,13 +692,14 @@ fn purchase_from(row: GrantRow, asset_id: &str, balance: i64) -> Result<Purchase
     })
 }
 
-const GRANT_BY_KEY: &str =
-    "SELECT id, asset_id, price, expires_at FROM play_grants WHERE request_key = ?";
+const GRANT_BY_KEY: &str = "SELECT id, asset_id, price, expires_at, source, terminal_owner_id
+     FROM play_grants WHERE request_key = ?";
 
 async fn existing_purchase(
     db: &db::Db,
     key: &str,
     asset_id: &str,
+    origin: Origin<'_>,
     buyer: i64,
 ) -> Result<Option<Purchase>, ApiError> {
     let row: Option<GrantRow> = sqlx::query_as(GRANT_BY_KEY)
@@ -558,7 +708,12 @@ async fn existing_purchase(
         .await?;
     match row {
         None => Ok(None),
-        Some(r) => Ok(Some(purchase_from(r, asset_id, balance(db, buyer).await?)?)),
+        Some(r) => Ok(Some(purchase_from(
+            r,
+            asset_id,
+            origin,
+            balance(db, buyer).await?,
+        )?)),
     }
 }
 
@@ -574,15 +729,6 @@ pub async fn price(db: &db::Db, asset_id: &str) -> sqlx::Result<i64> {
         .fetch_optional(db)
         .await?;
     Ok(r.map(|r| r.0).unwrap_or(0))
-}
-
-pub async fn set_price(db: &db::Db, asset_id: &str, price: i64) -> sqlx::Result<()> {
-    sqlx::query("UPDATE assets SET price = ? WHERE id = ?")
-        .bind(price)
-        .bind(asset_id)
-        .execute(db)
-        .await?;
-    Ok(())
 }
 
 // ---- upload costs -----------------------------------------------------------
@@ -689,23 +835,42 @@ pub async fn refund_rejected_uploads(db: &db::Db) -> anyhow::Result<usize> {
 /// configured node has delivered its journal `refund_grace_secs` past the
 /// grant's expiry. Returns how many were refunded.
 pub async fn refund_due(st: &SharedState) -> anyhow::Result<usize> {
-    let contacts: Vec<(String, i64)> = sqlx::query_as("SELECT node, seen_at FROM journal_contacts")
-        .fetch_all(&st.db)
-        .await?;
+    let contacts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT node, watermark FROM journal_contacts")
+            .fetch_all(&st.db)
+            .await?;
     let mut horizon = i64::MAX;
     for n in st.nodes.names() {
         match contacts.iter().find(|(name, _)| *name == n) {
-            Some((_, seen)) => horizon = horizon.min(*seen),
+            Some((_, watermark)) => horizon = horizon.min(*watermark),
             // A node never heard from may hold unreported views: wait.
             None => return Ok(0),
         }
     }
-    let horizon = horizon - st.cfg.credits.refund_grace_secs as i64;
+    // After a restore, views delivered between the backup and the restore
+    // are gone from our books: grants whose window reached into that gap
+    // are never refunded automatically, and nothing is refunded until
+    // every node's watermark has passed the restore (docs/backup.md).
+    let (not_restored,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM refund_freeze WHERE restored_at > ?")
+            .bind(horizon)
+            .fetch_one(&st.db)
+            .await?;
+    if not_restored > 0 {
+        return Ok(0);
+    }
+    let grace = st.cfg.credits.refund_grace_secs as i64;
+    // Grants a restore froze are left out here, in the query, so however
+    // many there are they never crowd the due ones out of the batch.
     let due: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM play_grants WHERE state = 'active' AND bytes_served = 0 AND expires_at <= ?
-         ORDER BY expires_at LIMIT 500",
+        "SELECT g.id FROM play_grants g
+         WHERE g.state = 'active' AND g.bytes_served = 0 AND g.expires_at <= ?1
+           AND NOT EXISTS (SELECT 1 FROM refund_freeze f
+                           WHERE g.created_at <= f.backup_at AND g.expires_at + ?2 > f.safe_until)
+         ORDER BY g.expires_at LIMIT 500",
     )
-    .bind(horizon)
+    .bind(horizon - grace)
+    .bind(grace)
     .fetch_all(&st.db)
     .await?;
     let mut n = 0;
@@ -780,7 +945,12 @@ async fn refund(db: &db::Db, grant_id: &str) -> anyhow::Result<bool> {
     }
     tx.commit().await?;
     metrics::counter!("manager_grants_refunded_total").increment(1);
-    tracing::info!(grant = %grant_id, buyer, price, "unplayed grant refunded");
+    tracing::info!(
+        grant = log_id(grant_id),
+        buyer,
+        price,
+        "unplayed grant refunded"
+    );
     Ok(true)
 }
 
@@ -819,6 +989,14 @@ pub struct ViewEvent {
 #[derive(Debug, Deserialize)]
 struct JournalBatch {
     events: Vec<ViewEvent>,
+    /// Every paid response that started on the node before this (its
+    /// clock) is journalled and delivered, this batch included. Absent from
+    /// older nodes: they never let a refund through.
+    #[serde(default)]
+    watermark: i64,
+    /// The node's clock when it sent the batch.
+    #[serde(default)]
+    now: i64,
 }
 
 const MAX_EVENTS_PER_BATCH: usize = 1000;
@@ -887,6 +1065,31 @@ pub async fn journal(
         }
         applied += 1;
         if let Some(g) = &e.grant {
+            let refunded: Option<(String,)> =
+                sqlx::query_as("SELECT state FROM play_grants WHERE id = ? AND state = 'refunded'")
+                    .bind(g)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if refunded.is_some() {
+                // A view we refunded was served after all: the refund
+                // rule failed somewhere. Kept apart, never added (the
+                // money already went back), and raised for the operator.
+                sqlx::query(
+                    "UPDATE view_events SET after_refund = 1 WHERE node = ? AND event_id = ?",
+                )
+                .bind(&name)
+                .bind(&e.id)
+                .execute(&mut *tx)
+                .await?;
+                metrics::counter!("manager_bytes_after_refund_total", "node" => name.clone())
+                    .increment(e.bytes as u64);
+                tracing::error!(
+                    code = "served_after_refund",
+                    node = %name, grant = log_id(g), bytes = e.bytes,
+                    "ALERT: a node served a grant that was already refunded"
+                );
+                continue;
+            }
             sqlx::query(
                 "UPDATE play_grants SET bytes_served = bytes_served + ?,
                  first_served_at = MIN(COALESCE(first_served_at, ?), ?),
@@ -904,16 +1107,26 @@ pub async fn journal(
             .await?;
         }
     }
+    // The node's watermark on our clock: moved back by as far as its clock
+    // runs ahead of ours (never forward for one that runs behind), and
+    // never past our own now.
+    let ahead = (batch.now - now).max(0);
+    let watermark = (batch.watermark - ahead).min(now).max(0);
     sqlx::query(
-        "INSERT INTO journal_contacts (node, seen_at) VALUES (?, ?)
-         ON CONFLICT (node) DO UPDATE SET seen_at = MAX(seen_at, excluded.seen_at)",
+        "INSERT INTO journal_contacts (node, seen_at, watermark) VALUES (?, ?, ?)
+         ON CONFLICT (node) DO UPDATE SET seen_at = MAX(seen_at, excluded.seen_at),
+         watermark = MAX(watermark, excluded.watermark)",
     )
     .bind(&name)
     .bind(now)
+    .bind(watermark)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     metrics::counter!("manager_view_events_total", "node" => name.clone()).increment(applied);
+    // How far behind each node's journal is: now minus this (operators'
+    // "journal lag"; refunds wait for the lowest).
+    metrics::gauge!("manager_node_watermark_seconds", "node" => name.clone()).set(watermark as f64);
     Ok(Json(serde_json::json!({
         "node": name,
         "applied": applied,

@@ -20,8 +20,10 @@ mod error;
 pub mod geo;
 pub mod ledger;
 pub mod media;
+pub mod nodecall;
 pub mod nodes;
 pub mod pipeline;
+pub mod prices;
 pub mod reconcile;
 mod redirect;
 mod telemetry;
@@ -33,6 +35,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     extract::{DefaultBodyLimit, State},
     http::StatusCode,
+    response::IntoResponse,
     routing::{get, post},
     Json, Router,
 };
@@ -65,6 +68,8 @@ pub struct AppState {
     pub tokens: redirect::TokenCache,
     /// Log-in and sign-up rate limits (see [`account::Limiter`]).
     pub limits: account::Limiter,
+    /// Bounds concurrent password hashing ([`auth::MAX_PASSWORD_CHECKS`]).
+    pub password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -99,7 +104,7 @@ impl AppState {
         })?;
         let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())?;
         let signer = shared::TokenSigner::from_seed_hex(cfg.token_signing_key.expose())?;
-        let nodes = nodes::Nodes::new(&cfg.nodes)?;
+        let nodes = nodes::Nodes::new(&cfg.nodes, &cfg.node_ca_cert)?;
         let geo = if cfg.geoip_db.as_os_str().is_empty() {
             tracing::warn!("no geoip_db configured: every viewer gets the fallback node order");
             None
@@ -125,6 +130,7 @@ impl AppState {
             playable: redirect::PlayableCache::default(),
             tokens: redirect::TokenCache::default(),
             limits: account::Limiter::default(),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(auth::MAX_PASSWORD_CHECKS)),
         })
     }
 }
@@ -156,15 +162,18 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/assets/{id}/cancel", post(web::cancel))
         .route("/media/{file}", get(redirect::media_without_token))
         .route("/media/{token}/{file}", get(redirect::media))
-        .route(
-            "/internal/v1/nodes/{name}/events",
-            post(reconcile::node_events).layer(DefaultBodyLimit::max(64 * 1024)),
-        )
+        .route("/media/g/{grant}/{file}", get(redirect::media_by_grant))
         .route("/signup", get(account::signup_form).post(account::signup))
         .route("/account", get(account::account_page))
         .route("/account/export", get(account::export))
         .route("/account/link-code", post(account::new_link_code))
         .route("/account/grants", post(account::grant_form))
+        .route("/account/avatars/unlink", post(account::unlink_avatar))
+        .route(
+            "/account/approvals",
+            get(account::approvals_page).post(account::approve_form),
+        )
+        .route("/account/approvals/revoke", post(account::revoke_form))
         .route("/assets/{id}/price", post(account::set_price_form))
         .route("/assets/{id}/buy", post(account::buy_form))
         .route("/api/v1/account", get(account::account_api))
@@ -183,14 +192,88 @@ pub fn build_router(state: SharedState) -> Router {
             "/api/v1/terminal/link",
             post(terminal::link).layer(DefaultBodyLimit::max(4096)),
         )
+        .merge(node_routes(state.clone()))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(telemetry::metrics))
+        .layer(axum::middleware::from_fn(no_framing))
+        .layer(axum::middleware::from_fn(telemetry::access_log))
+        .with_state(state)
+}
+
+/// No page of ours may be shown inside another site's frame: one framed
+/// click on a pre-filled form (approving a screen's owner, buying a view)
+/// would otherwise be the attacker's click.
+async fn no_framing(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::X_FRAME_OPTIONS,
+        axum::http::HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        axum::http::HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    resp
+}
+
+/// What view nodes call, signed by them; our answers carry a MAC over
+/// their request, status and body (`shared::nodeauth`), so a node can tell
+/// them from ones made up on the path.
+fn node_routes(state: SharedState) -> Router<SharedState> {
+    Router::new()
+        .route(
+            "/internal/v1/nodes/{name}/events",
+            post(reconcile::node_events).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
+        .route(
+            "/internal/v1/nodes/{name}/paid-epochs",
+            get(prices::paid_epochs_for_node),
+        )
         .route(
             "/internal/v1/nodes/{name}/journal",
             post(ledger::journal).layer(DefaultBodyLimit::max(1024 * 1024)),
         )
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(telemetry::metrics))
-        .layer(axum::middleware::from_fn(telemetry::access_log))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            mac_node_answers,
+        ))
+}
+
+async fn mac_node_answers(
+    State(st): State<SharedState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let auth = req
+        .headers()
+        .get(shared::AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let resp = next.run(req).await;
+    let Some(auth) = auth else { return resp };
+    // Refusals of the signature itself get no MAC (it was made up).
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Our answers here are small JSON (the paid list is the largest).
+    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::Internal(anyhow::anyhow!("answer to a node unreadable: {e}"))
+                .into_response()
+        }
+    };
+    if let Some(mac) = st.nodes.answer_mac(&auth, parts.status.as_u16(), &bytes) {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&mac) {
+            parts.headers.insert(shared::ANSWER_MAC_HEADER, v);
+        }
+    }
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// Health means working: the database takes a write, the staging disk takes

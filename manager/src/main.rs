@@ -89,6 +89,13 @@ enum Command {
         /// A node as `name:lat:lon:listen`, e.g. `utah:40.76:-111.89:127.0.0.1:8081`.
         #[arg(long = "node", required = true)]
         nodes: Vec<String>,
+        /// TLS between the manager and the nodes: a private cluster CA
+        /// (`cluster-ca.pem`, and its key `cluster-ca.key` to keep off the
+        /// machines) and a certificate per node; each node takes the
+        /// manager's calls over TLS on its listen port + 10 and serves
+        /// viewers on its listen port.
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -119,9 +126,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return manager::backup::cli(cmd, cli.config.as_deref()).await;
     }
     match &cli.command {
-        Some(Command::InitCluster { dir, listen, nodes }) => {
-            return init_cluster(dir, listen, nodes)
-        }
+        Some(Command::InitCluster {
+            dir,
+            listen,
+            nodes,
+            tls,
+        }) => return init_cluster(dir, listen, nodes, *tls),
         Some(Command::MediaProbe { file }) => {
             let info =
                 manager::media::probe(file).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
@@ -266,10 +276,26 @@ fn hex32() -> String {
 
 /// Writes `manager.toml` and `viewnode-<name>.toml` under `dir`. Each file
 /// holds secrets, so it is created readable by its owner only.
-fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow::Result<()> {
+/// A node's TLS port under `init-cluster --tls`: its listen port + 10.
+const TLS_PORT_OFFSET: u16 = 10;
+
+fn init_cluster(
+    dir: &std::path::Path,
+    listen: &str,
+    nodes: &[String],
+    tls: bool,
+) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
+    let ca = if tls {
+        let ca = shared::tls::ClusterCa::generate(&dir.display().to_string())?;
+        write_private(&dir.join("cluster-ca.key"), &ca.key_pem())?;
+        write_private(&dir.join("cluster-ca.pem"), &ca.cert_pem())?;
+        Some(ca)
+    } else {
+        None
+    };
     let master = hex32();
     let signer = shared::TokenSigner::generate();
     // Seals the off-machine database backups; nodes get only a read
@@ -285,6 +311,11 @@ fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow
         dir.join("manager").display(),
         signer.seed_hex(),
     );
+    if let Some(ca) = &ca {
+        // Inline (a top-level key, before the tables), so backups of the
+        // configuration carry it to a restore.
+        write!(mgr, "node_ca_cert = \"\"\"\n{}\"\"\"\n", ca.cert_pem())?;
+    }
     for spec in nodes {
         let mut it = spec.splitn(4, ':');
         let (Some(name), Some(lat), Some(lon), Some(addr)) =
@@ -299,9 +330,47 @@ fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow
             .parse()
             .map_err(|_| anyhow::anyhow!("`--node {spec}`: bad longitude"))?;
         let secret = hex32();
+        // With TLS: the manager calls the node's TLS port; viewers keep
+        // the plain one (their players would not trust the cluster CA).
+        let (url, public, tls_lines) = match &ca {
+            None => (format!("http://{addr}"), String::new(), String::new()),
+            Some(ca) => {
+                let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
+                    anyhow::anyhow!("`--node {spec}`: with --tls, listen is ip:port")
+                })?;
+                // The certificate names the address the manager dials.
+                anyhow::ensure!(
+                    !sock.ip().is_unspecified(),
+                    "`--node {spec}`: with --tls, listen on the address the manager reaches the node at, not {}",
+                    sock.ip()
+                );
+                let tls_addr = std::net::SocketAddr::new(
+                    sock.ip(),
+                    sock.port().checked_add(TLS_PORT_OFFSET).ok_or_else(|| {
+                        anyhow::anyhow!("`--node {spec}`: no room for the TLS port (+10)")
+                    })?,
+                );
+                let issued = ca.issue(name, &[sock.ip().to_string()])?;
+                let (cert, key) = (
+                    dir.join(format!("viewnode-{name}.crt")),
+                    dir.join(format!("viewnode-{name}.key")),
+                );
+                write_private(&cert, &issued.cert_pem)?;
+                write_private(&key, &issued.key_pem)?;
+                (
+                    format!("https://{tls_addr}"),
+                    format!("public_url = \"http://{addr}\"\n"),
+                    format!(
+                        "tls_listen = \"{tls_addr}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                        cert.display(),
+                        key.display()
+                    ),
+                )
+            }
+        };
         write!(
             mgr,
-            "\n[[nodes]]\nname = \"{name}\"\nurl = \"http://{addr}\"\nlat = {lat}\nlon = {lon}\nweight = 1\nsecret = \"{secret}\"\n"
+            "\n[[nodes]]\nname = \"{name}\"\nurl = \"{url}\"\n{public}lat = {lat}\nlon = {lon}\nweight = 1\nsecret = \"{secret}\"\n"
         )?;
         let node = format!(
             "# Written by `manager init-cluster`. Holds secrets: keep it private.\n\
@@ -313,7 +382,7 @@ fn init_cluster(dir: &std::path::Path, listen: &str, nodes: &[String]) -> anyhow
              token_public_key = \"{}\"\n\
              manager_secret = \"{secret}\"\n\
              manager_url = \"http://{listen}\"\n\
-             backup_read_key = \"{}\"\n",
+             backup_read_key = \"{}\"\n{tls_lines}",
             dir.join(format!("node-{name}")).display(),
             signer.public_hex(),
             recovery.read_secret_hex().expose(),

@@ -5,7 +5,7 @@
 //!
 //! Every call carries an HMAC signature with the secret shared with that
 //! node (`shared::nodeauth`); the key id is `manager` one way and the node's
-//! name the other way.
+//! name the other way. Answers are checked the same way ([`crate::nodecall`]).
 
 use std::{
     collections::HashMap,
@@ -51,6 +51,17 @@ pub enum PushError {
     },
     #[error("cannot read the sealed blob: {0}")]
     Local(#[from] std::io::Error),
+    #[error("{0}")]
+    Unauthentic(String),
+}
+
+impl From<crate::nodecall::AnswerError> for PushError {
+    fn from(e: crate::nodecall::AnswerError) -> Self {
+        match e {
+            crate::nodecall::AnswerError::Unreachable(m) => PushError::Unreachable(m),
+            e @ crate::nodecall::AnswerError::Unauthentic => PushError::Unauthentic(e.to_string()),
+        }
+    }
 }
 
 /// A node's answer to `GET /internal/v1/blobs`.
@@ -79,7 +90,7 @@ pub struct QuarantinedBlob {
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 impl Nodes {
-    pub fn new(cfgs: &[NodeConfig]) -> anyhow::Result<Self> {
+    pub fn new(cfgs: &[NodeConfig], ca_pem: &str) -> anyhow::Result<Self> {
         let list = cfgs
             .iter()
             .map(|c| {
@@ -92,14 +103,18 @@ impl Nodes {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
+        let http = crate::nodecall::client(ca_pem)?;
         Ok(Self {
             list: Arc::new(list),
             http,
         })
+    }
+
+    /// The MAC for our answer to a request a node signed with `auth`
+    /// (key id = its name); `None` for an unknown key id.
+    pub fn answer_mac(&self, auth: &str, status: u16, body: &[u8]) -> Option<String> {
+        let node = self.get(shared::auth_key_id(auth)?)?;
+        Some(shared::answer_mac(&node.secret, auth, status, body))
     }
 
     pub fn get(&self, name: &str) -> Option<&Node> {
@@ -148,53 +163,42 @@ impl Nodes {
         method: reqwest::Method,
         path: &str,
         content_sha256: &str,
-    ) -> reqwest::RequestBuilder {
-        let now = shared::runtime::unix_now();
-        let auth = shared::sign_request(
+    ) -> crate::nodecall::Call {
+        crate::nodecall::signed(
+            &self.http,
+            &node.cfg.url,
             &node.secret,
             "manager",
-            method.as_str(),
+            method,
             path,
-            now,
             content_sha256,
-        );
-        self.http
-            .request(
-                method,
-                format!("{}{}", node.cfg.url.trim_end_matches('/'), path),
-            )
-            .header(shared::AUTH_HEADER, auth)
-            .header(shared::DATE_HEADER, now.to_string())
+        )
     }
 
-    async fn refused(resp: reqwest::Response) -> PushError {
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    fn refused(status: reqwest::StatusCode, body: &[u8]) -> PushError {
+        let (code, message) = crate::nodecall::refusal(body);
         PushError::Refused {
             status: status.as_u16(),
-            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
-            message: v["error"]["message"].as_str().unwrap_or("").into(),
+            code,
+            message,
         }
     }
 
     /// What `node` holds: good copies, quarantined ones, proof times.
     pub async fn inventory(&self, node: &Node) -> Result<Inventory, PushError> {
-        let resp = self
+        let (status, body) = self
             .signed(
                 node,
                 reqwest::Method::GET,
                 "/internal/v1/blobs",
                 EMPTY_SHA256,
             )
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| PushError::Unreachable(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(Self::refused(resp).await);
+            .send_checked(&node.secret, Duration::from_secs(30))
+            .await?;
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
         }
-        resp.json()
-            .await
+        serde_json::from_slice(&body)
             .map_err(|e| PushError::Unreachable(format!("unreadable inventory: {e}")))
     }
 
@@ -210,16 +214,18 @@ impl Nodes {
         len: u64,
     ) -> Result<(), PushError> {
         let path = format!("/internal/v1/blobs/{blob}");
+        // The body is not MACed: the target re-hashes it against `blob`.
         let from = self
             .signed(source, reqwest::Method::GET, &path, EMPTY_SHA256)
-            .timeout(Duration::from_secs(60 + len / (1 << 20)))
-            .send()
+            .send(Duration::from_secs(60 + len / (1 << 20)))
             .await
             .map_err(|e| {
                 PushError::Unreachable(format!("source {} unreachable: {e}", source.cfg.name))
             })?;
         if !from.status().is_success() {
-            return Err(match Self::refused(from).await {
+            let status = from.status();
+            let body = from.bytes().await.unwrap_or_default();
+            return Err(match Self::refused(status, &body) {
                 PushError::Refused {
                     status,
                     code,
@@ -244,16 +250,14 @@ impl Nodes {
     /// Deletes `blob` from `node` (unreferenced past its grace period).
     pub async fn delete_blob(&self, node: &Node, blob: &BlobId) -> Result<(), PushError> {
         let path = format!("/internal/v1/blobs/{blob}");
-        let resp = self
+        let (status, body) = self
             .signed(node, reqwest::Method::DELETE, &path, EMPTY_SHA256)
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| PushError::Unreachable(e.to_string()))?;
-        if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_FOUND {
+            .send_checked(&node.secret, Duration::from_secs(30))
+            .await?;
+        if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
             return Ok(());
         }
-        Err(Self::refused(resp).await)
+        Err(Self::refused(status, &body))
     }
 
     /// Streams the sealed file to `node` in constant memory. The node
@@ -276,28 +280,36 @@ impl Nodes {
         len: u64,
     ) -> Result<(), PushError> {
         let path = format!("/internal/v1/blobs/{blob}");
-        let resp = self
-            .signed(node, reqwest::Method::PUT, &path, &blob.to_string())
+        let mut call = self.signed(node, reqwest::Method::PUT, &path, &blob.to_string());
+        call.request = call
+            .request
             .header(reqwest::header::CONTENT_LENGTH, len)
-            // A node that accepts and then stalls must not hang the pipeline:
-            // a minute plus one second per MiB (a floor of 1 MiB/s).
-            .timeout(Duration::from_secs(60 + len / (1 << 20)))
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| PushError::Unreachable(e.to_string()))?;
-        if resp.status().is_success() {
+            .body(body);
+        // A node that accepts and then stalls must not hang the pipeline:
+        // a minute plus one second per MiB (a floor of 1 MiB/s). Only an
+        // answer the node MACed counts as "a verified copy is stored".
+        let (status, body) = call
+            .send_checked(&node.secret, Duration::from_secs(60 + len / (1 << 20)))
+            .await?;
+        if status.is_success() {
             return Ok(());
         }
-        Err(Self::refused(resp).await)
+        Err(Self::refused(status, &body))
     }
 
-    async fn probe(&self, node: &Node) -> bool {
+    async fn probe(&self, node: &Node) -> Result<(), String> {
         let url = format!("{}/healthz", node.cfg.url.trim_end_matches('/'));
-        matches!(
-            self.http.get(url).timeout(Duration::from_secs(3)).send().await,
-            Ok(r) if r.status().is_success()
-        )
+        match self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("/healthz answered {}", r.status())),
+            Err(e) => Err(crate::nodecall::explain(&e)),
+        }
     }
 
     /// Probes every node every `every`, until `stop` fires.
@@ -305,7 +317,8 @@ impl Nodes {
         let mut last: HashMap<String, bool> = HashMap::new();
         loop {
             for node in self.list.iter() {
-                let ok = self.probe(node).await;
+                let probed = self.probe(node).await;
+                let ok = probed.is_ok();
                 node.healthy.store(ok, Ordering::Relaxed);
                 metrics::gauge!("manager_node_healthy", "node" => node.cfg.name.clone(), "site" => node.cfg.site().to_string())
                     .set(if ok { 1.0 } else { 0.0 });
@@ -313,7 +326,11 @@ impl Nodes {
                     if ok {
                         tracing::info!(node = %node.cfg.name, "node healthy");
                     } else {
-                        tracing::warn!(node = %node.cfg.name, "node failed its health check");
+                        tracing::warn!(
+                            node = %node.cfg.name,
+                            "node failed its health check: {}",
+                            probed.as_ref().err().map(String::as_str).unwrap_or("")
+                        );
                     }
                 }
             }

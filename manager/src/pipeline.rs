@@ -79,6 +79,9 @@ pub async fn run(st: SharedState, stop: watch::Receiver<bool>) {
         Ok(n) => tracing::info!(count = n, "requeued jobs interrupted by the last shutdown"),
         Err(e) => tracing::error!("cannot requeue interrupted jobs: {e}"),
     }
+    if let Err(e) = clear_orphaned_outbox(&st).await {
+        tracing::error!("cannot check the outbox for orphaned blobs: {e:#}");
+    }
     let mut tasks = Vec::new();
     for _ in 0..st.cfg.transcode.workers {
         tasks.push(tokio::spawn(job_loop(st.clone(), stop.clone())));
@@ -122,10 +125,44 @@ async fn replication_loop(st: SharedState, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Renews a job's lease every few seconds for as long as it lives, so no
+/// step (probe, transcode, poster, sealing a large file) outlasts the lease
+/// and lets another worker take the same job.
+struct LeaseKeeper(tokio::task::JoinHandle<()>);
+
+impl LeaseKeeper {
+    /// Renews `id`'s lease (to [`LEASE_SECS`] from now) every `every`.
+    fn start(db: db::Db, id: String, every: Duration) -> LeaseKeeper {
+        LeaseKeeper(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = db::renew_lease(&db, &id, LEASE_SECS).await {
+                    tracing::warn!(asset = %id, "cannot renew the job's lease: {e}");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn process(st: &SharedState, asset: db::Asset, stop: &watch::Receiver<bool>) {
     let id = asset.id.clone();
     let span = tracing::info_span!("job", asset = %id);
-    match run_steps(st, &asset, stop).instrument(span).await {
+    let lease = LeaseKeeper::start(
+        st.db.clone(),
+        id.clone(),
+        Duration::from_secs(LEASE_SECS as u64 / 6),
+    );
+    let outcome = run_steps(st, &asset, stop).instrument(span).await;
+    drop(lease);
+    match outcome {
         Ok(()) => {}
         Err(StepError::Rejected { code, message }) => {
             tracing::info!(code, "upload rejected: {message}");
@@ -275,10 +312,10 @@ async fn run_steps(
     .await?;
 
     // Last point where a cancel applies: after sealing the job is done.
-    if db::cancel_requested(&st.db, id).await? {
+    // One conditional update, so a cancel racing this line still wins.
+    if !db::start_sealing(&st.db, id).await? {
         return Err(cancelled_or_interrupted(st, id).await);
     }
-    db::set_state(&st.db, id, "sealing").await?;
     let key = DataKey::generate();
     let wrapped = st.master.wrap(id, &key);
     let part = st.cfg.staging_dir().join(format!("{id}.sealed.part"));
@@ -311,6 +348,34 @@ async fn run_steps(
     Ok(())
 }
 
+/// A crash between moving a sealed blob into the outbox and recording it
+/// leaves a file no asset names; its data key died with the process, so it
+/// can never be finished: the job was requeued and seals afresh. Such files
+/// are removed at start, before any worker runs. Returns how many.
+pub async fn clear_orphaned_outbox(st: &SharedState) -> anyhow::Result<usize> {
+    let referenced = db::referenced_blobs(&st.db).await?;
+    let mut removed = 0;
+    for entry in std::fs::read_dir(st.cfg.outbox_dir())? {
+        let path = entry?.path();
+        let Some(blob) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".sealed"))
+        else {
+            continue;
+        };
+        if !referenced.contains(blob) {
+            std::fs::remove_file(&path)?;
+            tracing::warn!(%blob, "removed a sealed blob no movie names (left by a crash before it was recorded)");
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        fsync_dir(&st.cfg.outbox_dir())?;
+    }
+    Ok(removed)
+}
+
 /// Why a job stopped early: its uploader cancelled it, or we are shutting down.
 async fn cancelled_or_interrupted(st: &SharedState, id: &str) -> StepError {
     match db::cancel_requested(&st.db, id).await {
@@ -335,7 +400,7 @@ fn media_rejection(e: media::MediaError) -> StepError {
     }
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -516,6 +581,37 @@ async fn replicate_due(st: &SharedState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_job_keeps_its_lease_for_as_long_as_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        let owner = db::create_user(&db, "o@x", "h", "uploader").await.unwrap();
+        db::insert_asset(&db, "j", owner, "J", "j.mp4", 1)
+            .await
+            .unwrap();
+        // Claimed with a lease that has already run out, as a long step
+        // (sealing a big file) would leave it without renewal.
+        db::claim_next(&db, -1).await.unwrap().unwrap();
+        let lease = |db: db::Db| async move {
+            let (t,): (i64,) = sqlx::query_as("SELECT lease_until FROM assets WHERE id = 'j'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            t
+        };
+        assert!(lease(db.clone()).await < db::now());
+        let keeper = LeaseKeeper::start(db.clone(), "j".into(), Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(lease(db.clone()).await >= db::now() + LEASE_SECS - 2);
+        assert!(
+            db::claim_next(&db, 30).await.unwrap().is_none(),
+            "nobody else takes a job whose lease is kept"
+        );
+        drop(keeper);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

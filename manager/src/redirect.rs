@@ -48,6 +48,9 @@ const PLAYABLE_SWEEP_AT: usize = 10_000;
 #[derive(Clone)]
 pub struct Playable {
     pub plain_len: u64,
+    /// Whether grant-less tokens need the current price epoch (a paid movie).
+    pub paid: bool,
+    pub price_epoch: u32,
     /// Nodes holding a verified copy.
     pub verified: Arc<[String]>,
 }
@@ -100,6 +103,12 @@ impl PlayableCache {
         Ok(found)
     }
 
+    /// Drops what was read of `id`, so the next request reads it afresh
+    /// (a price was just set: stale free URLs must stop at once).
+    pub fn forget(&self, id: &str) {
+        self.entries.lock().expect("not poisoned").remove(id);
+    }
+
     async fn load(st: &SharedState, id: &str) -> Result<Lookup, ApiError> {
         let Some(a) = db::asset(&st.db, id).await? else {
             return Ok(Lookup::Gone);
@@ -122,6 +131,8 @@ impl PlayableCache {
             .collect();
         Ok(Lookup::Playable(Playable {
             plain_len: plain_len as u64,
+            paid: a.price > 0,
+            price_epoch: epoch_of(&a),
             verified,
         }))
     }
@@ -212,17 +223,44 @@ pub fn playback_token_until(
     grant: Option<String>,
     expires_at: i64,
 ) -> Option<String> {
+    Some(st.signer.sign(&playback_claims(a, grant, expires_at)?))
+}
+
+/// What such a token says (see [`playback_token_until`]).
+fn playback_claims(
+    a: &db::Asset,
+    grant: Option<String>,
+    expires_at: i64,
+) -> Option<PlaybackClaims> {
     if a.state != "published" {
         return None;
     }
-    let claims = PlaybackClaims {
+    Some(PlaybackClaims {
         asset_id: a.id.clone(),
         blob: a.blob_id.as_deref()?.parse().ok()?,
         wrapped_key: a.wrapped_key.clone()?,
         expires_at,
+        // A grant pays for itself; only grant-less tokens need the epoch.
+        epoch: if grant.is_none() { epoch_of(a) } else { 0 },
         grant,
-    };
-    Some(st.signer.sign(&claims))
+    })
+}
+
+fn epoch_of(a: &db::Asset) -> u32 {
+    u32::try_from(a.price_epoch).unwrap_or(u32::MAX)
+}
+
+/// A grant-less token minted before its movie turned paid is refused: a
+/// free movie's URL stops playing for everyone once a price is set (the
+/// owner and operators are handed fresh tokens, of the current epoch).
+pub fn check_epoch(claims: &PlaybackClaims, paid: bool, price_epoch: u32) -> Result<(), ApiError> {
+    if paid && claims.grant.is_none() && claims.epoch < price_epoch {
+        return Err(ApiError::PaymentRequired {
+            code: "payment_required",
+            message: "this movie now has a price: buy a view for a new media URL".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The in-world media URL for `a`: `{public_url}/media/{token}/{asset}.mp4`.
@@ -264,11 +302,63 @@ pub async fn media(
         metrics::counter!("manager_redirects_total", "node" => "none", "reason" => e.code())
             .increment(1);
     })?;
+    answer(&st, claims, token, &file, q, peer, &headers, method).await
+}
+
+/// The short media URL of a paid view: `{public_url}/media/g/{grant}/{asset}.mp4`.
+/// Second Life's per-agent parcel media (how a screen plays a paid view for
+/// its buyer alone) takes URLs of at most 254 characters, and a token alone
+/// is longer. The grant id is 128 random bits, as unguessable as a token;
+/// the token the node needs is minted here on each redirect.
+pub fn grant_media_url(st: &SharedState, asset_id: &str, grant_id: &str) -> String {
+    format!("{}/media/g/{grant_id}/{asset_id}.mp4", st.public_url)
+}
+
+/// `GET`/`HEAD /media/g/{grant}/{asset}.mp4` (see [`grant_media_url`]).
+pub async fn media_by_grant(
+    State(st): State<SharedState>,
+    Path((grant, file)): Path<(String, String)>,
+    Query(q): Query<MediaQuery>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    method: Method,
+) -> Result<Response, ApiError> {
     let id = file.strip_suffix(".mp4").unwrap_or(&file);
+    let g = match crate::ledger::grant_view(&st.db, &grant).await? {
+        Some(g) if g.asset_id == id && g.state == "active" => g,
+        // Unknown, refunded, or another movie's: one answer for all.
+        _ => return Err(ApiError::NotFound("media URL")),
+    };
+    if db::now() >= g.expires_at {
+        return Err(ApiError::Token(shared::TokenError::Expired));
+    }
+    let a = db::asset(&st.db, id)
+        .await?
+        .ok_or(ApiError::NotFound("movie"))?;
+    let Some(claims) = playback_claims(&a, Some(g.id), g.expires_at) else {
+        return Err(ApiError::NotFound("movie"));
+    };
+    let token = st.signer.sign(&claims);
+    answer(&st, claims, token, &file, q, peer, &headers, method).await
+}
+
+/// The redirector's answer for a verified token: HEAD here, GET to a node.
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    st: &SharedState,
+    claims: PlaybackClaims,
+    token: String,
+    file: &str,
+    q: MediaQuery,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    method: Method,
+) -> Result<Response, ApiError> {
+    let id = file.strip_suffix(".mp4").unwrap_or(file);
     if claims.asset_id != id {
         return Err(ApiError::TokenWrongAsset);
     }
-    let playable = match st.playable.get(&st, id).await? {
+    let playable = match st.playable.get(st, id).await? {
         Lookup::Playable(p) => p,
         Lookup::Damaged => {
             // Never a corrupted byte: an error the player and operator can read.
@@ -279,6 +369,10 @@ pub async fn media(
         // Withdrawn or gone since the URL was handed out.
         Lookup::Gone => return Err(ApiError::NotFound("movie")),
     };
+    check_epoch(&claims, playable.paid, playable.price_epoch).inspect_err(|_| {
+        metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "payment_required")
+            .increment(1);
+    })?;
     let viewer = match q.viewer.as_deref() {
         Some(v) => v.parse::<IpAddr>().map_err(|_| {
             ApiError::bad_request(
@@ -286,9 +380,9 @@ pub async fn media(
                 format!("`viewer` is not an IP address: {v:?}"),
             )
         })?,
-        None => geo::client_ip(peer.ip(), &headers, &st.cfg.trusted_proxies),
+        None => geo::client_ip(peer.ip(), headers, &st.cfg.trusted_proxies),
     };
-    let (node, reason) = choose_node(&st, &playable.verified, viewer, q.node.as_deref())
+    let (node, reason) = choose_node(st, &playable.verified, viewer, q.node.as_deref())
         .inspect_err(|_| {
             metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "no_mirror")
                 .increment(1);
@@ -315,7 +409,7 @@ pub async fn media(
     }
     let location = format!(
         "{}/play/{token}/{id}.mp4",
-        node.cfg.url.trim_end_matches('/')
+        node.cfg.viewer_url().trim_end_matches('/')
     );
     metrics::counter!("manager_redirects_total", "node" => node.cfg.name.clone(), "reason" => reason).increment(1);
     tracing::debug!(asset = %id, node = %node.cfg.name, reason, "redirect");

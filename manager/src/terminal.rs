@@ -209,7 +209,14 @@ pub async fn buy(
     let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
     tracing::info!(terminal = %term.id, asset = %req.asset, avatar = %req.avatar, "terminal purchase");
     Ok(Json(
-        crate::account::terminal_purchase(&st, &req.avatar, &req.asset, &req.request).await?,
+        crate::account::terminal_purchase(
+            &st,
+            term.owner_id,
+            &req.avatar,
+            &req.asset,
+            &req.request,
+        )
+        .await?,
     ))
 }
 

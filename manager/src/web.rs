@@ -220,9 +220,18 @@ pub async fn login(
         return Err(ApiError::Csrf.into());
     }
     let email = f.email.trim().to_lowercase();
-    // Failed attempts per address and per account are limited (429).
+    // Bounded before anything is stored or hashed: RFC 5321's limit.
+    if email.len() > 254 || f.password.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "login_invalid",
+            "an email address has at most 254 characters, a password at most 1024",
+        )
+        .into());
+    }
+    // Failed attempts per address and per account are limited (429); the
+    // attempt counts as failed until the password proves right.
     let ip = crate::account::client_ip(&st, peer, &headers);
-    crate::account::check_login(&st, &ip, &email)?;
+    let attempt = crate::account::begin_login(&st, &ip, &email)?;
     let user = db::user_by_email(&st.db, &email).await?;
     // Always run one Argon2 verification so timing does not reveal which
     // emails have accounts.
@@ -230,13 +239,10 @@ pub async fn login(
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| st.dummy_hash.clone());
-    let password = f.password.clone();
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
-        .await
-        .unwrap_or(false);
+    let ok = auth::verify_password_bounded(&st, &hash, &f.password).await?;
     let Some(user) = user.filter(|_| ok) else {
         tracing::info!("failed login");
-        crate::account::record_login_failure(&st, &ip, &email);
+        attempt.failed();
         let page = LoginPage {
             user: None,
             csrf: &f.csrf,
@@ -245,6 +251,7 @@ pub async fn login(
         };
         return Ok((StatusCode::UNAUTHORIZED, render(&page)).into_response());
     };
+    drop(attempt);
     tracing::info!(user = user.id, "logged in");
     Ok(crate::account::start_session(&st, user.id, "/").await?)
 }

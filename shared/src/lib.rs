@@ -9,6 +9,7 @@
 //! - `token`: Ed25519 playback tokens. The manager holds the
 //!   [`TokenSigner`]; nodes hold only a [`TokenVerifier`].
 //! - `nodeauth`: HMAC-SHA256 request signing between manager and nodes.
+//! - `tls`: the cluster's private CA, node certificates, the nodes' TLS set-up.
 //! - `secret`: [`Secret`], a config string that never prints.
 //! - [`runtime`]: logging set-up, the metrics recorder, the shutdown signal.
 //!
@@ -20,12 +21,13 @@ mod nodeauth;
 pub mod runtime;
 mod seal;
 mod secret;
+pub mod tls;
 mod token;
 
 pub use blob::{BlobId, ParseBlobIdError};
 pub use nodeauth::{
-    content_sha256_hex, sign_request, verify_request, NodeAuthError, AUTH_HEADER, DATE_HEADER,
-    MAX_CLOCK_SKEW_SECS,
+    answer_mac, auth_key_id, content_sha256_hex, sign_request, verify_answer_mac, verify_request,
+    NodeAuthError, ANSWER_MAC_HEADER, AUTH_HEADER, DATE_HEADER, MAX_CLOCK_SKEW_SECS,
 };
 pub use seal::{
     open_all, open_file_range, open_range, open_range_with, seal_all, wrapped_key_id, DataKey,

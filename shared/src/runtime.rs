@@ -40,6 +40,49 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The client's address: `peer`, unless `peer` is one of the `trusted`
+/// proxies, in which case the right-most address in `X-Forwarded-For` (its
+/// `values`) that is not itself a trusted proxy. Everyone else's header is
+/// ignored: it is trivially forged.
+pub fn client_ip<'a>(
+    peer: std::net::IpAddr,
+    forwarded_for: impl Iterator<Item = &'a str>,
+    trusted: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<std::net::IpAddr> = forwarded_for
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
+}
+
+/// Replaces `path` with `bytes` atomically and durably: a temporary file
+/// beside it, fsynced, renamed over it, and the folder fsynced, so a crash
+/// leaves either the old content or the new, never a mix.
+pub fn write_file_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -61,6 +104,13 @@ pub async fn shutdown_signal() {
 /// token (`/media/{token}/…` on the manager, `/play/{token}/…` on a node),
 /// which must never reach a log file.
 pub fn loggable_path(path: &str) -> String {
+    // A paid view's short URL carries its grant id, a bearer credential.
+    if let Some(rest) = path.strip_prefix("/media/g/") {
+        return match rest.split_once('/') {
+            Some((_, name)) => format!("/media/g/[grant]/{name}"),
+            None => "/media/g/[grant]".to_string(),
+        };
+    }
     for prefix in ["/play/", "/media/"] {
         if let Some(rest) = path.strip_prefix(prefix) {
             return match rest.split_once('/') {
@@ -84,6 +134,14 @@ mod tests {
             "/play/[token]/abc.mp4"
         );
         assert_eq!(loggable_path("/play/eyJhbGciOi.sig"), "/play/[token]");
+        assert_eq!(
+            loggable_path("/media/g/0123456789abcdef/abc.mp4"),
+            "/media/g/[grant]/abc.mp4"
+        );
+        assert_eq!(
+            loggable_path("/media/g/0123456789abcdef"),
+            "/media/g/[grant]"
+        );
         assert_eq!(
             loggable_path("/media/eyJhbGciOi.sig/abc.mp4"),
             "/media/[token]/abc.mp4"

@@ -6,6 +6,12 @@
 //! (32) || wrapped key (u16 BE length, bytes) || expires_at (i64 BE, unix
 //! seconds) || grant (u8 0 = none, or 1 then u16 BE length, UTF-8).
 //! The signature is Ed25519 over `"slmedia token v1\0" || body`.
+//!
+//! v2 (`docs/credits.md`, "Price changes") is v1 with version byte 2, the
+//! asset's price epoch (u32 BE) appended after the grant, and the context
+//! `"slmedia token v2\0"`. A token whose epoch is 0 is always written as
+//! v1, so every token minted for a movie that was never paid reads the
+//! same to a node that knows only v1.
 
 use std::fmt;
 
@@ -18,9 +24,11 @@ use zeroize::Zeroizing;
 
 use crate::BlobId;
 
-// FROZEN: the v1 token format.
+// FROZEN: the v1 and v2 token formats.
 const VERSION: u8 = 1;
 const SIGNING_CONTEXT: &[u8] = b"slmedia token v1\0";
+const VERSION_2: u8 = 2;
+const SIGNING_CONTEXT_2: &[u8] = b"slmedia token v2\0";
 // (end of frozen constants)
 
 /// Longest token accepted, in characters (a typical one is under 300).
@@ -40,6 +48,16 @@ pub struct PlaybackClaims {
     /// Opaque reference for the manager (a paid view's grant id), echoed in
     /// the node's view journal.
     pub grant: Option<String>,
+    /// The asset's price epoch when a grant-less token was minted: it goes
+    /// up each time the movie turns from free to paid, and a grant-less
+    /// token older than the current epoch of a paid movie is refused
+    /// (`payment_required`). 0 for a movie that was never paid.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 mod hex_bytes {
@@ -183,7 +201,7 @@ impl TokenVerifier {
             .decode(sig_b64)
             .map_err(|_| TokenError::Malformed)?;
         let sig: [u8; 64] = sig.try_into().map_err(|_| TokenError::Malformed)?;
-        if body.first() != Some(&VERSION) {
+        if !matches!(body.first(), Some(&VERSION) | Some(&VERSION_2)) {
             return Err(TokenError::Malformed);
         }
         let sig = Signature::from_bytes(&sig);
@@ -204,8 +222,15 @@ impl TokenVerifier {
 }
 
 fn signing_input(body: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(SIGNING_CONTEXT.len() + body.len());
-    msg.extend_from_slice(SIGNING_CONTEXT);
+    // The version byte picks the context, so a v1 body can never be
+    // presented as v2 or the reverse.
+    let context = if body.first() == Some(&VERSION_2) {
+        SIGNING_CONTEXT_2
+    } else {
+        SIGNING_CONTEXT
+    };
+    let mut msg = Vec::with_capacity(context.len() + body.len());
+    msg.extend_from_slice(context);
     msg.extend_from_slice(body);
     msg
 }
@@ -219,7 +244,7 @@ fn put_bytes(out: &mut Vec<u8>, field: &str, bytes: &[u8]) {
 
 fn encode_claims(c: &PlaybackClaims) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + c.asset_id.len() + c.wrapped_key.len());
-    out.push(VERSION);
+    out.push(if c.epoch == 0 { VERSION } else { VERSION_2 });
     put_bytes(&mut out, "asset_id", c.asset_id.as_bytes());
     out.extend_from_slice(c.blob.as_bytes());
     put_bytes(&mut out, "wrapped_key", &c.wrapped_key);
@@ -230,6 +255,9 @@ fn encode_claims(c: &PlaybackClaims) -> Vec<u8> {
             out.push(1);
             put_bytes(&mut out, "grant", g.as_bytes());
         }
+    }
+    if c.epoch != 0 {
+        out.extend_from_slice(&c.epoch.to_be_bytes());
     }
     out
 }
@@ -259,7 +287,8 @@ impl<'a> Cursor<'a> {
 
 fn decode_claims(body: &[u8]) -> Option<PlaybackClaims> {
     let mut c = Cursor(body);
-    if c.u8()? != VERSION {
+    let version = c.u8()?;
+    if version != VERSION && version != VERSION_2 {
         return None;
     }
     let asset_id = c.string()?;
@@ -271,6 +300,16 @@ fn decode_claims(body: &[u8]) -> Option<PlaybackClaims> {
         1 => Some(c.string()?),
         _ => return None,
     };
+    let epoch = if version == VERSION_2 {
+        // v2 exists to carry a non-zero epoch; a zero one is not canonical.
+        let e = u32::from_be_bytes(c.take(4)?.try_into().ok()?);
+        if e == 0 {
+            return None;
+        }
+        e
+    } else {
+        0
+    };
     if !c.0.is_empty() {
         return None;
     }
@@ -280,6 +319,7 @@ fn decode_claims(body: &[u8]) -> Option<PlaybackClaims> {
         wrapped_key,
         expires_at,
         grant,
+        epoch,
     })
 }
 
@@ -294,7 +334,44 @@ mod tests {
             wrapped_key: vec![7; 64],
             expires_at: 1_000_000,
             grant: Some("grant-42".into()),
+            epoch: 0,
         }
+    }
+
+    #[test]
+    fn epochs_round_trip_in_v2_and_zero_stays_v1() {
+        let signer = TokenSigner::generate();
+        let v1 = signer.sign(&claims());
+        let raw = URL_SAFE_NO_PAD
+            .decode(v1.split('.').next().unwrap())
+            .unwrap();
+        assert_eq!(raw[0], 1, "epoch 0 is written as v1");
+        let with_epoch = PlaybackClaims {
+            grant: None,
+            epoch: 3,
+            ..claims()
+        };
+        let v2 = signer.sign(&with_epoch);
+        let (body, sig) = v2.split_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(body).unwrap();
+        assert_eq!(raw[0], 2);
+        assert_eq!(signer.verifier().verify(&v2, 0).unwrap(), with_epoch);
+        // The epoch is signed: lowering it breaks the signature, and a v2
+        // body relabelled v1 is checked under the other context.
+        let n = raw.len();
+        raw[n - 1] = 1;
+        let lowered = format!("{}.{sig}", URL_SAFE_NO_PAD.encode(&raw));
+        assert_eq!(
+            signer.verifier().verify(&lowered, 0),
+            Err(TokenError::BadSignature)
+        );
+        raw[n - 1] = 3;
+        raw[0] = 1;
+        let relabelled = format!("{}.{sig}", URL_SAFE_NO_PAD.encode(&raw));
+        assert_eq!(
+            signer.verifier().verify(&relabelled, 0),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

@@ -145,6 +145,7 @@ fn token_and_nodeauth_vectors() {
         wrapped_key: vec![0xab; 64],
         expires_at: 1_700_000_000,
         grant: Some("grant-1".into()),
+        epoch: 0,
     };
     let token = signer.sign(&claims);
     let auth = sign_request(
@@ -183,4 +184,61 @@ fn token_and_nodeauth_vectors() {
         got,
         serde_json::from_value::<PlaybackClaims>(t["claims"].clone()).unwrap()
     );
+}
+
+#[test]
+fn token_v2_and_answer_vectors() {
+    let signer = TokenSigner::from_seed_hex(&"22".repeat(32)).unwrap();
+    // A grant-less token minted in a movie's third price epoch (v2), and
+    // the MAC a node answer carries (shared::nodeauth).
+    let claims = PlaybackClaims {
+        asset_id: "asset-2".into(),
+        blob: BlobId::of(b"sealed bytes"),
+        wrapped_key: vec![0xcd; 64],
+        expires_at: 1_700_000_000,
+        grant: None,
+        epoch: 3,
+    };
+    let token = signer.sign(&claims);
+    let path = "/internal/v1/nodes/utah/paid-epochs";
+    let body = br#"{"node":"utah","paid":[["asset-2",3]]}"#;
+    let request_auth = sign_request(
+        b"node secret",
+        "utah",
+        "GET",
+        path,
+        1_700_000_000,
+        &"00".repeat(32),
+    );
+    let generated = json!({
+        "format": "slmedia playback token v2 and node answer MAC v1",
+        "token": {
+            "seed": signer.seed_hex(),
+            "public": signer.public_hex(),
+            "claims": claims,
+            "token": token,
+        },
+        "answer_mac": {
+            "secret": hex::encode(b"node secret"),
+            "request_auth": request_auth,
+            "status": 200,
+            "body": String::from_utf8(body.to_vec()).unwrap(),
+            "mac": shared::answer_mac(b"node secret", &request_auth, 200, body),
+        },
+    });
+    let stored = check_or_write("token-v2-answers.json", generated);
+    let verifier =
+        TokenVerifier::from_public_hex(stored["token"]["public"].as_str().unwrap()).unwrap();
+    let got = verifier
+        .verify(stored["token"]["token"].as_str().unwrap(), 1_699_999_999)
+        .unwrap();
+    assert_eq!(got.epoch, 3);
+    let a = &stored["answer_mac"];
+    assert!(shared::verify_answer_mac(
+        &hex::decode(a["secret"].as_str().unwrap()).unwrap(),
+        a["request_auth"].as_str().unwrap(),
+        a["status"].as_u64().unwrap() as u16,
+        a["body"].as_str().unwrap().as_bytes(),
+        a["mac"].as_str().unwrap()
+    ));
 }

@@ -161,3 +161,40 @@ async fn an_uploader_cancels_a_running_transcode() {
         .unwrap();
     assert_eq!(r.status(), 409);
 }
+
+/// A crash between moving a sealed blob into the outbox and recording it
+/// leaves a file no movie names (its data key died with the process): it
+/// is removed at the next start, and a sealed blob a movie does name stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_file_no_movie_names_is_removed_at_start() {
+    let mut cluster = Cluster::start(&["utah", "toronto"]);
+    let input = cluster.dir.path().join("in.webm");
+    e2e::make_webm(&input);
+    let (s, v) = cluster.upload(&input, "Kept").await.unwrap();
+    assert_eq!(s, 202, "{v}");
+    let id = v["asset_id"].as_str().unwrap().to_string();
+    let v = cluster.wait_terminal(&id, Duration::from_secs(240)).await;
+    assert_eq!(v["state"], "published", "{v}");
+    cluster.manager.kill9();
+    let outbox = cluster.manager_data.join("outbox");
+    let kept: Vec<_> = files_under(&outbox);
+    let orphan = outbox.join(format!("{}.sealed", "ab".repeat(32)));
+    std::fs::write(&orphan, b"sealed bytes whose key is gone").unwrap();
+    cluster.restart_manager();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while orphan.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan is still there\n{}",
+            cluster.manager.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cluster
+        .manager
+        .log_text()
+        .contains("removed a sealed blob no movie names"));
+    for f in kept {
+        assert!(f.exists(), "{} was a movie's", f.display());
+    }
+}

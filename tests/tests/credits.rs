@@ -435,11 +435,85 @@ async fn credits_purchases_and_their_attacks() {
         "a code works once: {v}"
     );
 
+    // Linked, but the buyer's account never approved this terminal's owner:
+    // whoever holds a terminal's secret can name any avatar (keys are
+    // public), so this is the attack. Refused, nothing charged, nothing
+    // about the account said.
+    let ledger_len = |token: String| {
+        let client = client.clone();
+        let m = m.clone();
+        async move {
+            let (_, v) = json(
+                client
+                    .get(format!("{m}/api/v1/account"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            (
+                v["ledger"].as_array().unwrap().len(),
+                v["balance"].as_i64().unwrap(),
+            )
+        }
+    };
+    let before = ledger_len(buyer_token.clone()).await;
+    let b = buy_body("t-0", "n1b");
+    let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
+    assert_eq!((s, code(&v)), (403, Some("terminal_not_approved")), "{v}");
+    assert!(
+        !v.to_string().contains(&before.1.to_string()) && v.get("balance").is_none(),
+        "nothing about the account: {v}"
+    );
+    assert_eq!(
+        ledger_len(buyer_token.clone()).await,
+        before,
+        "nothing charged"
+    );
+    // The buyer approves the terminal's owner on the web (the screen sends
+    // them to this page), with a daily cap.
+    let html = buyer
+        .get(&format!("{m}/account/approvals?terminal={terminal}"))
+        .await;
+    assert!(html.contains("id=\"pending-terminal\">Lobby<"), "{html}");
+    let acsrf = page_csrf(&html);
+    let (s, html) = buyer
+        .post(
+            &format!("{m}/account/approvals"),
+            &[
+                ("csrf", &acsrf),
+                ("terminal", &terminal),
+                ("daily_cap", "x"),
+            ],
+        )
+        .await;
+    assert_eq!(s, 400, "a cap that is not a number: {html}");
+    let (s, html) = buyer
+        .post(
+            &format!("{m}/account/approvals"),
+            &[
+                ("csrf", &acsrf),
+                ("terminal", &terminal),
+                ("daily_cap", "1000"),
+            ],
+        )
+        .await;
+    assert_eq!(s, 200, "{html}");
+    assert!(
+        html.contains("id=\"approvals\"") && html.contains("<td>1000</td>"),
+        "{html}"
+    );
+
     // Balance now: 1000 - 600 + 100 = 500. A terminal purchase, retried
     // with a new nonce, is charged once; a replay and a forgery are refused.
     let b = buy_body("t-2", "n2");
     let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
     assert_eq!((s, code(&v)), (402, Some("insufficient_credits")), "{v}");
+    assert!(
+        !v.to_string().contains("500"),
+        "no balance in a terminal answer: {v}"
+    );
     cluster.manager_cli(&[
         "grant-credits",
         "--email",
@@ -454,25 +528,71 @@ async fn credits_purchases_and_their_attacks() {
     let b = buy_body("t-3", "n3");
     let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
     assert_eq!((s, v["charged_now"].as_bool()), (200, Some(true)), "{v}");
-    assert_eq!(v["balance"], 1500 - PRICE, "{v}");
+    assert!(v.get("balance").is_none(), "{v}");
+    assert_eq!(ledger_len(buyer_token.clone()).await.1, 1500 - PRICE);
     let tgrant = v["grant_id"].as_str().unwrap().to_string();
+    // A short URL (per-agent parcel media takes at most 254 characters)
+    // that the redirector turns into the node's tokened one.
+    let turl = v["media_url"].as_str().unwrap().to_string();
+    assert!(turl.len() <= 254 && turl.contains("/media/g/"), "{turl}");
+    let loc = cluster.redirect_location(&turl).await;
+    assert!(loc.contains("/play/"), "{loc}");
     let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
     assert_eq!((s, code(&v)), (409, Some("terminal_replayed")), "{v}");
     let b = buy_body("t-3", "n4");
     let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
     assert_eq!(
-        (
-            s,
-            v["charged_now"].as_bool(),
-            v["grant_id"].as_str(),
-            v["balance"].as_i64()
-        ),
-        (200, Some(false), Some(tgrant.as_str()), Some(1500 - PRICE)),
+        (s, v["charged_now"].as_bool(), v["grant_id"].as_str()),
+        (200, Some(false), Some(tgrant.as_str())),
         "{v}"
     );
     let b = buy_body("t-4", "n5");
     let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac("slt_guessed", &b)).await;
     assert_eq!((s, code(&v)), (401, Some("terminal_bad_signature")), "{v}");
+    // Another 600 would pass the 1000 a day the buyer allowed this owner.
+    let before = ledger_len(buyer_token.clone()).await;
+    let b = buy_body("t-5", "n6");
+    let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
+    assert_eq!((s, code(&v)), (402, Some("daily_cap_reached")), "{v}");
+    assert_eq!(
+        ledger_len(buyer_token.clone()).await,
+        before,
+        "nothing charged"
+    );
+    // Revoked on the web: refused again at once.
+    let html = buyer.get(&format!("{m}/account/approvals")).await;
+    let owner = between(&html, "name=\"owner\" value=\"", "\"").to_string();
+    let (s, html) = buyer
+        .post(
+            &format!("{m}/account/approvals/revoke"),
+            &[("csrf", &acsrf), ("owner", &owner)],
+        )
+        .await;
+    assert_eq!(s, 200, "{html}");
+    let b = buy_body("t-6", "n7");
+    let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
+    assert_eq!((s, code(&v)), (403, Some("terminal_not_approved")), "{v}");
+
+    // A link never moves to another account: the operator's code for the
+    // buyer's avatar is refused until the buyer unlinks it on the web.
+    let ocsrf = page_csrf(&opsess.get(&format!("{m}/account")).await);
+    let (_, html) = opsess
+        .post(&format!("{m}/account/link-code"), &[("csrf", &ocsrf)])
+        .await;
+    let op_code = between(&html, "id=\"link-code\"><code>", "<").to_string();
+    let l = link(&op_code, "l3");
+    let (s, v) = send("/api/v1/terminal/link", l.clone(), llhmac(&secret, &l)).await;
+    assert_eq!((s, code(&v)), (409, Some("avatar_linked_elsewhere")), "{v}");
+    let (s, _) = buyer
+        .post(
+            &format!("{m}/account/avatars/unlink"),
+            &[("csrf", &acsrf), ("avatar", avatar)],
+        )
+        .await;
+    assert_eq!(s, 303);
+    let l = link(&op_code, "l4");
+    let (s, v) = send("/api/v1/terminal/link", l.clone(), llhmac(&secret, &l)).await;
+    assert_eq!(s, 200, "the refused code stayed usable: {v}");
 
     // Nothing was played under either grant: once they expire (60 s) and
     // every node has reported its journal 30 s past that, both are

@@ -36,7 +36,7 @@ use crate::store::{fsync_dir, link_create_only, receive_hashed, ReceiveError, Te
 use crate::SharedState;
 
 /// Key id of the read-only credential (`backup_read_key`).
-const READER_KEY_ID: &str = "backup-reader";
+pub const READER_KEY_ID: &str = "backup-reader";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {

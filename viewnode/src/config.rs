@@ -21,6 +21,19 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Base URL viewers reach this node on. Empty: derived from the bound address.
     pub public_url: String,
+    /// Address for the manager's calls over TLS (`manager init-cluster
+    /// --tls`), e.g. `0.0.0.0:8444`. When set, `listen` serves viewers only
+    /// (playback, `/healthz`, `/metrics`) and every `/internal` call must
+    /// come over TLS. Empty: everything on `listen`.
+    pub tls_listen: String,
+    /// PEM certificate chain for `tls_listen`, issued by the cluster CA.
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`; keep it readable by this node only.
+    pub tls_key: PathBuf,
+    /// Reverse proxies (addresses or CIDR ranges) in front of `listen`
+    /// whose `X-Forwarded-For` is believed for the viewer's address in the
+    /// access log. Anyone else's is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Folder holding the sealed blobs (ciphertext only) and their temp files.
     pub storage_dir: PathBuf,
     /// Hex of the 32-byte key-encryption key that unwraps per-asset data keys.
@@ -58,6 +71,10 @@ pub struct Config {
     /// A paid response still streaming journals what it served at least
     /// this often, seconds, not only when it ends. Between 1 and 60.
     pub journal_flush_secs: u64,
+    /// Seconds between two fetches of the paid movies' price epochs from
+    /// `manager_url`: a free movie's media URL handed out before a price
+    /// was set stops playing here within this time. Between 1 and 60.
+    pub price_poll_secs: u64,
     /// Days a copy set aside in `quarantine/` is kept for inspection
     /// before it is deleted, checked after each scrub pass. 0 keeps them
     /// until an operator removes them. At most 3650.
@@ -70,6 +87,10 @@ impl Default for Config {
             name: String::new(),
             listen: "127.0.0.1:8081".parse().expect("literal address"),
             public_url: String::new(),
+            tls_listen: String::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            trusted_proxies: Vec::new(),
             storage_dir: PathBuf::from("data/viewnode"),
             master_key: Secret::default(),
             master_key_id: 1,
@@ -84,6 +105,7 @@ impl Default for Config {
             scrub_interval_secs: 24 * 3600,
             journal_forward_secs: 5,
             journal_flush_secs: 10,
+            price_poll_secs: 15,
             // A month to look at what went wrong; a disk that keeps
             // corrupting copies does not fill up with their carcasses.
             quarantine_keep_days: 30,
@@ -165,6 +187,23 @@ impl Config {
         }
         if !(1..=60).contains(&self.journal_flush_secs) {
             return Err(field("journal_flush_secs", "must be between 1 and 60"));
+        }
+        if !self.tls_listen.is_empty() {
+            if self.tls_listen.parse::<SocketAddr>().is_err() {
+                return Err(field(
+                    "tls_listen",
+                    "must be an address such as 0.0.0.0:8444",
+                ));
+            }
+            if self.tls_cert.as_os_str().is_empty() || self.tls_key.as_os_str().is_empty() {
+                return Err(field(
+                    "tls_cert",
+                    "tls_listen needs tls_cert and tls_key (PEM files from `manager init-cluster --tls`)",
+                ));
+            }
+        }
+        if !(1..=60).contains(&self.price_poll_secs) {
+            return Err(field("price_poll_secs", "must be between 1 and 60"));
         }
         if self.quarantine_keep_days > 3650 {
             return Err(field(

@@ -27,6 +27,9 @@ pub enum NodeError {
     Damaged,
     #[error("storage failure")]
     Storage(String),
+    /// A grant-less token minted before the movie got a price.
+    #[error("this movie now has a price: buy a view for a new media URL")]
+    PaymentRequired,
 }
 
 impl NodeError {
@@ -41,6 +44,7 @@ impl NodeError {
             NodeError::KeyUnavailable => "key_unavailable",
             NodeError::Damaged => "blob_damaged",
             NodeError::Storage(_) => "storage_error",
+            NodeError::PaymentRequired => "payment_required",
         }
     }
 
@@ -55,6 +59,7 @@ impl NodeError {
             NodeError::BodyAborted => StatusCode::BAD_REQUEST,
             NodeError::KeyUnavailable | NodeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             NodeError::Damaged => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
         }
     }
 }

@@ -14,7 +14,7 @@ use axum::{
     body::Body,
     extract::{DefaultBodyLimit, Path, State},
     http::{header, HeaderMap, StatusCode},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::get,
     Json, Router,
 };
@@ -39,6 +39,58 @@ pub fn router() -> Router<SharedState> {
                 .delete(delete_blob)
                 .layer(DefaultBodyLimit::disable()),
         )
+}
+
+/// Largest answer body MACed here (an inventory of ~100,000 blobs).
+const MAX_MACED_ANSWER: usize = 64 << 20;
+
+/// Adds [`shared::ANSWER_MAC_HEADER`] to the answers of signed calls (this
+/// router and the backups'), keyed by the secret the request names, so the
+/// manager can tell our answer from one made up on the path. Streamed
+/// blob and backup bodies (successful GETs) are left alone: they are
+/// checked against their names by whoever receives them.
+pub async fn mac_answers(
+    State(st): State<SharedState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let auth = req
+        .headers()
+        .get(shared::AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let streamed = req.method() == axum::http::Method::GET
+        && (req.uri().path().starts_with("/internal/v1/blobs/")
+            || req.uri().path().starts_with("/internal/v1/backups/"));
+    let resp = next.run(req).await;
+    let Some(auth) = auth else { return resp };
+    // Refusals of the signature itself get no MAC: we would be MACing a
+    // signature we just found to be made up.
+    if (streamed && resp.status().is_success()) || resp.status() == StatusCode::UNAUTHORIZED {
+        return resp;
+    }
+    let secret = match shared::auth_key_id(&auth) {
+        Some("manager") => st.manager_secret.clone(),
+        Some(crate::backups::READER_KEY_ID) => match hex::decode(st.cfg.backup_read_key.expose()) {
+            Ok(k) if !k.is_empty() => k,
+            _ => return resp,
+        },
+        _ => return resp,
+    };
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_MACED_ANSWER).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("cannot read an internal answer to authenticate it: {e}");
+            return NodeError::Storage("answer too large".into()).into_response();
+        }
+    };
+    let mac = shared::answer_mac(&secret, &auth, parts.status.as_u16(), &bytes);
+    parts.headers.insert(
+        shared::ANSWER_MAC_HEADER,
+        header::HeaderValue::from_str(&mac).expect("hex is a valid header"),
+    );
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 fn authenticate(
@@ -212,11 +264,20 @@ async fn inventory(
 pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
     let storage = st.store.health_check().await;
     let ok = storage.is_ok();
+    // Reported, not failed on: viewers are still served (refunds wait for a
+    // journal that cannot be written; a stale price list refuses what it
+    // last knew), and the operator must see both.
+    let journal_ok = !st
+        .journal
+        .write_failing
+        .load(std::sync::atomic::Ordering::Acquire);
     let body = json!({
         "status": if ok { "ok" } else { "failing" },
         "node": st.cfg.name,
         "version": env!("CARGO_PKG_VERSION"),
         "checks": { "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() } },
+        "journal": if journal_ok { "ok" } else { "write_failing" },
+        "price_list_age_secs": st.prices.age_secs(),
     });
     if !ok {
         tracing::error!("health check failed: {:?}", storage.err());

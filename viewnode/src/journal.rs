@@ -18,6 +18,24 @@
 //!   playback does not depend on it. A batch delivered but not recorded as
 //!   forwarded (a crash in between) is sent again and ignored as duplicate.
 //!
+//! - A view is journalled from its first byte: the first bytes a paid
+//!   response hands out are an event at once, so a client that reads a
+//!   little and then stalls with the socket open has still been recorded.
+//!   Open responses are registered; a ticker flushes their counts every
+//!   `journal_flush_secs` whether or not the stream is being polled, and
+//!   shutdown flushes them and waits for the writer.
+//! - The watermark (docs/credits.md, "Refunds"): each delivery carries a
+//!   time W such that every paid response that started before W has had
+//!   its first bytes journalled, fsynced and delivered, in this very batch
+//!   or before. W is at most the start of the oldest open response whose
+//!   first bytes are not journalled yet (one that is can no longer make its
+//!   grant look unserved); it does not move while the writer is failing
+//!   (events appended but not durable) or while a backlog remains (a full
+//!   batch). The manager refunds a grant
+//!   only once every node's W has passed its window, so a slow delivery,
+//!   a stalled client or a full journal disk delays refunds, never turns a
+//!   watched view into one.
+//!
 //! - Compaction: once everything written has been delivered and the file is
 //!   past [`COMPACT_AT`], the forwarder empties it. It first writes the
 //!   cursor back to 0 and only then truncates, with appends held off
@@ -28,14 +46,15 @@
 //!   event, ~150 MB per million paid responses).
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         mpsc, Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -59,12 +78,61 @@ pub struct Event {
     pub last_at: i64,
 }
 
+/// What one open paid response has counted and not yet journalled.
+struct Counter {
+    grant: String,
+    asset: String,
+    /// Unix seconds when the response was registered.
+    started_at: i64,
+    pending: u64,
+    first_at: i64,
+    last_at: i64,
+    /// Whether its first bytes were journalled (they are, at once).
+    journalled: bool,
+}
+
+impl Counter {
+    /// The pending delta as an event, if there is one.
+    fn take(&mut self) -> Option<Event> {
+        if self.pending == 0 {
+            return None;
+        }
+        let e = Event {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            grant: Some(self.grant.clone()),
+            asset: self.asset.clone(),
+            bytes: self.pending,
+            first_at: self.first_at,
+            last_at: self.last_at,
+        };
+        self.pending = 0;
+        self.journalled = true;
+        Some(e)
+    }
+}
+
+type Open = Mutex<HashMap<u64, Arc<Mutex<Counter>>>>;
+
 /// The node's journal: a handle for responses, and the files behind it.
 pub struct Journal {
     tx: Mutex<mpsc::Sender<Event>>,
     dir: PathBuf,
     /// Bytes of `views.jsonl` known to be on disk (fsynced).
     durable: Arc<AtomicU64>,
+    /// Events handed to the writer since start (counted before sending, so
+    /// an event the writer never took holds the watermark forever).
+    appended: AtomicU64,
+    /// Events the writer has fsynced since start.
+    durable_events: Arc<AtomicU64>,
+    /// The same count, for waiting on it.
+    durable_rx: watch::Receiver<u64>,
+    /// Whether the last write failed (disk full, I/O error); for health.
+    pub write_failing: Arc<AtomicBool>,
+    /// Paid responses still open, by registration number.
+    open: Open,
+    next_open: AtomicU64,
+    /// The last watermark sent to the manager (unix seconds).
+    watermark: AtomicI64,
     /// Held by the writer for each append and by compaction, so the file
     /// is never emptied under an append.
     appending: Arc<Mutex<()>>,
@@ -89,15 +157,7 @@ fn read_cursor(dir: &Path) -> u64 {
 
 /// Replaces the forwarded offset atomically and durably.
 fn write_cursor(dir: &Path, offset: u64) -> std::io::Result<()> {
-    let tmp = dir.join("forwarded.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(offset.to_string().as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, cursor_path(dir))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    shared::runtime::write_file_durably(&cursor_path(dir), offset.to_string().as_bytes())
 }
 
 impl Journal {
@@ -133,24 +193,99 @@ impl Journal {
             write_cursor(&dir, 0)?;
         }
         let durable = Arc::new(AtomicU64::new(whole as u64));
+        let durable_events = Arc::new(AtomicU64::new(0));
+        let (durable_tx, durable_rx) = watch::channel(0u64);
+        let write_failing = Arc::new(AtomicBool::new(false));
         let written = Arc::new(Notify::new());
         let appending = Arc::new(Mutex::new(()));
         let (tx, rx) = mpsc::channel::<Event>();
         {
-            let durable = durable.clone();
-            let written = written.clone();
-            let appending = appending.clone();
+            let w = Writer {
+                file,
+                durable: durable.clone(),
+                durable_events: durable_events.clone(),
+                durable_tx,
+                failing: write_failing.clone(),
+                written: written.clone(),
+                appending: appending.clone(),
+            };
             std::thread::Builder::new()
                 .name("view-journal".into())
-                .spawn(move || writer(rx, file, durable, written, appending))?;
+                .spawn(move || w.run(rx))?;
         }
         Ok(Journal {
             tx: Mutex::new(tx),
             dir,
             durable,
+            appended: AtomicU64::new(0),
+            durable_events,
+            durable_rx,
+            write_failing,
+            open: Mutex::new(HashMap::new()),
+            next_open: AtomicU64::new(0),
+            watermark: AtomicI64::new(0),
             appending,
             written,
         })
+    }
+
+    /// The watermark this node may claim now, with the events that must be
+    /// delivered for it to hold: `(candidate, events appended so far)`.
+    /// The clock is read before the open set, and the open set before the
+    /// count: a response registered after the clock read started no
+    /// earlier than the candidate, and one that ended before the open set
+    /// was read had appended its last event before the count is read.
+    fn watermark_candidate(&self) -> (i64, u64) {
+        let now = shared::runtime::unix_now();
+        // Only responses whose first bytes are not journalled yet hold it
+        // back: once they are, the grant counts as served whatever else
+        // happens, and a client dripping one byte a minute must not be
+        // able to hold every refund in the cluster.
+        let oldest_open = self
+            .open
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .filter_map(|c| {
+                let c = c.lock().expect("not poisoned");
+                (!c.journalled).then_some(c.started_at)
+            })
+            .min();
+        let appended = self.appended.load(Ordering::Acquire);
+        (oldest_open.map_or(now, |s| s.min(now)), appended)
+    }
+
+    /// Journals what every open paid response has counted so far (the
+    /// flush ticker, and shutdown).
+    pub fn flush_open(&self) {
+        let counters: Vec<_> = self
+            .open
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect();
+        for c in counters {
+            let e = c.lock().expect("not poisoned").take();
+            if let Some(e) = e {
+                let _ = self.append(e);
+            }
+        }
+    }
+
+    /// Waits until every event appended so far is on disk, up to `limit`.
+    /// Returns whether it got there.
+    pub async fn wait_durable(&self, limit: Duration) -> bool {
+        self.until_durable(self.appended.load(Ordering::Acquire), limit)
+            .await
+    }
+
+    /// Waits until the `seq`-th event appended since start is on disk, up
+    /// to `limit`. Returns whether it got there.
+    pub async fn until_durable(&self, seq: u64, limit: Duration) -> bool {
+        let mut rx = self.durable_rx.clone();
+        let reached = async { rx.wait_for(|d| *d >= seq).await.is_ok() };
+        tokio::time::timeout(limit, reached).await.unwrap_or(false)
     }
 
     /// Empties the journal if everything in it has been delivered (the
@@ -175,24 +310,47 @@ impl Journal {
         Ok(true)
     }
 
-    fn append(&self, e: Event) {
+    /// Queues `e` for the writer; returns its number since start (see
+    /// [`until_durable`](Journal::until_durable)).
+    fn append(&self, e: Event) -> u64 {
+        let seq = self.appended.fetch_add(1, Ordering::AcqRel) + 1;
         if self.tx.lock().expect("not poisoned").send(e).is_err() {
-            tracing::error!("the view journal writer has stopped; an event is lost");
+            // Counted but never durable: the watermark stops here, so no
+            // grant this node may have served is ever refunded.
+            tracing::error!(
+                code = "journal_writer_stopped",
+                "the view journal writer has stopped; an event is lost and refunds are held"
+            );
         }
+        seq
     }
 
-    /// A counter for one paid response (see [`Served`]).
-    pub fn served(self: &Arc<Self>, grant: String, asset: String, flush: Duration) -> Served {
-        Served {
-            journal: self.clone(),
+    /// Registers one paid response (see [`Served`]).
+    pub fn served(self: &Arc<Self>, grant: String, asset: String) -> Served {
+        let counter = Arc::new(Mutex::new(Counter {
             grant,
             asset,
+            started_at: shared::runtime::unix_now(),
             pending: 0,
             first_at: 0,
             last_at: 0,
-            last_flush: Instant::now(),
-            flush,
+            journalled: false,
+        }));
+        let id = self.next_open.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .expect("not poisoned")
+            .insert(id, counter.clone());
+        Served {
+            journal: self.clone(),
+            id,
+            counter,
         }
+    }
+
+    /// Paid responses still open (for `/metrics`).
+    pub fn open_responses(&self) -> usize {
+        self.open.lock().expect("not poisoned").len()
     }
 
     /// Durable events past the forwarded offset: (events, offset after them).
@@ -233,96 +391,127 @@ impl Journal {
     }
 }
 
-/// Appends and fsyncs everything queued, batch by batch, then publishes
-/// the durable length. A failing disk is retried, never skipped.
-fn writer(
-    rx: mpsc::Receiver<Event>,
-    mut file: File,
+/// The writer thread's side of the journal.
+struct Writer {
+    file: File,
     durable: Arc<AtomicU64>,
+    durable_events: Arc<AtomicU64>,
+    durable_tx: watch::Sender<u64>,
+    failing: Arc<AtomicBool>,
     written: Arc<Notify>,
     appending: Arc<Mutex<()>>,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut buf = Vec::new();
-        let mut n = 0u64;
-        for e in std::iter::once(first).chain(rx.try_iter()) {
-            serde_json::to_writer(&mut buf, &e).expect("events serialize");
-            buf.push(b'\n');
-            n += 1;
-        }
-        let _appending = appending.lock().expect("not poisoned");
-        let len = durable.load(Ordering::Acquire);
-        loop {
-            let r = file
-                .set_len(len)
-                .and_then(|_| file.write_all(&buf))
-                .and_then(|_| file.sync_data());
-            match r {
-                Ok(()) => break,
-                Err(e) => {
-                    metrics::counter!("viewnode_journal_write_errors_total").increment(1);
-                    tracing::error!("cannot write the view journal (retrying): {e}");
-                    std::thread::sleep(Duration::from_secs(1));
+}
+
+impl Writer {
+    /// Appends and fsyncs everything queued, batch by batch, then publishes
+    /// the durable length (bytes first, then the event count, which is what
+    /// the watermark reads). A failing disk is retried, never skipped.
+    fn run(mut self, rx: mpsc::Receiver<Event>) {
+        while let Ok(first) = rx.recv() {
+            let mut buf = Vec::new();
+            let mut n = 0u64;
+            for e in std::iter::once(first).chain(rx.try_iter()) {
+                serde_json::to_writer(&mut buf, &e).expect("events serialize");
+                buf.push(b'\n');
+                n += 1;
+            }
+            let _appending = self.appending.lock().expect("not poisoned");
+            let len = self.durable.load(Ordering::Acquire);
+            loop {
+                let r = self
+                    .file
+                    .set_len(len)
+                    .and_then(|_| self.file.write_all(&buf))
+                    .and_then(|_| self.file.sync_data());
+                match r {
+                    Ok(()) => break,
+                    Err(e) => {
+                        metrics::counter!("viewnode_journal_write_errors_total").increment(1);
+                        if !self.failing.swap(true, Ordering::AcqRel) {
+                            // Once per run of failures: the alert. Refunds
+                            // stay held (the watermark waits) until it heals.
+                            tracing::error!(
+                                code = "journal_write_failed",
+                                "cannot write the view journal (retrying every second; refunds are held): {e}"
+                            );
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
                 }
             }
+            if self.failing.swap(false, Ordering::AcqRel) {
+                tracing::info!("the view journal is writable again");
+            }
+            self.durable
+                .store(len + buf.len() as u64, Ordering::Release);
+            let total = self.durable_events.fetch_add(n, Ordering::AcqRel) + n;
+            self.durable_tx.send_replace(total);
+            drop(_appending);
+            metrics::counter!("viewnode_journal_events_total").increment(n);
+            self.written.notify_one();
         }
-        durable.store(len + buf.len() as u64, Ordering::Release);
-        drop(_appending);
-        metrics::counter!("viewnode_journal_events_total").increment(n);
-        written.notify_one();
     }
 }
 
-/// Counts what one paid response hands to its client, and journals it as
-/// delta events: every `flush` while it streams, and when it is dropped
+/// One paid response's handle: counts the bytes it hands to its client.
+/// The first bytes are journalled at once; later ones when the flush
+/// ticker passes ([`Journal::flush_open`]) and when the response ends
 /// (finished, or the client went away).
 pub struct Served {
     journal: Arc<Journal>,
-    grant: String,
-    asset: String,
-    pending: u64,
-    first_at: i64,
-    last_at: i64,
-    last_flush: Instant,
-    flush: Duration,
+    id: u64,
+    counter: Arc<Mutex<Counter>>,
 }
 
 impl Served {
-    pub fn add(&mut self, n: usize) {
+    /// Counts `n` bytes handed out. The first ones are journalled at once:
+    /// then it returns that event's number, to wait for it to be on disk.
+    pub fn add(&mut self, n: usize) -> Option<u64> {
         if n == 0 {
-            return;
+            return None;
         }
         let now = shared::runtime::unix_now();
-        if self.pending == 0 {
-            self.first_at = now;
-        }
-        self.pending += n as u64;
-        self.last_at = now;
-        if self.last_flush.elapsed() >= self.flush {
-            self.emit();
-        }
-    }
-
-    fn emit(&mut self) {
-        self.last_flush = Instant::now();
-        if self.pending == 0 {
-            return;
-        }
-        self.journal.append(Event {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            grant: Some(self.grant.clone()),
-            asset: self.asset.clone(),
-            bytes: self.pending,
-            first_at: self.first_at,
-            last_at: self.last_at,
-        });
-        self.pending = 0;
+        let first = {
+            let mut c = self.counter.lock().expect("not poisoned");
+            if c.pending == 0 {
+                c.first_at = now;
+            }
+            c.pending += n as u64;
+            c.last_at = now;
+            if c.journalled {
+                None
+            } else {
+                c.take()
+            }
+        };
+        first.map(|e| self.journal.append(e))
     }
 }
 
 impl Drop for Served {
     fn drop(&mut self) {
-        self.emit();
+        // Append before leaving the open set: the watermark reads the open
+        // set, then the append count (Journal::watermark_candidate).
+        let last = self.counter.lock().expect("not poisoned").take();
+        if let Some(e) = last {
+            let _ = self.journal.append(e);
+        }
+        self.journal
+            .open
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.id);
+    }
+}
+
+/// Journals open responses' counts every `journal_flush_secs` until `stop`.
+pub async fn flush_ticker(st: SharedState, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(st.cfg.journal_flush_secs));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => st.journal.flush_open(),
+            _ = stop.changed() => return,
+        }
     }
 }
 
@@ -367,22 +556,42 @@ pub async fn forward(st: SharedState, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One signed delivery; returns whether the batch was full.
-async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
+/// One signed delivery, with the watermark it completes; returns whether
+/// the batch was full.
+pub async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
     let journal = st.journal.clone();
+    let (candidate, appended) = journal.watermark_candidate();
+    // Read before the durable length (the writer publishes that first).
+    let durable_events = journal.durable_events.load(Ordering::Acquire);
     let (events, offset) = tokio::task::spawn_blocking(move || journal.pending(BATCH)).await??;
     let full = events.len() >= BATCH;
-    let body = serde_json::to_vec(&serde_json::json!({ "events": events }))?;
+    // This batch reaches the end of what is durable, and everything
+    // appended before the candidate is durable: the candidate holds once
+    // the manager has it. Otherwise the last watermark stands.
+    let complete = !full && durable_events >= appended;
+    let previous = st.journal.watermark.load(Ordering::Acquire);
+    let watermark = if complete {
+        candidate.max(previous)
+    } else {
+        previous
+    };
+    let body = serde_json::to_vec(&serde_json::json!({
+        "events": events,
+        "watermark": watermark,
+        "now": shared::runtime::unix_now(),
+    }))?;
     let r = st
         .post_to_manager("journal", body, Duration::from_secs(30))
         .await?;
-    let status = r.status();
-    if !status.is_success() {
+    if !r.status.is_success() {
         anyhow::bail!(
-            "the manager answered {status}: {}",
-            r.text().await.unwrap_or_default()
+            "the manager answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
         );
     }
+    st.journal.watermark.store(watermark, Ordering::Release);
+    metrics::gauge!("viewnode_journal_watermark_seconds").set(watermark as f64);
     if !events.is_empty() {
         let journal = st.journal.clone();
         tokio::task::spawn_blocking(move || {
@@ -390,7 +599,7 @@ async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
             journal.compact(offset, COMPACT_AT)
         })
         .await??;
-        tracing::debug!(count = events.len(), "view journal delivered");
+        tracing::debug!(count = events.len(), watermark, "view journal delivered");
     }
     Ok(full)
 }
@@ -398,6 +607,7 @@ async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn wait_durable(j: &Journal, n: usize) -> Vec<Event> {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -415,17 +625,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let j = Arc::new(Journal::open(dir.path()).unwrap());
-            let mut s = j.served("g1".into(), "a1".into(), Duration::from_secs(3600));
+            let mut s = j.served("g1".into(), "a1".into());
             s.add(100);
             s.add(50);
             drop(s);
-            let mut s = j.served("g2".into(), "a1".into(), Duration::from_secs(3600));
+            let mut s = j.served("g2".into(), "a1".into());
             s.add(0);
             drop(s); // nothing served: no event
-            let events = wait_durable(&j, 1);
-            assert_eq!(events.len(), 1);
-            assert_eq!(events[0].bytes, 150);
-            assert_eq!(events[0].grant.as_deref(), Some("g1"));
+                     // The first bytes at once, the rest when the response ends.
+            let events = wait_durable(&j, 2);
+            assert_eq!(events.len(), 2);
+            assert_eq!(
+                events.iter().map(|e| e.bytes).collect::<Vec<_>>(),
+                vec![100, 50]
+            );
+            assert!(events.iter().all(|e| e.grant.as_deref() == Some("g1")));
         }
         // A crash mid-line leaves a partial line; reopening cuts it.
         let log = log_path(&dir.path().join("journal"));
@@ -433,15 +647,15 @@ mod tests {
         f.write_all(b"{\"id\":\"half").unwrap();
         drop(f);
         let j = Arc::new(Journal::open(dir.path()).unwrap());
-        let mut s = j.served("g3".into(), "a2".into(), Duration::from_secs(3600));
+        let mut s = j.served("g3".into(), "a2".into());
         s.add(7);
         drop(s);
-        let events = wait_durable(&j, 2);
+        let events = wait_durable(&j, 3);
         assert_eq!(
             events.iter().map(|e| e.bytes).collect::<Vec<_>>(),
-            vec![150, 7]
+            vec![100, 50, 7]
         );
-        let (_, offset) = j.pending(1).unwrap();
+        let (_, offset) = j.pending(2).unwrap();
         j.mark_forwarded(offset).unwrap();
         let (rest, _) = j.pending(1000).unwrap();
         assert_eq!(rest.len(), 1);
@@ -449,8 +663,39 @@ mod tests {
     }
 
     fn serve(j: &Arc<Journal>, grant: &str, bytes: usize) {
-        let mut s = j.served(grant.into(), "a".into(), Duration::from_secs(3600));
+        let mut s = j.served(grant.into(), "a".into());
         s.add(bytes);
+    }
+
+    #[test]
+    fn a_stalled_response_is_journalled_from_its_first_byte_and_holds_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        let (idle, _) = j.watermark_candidate();
+        assert!(idle >= shared::runtime::unix_now() - 1, "nothing open: now");
+        let mut s = j.served("g".into(), "a".into());
+        let started = s.counter.lock().unwrap().started_at;
+        std::thread::sleep(Duration::from_millis(1100));
+        let (w, _) = j.watermark_candidate();
+        assert_eq!(w, started, "held while nothing of it is journalled");
+        s.add(1 << 20);
+        s.add(10);
+        // The client stalls: nothing polls the stream, nothing is dropped.
+        let events = wait_durable(&j, 1);
+        assert_eq!(events.len(), 1, "the first bytes, at once");
+        assert_eq!(events[0].bytes, 1 << 20);
+        let (w, appended) = j.watermark_candidate();
+        assert!(w > started, "its grant is served now: no longer held");
+        assert_eq!(appended, 1, "and the first event must be delivered first");
+        j.flush_open();
+        let events = wait_durable(&j, 2);
+        assert_eq!(
+            events[1].bytes, 10,
+            "the ticker journals what the stream counted"
+        );
+        drop(s);
+        let (_, appended) = j.watermark_candidate();
+        assert_eq!(appended, 2);
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! `play` (viewer-facing ranges), `internal` (manager-facing push, fetch,
 //! delete, inventory), `scrub` (scheduled re-hashing, quarantine reports),
 //! `error` (the one HTTP error mapping), `telemetry` (logs, metrics),
-//! `backups` (the manager's sealed database backups, kept apart from blobs).
+//! `backups` (the manager's sealed database backups, kept apart from blobs),
+//! `prices` (paid movies' price epochs, so stale free tokens stop playing),
+//! `tls` (the manager-facing TLS listener).
 
 mod backups;
 mod config;
@@ -21,9 +23,11 @@ mod internal;
 mod journal;
 mod play;
 mod playcache;
+mod prices;
 mod scrub;
 pub mod store;
 mod telemetry;
+mod tls;
 
 use std::{sync::Arc, time::Duration};
 
@@ -48,9 +52,18 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// What was served under paid grants, for the manager ([`journal`]).
     pub journal: Arc<journal::Journal>,
+    /// Paid movies' price epochs, from the manager ([`prices`]).
+    pub prices: prices::PaidEpochs,
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// An authenticated answer from the manager ([`AppState::call_manager`]).
+pub struct ManagerAnswer {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+}
 
 impl AppState {
     /// `POST {manager_url}/internal/v1/nodes/{name}/{what}` with a JSON
@@ -62,29 +75,64 @@ impl AppState {
         what: &str,
         body: Vec<u8>,
         timeout: std::time::Duration,
-    ) -> reqwest::Result<reqwest::Response> {
+    ) -> anyhow::Result<ManagerAnswer> {
+        self.call_manager("POST", what, body, timeout).await
+    }
+
+    /// [`post_to_manager`](Self::post_to_manager) with any method. The
+    /// answer counts only if the manager MACed it for this very request
+    /// (`shared::nodeauth`): otherwise someone on the path could answer
+    /// "200" to a journal delivery and the events would be dropped here.
+    pub async fn call_manager(
+        &self,
+        method: &str,
+        what: &str,
+        body: Vec<u8>,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<ManagerAnswer> {
         let path = format!("/internal/v1/nodes/{}/{what}", self.cfg.name);
         let now = shared::runtime::unix_now();
         let auth = shared::sign_request(
             &self.manager_secret,
             &self.cfg.name,
-            "POST",
+            method,
             &path,
             now,
             &shared::content_sha256_hex(&body),
         );
-        self.http
-            .post(format!(
-                "{}{path}",
-                self.cfg.manager_url.trim_end_matches('/')
-            ))
-            .header(shared::AUTH_HEADER, auth)
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let resp = self
+            .http
+            .request(
+                method,
+                format!("{}{path}", self.cfg.manager_url.trim_end_matches('/')),
+            )
+            .header(shared::AUTH_HEADER, &auth)
             .header(shared::DATE_HEADER, now.to_string())
             .header("content-type", "application/json")
             .timeout(timeout)
             .body(body)
             .send()
-            .await
+            .await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await?;
+        let mac = headers
+            .get(shared::ANSWER_MAC_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !shared::verify_answer_mac(&self.manager_secret, &auth, status.as_u16(), &body, mac) {
+            metrics::counter!("viewnode_manager_answers_unauthentic_total").increment(1);
+            anyhow::bail!(
+                "the answer ({status}) does not carry the manager's MAC for this request \
+                 (code answer_unauthentic): someone on the path, or a manager with another secret"
+            );
+        }
+        Ok(ManagerAnswer {
+            status,
+            headers,
+            body,
+        })
     }
 
     pub fn new(cfg: Config) -> anyhow::Result<Self> {
@@ -113,6 +161,7 @@ impl AppState {
         })?;
         let manager_secret = hex::decode(cfg.manager_secret.expose())
             .map_err(|e| anyhow::anyhow!("configuration field `manager_secret`: {e}"))?;
+        let prices = prices::PaidEpochs::open(&cfg.storage_dir);
         Ok(Self {
             cfg,
             store,
@@ -124,21 +173,50 @@ impl AppState {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
+            prices,
             journal: Arc::new(journal),
         })
     }
 }
 
+/// Every route: playback, health, metrics and the manager's signed calls.
 pub fn build_router(state: SharedState) -> Router {
+    let signed =
+        internal::router()
+            .merge(backups::router())
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                internal::mac_answers,
+            ));
+    viewer_routes()
+        .merge(signed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::access_log,
+        ))
+        .with_state(state)
+}
+
+/// What viewers (and probes) need; with `tls_listen` set, the only routes
+/// on the plain listener.
+fn viewer_router(state: SharedState) -> Router {
+    viewer_routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::access_log,
+        ))
+        .with_state(state)
+}
+
+fn viewer_routes() -> Router<SharedState> {
     Router::new()
         .route("/healthz", get(internal::healthz))
         .route("/metrics", get(telemetry::metrics))
         .route("/play/{token}/{name}", get(play::play))
-        .merge(internal::router())
-        .merge(backups::router())
-        .layer(axum::middleware::from_fn(telemetry::access_log))
-        .with_state(state)
 }
+
+/// The TLS listener for the manager's calls and its rustls configuration.
+pub type TlsListener = (TcpListener, Arc<rustls::ServerConfig>);
 
 /// Serves on `listener` until `shutdown` resolves, then lets requests in
 /// flight finish (bounded by `shutdown_grace_secs`).
@@ -147,14 +225,47 @@ pub async fn run(
     state: SharedState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with_tls(listener, None, state, shutdown).await
+}
+
+/// [`run`], with the manager's calls on a TLS listener when `tls` is set
+/// (the plain one then serves viewers only).
+pub async fn run_with_tls(
+    listener: TcpListener,
+    tls: Option<TlsListener>,
+    state: SharedState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tls_server = tls.map(|(l, config)| {
+        tokio::spawn(tls::serve(
+            l,
+            config,
+            build_router(state.clone()),
+            stop_rx.clone(),
+            grace,
+        ))
+    });
     let scrubber = tokio::spawn(scrub::run(state.clone(), stop_rx.clone()));
-    let forwarder = tokio::spawn(journal::forward(state.clone(), stop_rx));
-    let app = build_router(state);
+    let forwarder = tokio::spawn(journal::forward(state.clone(), stop_rx.clone()));
+    let price_poll = tokio::spawn(prices::poll(state.clone(), stop_rx.clone()));
+    let flusher = tokio::spawn(journal::flush_ticker(state.clone(), stop_rx));
+    let journal_state = state.clone();
+    let app = if tls_server.is_some() {
+        viewer_router(state)
+    } else {
+        build_router(state)
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let stop_tls = stop_tx.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
         shutdown.await;
+        let _ = stop_tls.send(true);
         let _ = tx.send(());
     });
     tokio::select! {
@@ -165,8 +276,26 @@ pub async fn run(
         } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
     }
     let _ = stop_tx.send(true);
+    if let Some(t) = tls_server {
+        let _ = tokio::time::timeout(grace, t).await;
+    }
     scrubber.abort();
     forwarder.abort();
+    price_poll.abort();
+    flusher.abort();
+    // Shutdown drains the journal: what open responses counted is written
+    // and fsynced, then delivered once more if the manager answers (else
+    // it goes at the next start, from disk).
+    journal_state.journal.flush_open();
+    if !journal_state.journal.wait_durable(grace).await {
+        tracing::error!("the view journal could not be written before stopping; what is on disk is delivered at the next start");
+    } else if !journal_state.cfg.manager_url.is_empty() {
+        match tokio::time::timeout(grace, journal::deliver(&journal_state)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("no last journal delivery before stopping: {e:#}"),
+            Err(_) => tracing::warn!("no last journal delivery before stopping: timed out"),
+        }
+    }
     Ok(())
 }
 
@@ -182,12 +311,30 @@ pub async fn serve(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.public_url.is_empty() {
         cfg.public_url = format!("http://{addr}");
     }
+    let tls = if cfg.tls_listen.is_empty() {
+        None
+    } else {
+        let config = shared::tls::server_config(&cfg.tls_cert, &cfg.tls_key)
+            .map_err(|e| anyhow::anyhow!("configuration fields `tls_cert`/`tls_key`: {e}"))?;
+        let l = TcpListener::bind(&cfg.tls_listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "configuration field `tls_listen`: cannot bind {}: {e}",
+                cfg.tls_listen
+            )
+        })?;
+        Some((l, config))
+    };
     let state = Arc::new(AppState::new(cfg)?);
     tracing::info!(node = %state.cfg.name, %addr, version = env!("CARGO_PKG_VERSION"), "view node listening");
     // One machine-readable line on stdout so scripts and tests can find a
     // port-0 listener without parsing logs.
+    if let Some((l, _)) = &tls {
+        let tls_addr = l.local_addr()?;
+        tracing::info!(%tls_addr, "manager calls over TLS only");
+        println!("LISTENING_TLS https://{tls_addr}");
+    }
     println!("LISTENING http://{addr}");
-    run(listener, state, shared::runtime::shutdown_signal()).await?;
+    run_with_tls(listener, tls, state, shared::runtime::shutdown_signal()).await?;
     tracing::info!("view node stopped");
     Ok(())
 }

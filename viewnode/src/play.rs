@@ -62,6 +62,10 @@ fn resolve_range(headers: &HeaderMap, etag: &str, len: u64) -> Want {
     }
 }
 
+/// How long a paid response's first bytes wait for their journal event to
+/// be fsynced (normally a few milliseconds).
+const FIRST_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn play(
     State(st): State<SharedState>,
     Path((token, _name)): Path<(String, String)>,
@@ -69,6 +73,14 @@ pub async fn play(
     headers: HeaderMap,
 ) -> Result<Response, NodeError> {
     let claims: PlaybackClaims = crate::playcache::verify(&st, &token)?;
+    st.prices.check(&claims)?;
+    // A paid response is registered before any I/O: until its first bytes
+    // are journalled it holds the node's watermark (journal.rs), however
+    // slow the storage is to open.
+    let paid = claims
+        .grant
+        .clone()
+        .map(|g| st.journal.served(g, claims.asset_id.clone()));
     let blob: BlobId = claims.blob;
     let Some((file, sealed_len)) = st.store.open_for_playback(&blob).await? else {
         crate::scrub::report_missing(&st, blob);
@@ -162,15 +174,24 @@ pub async fn play(
     });
     metrics::counter!("viewnode_bytes_served_total").increment(served);
     // A paid view journals the bytes the client actually took (journal.rs).
-    let body = match claims.grant {
-        Some(grant) => {
-            let flush = std::time::Duration::from_secs(st.cfg.journal_flush_secs);
-            let mut served = st.journal.served(grant, claims.asset_id.clone(), flush);
-            body.map(move |item| {
-                if let Ok(b) = &item {
-                    served.add(b.len());
+    // Its first bytes leave only once their event is on disk (or after a
+    // short wait, if the journal disk is failing: then the event waits in
+    // memory and the watermark holds every refund meanwhile).
+    let body = match paid {
+        Some(mut served) => {
+            let journal = st.journal.clone();
+            body.then(move |item| {
+                let first = match &item {
+                    Ok(b) => served.add(b.len()),
+                    Err(_) => None,
+                };
+                let journal = journal.clone();
+                async move {
+                    if let Some(seq) = first {
+                        journal.until_durable(seq, FIRST_EVENT_WAIT).await;
+                    }
+                    item
                 }
-                item
             })
             .left_stream()
         }

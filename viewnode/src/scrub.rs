@@ -323,14 +323,14 @@ async fn report(st: &SharedState, kind: &str, blob: BlobId, reason: &str) {
             .post_to_manager("events", body.clone(), Duration::from_secs(10))
             .await;
         match sent {
-            Ok(r) if r.status().is_success() => {
+            Ok(r) if r.status.is_success() => {
                 tracing::info!(%blob, kind, "reported to the manager");
                 return;
             }
             Ok(r) => {
-                tracing::warn!(%blob, kind, status = %r.status(), "manager refused the report")
+                tracing::warn!(%blob, kind, status = %r.status, "manager refused the report")
             }
-            Err(e) => tracing::warn!(%blob, kind, "cannot report to the manager: {e}"),
+            Err(e) => tracing::warn!(%blob, kind, "cannot report to the manager: {e:#}"),
         }
         tokio::time::sleep(Duration::from_secs(2u64 << attempt)).await;
     }

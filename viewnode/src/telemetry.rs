@@ -45,18 +45,39 @@ pub async fn metrics(State(st): State<SharedState>) -> String {
     st.metrics.render()
 }
 
-pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response {
+pub async fn access_log(
+    State(st): State<SharedState>,
+    req: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
     let method = req.method().clone();
     let path = shared::runtime::loggable_path(req.uri().path());
+    // The viewer's address: behind the operator's reverse proxy (listed in
+    // `trusted_proxies`), the one it forwarded; otherwise the peer's.
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| {
+            shared::runtime::client_ip(
+                c.0.ip(),
+                req.headers()
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+                &st.cfg.trusted_proxies,
+            )
+            .to_string()
+        })
+        .unwrap_or_default();
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let ms = start.elapsed().as_millis() as u64;
     // Probes arrive every few seconds; logging each would bury real traffic.
     if path == "/healthz" || path == "/metrics" {
-        tracing::debug!(%method, path, status, ms, "request");
+        tracing::debug!(%method, path, status, ms, %client, "request");
     } else {
-        tracing::info!(%method, path, status, ms, "request");
+        tracing::info!(%method, path, status, ms, %client, "request");
     }
     let route = if path.starts_with("/play/") {
         "play"

@@ -85,6 +85,7 @@ impl Fixture {
             wrapped_key: self.master.wrap(asset, &key),
             expires_at: shared::runtime::unix_now() + 600,
             grant: None,
+            epoch: 0,
         });
         (blob, format!("/play/{token}/{asset}.mp4"))
     }
@@ -219,6 +220,7 @@ async fn bad_and_expired_tokens_are_refused_with_codes() {
         wrapped_key: vec![0; 64],
         expires_at: shared::runtime::unix_now() + 600,
         grant: None,
+        epoch: 0,
     });
     let (status, _, body) = f
         .call(
@@ -236,6 +238,7 @@ async fn bad_and_expired_tokens_are_refused_with_codes() {
         wrapped_key: vec![0; 64],
         expires_at: shared::runtime::unix_now() - 1,
         grant: None,
+        epoch: 0,
     });
     let (status, _, body) = f
         .call(

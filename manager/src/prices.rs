@@ -1,0 +1,57 @@
+//! Prices and their epochs (docs/credits.md, "Price changes").
+//!
+//! A grant-less media URL handed out while a movie was free must stop
+//! playing once the owner sets a price, also at the nodes, which check
+//! tokens without calling the manager. Each asset has a price epoch that
+//! goes up when it turns from free to paid; grant-less tokens carry the
+//! epoch they were minted in. The manager refuses a stale one at once
+//! ([`crate::redirect::check_epoch`]); nodes poll [`paid_epochs_for_node`]
+//! and refuse it too. Like every answer to a node, the list carries a MAC
+//! bound to the node's own request (`shared::nodeauth`), so nobody on the
+//! path can feed a node a forged or replayed one.
+
+use axum::{
+    extract::{Path, State},
+    http::HeaderMap,
+    Json,
+};
+
+use crate::{db, error::ApiError, SharedState};
+
+/// Sets a view price (0 = free). A free movie turning paid enters a new
+/// price epoch, which retires every grant-less media URL handed out before.
+pub async fn set_price(db: &db::Db, asset_id: &str, price: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE assets SET price_epoch = price_epoch + (price = 0 AND ?1 > 0), price = ?1
+         WHERE id = ?2",
+    )
+    .bind(price)
+    .bind(asset_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Every movie with a price and its epoch: what a node needs to refuse
+/// grant-less tokens minted before the movie became paid.
+pub async fn paid_epochs(db: &db::Db) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT id, price_epoch FROM assets WHERE price > 0 ORDER BY id")
+        .fetch_all(db)
+        .await
+}
+
+/// `GET /internal/v1/nodes/{name}/paid-epochs`, signed by that node: every
+/// paid movie with its epoch, as `{"node", "paid": [[asset, epoch]…]}`.
+pub async fn paid_epochs_for_node(
+    State(st): State<SharedState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let path = format!("/internal/v1/nodes/{name}/paid-epochs");
+    st.nodes
+        .verify_from_node(&name, &headers, "GET", &path, b"")
+        .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "paid-epochs refused: {e}"))
+        .map_err(ApiError::NodeAuth)?;
+    let paid = paid_epochs(&st.db).await?;
+    Ok(Json(serde_json::json!({ "node": name, "paid": paid })))
+}
