@@ -88,6 +88,11 @@ impl Proc {
         }
     }
 
+    /// The process id (to attach a tracer to it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -636,4 +641,79 @@ pub fn mp4_top_level_boxes(data: &[u8]) -> Vec<String> {
 pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
     let s = r.status().as_u16();
     (s, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The stable code of an error answer (`{"error": {"code"}}`).
+pub fn error_code(v: &serde_json::Value) -> Option<&str> {
+    v["error"]["code"].as_str()
+}
+
+/// A client that shows redirects instead of following them.
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// The sum of a Prometheus metric's samples (every label set).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Cluster {
+    /// `GET {manager}{path}` as the holder of API `token`.
+    pub async fn get_as(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
+        status_json(
+            self.client()
+                .get(format!("{}{path}", self.manager.url))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// `POST /api/v1/assets/{asset}/purchase` as the holder of `token`.
+    pub async fn purchase(
+        &self,
+        token: &str,
+        asset: &str,
+        request: &str,
+    ) -> (u16, serde_json::Value) {
+        status_json(
+            self.client()
+                .post(format!(
+                    "{}/api/v1/assets/{asset}/purchase",
+                    self.manager.url
+                ))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "request_id": request }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Sets a movie's view price as the operator (its uploader).
+    pub async fn set_price(&self, asset: &str, price: i64) {
+        let (s, v) = status_json(
+            self.client()
+                .put(format!("{}/api/v1/assets/{asset}/price", self.manager.url))
+                .bearer_auth(&self.api_token)
+                .json(&serde_json::json!({ "price": price }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
 }

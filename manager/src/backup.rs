@@ -1084,7 +1084,7 @@ impl NodeClient {
         let (_, sha) = parse_remote_name(name).ok_or_else(|| {
             BackupError::ManifestInvalid(format!("`{name}` is not a backup name"))
         })?;
-        // The body is not MACed: it is checked against its name below.
+        // A success's body is not MACed: it is checked against its name below.
         let empty = shared::content_sha256_hex(b"");
         let resp = self
             .signed(
@@ -1092,14 +1092,10 @@ impl NodeClient {
                 &format!("/internal/v1/backups/{name}"),
                 &empty,
             )
-            .send(Duration::from_secs(3600))
+            .send_streamed(&self.secret, Duration::from_secs(3600))
             .await
-            .map_err(|e| self.unreachable(e))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(self.refused(status, &body));
-        }
+            .map_err(|e| self.unreachable(e))?
+            .map_err(|(status, body)| self.refused(status, &body))?;
         let mut guard = TempFile(Some(dest.to_path_buf()));
         let mut out = tokio::fs::File::create(dest).await?;
         let mut h = Sha256::new();

@@ -107,13 +107,24 @@ impl Call {
         check(resp, secret, &self.auth).await
     }
 
-    /// Sends without reading the body (streamed blobs and backups).
-    pub async fn send(self, timeout: Duration) -> Result<reqwest::Response, AnswerError> {
-        self.request
+    /// Sends without reading the body: a success is a streamed blob or
+    /// backup (checked against its name by the caller); a refusal is read
+    /// and its MAC checked like any answer.
+    pub async fn send_streamed(
+        self,
+        secret: &[u8],
+        timeout: Duration,
+    ) -> Result<Result<reqwest::Response, (reqwest::StatusCode, bytes::Bytes)>, AnswerError> {
+        let resp = self
+            .request
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| AnswerError::Unreachable(explain(&e)))
+            .map_err(|e| AnswerError::Unreachable(explain(&e)))?;
+        if resp.status().is_success() {
+            return Ok(Ok(resp));
+        }
+        Ok(Err(check(resp, secret, &self.auth).await?))
     }
 }
 

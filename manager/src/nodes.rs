@@ -217,27 +217,31 @@ impl Nodes {
         // The body is not MACed: the target re-hashes it against `blob`.
         let from = self
             .signed(source, reqwest::Method::GET, &path, EMPTY_SHA256)
-            .send(Duration::from_secs(60 + len / (1 << 20)))
+            .send_streamed(&source.secret, Duration::from_secs(60 + len / (1 << 20)))
             .await
-            .map_err(|e| {
-                PushError::Unreachable(format!("source {} unreachable: {e}", source.cfg.name))
+            .map_err(|e| match e {
+                crate::nodecall::AnswerError::Unreachable(m) => {
+                    PushError::Unreachable(format!("source {} unreachable: {m}", source.cfg.name))
+                }
+                e => e.into(),
             })?;
-        if !from.status().is_success() {
-            let status = from.status();
-            let body = from.bytes().await.unwrap_or_default();
-            return Err(match Self::refused(status, &body) {
-                PushError::Refused {
-                    status,
-                    code,
-                    message,
-                } => PushError::Refused {
-                    status,
-                    code: format!("source_{code}"),
-                    message: format!("source {}: {message}", source.cfg.name),
-                },
-                other => other,
-            });
-        }
+        let from = match from {
+            Ok(resp) => resp,
+            Err((status, body)) => {
+                return Err(match Self::refused(status, &body) {
+                    PushError::Refused {
+                        status,
+                        code,
+                        message,
+                    } => PushError::Refused {
+                        status,
+                        code: format!("source_{code}"),
+                        message: format!("source {}: {message}", source.cfg.name),
+                    },
+                    other => other,
+                })
+            }
+        };
         self.put(
             target,
             blob,

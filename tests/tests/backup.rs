@@ -164,35 +164,13 @@ const LIMIT: Duration = Duration::from_secs(240);
 
 use e2e::status_json as json;
 
-async fn purchase(
-    cluster: &Cluster,
-    token: &str,
-    asset: &str,
-    request: &str,
-) -> (u16, serde_json::Value) {
-    json(
-        cluster
-            .client()
-            .post(format!(
-                "{}/api/v1/assets/{asset}/purchase",
-                cluster.manager.url
-            ))
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "request_id": request }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
 /// A purchase that must succeed. A manager that has just started has not
 /// heard from its nodes yet and answers `503 no_mirror_available` (nothing
 /// charged), so that answer is retried for a while.
 async fn buy(cluster: &Cluster, token: &str, asset: &str, request: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + LIMIT;
     loop {
-        let (s, v) = purchase(cluster, token, asset, request).await;
+        let (s, v) = cluster.purchase(token, asset, request).await;
         if s == 200 {
             return v;
         }
@@ -317,24 +295,6 @@ fn make_buyer(cluster: &Cluster, email: &str, credits: i64) -> String {
     cluster.manager_cli(&["create-token", "--email", email])
 }
 
-async fn set_price(cluster: &Cluster, asset: &str, price: i64) {
-    let (s, v) = json(
-        cluster
-            .client()
-            .put(format!(
-                "{}/api/v1/assets/{asset}/price",
-                cluster.manager.url
-            ))
-            .bearer_auth(&cluster.api_token)
-            .json(&serde_json::json!({ "price": price }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-}
-
 async fn upload_published(cluster: &Cluster, input: &Path, title: &str) -> String {
     let (status, body) = cluster.upload(input, title).await.unwrap();
     assert_eq!(status, 202, "{body}");
@@ -355,7 +315,7 @@ async fn the_manager_is_rebuilt_from_the_nodes_and_a_damaged_backup_is_skipped()
     // Money before the first backup: a second account buys two views of
     // the operator's movie, and the operator (its uploader) is credited the
     // share of each.
-    set_price(&cluster, &first, PRICE).await;
+    cluster.set_price(&first, PRICE).await;
     let buyer = make_buyer(&cluster, "buyer@example.com", 5000);
     let op = cluster.api_token.clone();
     let mut grants = Vec::new();
@@ -549,7 +509,7 @@ async fn a_backup_taken_during_uploads_and_writes_is_consistent() {
     const CHEAP_SHARE: i64 = CHEAP * 70 / 100;
     const FUNDS: i64 = 1_000_000_000;
     let sale = upload_published(&cluster, &input, "For sale").await;
-    set_price(&cluster, &sale, CHEAP).await;
+    cluster.set_price(&sale, CHEAP).await;
     let buyers = [
         make_buyer(&cluster, "ann@example.com", FUNDS),
         make_buyer(&cluster, "bob@example.com", FUNDS),
@@ -613,7 +573,9 @@ async fn a_backup_taken_during_uploads_and_writes_is_consistent() {
             let mut n = 0;
             while busy.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
-                let (s, v) = purchase(cluster, token, sale, &format!("busy-{who}-{n}")).await;
+                let (s, v) = cluster
+                    .purchase(token, sale, &format!("busy-{who}-{n}"))
+                    .await;
                 match s {
                     200 => {
                         assert_eq!(v["charged_now"], true, "{v}");
@@ -842,16 +804,9 @@ async fn a_damaged_database_is_refused_at_start_and_restored_in_place() {
 
 /// The state of a grant (`active` or `refunded`) and its bytes served.
 async fn grant_state(cluster: &Cluster, token: &str, grant: &str) -> (String, i64) {
-    let (s, v) = json(
-        cluster
-            .client()
-            .get(format!("{}/api/v1/grants/{grant}", cluster.manager.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = cluster
+        .get_as(token, &format!("/api/v1/grants/{grant}"))
+        .await;
     assert_eq!(s, 200, "{v}");
     (
         v["state"].as_str().unwrap().to_string(),
@@ -876,7 +831,7 @@ async fn a_view_watched_between_the_backup_and_the_restore_is_never_refunded() {
     let input = cluster.dir.path().join("in.webm");
     make_webm(&input);
     let movie = upload_published(&cluster, &input, "Gap").await;
-    set_price(&cluster, &movie, PRICE).await;
+    cluster.set_price(&movie, PRICE).await;
     let buyer = make_buyer(&cluster, "gap@example.com", 5000);
     let v = buy(&cluster, &buyer, &movie, "before-backup").await;
     let watched = v["grant_id"].as_str().unwrap().to_string();

@@ -198,3 +198,53 @@ async fn a_sealed_file_no_movie_names_is_removed_at_start() {
         assert!(f.exists(), "{} was a movie's", f.display());
     }
 }
+
+/// An upload is acknowledged only once its staged file's new name is on
+/// disk: after the rename into staging, the staging folder is fsynced
+/// before the `202` (a power cut right after the answer must not lose the
+/// movie the uploader was told we have). Watched with strace on the real
+/// manager process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_is_acknowledged_after_its_name_is_durable() {
+    let cluster = Cluster::start(&["utah", "toronto"]);
+    let trace = cluster.dir.path().join("strace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=rename,renameat,renameat2,fsync,fdatasync",
+        ])
+        .arg("-o")
+        .arg(&trace)
+        .args(["-p", &cluster.manager.pid().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace (installed by scripts/setup test)");
+    // strace announces nothing on stdout; give it a moment to attach.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let input = cluster.dir.path().join("in.webm");
+    e2e::make_webm(&input);
+    let (s, v) = cluster.upload(&input, "Durable").await.unwrap();
+    assert_eq!(s, 202, "{v}");
+    let id = v["asset_id"].as_str().unwrap().to_string();
+    // SIGINT: strace detaches and flushes its output.
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let renamed = lines
+        .iter()
+        .position(|l| l.contains("rename") && l.contains(&format!("{id}.src")))
+        .unwrap_or_else(|| panic!("no rename to {id}.src in:\n{text}"));
+    let staging = cluster.manager_data.join("staging");
+    let staging = staging.to_str().unwrap();
+    assert!(
+        lines[renamed..]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&format!("<{staging}>"))),
+        "the staging folder is not fsynced after the rename:\n{text}"
+    );
+}

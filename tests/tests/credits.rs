@@ -6,25 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{make_webm, Cluster, ClusterOpts};
+use e2e::{error_code as code, make_webm, no_redirects, Cluster, ClusterOpts};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const PRICE: i64 = 600;
 
 use e2e::status_json as json;
 use shared::runtime::unix_now as now;
-
-fn code(v: &serde_json::Value) -> Option<&str> {
-    v["error"]["code"].as_str()
-}
-
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
 
 /// `name=value` of the named cookie among a response's `Set-Cookie`s.
 fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {

@@ -12,31 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{ffmpeg, make_webm, status_json as json, Cluster, ClusterOpts};
+use e2e::{
+    error_code as code, ffmpeg, make_webm, metric_sum as metric, no_redirects, status_json as json,
+    Cluster, ClusterOpts,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMIT: Duration = Duration::from_secs(240);
-
-fn code(v: &serde_json::Value) -> Option<&str> {
-    v["error"]["code"].as_str()
-}
-
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-/// The sum of a Prometheus counter's samples (every label set).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// An account made with the manager's CLI, and its API token.
 fn account(cluster: &Cluster, email: &str) -> String {
@@ -44,51 +26,14 @@ fn account(cluster: &Cluster, email: &str) -> String {
     cluster.manager_cli(&["create-token", "--email", email])
 }
 
-async fn set_price(cluster: &Cluster, asset: &str, price: i64) {
-    let r = cluster
-        .client()
-        .put(format!(
-            "{}/api/v1/assets/{asset}/price",
-            cluster.manager.url
-        ))
-        .bearer_auth(&cluster.api_token)
-        .json(&serde_json::json!({ "price": price }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
 async fn get_as(cluster: &Cluster, token: &str, path: &str) -> serde_json::Value {
-    let (s, v) = json(
-        cluster
-            .client()
-            .get(format!("{}{path}", cluster.manager.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = cluster.get_as(token, path).await;
     assert_eq!(s, 200, "{path}: {v}");
     v
 }
 
 async fn purchase(cluster: &Cluster, token: &str, asset: &str, request: &str) -> serde_json::Value {
-    let (s, v) = json(
-        cluster
-            .client()
-            .post(format!(
-                "{}/api/v1/assets/{asset}/purchase",
-                cluster.manager.url
-            ))
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "request_id": request }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, v) = cluster.purchase(token, asset, request).await;
     assert_eq!(s, 200, "{v}");
     v
 }
@@ -267,7 +212,7 @@ async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded()
 
     // The owner sets a price: the old free URL is refused by the manager
     // at once, for GET and HEAD, and by the node within its poll.
-    set_price(&cluster, &asset, 5).await;
+    cluster.set_price(&asset, 5).await;
     let r = no_redirects().get(&free_url).send().await.unwrap();
     let (s, v) = json(r).await;
     assert_eq!((s, code(&v)), (402, Some("payment_required")), "{v}");
@@ -422,7 +367,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     let asset = v["asset_id"].as_str().unwrap().to_string();
     let v = cluster.wait_terminal(&asset, LIMIT).await;
     assert_eq!(v["state"], "published", "{v}");
-    set_price(&cluster, &asset, 1).await;
+    cluster.set_price(&asset, 1).await;
     let buyer = account(&cluster, "buyer@example.com");
     cluster.manager_cli(&[
         "grant-credits",
