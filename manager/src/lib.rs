@@ -19,7 +19,8 @@ pub mod db;
 mod error;
 pub mod geo;
 pub mod ledger;
-pub mod media;
+/// The media crate, as `manager::media` (probe, limits, transcode, poster).
+pub use ::media;
 pub mod nodecall;
 pub mod nodes;
 pub mod pipeline;

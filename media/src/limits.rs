@@ -134,7 +134,7 @@ pub fn validate(info: &ProbeInfo, file_len: u64, limits: &Limits) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::{AudioInfo, VideoInfo};
+    use crate::{AudioInfo, VideoInfo};
 
     fn info() -> ProbeInfo {
         ProbeInfo {

@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use manager::media::{
-    poster, probe, transcode, validate, Limits, MediaError, Profile, TranscodeOutput,
-};
+use media::{poster, probe, transcode, validate, Limits, MediaError, Profile, TranscodeOutput};
 
 fn ffmpeg(args: &[&str]) {
     let out = Command::new("ffmpeg")
@@ -948,7 +946,7 @@ fn poster_is_a_jpeg_of_the_right_size() {
     let (out, _) = run(&input, &output).unwrap();
 
     let jpeg = p(&dir, "poster.jpg");
-    let at = manager::media::default_poster_secs(out.duration_secs);
+    let at = media::default_poster_secs(out.duration_secs);
     assert!((at - 0.2).abs() < 0.05, "{at}");
     assert_eq!(poster(&output, &jpeg, at, 160).unwrap(), (160, 120));
     assert_jpeg(&jpeg, 160, 120);
@@ -1516,6 +1514,6 @@ fn error_codes_are_stable() {
             "docs/media.md lacks `{code}`"
         );
     }
-    manager::media::init().unwrap();
-    manager::media::init().unwrap();
+    media::init().unwrap();
+    media::init().unwrap();
 }

@@ -17,8 +17,8 @@
 //! `error` (one error type with stable codes). The operator-facing story is
 //! in `docs/media.md`.
 //!
-//! This module is self-contained so it can be dropped into another crate as
-//! `media/` (this file becoming `mod.rs`).
+//! A crate of its own, with no dependency on the manager: the manager's
+//! pipeline and the coming separate transcode workers both use it.
 
 mod error;
 mod limits;
