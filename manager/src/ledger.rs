@@ -22,7 +22,7 @@ use axum::{
     http::HeaderMap,
     Json,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 
@@ -973,32 +973,6 @@ pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
 
 // ---- the view journal -------------------------------------------------------
 
-/// One journal event as a node sends it (viewnode/src/journal.rs).
-#[derive(Debug, Deserialize)]
-pub struct ViewEvent {
-    /// Unique per node, forever (a UUID).
-    pub id: String,
-    pub grant: Option<String>,
-    pub asset: String,
-    /// Bytes served since this response's previous event.
-    pub bytes: i64,
-    pub first_at: i64,
-    pub last_at: i64,
-}
-
-#[derive(Debug, Deserialize)]
-struct JournalBatch {
-    events: Vec<ViewEvent>,
-    /// Every paid response that started on the node before this (its
-    /// clock) is journalled and delivered, this batch included. Absent from
-    /// older nodes: they never let a refund through.
-    #[serde(default)]
-    watermark: i64,
-    /// The node's clock when it sent the batch.
-    #[serde(default)]
-    now: i64,
-}
-
 const MAX_EVENTS_PER_BATCH: usize = 1000;
 
 /// `POST /internal/v1/nodes/{name}/journal`, signed by that node
@@ -1010,13 +984,13 @@ pub async fn journal(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<shared::protocol::JournalReceipt>, ApiError> {
     let path = format!("/internal/v1/nodes/{name}/journal");
     st.nodes
         .verify_from_node(&name, &headers, "POST", &path, &body)
         .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "journal refused: {e}"))
         .map_err(ApiError::NodeAuth)?;
-    let batch: JournalBatch = serde_json::from_slice(&body).map_err(|e| {
+    let batch: shared::protocol::JournalBatch = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "bad_journal_event",
             format!("the journal batch is not valid: {e}"),
@@ -1033,7 +1007,7 @@ pub async fn journal(
             || e.id.len() > 64
             || e.asset.len() > 64
             || e.grant.as_ref().is_some_and(|g| g.len() > 64)
-            || !(0..=1i64 << 45).contains(&e.bytes)
+            || e.bytes > 1 << 45
             || e.last_at < e.first_at
         {
             return Err(ApiError::bad_request(
@@ -1054,7 +1028,7 @@ pub async fn journal(
         .bind(&e.id)
         .bind(&e.grant)
         .bind(&e.asset)
-        .bind(e.bytes)
+        .bind(e.bytes as i64)
         .bind(e.first_at)
         .bind(e.last_at)
         .bind(now)
@@ -1082,7 +1056,7 @@ pub async fn journal(
                 .execute(&mut *tx)
                 .await?;
                 metrics::counter!("manager_bytes_after_refund_total", "node" => name.clone())
-                    .increment(e.bytes as u64);
+                    .increment(e.bytes);
                 tracing::error!(
                     code = "served_after_refund",
                     node = %name, grant = log_id(g), bytes = e.bytes,
@@ -1096,7 +1070,7 @@ pub async fn journal(
                  last_served_at = MAX(COALESCE(last_served_at, ?), ?)
                  WHERE id = ? AND asset_id = ?",
             )
-            .bind(e.bytes)
+            .bind(e.bytes as i64)
             .bind(e.first_at)
             .bind(e.first_at)
             .bind(e.last_at)
@@ -1127,11 +1101,11 @@ pub async fn journal(
     // How far behind each node's journal is: now minus this (operators'
     // "journal lag"; refunds wait for the lowest).
     metrics::gauge!("manager_node_watermark_seconds", "node" => name.clone()).set(watermark as f64);
-    Ok(Json(serde_json::json!({
-        "node": name,
-        "applied": applied,
-        "duplicates": batch.events.len() as u64 - applied,
-    })))
+    Ok(Json(shared::protocol::JournalReceipt {
+        node: name,
+        applied,
+        duplicates: batch.events.len() as u64 - applied,
+    }))
 }
 
 // ---- reading ----------------------------------------------------------------

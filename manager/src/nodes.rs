@@ -64,28 +64,8 @@ impl From<crate::nodecall::AnswerError> for PushError {
     }
 }
 
-/// A node's answer to `GET /internal/v1/blobs`.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Inventory {
-    pub blobs: Vec<HeldBlob>,
-    #[serde(default)]
-    pub quarantined: Vec<QuarantinedBlob>,
-}
-
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct HeldBlob {
-    pub blob: String,
-    pub size: u64,
-    /// When the node last proved it hashes to its name.
-    #[serde(default)]
-    pub verified_at: Option<i64>,
-}
-
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct QuarantinedBlob {
-    pub blob: String,
-    pub since: i64,
-}
+/// A node's answer to `GET /internal/v1/blobs` (wire types in `shared`).
+pub use shared::protocol::{HeldBlob, Inventory, QuarantinedBlob};
 
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 

@@ -46,12 +46,16 @@ pub async fn paid_epochs_for_node(
     State(st): State<SharedState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<shared::protocol::PaidEpochs>, ApiError> {
     let path = format!("/internal/v1/nodes/{name}/paid-epochs");
     st.nodes
         .verify_from_node(&name, &headers, "GET", &path, b"")
         .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "paid-epochs refused: {e}"))
         .map_err(ApiError::NodeAuth)?;
-    let paid = paid_epochs(&st.db).await?;
-    Ok(Json(serde_json::json!({ "node": name, "paid": paid })))
+    let paid = paid_epochs(&st.db)
+        .await?
+        .into_iter()
+        .map(|(id, epoch)| (id, u32::try_from(epoch).unwrap_or(u32::MAX)))
+        .collect();
+    Ok(Json(shared::protocol::PaidEpochs { node: name, paid }))
 }

@@ -231,19 +231,6 @@ pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> an
     Ok(())
 }
 
-#[derive(serde::Deserialize)]
-struct Events {
-    events: Vec<Event>,
-}
-
-#[derive(serde::Deserialize)]
-struct Event {
-    kind: String,
-    blob: String,
-    #[serde(default)]
-    reason: String,
-}
-
 /// `POST /internal/v1/nodes/{name}/events`: a node reports what happened to
 /// its copies (`quarantined`, `missing`). Signed by the node with its own secret
 /// under key id = its name; an unknown node, or one signing for another, is
@@ -259,7 +246,7 @@ pub async fn node_events(
         .verify_from_node(&name, &headers, "POST", &path, &body)
         .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "node report refused: {e}"))
         .map_err(ApiError::NodeAuth)?;
-    let events: Events = serde_json::from_slice(&body).map_err(|e| {
+    let events: shared::protocol::NodeReport = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("bad_node_event", format!("the report is not valid: {e}"))
     })?;
     let mut repairing = Vec::new();

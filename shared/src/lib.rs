@@ -9,6 +9,7 @@
 //! - `token`: Ed25519 playback tokens. The manager holds the
 //!   [`TokenSigner`]; nodes hold only a [`TokenVerifier`].
 //! - `nodeauth`: HMAC-SHA256 request signing between manager and nodes.
+//! - [`protocol`]: the wire types between manager and nodes, written once.
 //! - `tls`: the cluster's private CA, node certificates, the nodes' TLS set-up.
 //! - `secret`: [`Secret`], a config string that never prints.
 //! - [`runtime`]: logging set-up, the metrics recorder, the shutdown signal.
@@ -18,6 +19,7 @@
 
 mod blob;
 mod nodeauth;
+pub mod protocol;
 pub mod runtime;
 mod seal;
 mod secret;

@@ -719,7 +719,14 @@ async fn an_unreferenced_blob_is_reported_then_deleted_only_after_the_grace_peri
         reported,
         "the unreferenced blob was never reported in /metrics"
     );
-    let log = cluster.manager.log_text();
+    // The node removes the file before it answers; the manager logs the
+    // deletion once it has the answer: give it that moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut log = cluster.manager.log_text();
+    while !log.contains("unreferenced blob deleted") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = cluster.manager.log_text();
+    }
     assert!(log.contains("blob referenced by no movie"), "{log}");
     assert!(log.contains("unreferenced blob deleted"), "{log}");
     let inv = cluster.node_inventory(0).await;

@@ -235,29 +235,41 @@ async fn delete_blob(
 async fn inventory(
     State(st): State<SharedState>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, NodeError> {
+) -> Result<Json<shared::protocol::Inventory>, NodeError> {
+    use shared::protocol::{HeldBlob, Inventory, InventoryCounts, QuarantinedBlob};
     authenticate(&st, &headers, "GET", "/internal/v1/blobs", EMPTY_SHA256)?;
     let good = st.store.list().await?;
     let good_bytes: u64 = good.iter().map(|(_, n)| n).sum();
-    let blobs: Vec<_> = good
+    let blobs: Vec<HeldBlob> = good
         .iter()
-        .map(|(id, size)| json!({ "blob": id, "size": size, "verified_at": st.store.verified_at(id) }))
+        .map(|(id, size)| HeldBlob {
+            blob: id.to_string(),
+            size: *size,
+            verified_at: st.store.verified_at(id),
+        })
         .collect();
-    let quarantined: Vec<_> = st
+    let quarantined: Vec<QuarantinedBlob> = st
         .store
         .quarantined()
         .await?
         .into_iter()
-        .map(|q| json!({ "blob": q.id, "since": q.since }))
+        .map(|q| QuarantinedBlob {
+            blob: q.id.to_string(),
+            since: q.since,
+        })
         .collect();
     let scrub = st.scrub.lock().expect("scrub status").clone();
-    Ok(Json(json!({
-        "node": st.cfg.name,
-        "blobs": blobs,
-        "quarantined": quarantined,
-        "counts": { "good": good.len(), "good_bytes": good_bytes, "quarantined": quarantined.len() },
-        "scrub": scrub,
-    })))
+    Ok(Json(Inventory {
+        node: st.cfg.name.clone(),
+        counts: InventoryCounts {
+            good: blobs.len() as u64,
+            good_bytes,
+            quarantined: quarantined.len() as u64,
+        },
+        blobs,
+        quarantined,
+        scrub: serde_json::to_value(scrub).unwrap_or_default(),
+    }))
 }
 
 /// Health means working: the disk is written, read back and cleaned up.

@@ -57,7 +57,6 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use crate::SharedState;
@@ -68,15 +67,8 @@ const BATCH: usize = 500;
 /// A journal file this long, all delivered, is emptied.
 const COMPACT_AT: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Event {
-    pub id: String,
-    pub grant: Option<String>,
-    pub asset: String,
-    pub bytes: u64,
-    pub first_at: i64,
-    pub last_at: i64,
-}
+/// One event, as the journal file and the manager both take it.
+pub use shared::protocol::JournalEvent as Event;
 
 /// What one open paid response has counted and not yet journalled.
 struct Counter {
@@ -575,11 +567,12 @@ pub async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
     } else {
         previous
     };
-    let body = serde_json::to_vec(&serde_json::json!({
-        "events": events,
-        "watermark": watermark,
-        "now": shared::runtime::unix_now(),
-    }))?;
+    let n = events.len();
+    let body = serde_json::to_vec(&shared::protocol::JournalBatch {
+        events,
+        watermark,
+        now: shared::runtime::unix_now(),
+    })?;
     let r = st
         .post_to_manager("journal", body, Duration::from_secs(30))
         .await?;
@@ -592,14 +585,14 @@ pub async fn deliver(st: &SharedState) -> anyhow::Result<bool> {
     }
     st.journal.watermark.store(watermark, Ordering::Release);
     metrics::gauge!("viewnode_journal_watermark_seconds").set(watermark as f64);
-    if !events.is_empty() {
+    if n > 0 {
         let journal = st.journal.clone();
         tokio::task::spawn_blocking(move || {
             journal.mark_forwarded(offset)?;
             journal.compact(offset, COMPACT_AT)
         })
         .await??;
-        tracing::debug!(count = events.len(), watermark, "view journal delivered");
+        tracing::debug!(count = n, watermark, "view journal delivered");
     }
     Ok(full)
 }

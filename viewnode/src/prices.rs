@@ -99,19 +99,13 @@ impl PaidEpochs {
     }
 }
 
-#[derive(Deserialize)]
-struct Answer {
-    node: String,
-    paid: Vec<(String, u32)>,
-}
-
 /// One poll: fetch (the answer's MAC is checked there), take.
 async fn fetch(st: &SharedState) -> anyhow::Result<usize> {
     let resp = st
         .call_manager("GET", "paid-epochs", Vec::new(), Duration::from_secs(20))
         .await?;
     anyhow::ensure!(resp.status.is_success(), "manager answered {}", resp.status);
-    let a: Answer = serde_json::from_slice(&resp.body)?;
+    let a: shared::protocol::PaidEpochs = serde_json::from_slice(&resp.body)?;
     anyhow::ensure!(a.node == st.cfg.name, "the answer is for node {:?}", a.node);
     st.prices.take(a.paid)
 }

@@ -313,10 +313,14 @@ async fn report(st: &SharedState, kind: &str, blob: BlobId, reason: &str) {
     if st.cfg.manager_url.is_empty() {
         return;
     }
-    let body = serde_json::to_vec(&serde_json::json!({
-        "events": [{ "kind": kind, "blob": blob, "reason": reason,
-                     "at": shared::runtime::unix_now() }]
-    }))
+    let body = serde_json::to_vec(&shared::protocol::NodeReport {
+        events: vec![shared::protocol::NodeReportEvent {
+            kind: kind.into(),
+            blob: blob.to_string(),
+            reason: reason.into(),
+            at: shared::runtime::unix_now(),
+        }],
+    })
     .expect("json");
     for attempt in 0..4u32 {
         let sent = st
