@@ -13,6 +13,11 @@ CREATE TABLE terminal_approvals (
     PRIMARY KEY (user_id, owner_id)
 );
 
+-- Which screen (and whose) made each avatar link: the account page shows
+-- it, so a link made through a stranger's screen stands out.
+ALTER TABLE avatar_links ADD COLUMN via_terminal TEXT NOT NULL DEFAULT '';
+ALTER TABLE avatar_links ADD COLUMN via_owner_id INTEGER;
+
 -- Whose terminal sold a grant (NULL: bought on the web or the API), so the
 -- daily cap counts only what that owner's screens spent.
 ALTER TABLE play_grants ADD COLUMN terminal_owner_id INTEGER REFERENCES users (id);

@@ -545,6 +545,15 @@ pub async fn export(State(st): State<SharedState>, c: Caller) -> Result<Response
         .into_response())
 }
 
+/// A linked avatar and where the link was made.
+struct AvatarLine {
+    key: String,
+    linked_at: i64,
+    /// The screen's name, and whose it is.
+    via: String,
+    owner: Option<String>,
+}
+
 struct MovieLine {
     id: String,
     title: String,
@@ -561,7 +570,7 @@ struct AccountPage<'a> {
     entries: Vec<ledger::LedgerRow>,
     movies: Vec<MovieLine>,
     link_code: Option<String>,
-    avatars: Vec<String>,
+    avatars: Vec<AvatarLine>,
     /// Operators get the grant form; its key makes a double submit grant once.
     operator: bool,
     grant_key: String,
@@ -597,11 +606,13 @@ async fn account_page_full(
                 .collect()
         })
         .unwrap_or_default();
-    let avatars: Vec<(String,)> =
-        sqlx::query_as("SELECT avatar_key FROM avatar_links WHERE user_id = ?")
-            .bind(c.user.id)
-            .fetch_all(&st.db)
-            .await?;
+    let avatars: Vec<(String, i64, String, Option<i64>)> = sqlx::query_as(
+        "SELECT avatar_key, linked_at, via_terminal, via_owner_id FROM avatar_links
+         WHERE user_id = ? ORDER BY linked_at",
+    )
+    .bind(c.user.id)
+    .fetch_all(&st.db)
+    .await?;
     let mut resp = render(&AccountPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
@@ -609,7 +620,21 @@ async fn account_page_full(
         entries,
         movies,
         link_code,
-        avatars: avatars.into_iter().map(|a| a.0).collect(),
+        avatars: avatars
+            .into_iter()
+            .map(|(key, at, via, owner)| AvatarLine {
+                key,
+                linked_at: at,
+                via,
+                owner: owner.map(|o| {
+                    if o == c.user.id {
+                        "your own".to_string()
+                    } else {
+                        format!("account #{o}'s")
+                    }
+                }),
+            })
+            .collect(),
         operator: c.user.is_operator(),
         grant_key: uuid::Uuid::new_v4().simple().to_string(),
         granted,
@@ -679,7 +704,12 @@ pub async fn new_code(st: &SharedState, user_id: i64) -> Result<String, ApiError
 /// Links `avatar` to the account that made `code`, and consumes the code.
 /// An avatar linked to another account stays there
 /// (`avatar_linked_elsewhere`): only that account can unlink it, on the web.
-pub async fn redeem_code(st: &SharedState, code: &str, avatar: &str) -> Result<i64, ApiError> {
+pub async fn redeem_code(
+    st: &SharedState,
+    code: &str,
+    avatar: &str,
+    via: &crate::db::Terminal,
+) -> Result<i64, ApiError> {
     let code_hash = auth::token_hash(&code.trim().to_uppercase());
     // The write lock up front: two links racing must queue, not fail on a
     // lock upgrade (SQLITE_BUSY) half-way.
@@ -699,13 +729,17 @@ pub async fn redeem_code(st: &SharedState, code: &str, avatar: &str) -> Result<i
     // Re-linking to the same account only refreshes the time; a link held
     // by another account is left alone and the code stays usable.
     let linked = sqlx::query(
-        "INSERT INTO avatar_links (avatar_key, user_id, linked_at) VALUES (?, ?, ?)
-         ON CONFLICT (avatar_key) DO UPDATE SET linked_at = excluded.linked_at
+        "INSERT INTO avatar_links (avatar_key, user_id, linked_at, via_terminal, via_owner_id)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (avatar_key) DO UPDATE SET linked_at = excluded.linked_at,
+           via_terminal = excluded.via_terminal, via_owner_id = excluded.via_owner_id
          WHERE avatar_links.user_id = excluded.user_id",
     )
     .bind(avatar)
     .bind(user)
     .bind(db::now())
+    .bind(&via.name)
+    .bind(via.owner_id)
     .execute(&mut *tx)
     .await?;
     if linked.rows_affected() == 0 {

@@ -415,6 +415,12 @@ async fn credits_purchases_and_their_attacks() {
     let l = link(&link_code, "l1");
     let (s, v) = send("/api/v1/terminal/link", l.clone(), llhmac(&secret, &l)).await;
     assert_eq!(s, 200, "{v}");
+    // The account page says where each link was made, and by whose screen.
+    let html = buyer.get(&format!("{m}/account")).await;
+    assert!(
+        html.contains(avatar) && html.contains("at screen “Lobby”, account #"),
+        "{html}"
+    );
     let l = link(&link_code, "l2");
     let (s, v) = send("/api/v1/terminal/link", l.clone(), llhmac(&secret, &l)).await;
     assert_eq!(
