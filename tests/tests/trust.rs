@@ -174,15 +174,22 @@ fn make_big_mp4(path: &std::path::Path) {
     ]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded() {
+/// Two nodes that deliver their journal every second and poll prices every
+/// second; grants of 60 s with 30 s of grace (the shortest allowed), swept
+/// every second.
+fn refund_drill_opts() -> ClusterOpts {
     let mut o = ClusterOpts::new(&["utah", "toronto"]);
     o.fixed_ports = true;
     o.node_extra = "price_poll_secs = 1\njournal_flush_secs = 1\njournal_forward_secs = 1\n".into();
     o.manager_extra =
         "[credits]\ngrant_window_secs = 60\nrefund_grace_secs = 30\nsweep_interval_secs = 1\n"
             .into();
-    let cluster = Cluster::start_with(&o);
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded() {
+    let cluster = Cluster::start_with(&refund_drill_opts());
     let input = cluster.dir.path().join("big.mp4");
     make_big_mp4(&input);
     let (s, v) = cluster.upload(&input, "Noise").await.unwrap();
@@ -351,13 +358,7 @@ impl Drop for Mount {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_refunded() {
-    let mut o = ClusterOpts::new(&["utah", "toronto"]);
-    o.fixed_ports = true;
-    o.node_extra = "journal_flush_secs = 1\njournal_forward_secs = 1\n".into();
-    o.manager_extra =
-        "[credits]\ngrant_window_secs = 60\nrefund_grace_secs = 30\nsweep_interval_secs = 1\n"
-            .into();
-    let mut cluster = Cluster::start_with(&o);
+    let mut cluster = Cluster::start_with(&refund_drill_opts());
     let m = cluster.manager.url.clone();
     let manager_port = reqwest::Url::parse(&m).unwrap().port().unwrap();
     let input = cluster.dir.path().join("in.webm");
