@@ -23,6 +23,7 @@ use crate::{
     api,
     auth::{self, Caller},
     db,
+    domain::ReplicaState,
     error::ApiError,
     ledger, SharedState,
 };
@@ -507,7 +508,10 @@ async fn account_json(
             "title": a.title,
             "state": a.state,
             "price": ledger::price(&st.db, &a.id).await?,
-            "verified_replicas": replicas.iter().filter(|r| r.state == "verified").count(),
+            "verified_replicas": replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Verified)
+                .count(),
             "created_at": a.created_at,
         }));
     }

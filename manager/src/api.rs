@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use crate::{
     auth::{Caller, MaybeCaller},
     db,
+    domain::{AssetState, ReplicaState},
     error::ApiError,
     SharedState,
 };
@@ -40,7 +41,7 @@ pub struct ReplicaView {
     /// node no longer configured.
     pub site: String,
     /// `pending`, `verified`, `failed`, `repairing` or `retired`.
-    pub state: String,
+    pub state: ReplicaState,
     /// Unix time this copy was last proven intact (push, or the node's scrub).
     pub verified_at: Option<i64>,
     /// Why it is not verified (last push error, or what reconciliation found).
@@ -51,7 +52,7 @@ pub struct ReplicaView {
 pub struct AssetView {
     pub id: String,
     pub title: String,
-    pub state: String,
+    pub state: AssetState,
     pub progress: f64,
     pub error: Option<ErrorInfo>,
     pub replicas: Vec<ReplicaView>,
@@ -83,7 +84,7 @@ pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, Ap
     Ok(AssetView {
         id: a.id.clone(),
         title: a.title.clone(),
-        state: a.state.clone(),
+        state: a.state,
         progress: a.progress,
         error: a.error_code.as_ref().map(|c| ErrorInfo {
             code: c.clone(),
@@ -102,7 +103,7 @@ pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, Ap
 /// rejected) only its owner and operators. Others get a plain 404 so ids of
 /// private uploads cannot be probed.
 pub fn visible_to(a: &db::Asset, caller: Option<&Caller>) -> bool {
-    a.state == "published"
+    a.state == AssetState::Published
         || caller.is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator())
 }
 

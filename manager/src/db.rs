@@ -73,7 +73,7 @@ pub struct Asset {
     pub id: String,
     pub owner_id: i64,
     pub title: String,
-    pub state: String,
+    pub state: crate::domain::AssetState,
     pub progress: f64,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
@@ -99,9 +99,8 @@ pub struct Asset {
 pub struct Replica {
     pub asset_id: String,
     pub node: String,
-    /// `pending`, `failed`, `verified`, `repairing` or `retired`
-    /// (migrations/0004_mirrors.sql says what each means).
-    pub state: String,
+    /// What the copy is (migrations/0004_mirrors.sql says what each means).
+    pub state: crate::domain::ReplicaState,
     pub attempts: i64,
     pub last_error: Option<String>,
     /// Last time this copy was proven intact (push or the node's scrub).
@@ -424,7 +423,7 @@ pub async fn requeue_interrupted(db: &Db) -> sqlx::Result<u64> {
 }
 
 /// Moves a job to its next step. Only a worker holding the job calls it.
-pub async fn set_state(db: &Db, id: &str, state: &str) -> sqlx::Result<()> {
+pub async fn set_state(db: &Db, id: &str, state: crate::domain::AssetState) -> sqlx::Result<()> {
     sqlx::query("UPDATE assets SET state = ?, progress = 0, updated_at = ? WHERE id = ?")
         .bind(state)
         .bind(now())
@@ -974,6 +973,7 @@ pub async fn use_terminal_nonce(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::AssetState;
 
     async fn fresh() -> (tempfile::TempDir, Db, i64) {
         let dir = tempfile::tempdir().unwrap();
@@ -1016,7 +1016,7 @@ mod tests {
             .await
             .unwrap();
         claim_next(&db, 30).await.unwrap().unwrap();
-        set_state(&db, "s", "transcoding").await.unwrap();
+        set_state(&db, "s", AssetState::Transcoding).await.unwrap();
         // The worker's last look finds no cancel; the uploader's cancel
         // lands right after and is told "requested".
         assert!(!cancel_requested(&db, "s").await.unwrap());
@@ -1026,13 +1026,16 @@ mod tests {
         );
         // So the move to sealing must not happen.
         assert!(!start_sealing(&db, "s").await.unwrap());
-        assert_eq!(asset(&db, "s").await.unwrap().unwrap().state, "transcoding");
+        assert_eq!(
+            asset(&db, "s").await.unwrap().unwrap().state.as_str(),
+            "transcoding"
+        );
         // Without a cancel it does, and a cancel after it is too late.
         insert_asset(&db, "t", owner, "T", "t.mp4", 10)
             .await
             .unwrap();
         assert_eq!(claim_next(&db, 30).await.unwrap().unwrap().id, "t");
-        set_state(&db, "t", "transcoding").await.unwrap();
+        set_state(&db, "t", AssetState::Transcoding).await.unwrap();
         assert!(start_sealing(&db, "t").await.unwrap());
         assert_eq!(
             request_cancel(&db, "t").await.unwrap(),
@@ -1079,7 +1082,7 @@ mod tests {
             CancelOutcome::Requested
         );
         assert!(renew_lease(&db, "r", 30).await.unwrap());
-        set_state(&db, "r", "replicating").await.unwrap();
+        set_state(&db, "r", AssetState::Replicating).await.unwrap();
         assert_eq!(
             request_cancel(&db, "q").await.unwrap(),
             CancelOutcome::TooLate

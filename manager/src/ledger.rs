@@ -26,7 +26,7 @@ use serde::Serialize;
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 
-use crate::{db, error::ApiError, redirect::Lookup, SharedState};
+use crate::{db, domain::AssetState, error::ApiError, redirect::Lookup, SharedState};
 
 /// A grant id as logs show it: its first 8 characters. The whole id is a
 /// bearer credential (the short media URL `/media/g/{grant}/…`), and 8 are
@@ -423,7 +423,7 @@ pub async fn purchase(
         Lookup::Gone => {
             return Err(match db::asset(&st.db, asset_id).await? {
                 None => ApiError::NotFound("movie"),
-                Some(a) if a.state == "rejected" => ApiError::Conflict {
+                Some(a) if a.state == AssetState::Rejected => ApiError::Conflict {
                     code: "movie_rejected",
                     message: "this movie was rejected and cannot be bought".into(),
                 },

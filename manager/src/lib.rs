@@ -16,6 +16,7 @@ pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod db;
+pub mod domain;
 mod error;
 pub mod geo;
 pub mod ledger;

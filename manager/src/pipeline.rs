@@ -33,7 +33,11 @@ use shared::{BlobId, DataKey, Sealer};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::{db, media, SharedState};
+use crate::{
+    db,
+    domain::{AssetState, ReplicaState},
+    media, SharedState,
+};
 
 pub fn source_path(st: &SharedState, asset_id: &str) -> PathBuf {
     st.cfg.staging_dir().join(format!("{asset_id}.src"))
@@ -228,7 +232,7 @@ async fn run_steps(
         });
     }
 
-    db::set_state(&st.db, id, "probing").await?;
+    db::set_state(&st.db, id, AssetState::Probing).await?;
     let probe_src = src.clone();
     let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
     let info = info.map_err(media_rejection)?;
@@ -236,7 +240,7 @@ async fn run_steps(
     media::validate(&info, file_len, &st.cfg.media_limits()).map_err(media_rejection)?;
     tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
 
-    db::set_state(&st.db, id, "transcoding").await?;
+    db::set_state(&st.db, id, AssetState::Transcoding).await?;
     let out = mp4_path(st, id);
     let cancel = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
@@ -464,7 +468,12 @@ pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result
     let replicas = db::replicas(&st.db, asset_id).await?;
     let pending: Vec<&db::Replica> = replicas
         .iter()
-        .filter(|r| matches!(r.state.as_str(), "pending" | "failed" | "repairing"))
+        .filter(|r| {
+            matches!(
+                r.state,
+                ReplicaState::Pending | ReplicaState::Failed | ReplicaState::Repairing
+            )
+        })
         .collect();
     let source = if pending.is_empty() {
         None
@@ -473,7 +482,7 @@ pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result
     } else {
         let holders: Vec<&crate::nodes::Node> = replicas
             .iter()
-            .filter(|r| r.state == "verified")
+            .filter(|r| r.state == ReplicaState::Verified)
             .filter_map(|r| st.nodes.get(&r.node))
             .collect();
         match holders.iter().find(|n| n.is_healthy()) {
@@ -528,7 +537,7 @@ pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result
         _ => "outbox".to_string(),
     };
     for (r, res) in futures::future::join_all(pushes).await {
-        let kind = if r.state == "repairing" {
+        let kind = if r.state == ReplicaState::Repairing {
             "repair"
         } else {
             "push"
@@ -547,7 +556,7 @@ pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result
             }
         }
     }
-    if asset.state == "replicating"
+    if asset.state == AssetState::Replicating
         && db::publish_if_replicated(&st.db, asset_id, st.cfg.min_replicas).await?
     {
         tracing::info!(asset = asset_id, "published");

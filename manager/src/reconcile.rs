@@ -39,7 +39,7 @@ use axum::{
 use shared::BlobId;
 use tokio::sync::watch;
 
-use crate::{db, error::ApiError, pipeline, SharedState};
+use crate::{db, domain::ReplicaState, error::ApiError, pipeline, SharedState};
 
 /// Runs a pass every `reconcile.interval_secs` until `stop` fires.
 pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
@@ -107,7 +107,7 @@ pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> an
             let Some(r) = replicas.get(&(a.id.clone(), name.clone())) else {
                 continue;
             };
-            if r.state == "retired" {
+            if r.state == ReplicaState::Retired {
                 continue;
             }
             match good.get(a.blob_id.as_str()) {
@@ -127,7 +127,7 @@ pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> an
                         }
                         None => "missing from the node's inventory".to_string(),
                     };
-                    if r.state == "verified"
+                    if r.state == ReplicaState::Verified
                         && db::replica_lost(&st.db, &a.id, &name, &reason, observed).await?
                     {
                         tracing::warn!(asset = %a.id, node = %name, "verified copy lost: {reason}; repairing");
@@ -197,7 +197,7 @@ pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> an
         let on_a_node = db::replicas(&st.db, &a.id)
             .await?
             .iter()
-            .any(|r| r.state == "verified");
+            .any(|r| r.state == ReplicaState::Verified);
         if (in_outbox || on_a_node) && db::undamage(&st.db, &a.id).await? {
             tracing::warn!(asset = %a.id, in_outbox, on_a_node, "damaged movie has a good copy again; replicating");
             pipeline::replicate_asset(st, &a.id).await?;
@@ -219,13 +219,19 @@ pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> an
             "ALERT: movies with no good copy left"
         );
     }
-    let mut by_state: HashMap<String, i64> = HashMap::new();
+    let mut by_state: HashMap<ReplicaState, i64> = HashMap::new();
     for r in db::mirrored_replicas(&st.db).await? {
         *by_state.entry(r.state).or_default() += 1;
     }
-    for s in ["pending", "failed", "verified", "repairing", "retired"] {
-        metrics::gauge!("manager_replicas", "state" => s)
-            .set(by_state.get(s).copied().unwrap_or(0) as f64);
+    for s in [
+        ReplicaState::Pending,
+        ReplicaState::Failed,
+        ReplicaState::Verified,
+        ReplicaState::Repairing,
+        ReplicaState::Retired,
+    ] {
+        metrics::gauge!("manager_replicas", "state" => s.as_str())
+            .set(by_state.get(&s).copied().unwrap_or(0) as f64);
     }
     metrics::counter!("manager_reconcile_passes_total").increment(1);
     Ok(())
@@ -308,7 +314,11 @@ mod tests {
     }
 
     fn state_of(rs: &[db::Replica], node: &str) -> String {
-        rs.iter().find(|r| r.node == node).unwrap().state.clone()
+        rs.iter()
+            .find(|r| r.node == node)
+            .unwrap()
+            .state
+            .to_string()
     }
 
     #[tokio::test]
@@ -373,7 +383,7 @@ mod tests {
         );
         assert!(db::undamage(&db, "m").await.unwrap());
         assert_eq!(
-            db::asset(&db, "m").await.unwrap().unwrap().state,
+            db::asset(&db, "m").await.unwrap().unwrap().state.as_str(),
             "replicating"
         );
     }

@@ -23,7 +23,12 @@ use axum::{
 };
 use shared::PlaybackClaims;
 
-use crate::{db, error::ApiError, geo, SharedState};
+use crate::{
+    db,
+    domain::{AssetState, ReplicaState},
+    error::ApiError,
+    geo, SharedState,
+};
 
 #[derive(serde::Deserialize)]
 pub struct MediaQuery {
@@ -113,9 +118,9 @@ impl PlayableCache {
         let Some(a) = db::asset(&st.db, id).await? else {
             return Ok(Lookup::Gone);
         };
-        match a.state.as_str() {
-            "published" => {}
-            "damaged" => return Ok(Lookup::Damaged),
+        match a.state {
+            AssetState::Published => {}
+            AssetState::Damaged => return Ok(Lookup::Damaged),
             _ => return Ok(Lookup::Gone),
         }
         let Some(plain_len) = a.plain_len else {
@@ -126,7 +131,7 @@ impl PlayableCache {
         let verified = db::replicas(&st.db, id)
             .await?
             .into_iter()
-            .filter(|r| r.state == "verified")
+            .filter(|r| r.state == ReplicaState::Verified)
             .map(|r| r.node)
             .collect();
         Ok(Lookup::Playable(Playable {
@@ -232,7 +237,7 @@ fn playback_claims(
     grant: Option<String>,
     expires_at: i64,
 ) -> Option<PlaybackClaims> {
-    if a.state != "published" {
+    if a.state != AssetState::Published {
         return None;
     }
     Some(PlaybackClaims {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 use shared::DataKey;
 
-use crate::{db, error::ApiError, SharedState};
+use crate::{db, domain::AssetState, error::ApiError, SharedState};
 
 pub const WINDOW_SECS: i64 = 300;
 pub const SIGNATURE_HEADER: &str = "x-terminal-signature";
@@ -91,7 +91,7 @@ pub async fn play(
     let a = db::asset(&st.db, &req.asset)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
-    if a.state != "published" {
+    if a.state != AssetState::Published {
         return Err(ApiError::NotPublished);
     }
     // A paid movie is played through `/api/v1/terminal/buy` (docs/credits.md).

@@ -149,7 +149,7 @@ pub async fn asset_page(
     let owner = c
         .as_ref()
         .is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator());
-    let busy = !matches!(view.state.as_str(), "published" | "rejected" | "damaged");
+    let busy = !view.state.is_settled();
     let percent = (view.progress.clamp(0.0, 1.0) * 100.0).round() as u32;
     let (user, csrf) = who(&c);
     Ok(render(&AssetPage {
@@ -341,7 +341,7 @@ pub async fn create_terminal(
     let a = db::asset(&st.db, &f.asset)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
-    if a.state != "published" {
+    if a.state != crate::domain::AssetState::Published {
         return Err(ApiError::NotPublished.into());
     }
     let (id, secret) = crate::terminal::register(&st, c.user.id, &name).await?;
@@ -405,7 +405,7 @@ pub async fn poster(
     let bytes = tokio::fs::read(st.cfg.poster_dir().join(format!("{}.jpg", a.id)))
         .await
         .map_err(|_| ApiError::NotFound("poster"))?;
-    let cache = if a.state == "published" {
+    let cache = if a.state == crate::domain::AssetState::Published {
         "public, max-age=86400"
     } else {
         "private, no-store"

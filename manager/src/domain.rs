@@ -1,0 +1,128 @@
+//! The catalog's states as types. Each has one string form, used only at
+//! the edges: the database (its `CHECK` constraints list the same words),
+//! JSON and pages. Everywhere else the compiler checks every comparison and
+//! every `match`, where a mistyped string used to compare false in silence.
+
+use std::fmt;
+
+/// Where a movie is in its life (migrations/0001_init.sql).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
+)]
+#[sqlx(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum AssetState {
+    /// Uploaded and paid for; waiting for a worker.
+    Queued,
+    Probing,
+    Transcoding,
+    Sealing,
+    /// Sealed; waiting for `min_replicas` verified copies.
+    Replicating,
+    /// Playable.
+    Published,
+    /// Refused (bad input, cancelled, or given up); never plays.
+    Rejected,
+    /// Every stored copy lost or corrupt; plays again once one is back.
+    Damaged,
+}
+
+impl AssetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssetState::Queued => "queued",
+            AssetState::Probing => "probing",
+            AssetState::Transcoding => "transcoding",
+            AssetState::Sealing => "sealing",
+            AssetState::Replicating => "replicating",
+            AssetState::Published => "published",
+            AssetState::Rejected => "rejected",
+            AssetState::Damaged => "damaged",
+        }
+    }
+
+    /// No worker will move it on by itself.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            AssetState::Published | AssetState::Rejected | AssetState::Damaged
+        )
+    }
+}
+
+impl fmt::Display for AssetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A copy of a movie on one node (migrations/0004_mirrors.sql).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
+)]
+#[sqlx(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// To be pushed.
+    Pending,
+    /// The node holds a copy it proved intact.
+    Verified,
+    /// A push failed; retried with backoff.
+    Failed,
+    /// Lost or quarantined on the node; being refilled.
+    Repairing,
+    /// The node left the configuration.
+    Retired,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Pending => "pending",
+            ReplicaState::Verified => "verified",
+            ReplicaState::Failed => "failed",
+            ReplicaState::Repairing => "repairing",
+            ReplicaState::Retired => "retired",
+        }
+    }
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_forms_match_the_database_and_json() {
+        for s in [
+            AssetState::Queued,
+            AssetState::Probing,
+            AssetState::Transcoding,
+            AssetState::Sealing,
+            AssetState::Replicating,
+            AssetState::Published,
+            AssetState::Rejected,
+            AssetState::Damaged,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            let sql = include_str!("../migrations/0001_init.sql");
+            assert!(sql.contains(&format!("'{s}'")), "{s} not in the CHECK");
+        }
+        for s in [
+            ReplicaState::Pending,
+            ReplicaState::Verified,
+            ReplicaState::Failed,
+            ReplicaState::Repairing,
+            ReplicaState::Retired,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            let sql = include_str!("../migrations/0004_mirrors.sql");
+            assert!(sql.contains(&format!("'{s}'")), "{s} not in the CHECK");
+        }
+    }
+}
