@@ -857,13 +857,6 @@ pub struct AvatarForm {
 /// The cap offered when a buyer first approves a screen's owner.
 const DEFAULT_DAILY_CAP: i64 = 100;
 
-struct ApprovalLine {
-    owner_id: i64,
-    daily_cap: i64,
-    spent_24h: i64,
-    via: String,
-}
-
 /// The terminal a screen sent its buyer to approve.
 struct Pending {
     id: String,
@@ -877,7 +870,7 @@ struct Pending {
 struct ApprovalsPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
-    approvals: Vec<ApprovalLine>,
+    approvals: Vec<ledger::Approval>,
     pending: Option<Pending>,
     default_cap: i64,
     done: Option<&'a str>,
@@ -909,16 +902,7 @@ async fn approvals_page_with(
             }
         }
     }
-    let approvals = ledger::approvals(&st.db, c.user.id)
-        .await?
-        .into_iter()
-        .map(|a| ApprovalLine {
-            owner_id: a.owner_id,
-            daily_cap: a.daily_cap,
-            spent_24h: a.spent_24h,
-            via: a.via_terminal,
-        })
-        .collect();
+    let approvals = ledger::approvals(&st.db, c.user.id).await?;
     let mut resp = render(&ApprovalsPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),

@@ -181,13 +181,13 @@ pub async fn play(
         Some(mut served) => {
             let journal = st.journal.clone();
             body.then(move |item| {
+                // Only the first bytes wait (and hold a handle on the journal).
                 let first = match &item {
-                    Ok(b) => served.add(b.len()),
+                    Ok(b) => served.add(b.len()).map(|seq| (journal.clone(), seq)),
                     Err(_) => None,
                 };
-                let journal = journal.clone();
                 async move {
-                    if let Some(seq) = first {
+                    if let Some((journal, seq)) = first {
                         journal.until_durable(seq, FIRST_EVENT_WAIT).await;
                     }
                     item
