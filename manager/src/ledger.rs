@@ -861,7 +861,9 @@ pub async fn refund_due(st: &SharedState) -> anyhow::Result<usize> {
     }
     let grace = st.cfg.credits.refund_grace_secs as i64;
     // Grants a restore froze are left out here, in the query, so however
-    // many there are they never crowd the due ones out of the batch.
+    // many there are they never crowd the due ones out of the batch. Times
+    // are whole seconds: a grant bought in the backup's own second counts
+    // as frozen (it may have been in the gap; erring towards no refund).
     let due: Vec<(String,)> = sqlx::query_as(
         "SELECT g.id FROM play_grants g
          WHERE g.state = 'active' AND g.bytes_served = 0 AND g.expires_at <= ?1
