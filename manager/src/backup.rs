@@ -61,7 +61,7 @@ use tokio::io::AsyncReadExt;
 use zeroize::Zeroizing;
 
 use crate::{
-    config::{BackupConfig, NodeConfig},
+    config::{BackupConfig, BackupNodes, NodeConfig},
     db::Db,
     Config,
 };
@@ -197,32 +197,6 @@ pub fn read_recovery_key_from_operator() -> anyhow::Result<RecoveryKey> {
 
 // ---- configuration pieces -----------------------------------------------------
 
-/// `[backup] nodes`: `"all"` or a list of node names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum BackupNodes {
-    #[default]
-    All,
-    Named(Vec<String>),
-}
-
-impl<'de> Deserialize<'de> for BackupNodes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(String),
-            Many(Vec<String>),
-        }
-        match Raw::deserialize(d)? {
-            Raw::One(s) if s == "all" => Ok(BackupNodes::All),
-            Raw::One(s) => Err(serde::de::Error::custom(format!(
-                "`{s}`: expected \"all\" or a list of node names"
-            ))),
-            Raw::Many(v) => Ok(BackupNodes::Named(v)),
-        }
-    }
-}
-
 impl BackupConfig {
     /// Checked by `Config::validate`; the error names the field under `backup.`.
     pub fn validate(&self, nodes: &[NodeConfig]) -> Result<(), (&'static str, String)> {
@@ -280,28 +254,6 @@ impl BackupConfig {
             BackupNodes::All => all.iter().collect(),
             BackupNodes::Named(names) => all.iter().filter(|n| names.contains(&n.name)).collect(),
         }
-    }
-}
-
-/// The configuration as the operator gave it (file, then environment), not
-/// defaults: what a restore writes back. Holds secrets: `Debug` is redacted.
-#[derive(Clone, Default)]
-pub struct EffectiveConfig(Option<figment::value::Dict>);
-
-impl std::fmt::Debug for EffectiveConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EffectiveConfig([redacted])")
-    }
-}
-
-impl EffectiveConfig {
-    pub fn capture(fig: &figment::Figment) -> EffectiveConfig {
-        EffectiveConfig(fig.extract::<figment::value::Dict>().ok())
-    }
-
-    /// TOML text, or `None` when nothing was captured (a config built in code).
-    pub fn to_toml(&self) -> Option<Zeroizing<String>> {
-        toml::to_string(self.0.as_ref()?).ok().map(Zeroizing::new)
     }
 }
 
@@ -1357,8 +1309,8 @@ pub fn health(cfg: &Config) -> serde_json::Value {
 /// The scheduler inside `manager serve`: a backup when the newest is older
 /// than `interval_secs` (at once on a fresh start), pushes and prunes every
 /// `retry_secs`, and the too-old alert.
-pub async fn run(st: crate::SharedState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let cfg = &st.cfg;
+pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let cfg = &cfg;
     let dir = backups_dir(cfg);
     let offsite = match Offsite::from_config(cfg) {
         Ok(o) => o,
@@ -1377,7 +1329,7 @@ pub async fn run(st: crate::SharedState, mut stop: tokio::sync::watch::Receiver<
         let due = newest
             .is_none_or(|t| shared::runtime::unix_now() - t >= cfg.backup.interval_secs as i64);
         if due {
-            match take(&st.db, &dir).await {
+            match take(&db, &dir).await {
                 Ok(_) => {
                     if let Err(e) = prune_local(&dir, &cfg.backup.retention()).await {
                         tracing::warn!("pruning local backups failed: {e}");

@@ -11,6 +11,7 @@ use figment::{
 };
 use serde::Deserialize;
 use shared::Secret;
+use zeroize::Zeroizing;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -68,7 +69,7 @@ pub struct Config {
     /// The settings as given (file, then environment), for the backup to
     /// carry so a restore can rebuild this configuration. Not a setting.
     #[serde(skip)]
-    pub effective: crate::backup::EffectiveConfig,
+    pub effective: EffectiveConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,7 +93,7 @@ pub struct BackupConfig {
     pub keep_monthly: usize,
     /// Which nodes hold the sealed copies: "all" or a list of node names
     /// (at least two when two or more nodes are configured).
-    pub nodes: crate::backup::BackupNodes,
+    pub nodes: BackupNodes,
     /// The recovery key (`slmrk1-…`, from `manager init-cluster` or
     /// `manager backup keygen`). Seals the off-machine copies; without it
     /// backups stay on this machine only.
@@ -110,7 +111,7 @@ impl Default for BackupConfig {
             keep_daily: 7,
             keep_weekly: 4,
             keep_monthly: 12,
-            nodes: crate::backup::BackupNodes::default(),
+            nodes: BackupNodes::default(),
             recovery_key: Secret::default(),
         }
     }
@@ -154,10 +155,10 @@ impl Default for CreditsConfig {
 
 impl CreditsConfig {
     fn validate(&self) -> Result<(), (&'static str, &'static str)> {
-        if self.signup_bonus > crate::ledger::MAX_AMOUNT as u64 {
+        if self.signup_bonus > crate::domain::MAX_AMOUNT as u64 {
             return Err(("signup_bonus", "must be at most 1000000000000"));
         }
-        if self.upload_cost > crate::ledger::MAX_AMOUNT as u64 {
+        if self.upload_cost > crate::domain::MAX_AMOUNT as u64 {
             return Err(("upload_cost", "must be at most 1000000000000"));
         }
         if self.uploader_share_percent > 100 {
@@ -345,7 +346,7 @@ impl Config {
         let mut cfg: Config = fig
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-        cfg.effective = crate::backup::EffectiveConfig::capture(&fig);
+        cfg.effective = EffectiveConfig::capture(&fig);
         cfg.validate()?;
         if cfg.database_url.is_empty() {
             cfg.database_url = format!("sqlite://{}", cfg.data_dir.join("manager.db").display());
@@ -587,5 +588,53 @@ mod tests {
         assert!(
             err(&format!("trusted_proxies = [\"not-a-net\"]\n{GOOD}")).contains("trusted_proxies")
         );
+    }
+}
+
+/// `[backup] nodes`: `"all"` or a list of node names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BackupNodes {
+    #[default]
+    All,
+    Named(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for BackupNodes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(s) if s == "all" => Ok(BackupNodes::All),
+            Raw::One(s) => Err(serde::de::Error::custom(format!(
+                "`{s}`: expected \"all\" or a list of node names"
+            ))),
+            Raw::Many(v) => Ok(BackupNodes::Named(v)),
+        }
+    }
+}
+
+/// The configuration as the operator gave it (file, then environment), not
+/// defaults: what a restore writes back. Holds secrets: `Debug` is redacted.
+#[derive(Clone, Default)]
+pub struct EffectiveConfig(Option<figment::value::Dict>);
+
+impl std::fmt::Debug for EffectiveConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EffectiveConfig([redacted])")
+    }
+}
+
+impl EffectiveConfig {
+    pub fn capture(fig: &figment::Figment) -> EffectiveConfig {
+        EffectiveConfig(fig.extract::<figment::value::Dict>().ok())
+    }
+
+    /// TOML text, or `None` when nothing was captured (a config built in code).
+    pub fn to_toml(&self) -> Option<Zeroizing<String>> {
+        toml::to_string(self.0.as_ref()?).ok().map(Zeroizing::new)
     }
 }

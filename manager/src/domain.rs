@@ -93,6 +93,12 @@ impl fmt::Display for ReplicaState {
     }
 }
 
+/// Largest amount one movement may carry (10^12 credits).
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
+/// Largest balance an account may hold; with [`MAX_AMOUNT`] it keeps every
+/// sum far from i64 overflow (SQLite would turn an overflow into a float).
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

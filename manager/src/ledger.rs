@@ -12,21 +12,83 @@
 //! A purchase charges the buyer, credits the uploader's share and creates
 //! the play grant in one transaction, keyed by `<buyer>:<request id>` so a
 //! retried request is charged once. Nodes journal what they served per
-//! grant and forward it ([`journal`]); a grant under which nothing was
+//! grant and forward it ([`record_journal`]); a grant under which nothing was
 //! served is refunded by [`run`] once every node has reported past its
 //! expiry (plus `credits.refund_grace_secs`).
 
-use axum::{
-    body::Bytes,
-    extract::{Path, State},
-    http::HeaderMap,
-    Json,
-};
 use serde::Serialize;
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 
-use crate::{db, domain::AssetState, error::ApiError, redirect::Lookup, SharedState};
+use crate::{
+    config::CreditsConfig,
+    db,
+    domain::AssetState,
+    nodes::Nodes,
+    redirect::{Lookup, PlayableCache, RedirectError},
+};
+
+/// Why the ledger refused, or failed. The HTTP layer gives each its status.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Bad input (`amount_invalid`, `request_id_invalid`, …).
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// The request conflicts with the books (`insufficient_credits` for a
+    /// transfer, `balance_limit`, a reused request id, …).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    /// A terminal purchase the buyer has not approved; says nothing more.
+    #[error("purchases through this screen need your approval first")]
+    TerminalNotApproved,
+    /// Refused for a reason other than the balance (`daily_cap_reached`).
+    #[error("{message}")]
+    PaymentRequired { code: &'static str, message: String },
+    #[error("your balance ({balance} credits) does not cover the price ({price} credits)")]
+    InsufficientCredits { balance: i64, price: i64 },
+    #[error("this movie is not published yet")]
+    NotPublished,
+    #[error("no mirror holding this movie is reachable right now")]
+    NoMirror,
+    #[error("every stored copy of this movie is lost or corrupt")]
+    Damaged,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl LedgerError {
+    fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        LedgerError::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RedirectError> for LedgerError {
+    fn from(e: RedirectError) -> Self {
+        match e {
+            RedirectError::NoMirror => LedgerError::NoMirror,
+            RedirectError::Db(e) => LedgerError::Db(e),
+            other => LedgerError::Internal(other.into()),
+        }
+    }
+}
+
+/// What a purchase needs besides its request: the books, which movies are
+/// playable where, and the credits rules.
+pub struct Shop<'a> {
+    pub db: &'a db::Db,
+    pub nodes: &'a Nodes,
+    pub playable: &'a PlayableCache,
+    pub credits: &'a CreditsConfig,
+    /// How long a free view's media URL lasts.
+    pub token_ttl_secs: u64,
+}
 
 /// A grant id as logs show it: its first 8 characters. The whole id is a
 /// bearer credential (the short media URL `/media/g/{grant}/…`), and 8 are
@@ -35,22 +97,18 @@ pub fn log_id(grant: &str) -> &str {
     grant.get(..8).unwrap_or(grant)
 }
 
-/// Largest amount one movement may carry (10^12 credits).
-pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
-/// Largest balance an account may hold; with [`MAX_AMOUNT`] it keeps every
-/// sum far from i64 overflow (SQLite would turn an overflow into a float).
-pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+pub use crate::domain::{MAX_AMOUNT, MAX_BALANCE};
 /// Longest request id a client may send (terminals use a UUID).
 const MAX_REQUEST_ID: usize = 64;
 
-fn bad_amount(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("amount_invalid", message)
+fn bad_amount(message: impl Into<String>) -> LedgerError {
+    LedgerError::invalid("amount_invalid", message)
 }
 
 /// Checks an amount given as JSON: a whole number, 1 to [`MAX_AMOUNT`].
 /// Zero, negative, fractional, textual and overflowing values are refused
 /// with `amount_invalid`.
-pub fn parse_amount(v: &serde_json::Value) -> Result<i64, ApiError> {
+pub fn parse_amount(v: &serde_json::Value) -> Result<i64, LedgerError> {
     let n = match v {
         serde_json::Value::Number(n) => n,
         _ => return Err(bad_amount("the amount must be a number of credits")),
@@ -67,7 +125,7 @@ pub fn parse_amount(v: &serde_json::Value) -> Result<i64, ApiError> {
 }
 
 /// Checks an amount given as text (forms, command line).
-pub fn parse_amount_text(s: &str) -> Result<i64, ApiError> {
+pub fn parse_amount_text(s: &str) -> Result<i64, LedgerError> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
         return Err(bad_amount("the amount must be a whole number of credits"));
@@ -78,7 +136,7 @@ pub fn parse_amount_text(s: &str) -> Result<i64, ApiError> {
     check_amount(i)
 }
 
-fn check_amount(i: i64) -> Result<i64, ApiError> {
+fn check_amount(i: i64) -> Result<i64, LedgerError> {
     if i <= 0 {
         return Err(bad_amount("the amount must be greater than zero"));
     }
@@ -91,21 +149,21 @@ fn check_amount(i: i64) -> Result<i64, ApiError> {
 }
 
 /// A view price: 0 (free) to [`MAX_AMOUNT`].
-pub fn parse_price(v: &serde_json::Value) -> Result<i64, ApiError> {
+pub fn parse_price(v: &serde_json::Value) -> Result<i64, LedgerError> {
     if v.as_i64() == Some(0) {
         return Ok(0);
     }
     parse_amount(v)
 }
 
-fn check_request_id(id: &str) -> Result<(), ApiError> {
+fn check_request_id(id: &str) -> Result<(), LedgerError> {
     if id.is_empty()
         || id.len() > MAX_REQUEST_ID
         || !id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
     {
-        return Err(ApiError::bad_request(
+        return Err(LedgerError::invalid(
             "request_id_invalid",
             format!(
                 "`request_id` must be 1–{MAX_REQUEST_ID} letters, digits, '-', '_', '.' or ':'"
@@ -161,19 +219,19 @@ impl From<sqlx::Error> for PostError {
     }
 }
 
-impl From<PostError> for ApiError {
+impl From<PostError> for LedgerError {
     fn from(e: PostError) -> Self {
         match e {
-            PostError::Insufficient { balance } => ApiError::Conflict {
+            PostError::Insufficient { balance } => LedgerError::Conflict {
                 code: "insufficient_credits",
                 message: format!("the account holds only {balance} credits"),
             },
-            PostError::NoAccount => ApiError::NotFound("account"),
-            PostError::TooRich => ApiError::Conflict {
+            PostError::NoAccount => LedgerError::NotFound("account"),
+            PostError::TooRich => LedgerError::Conflict {
                 code: "balance_limit",
                 message: format!("an account may hold at most {MAX_BALANCE} credits"),
             },
-            PostError::Db(e) => e.into(),
+            PostError::Db(e) => LedgerError::Db(e),
         }
     }
 }
@@ -253,7 +311,7 @@ pub async fn create_account(
     password_hash: &str,
     role: &str,
     bonus: i64,
-) -> Result<i64, ApiError> {
+) -> Result<i64, LedgerError> {
     let (_writer, mut tx) = begin(db).await?;
     let r = sqlx::query(
         "INSERT INTO users (email, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
@@ -267,7 +325,7 @@ pub async fn create_account(
     let id = match r {
         Ok(r) => r.last_insert_rowid(),
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            return Err(ApiError::Conflict {
+            return Err(LedgerError::Conflict {
                 code: "email_taken",
                 message: "an account with this email exists; log in instead".into(),
             })
@@ -312,17 +370,17 @@ pub async fn grant(
     actor: &str,
     reason: &str,
     key: &str,
-) -> Result<Vec<i64>, ApiError> {
+) -> Result<Vec<i64>, LedgerError> {
     check_amount(amount)?;
     let reason = reason.trim();
     if reason.is_empty() || reason.len() > 500 {
-        return Err(ApiError::bad_request(
+        return Err(LedgerError::invalid(
             "reason_missing",
             "say why the credits are granted (1–500 characters)",
         ));
     }
     if key.is_empty() || key.len() > 100 {
-        return Err(ApiError::bad_request(
+        return Err(LedgerError::invalid(
             "grant_key_invalid",
             "the grant key must be 1–100 characters",
         ));
@@ -383,19 +441,19 @@ pub struct Purchase {
 /// is not playable now (not published, damaged, or no healthy node holds a
 /// verified copy).
 pub async fn purchase(
-    st: &SharedState,
+    shop: &Shop<'_>,
     buyer: i64,
     asset_id: &str,
     request_id: &str,
     source: &str,
     terminal_owner: Option<i64>,
-) -> Result<Purchase, ApiError> {
+) -> Result<Purchase, LedgerError> {
     check_request_id(request_id)?;
     // Before anything else, so a refused terminal learns nothing (not even
     // whether a request id was used) about an account that never consented.
     if let Some(owner) = terminal_owner {
-        if owner != buyer && approval(&st.db, buyer, owner).await?.is_none() {
-            return Err(ApiError::TerminalNotApproved);
+        if owner != buyer && approval(shop.db, buyer, owner).await?.is_none() {
+            return Err(LedgerError::TerminalNotApproved);
         }
     }
     let request_key = format!("{buyer}:{request_id}");
@@ -405,34 +463,34 @@ pub async fn purchase(
         source,
         terminal_owner,
     };
-    if let Some(p) = existing_purchase(&st.db, &request_key, asset_id, origin, buyer).await? {
+    if let Some(p) = existing_purchase(shop.db, &request_key, asset_id, origin, buyer).await? {
         return Ok(p);
     }
-    match st.playable.get(st, asset_id).await? {
+    match shop.playable.get(shop.db, asset_id).await? {
         Lookup::Playable(p) => {
-            if !st
+            if !shop
                 .nodes
                 .list
                 .iter()
                 .any(|n| p.verified.contains(&n.cfg.name) && n.is_healthy())
             {
-                return Err(ApiError::NoMirror);
+                return Err(LedgerError::NoMirror);
             }
         }
-        Lookup::Damaged => return Err(ApiError::Damaged),
+        Lookup::Damaged => return Err(LedgerError::Damaged),
         Lookup::Gone => {
-            return Err(match db::asset(&st.db, asset_id).await? {
-                None => ApiError::NotFound("movie"),
-                Some(a) if a.state == AssetState::Rejected => ApiError::Conflict {
+            return Err(match db::asset(shop.db, asset_id).await? {
+                None => LedgerError::NotFound("movie"),
+                Some(a) if a.state == AssetState::Rejected => LedgerError::Conflict {
                     code: "movie_rejected",
                     message: "this movie was rejected and cannot be bought".into(),
                 },
-                Some(_) => ApiError::NotPublished,
+                Some(_) => LedgerError::NotPublished,
             })
         }
     }
     let t = db::now();
-    let (_writer, mut tx) = begin(&st.db).await?;
+    let (_writer, mut tx) = begin(shop.db).await?;
     // A concurrent retry of the same request may win the race to here: the
     // grant's UNIQUE request key then refuses our insert below and the
     // whole transaction rolls back (see the end of this function).
@@ -442,12 +500,12 @@ pub async fn purchase(
             .fetch_optional(&mut *tx)
             .await?
     else {
-        return Err(ApiError::NotFound("movie"));
+        return Err(LedgerError::NotFound("movie"));
     };
     if state != "published" {
-        return Err(ApiError::NotPublished);
+        return Err(LedgerError::NotPublished);
     }
-    let window = st.cfg.credits.grant_window_secs as i64;
+    let window = shop.credits.grant_window_secs as i64;
     if price == 0 || seller == buyer {
         let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
             .bind(buyer)
@@ -457,7 +515,7 @@ pub async fn purchase(
             grant_id: None,
             asset_id: asset_id.into(),
             price: 0,
-            expires_at: t + st.cfg.token_ttl_secs as i64,
+            expires_at: t + shop.token_ttl_secs as i64,
             charged_now: false,
             balance,
         });
@@ -473,7 +531,7 @@ pub async fn purchase(
         .fetch_optional(&mut *tx)
         .await?;
         let Some((cap,)) = cap else {
-            return Err(ApiError::TerminalNotApproved);
+            return Err(LedgerError::TerminalNotApproved);
         };
         let (spent,): (i64,) = sqlx::query_as(
             "SELECT COALESCE(SUM(price), 0) FROM play_grants
@@ -485,7 +543,7 @@ pub async fn purchase(
         .fetch_one(&mut *tx)
         .await?;
         if spent + price > cap {
-            return Err(ApiError::PaymentRequired {
+            return Err(LedgerError::PaymentRequired {
                 code: "daily_cap_reached",
                 message: format!(
                     "this purchase would pass the daily cap you set for this screen's owner \
@@ -494,7 +552,7 @@ pub async fn purchase(
             });
         }
     }
-    let share = price * st.cfg.credits.uploader_share_percent as i64 / 100;
+    let share = price * shop.credits.uploader_share_percent as i64 / 100;
     let grant_id = uuid::Uuid::new_v4().simple().to_string();
     let actor = format!("{source}:{buyer}");
     let balance = match post(
@@ -513,7 +571,7 @@ pub async fn purchase(
     {
         Ok(b) => b,
         Err(PostError::Insufficient { balance }) => {
-            return Err(ApiError::InsufficientCredits { balance, price })
+            return Err(LedgerError::InsufficientCredits { balance, price })
         }
         Err(e) => return Err(e.into()),
     };
@@ -554,10 +612,10 @@ pub async fn purchase(
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
             drop(tx); // rolls back the charge
             drop(_writer);
-            return existing_purchase(&st.db, &request_key, asset_id, origin, buyer)
+            return existing_purchase(shop.db, &request_key, asset_id, origin, buyer)
                 .await?
                 .ok_or_else(|| {
-                    ApiError::Internal(anyhow::anyhow!("grant for {request_key} vanished"))
+                    LedgerError::Internal(anyhow::anyhow!("grant for {request_key} vanished"))
                 });
         }
         Err(e) => return Err(e.into()),
@@ -623,9 +681,9 @@ pub async fn approve(
     owner: i64,
     daily_cap: i64,
     via_terminal: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), LedgerError> {
     check_amount(daily_cap).map_err(|_| {
-        ApiError::bad_request(
+        LedgerError::invalid(
             "daily_cap_invalid",
             format!("the daily cap is a whole number of credits, 1 to {MAX_AMOUNT}"),
         )
@@ -671,13 +729,13 @@ fn purchase_from(
     asset_id: &str,
     origin: Origin<'_>,
     balance: i64,
-) -> Result<Purchase, ApiError> {
+) -> Result<Purchase, LedgerError> {
     let (id, asset, price, expires_at, source, terminal_owner) = row;
     // Request ids are the client's choice ("1" will do): a retry that
     // names another movie, or comes through another source or another
     // owner's screen, is a different purchase, never the old grant.
     if asset != asset_id || source != origin.source || terminal_owner != origin.terminal_owner {
-        return Err(ApiError::Conflict {
+        return Err(LedgerError::Conflict {
             code: "request_id_reused",
             message: "this request id was already used for another purchase".into(),
         });
@@ -701,7 +759,7 @@ async fn existing_purchase(
     asset_id: &str,
     origin: Origin<'_>,
     buyer: i64,
-) -> Result<Option<Purchase>, ApiError> {
+) -> Result<Option<Purchase>, LedgerError> {
     let row: Option<GrantRow> = sqlx::query_as(GRANT_BY_KEY)
         .bind(key)
         .fetch_optional(db)
@@ -715,12 +773,6 @@ async fn existing_purchase(
             balance(db, buyer).await?,
         )?)),
     }
-}
-
-/// The media URL a purchase answers with: its token carries the grant and
-/// expires with it.
-pub fn purchase_media_url(st: &SharedState, a: &db::Asset, p: &Purchase) -> Option<String> {
-    crate::redirect::media_url_until(st, a, p.grant_id.clone(), p.expires_at)
 }
 
 pub async fn price(db: &db::Db, asset_id: &str) -> sqlx::Result<i64> {
@@ -745,7 +797,7 @@ pub async fn insert_asset_paid(
     title: &str,
     source_name: &str,
     source_bytes: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), LedgerError> {
     let (_writer, mut tx) = begin(db).await?;
     let t = db::now();
     sqlx::query(
@@ -778,7 +830,7 @@ pub async fn insert_asset_paid(
         match r {
             Ok(_) => {}
             Err(PostError::Insufficient { balance }) => {
-                return Err(ApiError::InsufficientCredits {
+                return Err(LedgerError::InsufficientCredits {
                     balance,
                     price: cost,
                 })
@@ -834,14 +886,18 @@ pub async fn refund_rejected_uploads(db: &db::Db) -> anyhow::Result<usize> {
 /// Refunds every grant under which nothing was served, once every
 /// configured node has delivered its journal `refund_grace_secs` past the
 /// grant's expiry. Returns how many were refunded.
-pub async fn refund_due(st: &SharedState) -> anyhow::Result<usize> {
+pub async fn refund_due(
+    db: &db::Db,
+    nodes: &[String],
+    credits: &CreditsConfig,
+) -> anyhow::Result<usize> {
     let contacts: Vec<(String, i64)> =
         sqlx::query_as("SELECT node, watermark FROM journal_contacts")
-            .fetch_all(&st.db)
+            .fetch_all(db)
             .await?;
     let mut horizon = i64::MAX;
-    for n in st.nodes.names() {
-        match contacts.iter().find(|(name, _)| *name == n) {
+    for n in nodes {
+        match contacts.iter().find(|(name, _)| name == n) {
             Some((_, watermark)) => horizon = horizon.min(*watermark),
             // A node never heard from may hold unreported views: wait.
             None => return Ok(0),
@@ -854,12 +910,12 @@ pub async fn refund_due(st: &SharedState) -> anyhow::Result<usize> {
     let (not_restored,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM refund_freeze WHERE restored_at > ?")
             .bind(horizon)
-            .fetch_one(&st.db)
+            .fetch_one(db)
             .await?;
     if not_restored > 0 {
         return Ok(0);
     }
-    let grace = st.cfg.credits.refund_grace_secs as i64;
+    let grace = credits.refund_grace_secs as i64;
     // Grants a restore froze are left out here, in the query, so however
     // many there are they never crowd the due ones out of the batch. Times
     // are whole seconds: a grant bought in the backup's own second counts
@@ -873,11 +929,11 @@ pub async fn refund_due(st: &SharedState) -> anyhow::Result<usize> {
     )
     .bind(horizon - grace)
     .bind(grace)
-    .fetch_all(&st.db)
+    .fetch_all(db)
     .await?;
     let mut n = 0;
     for (id,) in due {
-        if refund(&st.db, &id).await? {
+        if refund(db, &id).await? {
             n += 1;
         }
     }
@@ -957,13 +1013,18 @@ async fn refund(db: &db::Db, grant_id: &str) -> anyhow::Result<bool> {
 }
 
 /// The refund sweeper: every `credits.sweep_interval_secs` until `stop`.
-pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
-    let every = std::time::Duration::from_secs(st.cfg.credits.sweep_interval_secs);
+pub async fn run(
+    db: db::Db,
+    nodes: Vec<String>,
+    credits: CreditsConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = std::time::Duration::from_secs(credits.sweep_interval_secs);
     loop {
-        if let Err(e) = refund_due(&st).await {
+        if let Err(e) = refund_due(&db, &nodes, &credits).await {
             tracing::error!("refund sweep failed: {e:#}");
         }
-        if let Err(e) = refund_rejected_uploads(&st.db).await {
+        if let Err(e) = refund_rejected_uploads(&db).await {
             tracing::error!("upload refund sweep failed: {e:#}");
         }
         tokio::select! {
@@ -977,29 +1038,23 @@ pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
 
 const MAX_EVENTS_PER_BATCH: usize = 1000;
 
-/// `POST /internal/v1/nodes/{name}/journal`, signed by that node
-/// (`shared::nodeauth`, key id = its name). Applies each event exactly
-/// once (`(node, id)` is unique) and records the node's contact time, in
-/// one transaction. Answers how many were new.
-pub async fn journal(
-    State(st): State<SharedState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<shared::protocol::JournalReceipt>, ApiError> {
-    let path = format!("/internal/v1/nodes/{name}/journal");
-    st.nodes
-        .verify_from_node(&name, &headers, "POST", &path, &body)
-        .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "journal refused: {e}"))
-        .map_err(ApiError::NodeAuth)?;
-    let batch: shared::protocol::JournalBatch = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
+/// A node's journal delivery (`POST /internal/v1/nodes/{name}/journal`,
+/// signed by it; the HTTP layer checks the signature). Applies each event
+/// exactly once (`(node, id)` is unique) and records the node's watermark,
+/// in one transaction. Answers how many were new.
+pub async fn record_journal(
+    db: &db::Db,
+    name: String,
+    body: &[u8],
+) -> Result<shared::protocol::JournalReceipt, LedgerError> {
+    let batch: shared::protocol::JournalBatch = serde_json::from_slice(body).map_err(|e| {
+        LedgerError::invalid(
             "bad_journal_event",
             format!("the journal batch is not valid: {e}"),
         )
     })?;
     if batch.events.len() > MAX_EVENTS_PER_BATCH {
-        return Err(ApiError::bad_request(
+        return Err(LedgerError::invalid(
             "bad_journal_event",
             format!("at most {MAX_EVENTS_PER_BATCH} events per batch"),
         ));
@@ -1012,14 +1067,14 @@ pub async fn journal(
             || e.bytes > 1 << 45
             || e.last_at < e.first_at
         {
-            return Err(ApiError::bad_request(
+            return Err(LedgerError::invalid(
                 "bad_journal_event",
                 format!("event {:?} is malformed", e.id),
             ));
         }
     }
     let now = db::now();
-    let (_writer, mut tx) = begin(&st.db).await?;
+    let (_writer, mut tx) = begin(db).await?;
     let mut applied = 0u64;
     for e in &batch.events {
         let r = sqlx::query(
@@ -1103,11 +1158,11 @@ pub async fn journal(
     // How far behind each node's journal is: now minus this (operators'
     // "journal lag"; refunds wait for the lowest).
     metrics::gauge!("manager_node_watermark_seconds", "node" => name.clone()).set(watermark as f64);
-    Ok(Json(shared::protocol::JournalReceipt {
+    Ok(shared::protocol::JournalReceipt {
         node: name,
         applied,
         duplicates: batch.events.len() as u64 - applied,
-    }))
+    })
 }
 
 // ---- reading ----------------------------------------------------------------
@@ -1157,6 +1212,25 @@ pub async fn grant_view(db: &db::Db, id: &str) -> sqlx::Result<Option<GrantRowVi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The code a refusal carries, to assert on (the HTTP layer maps the
+    /// rest; only these tests need it here).
+    trait Code {
+        fn code(&self) -> &'static str;
+    }
+
+    impl Code for LedgerError {
+        fn code(&self) -> &'static str {
+            match self {
+                LedgerError::Invalid { code, .. }
+                | LedgerError::Conflict { code, .. }
+                | LedgerError::PaymentRequired { code, .. } => code,
+                LedgerError::InsufficientCredits { .. } => "insufficient_credits",
+                LedgerError::NotFound(_) => "not_found",
+                _ => "other",
+            }
+        }
+    }
 
     async fn fresh() -> (tempfile::TempDir, db::Db) {
         let dir = tempfile::tempdir().unwrap();

@@ -232,7 +232,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             key,
         } => {
             let db = open_db(&cfg).await?;
-            let fail = |e: manager::ApiError| anyhow::anyhow!("{}: {e}", e.code());
+            let fail = |e: manager::ledger::LedgerError| {
+                let e = manager::ApiError::from(e);
+                anyhow::anyhow!("{}: {e}", e.code())
+            };
             let amount = manager::ledger::parse_amount_text(&amount).map_err(fail)?;
             let to = match (email, created_before) {
                 (Some(email), None) => {

@@ -36,23 +36,39 @@ use tracing::Instrument;
 use crate::{
     db,
     domain::{AssetState, ReplicaState},
-    media, SharedState,
+    media,
+    nodes::Nodes,
+    Config,
 };
 
-pub fn source_path(st: &SharedState, asset_id: &str) -> PathBuf {
+/// What ingest and replication work with; also the reconciler's, which
+/// repairs through [`replicate_asset`].
+pub struct Pipeline {
+    pub db: db::Db,
+    /// Folders, transcode settings, media limits, `min_replicas`.
+    pub cfg: Config,
+    pub nodes: Nodes,
+    pub master: Arc<shared::MasterKey>,
+    /// Wakes a job loop when an upload lands, instead of waiting for its poll.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+pub type Ctx = Arc<Pipeline>;
+
+pub fn source_path(st: &Pipeline, asset_id: &str) -> PathBuf {
     st.cfg.staging_dir().join(format!("{asset_id}.src"))
 }
 
-fn mp4_path(st: &SharedState, asset_id: &str) -> PathBuf {
+fn mp4_path(st: &Pipeline, asset_id: &str) -> PathBuf {
     st.cfg.staging_dir().join(format!("{asset_id}.mp4"))
 }
 
-pub fn outbox_path(st: &SharedState, blob: &BlobId) -> PathBuf {
+pub fn outbox_path(st: &Pipeline, blob: &BlobId) -> PathBuf {
     st.cfg.outbox_dir().join(format!("{blob}.sealed"))
 }
 
 /// Deletes everything staged for an asset (source, intermediate MP4).
-fn clear_staging(st: &SharedState, asset_id: &str) {
+fn clear_staging(st: &Pipeline, asset_id: &str) {
     for p in [source_path(st, asset_id), mp4_path(st, asset_id)] {
         let _ = std::fs::remove_file(p);
     }
@@ -60,7 +76,7 @@ fn clear_staging(st: &SharedState, asset_id: &str) {
 }
 
 /// Everything kept for an asset that will never play (its poster).
-fn clear_rejected(st: &SharedState, asset_id: &str) {
+fn clear_rejected(st: &Pipeline, asset_id: &str) {
     clear_staging(st, asset_id);
     let _ = std::fs::remove_file(st.cfg.poster_dir().join(format!("{asset_id}.jpg")));
 }
@@ -74,7 +90,7 @@ const LEASE_SECS: i64 = 30;
 
 /// Starts `transcode.workers` job loops and one replication loop; returns
 /// when `stop` fires and they have all finished.
-pub async fn run(st: SharedState, stop: watch::Receiver<bool>) {
+pub async fn run(st: Ctx, stop: watch::Receiver<bool>) {
     // The embedded SQLite database belongs to one manager process, so at
     // start every job caught mid-step was left by a process that is gone.
     // (Managers sharing a PostgreSQL database rely on the leases instead.)
@@ -96,7 +112,7 @@ pub async fn run(st: SharedState, stop: watch::Receiver<bool>) {
     }
 }
 
-async fn job_loop(st: SharedState, mut stop: watch::Receiver<bool>) {
+async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
     loop {
         if *stop.borrow() {
             return;
@@ -119,7 +135,7 @@ async fn job_loop(st: SharedState, mut stop: watch::Receiver<bool>) {
 
 /// Retries pushes on their own schedule, so busy transcoders never starve
 /// a node that is waiting for its copy.
-async fn replication_loop(st: SharedState, mut stop: watch::Receiver<bool>) {
+async fn replication_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
     loop {
         replicate_due(&st).await;
         tokio::select! {
@@ -156,7 +172,7 @@ impl Drop for LeaseKeeper {
     }
 }
 
-async fn process(st: &SharedState, asset: db::Asset, stop: &watch::Receiver<bool>) {
+async fn process(st: &Pipeline, asset: db::Asset, stop: &watch::Receiver<bool>) {
     let id = asset.id.clone();
     let span = tracing::info_span!("job", asset = %id);
     let lease = LeaseKeeper::start(
@@ -219,7 +235,7 @@ impl<E: Into<anyhow::Error>> From<E> for StepError {
 }
 
 async fn run_steps(
-    st: &SharedState,
+    st: &Pipeline,
     asset: &db::Asset,
     stop: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
@@ -356,7 +372,7 @@ async fn run_steps(
 /// leaves a file no asset names; its data key died with the process, so it
 /// can never be finished: the job was requeued and seals afresh. Such files
 /// are removed at start, before any worker runs. Returns how many.
-pub async fn clear_orphaned_outbox(st: &SharedState) -> anyhow::Result<usize> {
+pub async fn clear_orphaned_outbox(st: &Pipeline) -> anyhow::Result<usize> {
     let referenced = db::referenced_blobs(&st.db).await?;
     let mut removed = 0;
     for entry in std::fs::read_dir(st.cfg.outbox_dir())? {
@@ -381,7 +397,7 @@ pub async fn clear_orphaned_outbox(st: &SharedState) -> anyhow::Result<usize> {
 }
 
 /// Why a job stopped early: its uploader cancelled it, or we are shutting down.
-async fn cancelled_or_interrupted(st: &SharedState, id: &str) -> StepError {
+async fn cancelled_or_interrupted(st: &Pipeline, id: &str) -> StepError {
     match db::cancel_requested(&st.db, id).await {
         Ok(true) => StepError::Rejected {
             code: "cancelled",
@@ -453,7 +469,7 @@ enum Source<'a> {
 
 /// Pushes the asset's blob to every node that lacks a verified copy, all at
 /// once, then publishes if enough copies are verified.
-pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result<()> {
+pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()> {
     let Some(asset) = db::asset(&st.db, asset_id).await? else {
         return Ok(());
     };
@@ -570,7 +586,7 @@ pub async fn replicate_asset(st: &SharedState, asset_id: &str) -> anyhow::Result
     Ok(())
 }
 
-async fn replicate_due(st: &SharedState) {
+async fn replicate_due(st: &Pipeline) {
     let due = match db::due_replicas(&st.db).await {
         Ok(d) => d,
         Err(e) => {

@@ -5,18 +5,12 @@
 //! tokens without calling the manager. Each asset has a price epoch that
 //! goes up when it turns from free to paid; grant-less tokens carry the
 //! epoch they were minted in. The manager refuses a stale one at once
-//! ([`crate::redirect::check_epoch`]); nodes poll [`paid_epochs_for_node`]
+//! ([`crate::redirect::check_epoch`]); nodes poll [`paid_epochs`] (`crate::http::nodes`)
 //! and refuse it too. Like every answer to a node, the list carries a MAC
 //! bound to the node's own request (`shared::nodeauth`), so nobody on the
 //! path can feed a node a forged or replayed one.
 
-use axum::{
-    extract::{Path, State},
-    http::HeaderMap,
-    Json,
-};
-
-use crate::{db, error::ApiError, SharedState};
+use crate::db;
 
 /// Sets a view price (0 = free). A free movie turning paid enters a new
 /// price epoch, which retires every grant-less media URL handed out before.
@@ -38,24 +32,4 @@ pub async fn paid_epochs(db: &db::Db) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as("SELECT id, price_epoch FROM assets WHERE price > 0 ORDER BY id")
         .fetch_all(db)
         .await
-}
-
-/// `GET /internal/v1/nodes/{name}/paid-epochs`, signed by that node: every
-/// paid movie with its epoch, as `{"node", "paid": [[asset, epoch]…]}`.
-pub async fn paid_epochs_for_node(
-    State(st): State<SharedState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<shared::protocol::PaidEpochs>, ApiError> {
-    let path = format!("/internal/v1/nodes/{name}/paid-epochs");
-    st.nodes
-        .verify_from_node(&name, &headers, "GET", &path, b"")
-        .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "paid-epochs refused: {e}"))
-        .map_err(ApiError::NodeAuth)?;
-    let paid = paid_epochs(&st.db)
-        .await?
-        .into_iter()
-        .map(|(id, epoch)| (id, u32::try_from(epoch).unwrap_or(u32::MAX)))
-        .collect();
-    Ok(Json(shared::protocol::PaidEpochs { node: name, paid }))
 }

@@ -30,19 +30,17 @@
 
 use std::collections::{HashMap, HashSet};
 
-use axum::{
-    body::Bytes,
-    extract::{Path, State},
-    http::HeaderMap,
-    Json,
-};
 use shared::BlobId;
 use tokio::sync::watch;
 
-use crate::{db, domain::ReplicaState, error::ApiError, pipeline, SharedState};
+use crate::{
+    db,
+    domain::ReplicaState,
+    pipeline::{self, Pipeline},
+};
 
 /// Runs a pass every `reconcile.interval_secs` until `stop` fires.
-pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
+pub async fn run(st: pipeline::Ctx, mut stop: watch::Receiver<bool>) {
     let every = std::time::Duration::from_secs(st.cfg.reconcile.interval_secs);
     let mut reachable: HashMap<String, bool> = HashMap::new();
     loop {
@@ -57,7 +55,7 @@ pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
 }
 
 /// One comparison of every node with the catalog.
-pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> anyhow::Result<()> {
+pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyhow::Result<()> {
     let (retired, added) = db::sync_replica_nodes(&st.db, &st.nodes.names()).await?;
     if retired > 0 {
         tracing::warn!(
@@ -235,60 +233,6 @@ pub async fn pass(st: &SharedState, reachable: &mut HashMap<String, bool>) -> an
     }
     metrics::counter!("manager_reconcile_passes_total").increment(1);
     Ok(())
-}
-
-/// `POST /internal/v1/nodes/{name}/events`: a node reports what happened to
-/// its copies (`quarantined`, `missing`). Signed by the node with its own secret
-/// under key id = its name; an unknown node, or one signing for another, is
-/// refused with `auth_*` codes (401).
-pub async fn node_events(
-    State(st): State<SharedState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let path = format!("/internal/v1/nodes/{name}/events");
-    st.nodes
-        .verify_from_node(&name, &headers, "POST", &path, &body)
-        .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "node report refused: {e}"))
-        .map_err(ApiError::NodeAuth)?;
-    let events: shared::protocol::NodeReport = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("bad_node_event", format!("the report is not valid: {e}"))
-    })?;
-    let mut repairing = Vec::new();
-    for ev in events.events {
-        // `quarantined`: the node found its copy bad and set it aside.
-        // `missing`: a viewer was sent to the node for a copy it does not
-        // have (storage wiped). Either way the copy is gone: repair it.
-        if ev.kind != "quarantined" && ev.kind != "missing" {
-            tracing::warn!(node = %name, kind = %ev.kind, "unknown node event ignored");
-            continue;
-        }
-        if ev.blob.parse::<BlobId>().is_err() {
-            return Err(ApiError::bad_request(
-                "bad_node_event",
-                "`blob` must be a SHA-256 in hex",
-            ));
-        }
-        let reason = format!("{} on the node ({})", ev.kind, ev.reason);
-        let assets = db::replicas_quarantined(&st.db, &name, &ev.blob, &reason).await?;
-        tracing::warn!(node = %name, blob = %ev.blob, reason = %ev.reason, assets = assets.len(),
-            kind = %ev.kind, "node reports a lost copy; repairing");
-        metrics::counter!("manager_replicas_lost_total", "node" => name.clone()).increment(1);
-        repairing.extend(assets);
-    }
-    // Start now rather than at the replication loop's next tick.
-    for a in repairing.clone() {
-        let st = st.clone();
-        tokio::spawn(async move {
-            if let Err(e) = pipeline::replicate_asset(&st, &a).await {
-                tracing::error!(asset = %a, "repair failed: {e:#}");
-            }
-        });
-    }
-    Ok(Json(
-        serde_json::json!({ "node": name, "repairing": repairing }),
-    ))
 }
 
 #[cfg(test)]

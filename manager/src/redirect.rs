@@ -11,33 +11,44 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use axum::{
-    extract::{ConnectInfo, Path, Query, State},
-    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
-    response::{IntoResponse, Response},
-};
 use shared::PlaybackClaims;
 
 use crate::{
     db,
     domain::{AssetState, ReplicaState},
-    error::ApiError,
-    geo, SharedState,
+    geo, nodes,
 };
 
-#[derive(serde::Deserialize)]
-pub struct MediaQuery {
-    /// Forces a node by name (testing, and operators checking a mirror).
-    node: Option<String>,
-    /// Chooses as if the viewer were at this address (testing, and
-    /// operators asking "where would a viewer in London go?"). Harmless to
-    /// expose: like `node`, it can only send the caller somewhere worse.
-    viewer: Option<String>,
+/// Why a media URL is not answered with a node.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// Forged, malformed or expired (`shared::TokenError`).
+    #[error("{0}")]
+    Token(shared::TokenError),
+    /// No healthy node holds a verified copy.
+    #[error("no mirror holding this movie is reachable right now")]
+    NoMirror,
+    /// A grant-less token minted before the movie turned paid.
+    #[error("this movie now has a price: buy a view for a new media URL")]
+    PaymentRequired,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Mints media URLs and their playback tokens.
+pub struct Minter {
+    pub signer: shared::TokenSigner,
+    /// The manager's public base URL, without a trailing `/`.
+    pub public_url: String,
+    /// How long a grant-less media URL lasts.
+    pub token_ttl_secs: u64,
 }
 
 /// How long the redirector trusts what it read of a movie. Every viewer
@@ -76,7 +87,7 @@ pub struct PlayableCache {
 }
 
 impl PlayableCache {
-    pub async fn get(&self, st: &SharedState, id: &str) -> Result<Lookup, ApiError> {
+    pub async fn get(&self, db: &db::Db, id: &str) -> Result<Lookup, RedirectError> {
         // A stale entry is refreshed by the one request that finds it so;
         // the others keep the old answer meanwhile instead of all queueing
         // on the database at once (which is what p99 latency would show).
@@ -91,7 +102,7 @@ impl PlayableCache {
                 None => None,
             }
         };
-        let found = match (Self::load(st, id).await, stale) {
+        let found = match (Self::load(db, id).await, stale) {
             (Ok(found), _) => found,
             // A database hiccup does not stop playback of what was playable.
             (Err(e), Some(old)) => {
@@ -114,8 +125,8 @@ impl PlayableCache {
         self.entries.lock().expect("not poisoned").remove(id);
     }
 
-    async fn load(st: &SharedState, id: &str) -> Result<Lookup, ApiError> {
-        let Some(a) = db::asset(&st.db, id).await? else {
+    async fn load(db: &db::Db, id: &str) -> Result<Lookup, RedirectError> {
+        let Some(a) = db::asset(db, id).await? else {
             return Ok(Lookup::Gone);
         };
         match a.state {
@@ -124,11 +135,11 @@ impl PlayableCache {
             _ => return Ok(Lookup::Gone),
         }
         let Some(plain_len) = a.plain_len else {
-            return Err(ApiError::Internal(anyhow::anyhow!(
+            return Err(RedirectError::Internal(anyhow::anyhow!(
                 "published asset {id} lacks its blob record"
             )));
         };
-        let verified = db::replicas(&st.db, id)
+        let verified = db::replicas(db, id)
             .await?
             .into_iter()
             .filter(|r| r.state == ReplicaState::Verified)
@@ -158,19 +169,22 @@ pub struct TokenCache {
 const TOKEN_CACHE_MAX: usize = 10_000;
 
 impl TokenCache {
-    pub fn verify(&self, st: &SharedState, token: &str) -> Result<PlaybackClaims, ApiError> {
+    pub fn verify(
+        &self,
+        signer: &shared::TokenSigner,
+        token: &str,
+    ) -> Result<PlaybackClaims, RedirectError> {
         let now = db::now();
         if let Some(claims) = self.entries.lock().expect("not poisoned").get(token) {
             if now >= claims.expires_at {
-                return Err(ApiError::Token(shared::TokenError::Expired));
+                return Err(RedirectError::Token(shared::TokenError::Expired));
             }
             return Ok(claims.clone());
         }
-        let claims = st
-            .signer
+        let claims = signer
             .verifier()
             .verify(token, now)
-            .map_err(ApiError::Token)?;
+            .map_err(RedirectError::Token)?;
         let mut entries = self.entries.lock().expect("not poisoned");
         if entries.len() >= TOKEN_CACHE_MAX {
             entries.retain(|_, c| now < c.expires_at);
@@ -186,13 +200,13 @@ impl TokenCache {
 /// Picks the node for this viewer among healthy nodes holding a verified
 /// copy (see [`geo`]). Returns the node and why it was chosen.
 pub fn choose_node<'a>(
-    st: &'a SharedState,
+    nodes: &'a nodes::Nodes,
+    geo: Option<&geo::GeoDb>,
     verified: &[String],
     viewer: IpAddr,
     forced: Option<&str>,
-) -> Result<(&'a crate::nodes::Node, &'static str), ApiError> {
-    let candidates: Vec<&crate::nodes::Node> = st
-        .nodes
+) -> Result<(&'a nodes::Node, &'static str), RedirectError> {
+    let candidates: Vec<&nodes::Node> = nodes
         .list
         .iter()
         .filter(|n| verified.contains(&n.cfg.name) && n.is_healthy())
@@ -202,7 +216,7 @@ pub fn choose_node<'a>(
             .into_iter()
             .find(|n| n.cfg.name == name)
             .map(|n| (n, "forced"))
-            .ok_or(ApiError::NoMirror);
+            .ok_or(RedirectError::NoMirror);
     }
     let ranked: Vec<geo::Candidate<'_>> = candidates
         .iter()
@@ -213,26 +227,13 @@ pub fn choose_node<'a>(
             weight: n.cfg.weight,
         })
         .collect();
-    let at = st.geo.as_ref().and_then(|g| g.locate(viewer));
-    let (i, reason) = geo::choose(&ranked, at).ok_or(ApiError::NoMirror)?;
+    let at = geo.and_then(|g| g.locate(viewer));
+    let (i, reason) = geo::choose(&ranked, at).ok_or(RedirectError::NoMirror)?;
     Ok((candidates[i], reason.as_str()))
 }
 
-/// Signs the playback token a media URL carries: the asset, its blob and
-/// wrapped data key (so a node can serve without asking the manager), an
-/// expiry and, for paid views, the grant (whose window the expiry is).
-/// `None` unless the asset is published with its blob recorded.
-pub fn playback_token_until(
-    st: &SharedState,
-    a: &db::Asset,
-    grant: Option<String>,
-    expires_at: i64,
-) -> Option<String> {
-    Some(st.signer.sign(&playback_claims(a, grant, expires_at)?))
-}
-
-/// What such a token says (see [`playback_token_until`]).
-fn playback_claims(
+/// What such a token says (see [`Minter::playback_token_until`]).
+pub fn playback_claims(
     a: &db::Asset,
     grant: Option<String>,
     expires_at: i64,
@@ -258,178 +259,61 @@ fn epoch_of(a: &db::Asset) -> u32 {
 /// A grant-less token minted before its movie turned paid is refused: a
 /// free movie's URL stops playing for everyone once a price is set (the
 /// owner and operators are handed fresh tokens, of the current epoch).
-pub fn check_epoch(claims: &PlaybackClaims, paid: bool, price_epoch: u32) -> Result<(), ApiError> {
+pub fn check_epoch(
+    claims: &PlaybackClaims,
+    paid: bool,
+    price_epoch: u32,
+) -> Result<(), RedirectError> {
     if paid && claims.grant.is_none() && claims.epoch < price_epoch {
-        return Err(ApiError::PaymentRequired {
-            code: "payment_required",
-            message: "this movie now has a price: buy a view for a new media URL".into(),
-        });
+        return Err(RedirectError::PaymentRequired);
     }
     Ok(())
 }
 
-/// The in-world media URL for `a`: `{public_url}/media/{token}/{asset}.mp4`.
-/// The token is the same one the chosen node checks, so what the manager
-/// hands out is all a viewer needs until it expires, even with the manager
-/// down once the player has been redirected.
-pub fn media_url(st: &SharedState, a: &db::Asset, grant: Option<String>) -> Option<String> {
-    media_url_until(st, a, grant, db::now() + st.cfg.token_ttl_secs as i64)
-}
-
-/// [`media_url`] expiring at `expires_at` (a paid view's grant window).
-pub fn media_url_until(
-    st: &SharedState,
-    a: &db::Asset,
-    grant: Option<String>,
-    expires_at: i64,
-) -> Option<String> {
-    let token = playback_token_until(st, a, grant, expires_at)?;
-    Some(format!("{}/media/{token}/{}.mp4", st.public_url, a.id))
-}
-
-/// `/media/{asset}.mp4` without a token: the pre-token form of the URL. It
-/// is refused with a code that says what to do, never served.
-pub async fn media_without_token() -> ApiError {
-    ApiError::TokenMissing
-}
-
-pub async fn media(
-    State(st): State<SharedState>,
-    Path((token, file)): Path<(String, String)>,
-    Query(q): Query<MediaQuery>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    method: Method,
-) -> Result<Response, ApiError> {
-    // The token first: a forged or expired URL costs one signature check
-    // and no database read.
-    let claims = st.tokens.verify(&st, &token).inspect_err(|e| {
-        metrics::counter!("manager_redirects_total", "node" => "none", "reason" => e.code())
-            .increment(1);
-    })?;
-    answer(&st, claims, token, &file, q, peer, &headers, method).await
-}
-
-/// The short media URL of a paid view: `{public_url}/media/g/{grant}/{asset}.mp4`.
-/// Second Life's per-agent parcel media (how a screen plays a paid view for
-/// its buyer alone) takes URLs of at most 254 characters, and a token alone
-/// is longer. The grant id is 128 random bits, as unguessable as a token;
-/// the token the node needs is minted here on each redirect.
-pub fn grant_media_url(st: &SharedState, asset_id: &str, grant_id: &str) -> String {
-    format!("{}/media/g/{grant_id}/{asset_id}.mp4", st.public_url)
-}
-
-/// `GET`/`HEAD /media/g/{grant}/{asset}.mp4` (see [`grant_media_url`]).
-pub async fn media_by_grant(
-    State(st): State<SharedState>,
-    Path((grant, file)): Path<(String, String)>,
-    Query(q): Query<MediaQuery>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    method: Method,
-) -> Result<Response, ApiError> {
-    let id = file.strip_suffix(".mp4").unwrap_or(&file);
-    let g = match crate::ledger::grant_view(&st.db, &grant).await? {
-        Some(g) if g.asset_id == id && g.state == "active" => g,
-        // Unknown, refunded, or another movie's: one answer for all.
-        _ => return Err(ApiError::NotFound("media URL")),
-    };
-    if db::now() >= g.expires_at {
-        return Err(ApiError::Token(shared::TokenError::Expired));
+impl Minter {
+    /// Signs the playback token a media URL carries: the asset, its blob and
+    /// wrapped data key (so a node can serve without asking the manager), an
+    /// expiry and, for paid views, the grant (whose window the expiry is).
+    /// `None` unless the asset is published with its blob recorded.
+    pub fn playback_token_until(
+        &self,
+        a: &db::Asset,
+        grant: Option<String>,
+        expires_at: i64,
+    ) -> Option<String> {
+        Some(self.signer.sign(&playback_claims(a, grant, expires_at)?))
     }
-    let a = db::asset(&st.db, id)
-        .await?
-        .ok_or(ApiError::NotFound("movie"))?;
-    let Some(claims) = playback_claims(&a, Some(g.id), g.expires_at) else {
-        return Err(ApiError::NotFound("movie"));
-    };
-    let token = st.signer.sign(&claims);
-    answer(&st, claims, token, &file, q, peer, &headers, method).await
-}
 
-/// The redirector's answer for a verified token: HEAD here, GET to a node.
-#[allow(clippy::too_many_arguments)]
-async fn answer(
-    st: &SharedState,
-    claims: PlaybackClaims,
-    token: String,
-    file: &str,
-    q: MediaQuery,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    method: Method,
-) -> Result<Response, ApiError> {
-    let id = file.strip_suffix(".mp4").unwrap_or(file);
-    if claims.asset_id != id {
-        return Err(ApiError::TokenWrongAsset);
+    /// The in-world media URL for `a`: `{public_url}/media/{token}/{asset}.mp4`.
+    /// The token is the same one the chosen node checks, so what the manager
+    /// hands out is all a viewer needs until it expires, even with the manager
+    /// down once the player has been redirected.
+    pub fn media_url(&self, a: &db::Asset, grant: Option<String>) -> Option<String> {
+        self.media_url_until(a, grant, db::now() + self.token_ttl_secs as i64)
     }
-    let playable = match st.playable.get(st, id).await? {
-        Lookup::Playable(p) => p,
-        Lookup::Damaged => {
-            // Never a corrupted byte: an error the player and operator can read.
-            metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "movie_damaged")
-                .increment(1);
-            return Err(ApiError::Damaged);
-        }
-        // Withdrawn or gone since the URL was handed out.
-        Lookup::Gone => return Err(ApiError::NotFound("movie")),
-    };
-    check_epoch(&claims, playable.paid, playable.price_epoch).inspect_err(|_| {
-        metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "payment_required")
-            .increment(1);
-    })?;
-    let viewer = match q.viewer.as_deref() {
-        Some(v) => v.parse::<IpAddr>().map_err(|_| {
-            ApiError::bad_request(
-                "bad_viewer",
-                format!("`viewer` is not an IP address: {v:?}"),
-            )
-        })?,
-        None => geo::client_ip(peer.ip(), headers, &st.cfg.trusted_proxies),
-    };
-    let (node, reason) = choose_node(st, &playable.verified, viewer, q.node.as_deref())
-        .inspect_err(|_| {
-            metrics::counter!("manager_redirects_total", "node" => "none", "reason" => "no_mirror")
-                .increment(1);
-        })?;
-    // HEAD is answered here (the viewer's probe may not follow a
-    // redirect), but only when a GET would find a mirror.
-    if method == Method::HEAD {
-        return Ok((
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, HeaderValue::from_static("video/mp4")),
-                (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
-                (
-                    header::CONTENT_LENGTH,
-                    HeaderValue::from(playable.plain_len),
-                ),
-                (
-                    header::CACHE_CONTROL,
-                    HeaderValue::from_static("private, no-store"),
-                ),
-            ],
-        )
-            .into_response());
+
+    /// [`Minter::media_url`] expiring at `expires_at` (a paid view's grant window).
+    pub fn media_url_until(
+        &self,
+        a: &db::Asset,
+        grant: Option<String>,
+        expires_at: i64,
+    ) -> Option<String> {
+        let token = self.playback_token_until(a, grant, expires_at)?;
+        Some(format!("{}/media/{token}/{}.mp4", self.public_url, a.id))
     }
-    let location = format!(
-        "{}/play/{token}/{id}.mp4",
-        node.cfg.viewer_url().trim_end_matches('/')
-    );
-    metrics::counter!("manager_redirects_total", "node" => node.cfg.name.clone(), "reason" => reason).increment(1);
-    tracing::debug!(asset = %id, node = %node.cfg.name, reason, "redirect");
-    Ok((
-        StatusCode::FOUND,
-        [
-            (
-                header::LOCATION,
-                HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
-            ),
-            (
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("private, no-store"),
-            ),
-        ],
-    )
-        .into_response())
+
+    /// The short media URL of a paid view: `{public_url}/media/g/{grant}/{asset}.mp4`.
+    /// Second Life's per-agent parcel media (how a screen plays a paid view for
+    /// its buyer alone) takes URLs of at most 254 characters, and a token alone
+    /// is longer. The grant id is 128 random bits, as unguessable as a token;
+    /// the token the node needs is minted here on each redirect.
+    pub fn grant_media_url(&self, asset_id: &str, grant_id: &str) -> String {
+        format!("{}/media/g/{grant_id}/{asset_id}.mp4", self.public_url)
+    }
+
+    /// Signs `claims` (a token minted per redirect for a short URL).
+    pub fn sign(&self, claims: &PlaybackClaims) -> String {
+        self.signer.sign(claims)
+    }
 }

@@ -11,13 +11,12 @@ use axum::{
 };
 use serde::Deserialize;
 
-use crate::{
+use super::{
     api::{self, AssetView},
-    auth::{self, Caller, MaybeCaller},
-    db,
     error::ApiError,
-    SharedState,
+    session::{self, Caller, MaybeCaller},
 };
+use crate::{auth, db, SharedState};
 
 /// A failure shown to a person: the same code and sentence as the API, as a page.
 pub struct PageError(pub ApiError);
@@ -145,7 +144,7 @@ pub async fn asset_page(
         return Err(ApiError::NotFound("movie").into());
     }
     let mut view = api::asset_view(&st, &a).await?;
-    crate::account::gate_media_url(&a, c.as_ref(), &mut view);
+    super::account::gate_media_url(&a, c.as_ref(), &mut view);
     let owner = c
         .as_ref()
         .is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator());
@@ -177,14 +176,15 @@ struct LoginPage<'a> {
 /// and sign-up forms use a double-submit cookie: the hidden field must equal
 /// the cookie. The token already in the browser's cookie, or a new one.
 pub fn login_csrf_token(headers: &axum::http::HeaderMap) -> String {
-    auth::cookie(headers, auth::LOGIN_CSRF_COOKIE)
+    session::cookie(headers, session::LOGIN_CSRF_COOKIE)
         .map(str::to_owned)
         .unwrap_or_else(auth::random_token)
 }
 
 /// `resp` (a pre-login form) with the double-submit cookie for `token`.
 pub fn with_login_csrf_cookie(st: &SharedState, mut resp: Response, token: &str) -> Response {
-    if let Ok(v) = auth::set_cookie(auth::LOGIN_CSRF_COOKIE, token, 3600, st.secure_cookies).parse()
+    if let Ok(v) =
+        session::set_cookie(session::LOGIN_CSRF_COOKIE, token, 3600, st.secure_cookies).parse()
     {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -215,7 +215,7 @@ pub async fn login(
     headers: axum::http::HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Result<Response, PageError> {
-    let cookie_csrf = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE).map(str::to_owned);
+    let cookie_csrf = session::cookie(&headers, session::LOGIN_CSRF_COOKIE).map(str::to_owned);
     if !cookie_csrf.is_some_and(|c| auth::ct_eq(&c, &f.csrf)) {
         return Err(ApiError::Csrf.into());
     }
@@ -230,8 +230,8 @@ pub async fn login(
     }
     // Failed attempts per address and per account are limited (429); the
     // attempt counts as failed until the password proves right.
-    let ip = crate::account::client_ip(&st, peer, &headers);
-    let attempt = crate::account::begin_login(&st, &ip, &email)?;
+    let ip = super::account::client_ip(&st, peer, &headers);
+    let attempt = crate::limits::begin_login(&st.limits, &ip, &email)?;
     let user = db::user_by_email(&st.db, &email).await?;
     // Always run one Argon2 verification so timing does not reveal which
     // emails have accounts.
@@ -239,7 +239,7 @@ pub async fn login(
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| st.dummy_hash.clone());
-    let ok = auth::verify_password_bounded(&st, &hash, &f.password).await?;
+    let ok = auth::verify_password_bounded(&st.password_checks, &hash, &f.password).await?;
     let Some(user) = user.filter(|_| ok) else {
         tracing::info!("failed login");
         attempt.failed();
@@ -253,7 +253,7 @@ pub async fn login(
     };
     drop(attempt);
     tracing::info!(user = user.id, "logged in");
-    Ok(crate::account::start_session(&st, user.id, "/").await?)
+    Ok(super::account::start_session(&st, user.id, "/").await?)
 }
 
 #[derive(Deserialize)]
@@ -268,11 +268,11 @@ pub async fn logout(
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, PageError> {
     c.check_csrf(Some(&f.csrf))?;
-    if let Some(tok) = auth::cookie(&headers, auth::SESSION_COOKIE).map(str::to_owned) {
+    if let Some(tok) = session::cookie(&headers, session::SESSION_COOKIE).map(str::to_owned) {
         db::delete_session(&st.db, &auth::token_hash(&tok)).await?;
     }
     let mut resp = Redirect::to("/").into_response();
-    let cookie = auth::set_cookie(auth::SESSION_COOKIE, "", 0, st.secure_cookies);
+    let cookie = session::set_cookie(session::SESSION_COOKIE, "", 0, st.secure_cookies);
     resp.headers_mut().append(
         header::SET_COOKIE,
         cookie
@@ -344,9 +344,9 @@ pub async fn create_terminal(
     if a.state != crate::domain::AssetState::Published {
         return Err(ApiError::NotPublished.into());
     }
-    let (id, secret) = crate::terminal::register(&st, c.user.id, &name).await?;
+    let (id, secret) = super::terminal::register(&st, c.user.id, &name).await?;
     tracing::info!(terminal = %id, user = c.user.id, "terminal registered");
-    let script = crate::terminal::script_for(&st.public_url, &id, &secret, &a.id);
+    let script = super::terminal::script_for(&st.public_url, &id, &secret, &a.id);
     let c = Some(c);
     let (user, csrf) = who(&c);
     let mut resp = render(&TerminalCreated {
@@ -382,7 +382,7 @@ pub async fn delete_terminal(
 pub async fn terminal_doc() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        include_str!("../../docs/terminal.md"),
+        include_str!("../../../docs/terminal.md"),
     )
         .into_response()
 }

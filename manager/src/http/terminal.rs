@@ -12,7 +12,8 @@ use serde::Deserialize;
 use sha2::Sha256;
 use shared::DataKey;
 
-use crate::{db, domain::AssetState, error::ApiError, SharedState};
+use super::error::ApiError;
+use crate::{db, domain::AssetState, SharedState};
 
 pub const WINDOW_SECS: i64 = 300;
 pub const SIGNATURE_HEADER: &str = "x-terminal-signature";
@@ -103,7 +104,7 @@ pub async fn play(
     }
     tracing::info!(terminal = %req.terminal, asset = %a.id, avatar = %req.avatar, "terminal play");
     metrics::counter!("manager_terminal_plays_total").increment(1);
-    let media_url = crate::redirect::media_url(&st, &a, None).ok_or_else(|| {
+    let media_url = st.minter.media_url(&a, None).ok_or_else(|| {
         ApiError::Internal(anyhow::anyhow!("published asset {} lacks its blob", a.id))
     })?;
     Ok(Json(
@@ -209,7 +210,7 @@ pub async fn buy(
     let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
     tracing::info!(terminal = %term.id, asset = %req.asset, avatar = %req.avatar, "terminal purchase");
     Ok(Json(
-        crate::account::terminal_purchase(
+        super::account::terminal_purchase(
             &st,
             term.owner_id,
             &req.avatar,
@@ -239,7 +240,7 @@ pub async fn link(
     let req: LinkRequest = parse_form(&body, "terminal, avatar, code, ts and nonce")?;
     check_avatar(&req.avatar)?;
     let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
-    crate::account::redeem_code(&st, &req.code, &req.avatar, &term).await?;
+    super::account::redeem_code(&st, &req.code, &req.avatar, &term).await?;
     tracing::info!(terminal = %term.id, avatar = %req.avatar, "avatar linked");
     Ok(Json(
         serde_json::json!({ "linked": true, "avatar": req.avatar }),
@@ -248,7 +249,7 @@ pub async fn link(
 
 /// The shipped script with this terminal's values filled in.
 pub fn script_for(manager_url: &str, terminal_id: &str, secret: &str, asset_id: &str) -> String {
-    include_str!("../../lsl/slmedia-screen.lsl")
+    include_str!("../../../lsl/slmedia-screen.lsl")
         .replace("__MANAGER_URL__", manager_url)
         .replace("__TERMINAL_ID__", terminal_id)
         .replace("__TERMINAL_SECRET__", secret)

@@ -73,6 +73,58 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::limits::RateLimited> for ApiError {
+    fn from(_: crate::limits::RateLimited) -> Self {
+        ApiError::RateLimited
+    }
+}
+
+impl From<crate::redirect::RedirectError> for ApiError {
+    fn from(e: crate::redirect::RedirectError) -> Self {
+        use crate::redirect::RedirectError as E;
+        match e {
+            E::Token(t) => ApiError::Token(t),
+            E::NoMirror => ApiError::NoMirror,
+            E::PaymentRequired => ApiError::PaymentRequired {
+                code: "payment_required",
+                message: E::PaymentRequired.to_string(),
+            },
+            E::Db(e) => ApiError::Internal(e.into()),
+            E::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        use crate::ledger::LedgerError as E;
+        match e {
+            E::Invalid { code, message } => ApiError::BadRequest { code, message },
+            E::Conflict { code, message } => ApiError::Conflict { code, message },
+            E::NotFound(what) => ApiError::NotFound(what),
+            E::TerminalNotApproved => ApiError::TerminalNotApproved,
+            E::PaymentRequired { code, message } => ApiError::PaymentRequired { code, message },
+            E::InsufficientCredits { balance, price } => {
+                ApiError::InsufficientCredits { balance, price }
+            }
+            E::NotPublished => ApiError::NotPublished,
+            E::NoMirror => ApiError::NoMirror,
+            E::Damaged => ApiError::Damaged,
+            E::Db(e) => ApiError::Internal(e.into()),
+            E::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::Busy => ApiError::Busy,
+            crate::auth::AuthError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {

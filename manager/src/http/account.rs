@@ -3,12 +3,7 @@
 //! and data export, operator grants, avatar linking codes. The money
 //! itself moves only in [`crate::ledger`].
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::net::SocketAddr;
 
 use askama::Template;
 use axum::{
@@ -19,162 +14,21 @@ use axum::{
 };
 use serde::Deserialize;
 
-use crate::{
+use super::{
     api,
-    auth::{self, Caller},
-    db,
-    domain::ReplicaState,
     error::ApiError,
-    ledger, SharedState,
+    session::{self, Caller},
 };
-
-// ---- log-in rate limit -----------------------------------------------------
-
-/// Failed log-ins allowed per account, and per client address (an IPv6
-/// client's whole /64), within [`LIMIT_WINDOW`]. An attempt is counted as a
-/// failure *before* its password is checked and given back when it
-/// succeeds, so a burst of concurrent guesses cannot all slip under the
-/// limit while their hashes run. A user who types the right password is
-/// never slowed by someone else guessing from another address, beyond the
-/// per-account cap that protects that account.
-pub const MAX_FAILURES_PER_ACCOUNT: u32 = 10;
-pub const MAX_FAILURES_PER_ADDRESS: u32 = 30;
-/// Sign-ups allowed per client address within [`LIMIT_WINDOW`].
-pub const MAX_SIGNUPS_PER_ADDRESS: u32 = 10;
-pub const LIMIT_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Keys the limiter holds at most (each under ~300 bytes: emails are
-/// bounded). When every slot holds a live window, new keys are refused
-/// (`rate_limited`) rather than letting the map grow or forgetting the
-/// counts that protect accounts under attack.
-const LIMITER_MAX_KEYS: usize = 100_000;
-
-/// Fixed-window counters in memory (one manager process; a restart
-/// forgets them, which only helps the attacker for one window).
-#[derive(Default)]
-pub struct Limiter {
-    counts: Mutex<HashMap<String, (Instant, u32)>>,
-}
-
-impl Limiter {
-    /// Whether `key` has already reached `max` within the window.
-    pub fn exceeded(&self, key: &str, max: u32) -> bool {
-        let counts = self.counts.lock().expect("not poisoned");
-        counts
-            .get(key)
-            .is_some_and(|(at, n)| at.elapsed() < LIMIT_WINDOW && *n >= max)
-    }
-
-    /// Counts one attempt against every `(key, max)` at once, unless one of
-    /// them has reached its max (or the limiter is full): then nothing is
-    /// counted and the answer is `false`. One lock, so concurrent callers
-    /// cannot all see the last free slot.
-    pub fn try_take(&self, keys: &[(&str, u32)]) -> bool {
-        let mut counts = self.counts.lock().expect("not poisoned");
-        let live = |e: &(Instant, u32)| e.0.elapsed() < LIMIT_WINDOW;
-        if keys
-            .iter()
-            .any(|(k, max)| counts.get(*k).is_some_and(|e| live(e) && e.1 >= *max))
-        {
-            return false;
-        }
-        let new_keys = keys
-            .iter()
-            .filter(|(k, _)| !counts.contains_key(*k))
-            .count();
-        if counts.len() + new_keys > LIMITER_MAX_KEYS {
-            counts.retain(|_, e| live(e));
-            if counts.len() + new_keys > LIMITER_MAX_KEYS {
-                tracing::warn!(
-                    keys = counts.len(),
-                    "rate limiter full: refusing new clients until windows expire"
-                );
-                return false;
-            }
-        }
-        for (k, _) in keys {
-            let e = counts.entry(k.to_string()).or_insert((Instant::now(), 0));
-            if !live(e) {
-                *e = (Instant::now(), 0);
-            }
-            e.1 = e.1.saturating_add(1);
-        }
-        true
-    }
-
-    /// Takes back one attempt counted by [`try_take`](Limiter::try_take).
-    pub fn give_back(&self, key: &str) {
-        let mut counts = self.counts.lock().expect("not poisoned");
-        if let Some(e) = counts.get_mut(key) {
-            e.1 = e.1.saturating_sub(1);
-        }
-    }
-}
-
-/// A log-in attempt, counted as a failure from the start. Unless
-/// [`failed`](Self::failed) says the password was wrong, dropping it gives
-/// the count back: a right password, a `busy` answer or our own error must
-/// not use up the account's budget.
-pub struct LoginAttempt {
-    st: SharedState,
-    ip_key: String,
-    account_key: String,
-    wrong: bool,
-}
-
-impl LoginAttempt {
-    /// The password was wrong: the attempt stays counted.
-    pub fn failed(mut self) {
-        self.wrong = true;
-    }
-}
-
-impl Drop for LoginAttempt {
-    fn drop(&mut self) {
-        if !self.wrong {
-            self.st.limits.give_back(&self.ip_key);
-            self.st.limits.give_back(&self.account_key);
-        }
-    }
-}
-
-/// Counts a log-in attempt before its password is checked; refused
-/// (`rate_limited`) when the address or the account failed too often.
-pub fn begin_login(st: &SharedState, ip: &str, email: &str) -> Result<LoginAttempt, ApiError> {
-    let (ip_key, account_key) = (format!("login-ip:{ip}"), format!("login-account:{email}"));
-    if !st.limits.try_take(&[
-        (&ip_key, MAX_FAILURES_PER_ADDRESS),
-        (&account_key, MAX_FAILURES_PER_ACCOUNT),
-    ]) {
-        tracing::warn!(%ip, "log-in rate limited");
-        return Err(ApiError::RateLimited);
-    }
-    Ok(LoginAttempt {
-        st: st.clone(),
-        ip_key,
-        account_key,
-        wrong: false,
-    })
-}
+use crate::{auth, db, domain::ReplicaState, ledger, SharedState};
 
 /// The client's address as a rate-limit key: IPv4 as is, IPv6 as its /64
 /// (one home or server usually holds a whole /64).
 pub fn client_ip(st: &SharedState, peer: SocketAddr, headers: &HeaderMap) -> String {
-    limit_key(crate::geo::client_ip(
+    crate::limits::limit_key(crate::geo::client_ip(
         peer.ip(),
         headers,
         &st.cfg.trusted_proxies,
     ))
-}
-
-fn limit_key(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().expect("checked").to_string(),
-        v4 => v4.to_string(),
-    }
 }
 
 // ---- pages -------------------------------------------------------------------
@@ -190,7 +44,7 @@ fn render(t: &impl Template) -> Response {
 }
 
 fn page_error(e: ApiError) -> Response {
-    crate::web::PageError(e).into_response()
+    super::web::PageError(e).into_response()
 }
 
 #[derive(Template)]
@@ -208,7 +62,7 @@ pub const MIN_PASSWORD_CHARS: usize = 10;
 /// `GET /signup`. Like the log-in form, a double-submit cookie stands in
 /// for the CSRF token a session would hold.
 pub async fn signup_form(State(st): State<SharedState>, headers: HeaderMap) -> Response {
-    let token = crate::web::login_csrf_token(&headers);
+    let token = super::web::login_csrf_token(&headers);
     let resp = render(&SignupPage {
         user: None,
         csrf: &token,
@@ -216,7 +70,7 @@ pub async fn signup_form(State(st): State<SharedState>, headers: HeaderMap) -> R
         email: "",
         bonus: st.cfg.credits.signup_bonus,
     });
-    crate::web::with_login_csrf_cookie(&st, resp, &token)
+    super::web::with_login_csrf_cookie(&st, resp, &token)
 }
 
 #[derive(Deserialize)]
@@ -234,7 +88,7 @@ pub async fn signup(
     headers: HeaderMap,
     Form(f): Form<SignupForm>,
 ) -> Response {
-    let cookie_csrf = auth::cookie(&headers, auth::LOGIN_CSRF_COOKIE).map(str::to_owned);
+    let cookie_csrf = session::cookie(&headers, session::LOGIN_CSRF_COOKIE).map(str::to_owned);
     if !cookie_csrf.is_some_and(|c| auth::ct_eq(&c, &f.csrf)) {
         return page_error(ApiError::Csrf);
     }
@@ -242,7 +96,10 @@ pub async fn signup(
     let key = format!("signup-ip:{ip}");
     // Every attempt counts, in one step with the check: concurrent
     // sign-ups cannot all see the last free slot (and farm the bonus).
-    if !st.limits.try_take(&[(&key, MAX_SIGNUPS_PER_ADDRESS)]) {
+    if !st
+        .limits
+        .try_take(&[(&key, crate::limits::MAX_SIGNUPS_PER_ADDRESS)])
+    {
         return page_error(ApiError::RateLimited);
     }
     let email = f.email.trim().to_lowercase();
@@ -273,14 +130,14 @@ pub async fn signup(
             "Choose a password of at least 10 characters.",
         );
     }
-    let hash = match auth::hash_password_bounded(&st, &f.password).await {
+    let hash = match auth::hash_password_bounded(&st.password_checks, &f.password).await {
         Ok(h) => h,
-        Err(e) => return page_error(e),
+        Err(e) => return page_error(e.into()),
     };
     let bonus = st.cfg.credits.signup_bonus as i64;
     let id = match ledger::create_account(&st.db, &email, &hash, "uploader", bonus).await {
         Ok(id) => id,
-        Err(ApiError::Conflict {
+        Err(ledger::LedgerError::Conflict {
             code: "email_taken",
             ..
         }) => {
@@ -289,7 +146,7 @@ pub async fn signup(
                 "An account with this email exists; log in instead.",
             )
         }
-        Err(e) => return page_error(e),
+        Err(e) => return page_error(e.into()),
     };
     tracing::info!(user = id, "account created");
     match start_session(&st, id, "/account").await {
@@ -311,8 +168,8 @@ pub async fn start_session(st: &SharedState, user_id: i64, to: &str) -> Result<R
     )
     .await?;
     let mut resp = Redirect::to(to).into_response();
-    let cookie = auth::set_cookie(
-        auth::SESSION_COOKIE,
+    let cookie = session::set_cookie(
+        session::SESSION_COOKIE,
         &token,
         auth::SESSION_SECS,
         st.secure_cookies,
@@ -406,11 +263,14 @@ async fn purchase_answer(
     request_id: &str,
     source: &str,
 ) -> Result<serde_json::Value, ApiError> {
-    let p = ledger::purchase(st, buyer, asset_id, request_id, source, None).await?;
+    let p = ledger::purchase(&st.shop(), buyer, asset_id, request_id, source, None).await?;
     let a = db::asset(&st.db, asset_id)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
-    let media_url = ledger::purchase_media_url(st, &a, &p).ok_or(ApiError::NotPublished)?;
+    let media_url = st
+        .minter
+        .media_url_until(&a, p.grant_id.clone(), p.expires_at)
+        .ok_or(ApiError::NotPublished)?;
     Ok(serde_json::json!({
         "grant_id": p.grant_id,
         "asset_id": p.asset_id,
@@ -789,7 +649,7 @@ pub async fn terminal_purchase(
         });
     };
     let p = ledger::purchase(
-        st,
+        &st.shop(),
         buyer,
         asset_id,
         request_id,
@@ -798,21 +658,24 @@ pub async fn terminal_purchase(
     )
     .await
     .map_err(|e| match e {
-        ApiError::InsufficientCredits { price, .. } => ApiError::PaymentRequired {
+        ledger::LedgerError::InsufficientCredits { price, .. } => ApiError::PaymentRequired {
             code: "insufficient_credits",
             message: format!(
                 "the account's credits do not cover the price ({price} credits); add credits on the web site"
             ),
         },
-        e => e,
+        e => e.into(),
     })?;
     let a = db::asset(&st.db, asset_id)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
     // A paid view gets the short URL per-agent parcel media can take.
     let media_url = match &p.grant_id {
-        Some(g) => crate::redirect::grant_media_url(st, &a.id, g),
-        None => ledger::purchase_media_url(st, &a, &p).ok_or(ApiError::NotPublished)?,
+        Some(g) => st.minter.grant_media_url(&a.id, g),
+        None => st
+            .minter
+            .media_url_until(&a, p.grant_id.clone(), p.expires_at)
+            .ok_or(ApiError::NotPublished)?,
     };
     Ok(serde_json::json!({
         "grant_id": p.grant_id,
@@ -1149,54 +1012,6 @@ pub async fn grant_status(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn ipv6_clients_are_limited_per_64() {
-        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: std::net::IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
-        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(limit_key(a), limit_key(b));
-        assert_ne!(limit_key(a), limit_key(c));
-        assert_eq!(limit_key("192.0.2.7".parse().unwrap()), "192.0.2.7");
-        assert_eq!(limit_key("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
-    }
-
-    #[test]
-    fn attempts_are_counted_before_they_run_and_given_back_on_success() {
-        let l = Limiter::default();
-        for _ in 0..3 {
-            assert!(l.try_take(&[("ip", 30), ("acct", 3)]));
-        }
-        assert!(
-            !l.try_take(&[("ip", 30), ("acct", 3)]),
-            "the fourth is refused"
-        );
-        assert!(
-            !l.try_take(&[("other-ip", 30), ("acct", 3)]),
-            "from any address"
-        );
-        assert!(l.exceeded("acct", 3));
-        l.give_back("acct");
-        assert!(
-            l.try_take(&[("ip", 30), ("acct", 3)]),
-            "a success freed a slot"
-        );
-        // A refused attempt counted nothing anywhere.
-        assert!(!l.exceeded("other-ip", 1));
-    }
-
-    #[test]
-    fn the_limiter_never_holds_more_than_its_bound() {
-        let l = Limiter::default();
-        for i in 0..LIMITER_MAX_KEYS {
-            assert!(l.try_take(&[(&format!("k{i}"), 10)]));
-        }
-        assert!(!l.try_take(&[("one-more", 10)]), "full of live windows");
-        assert_eq!(l.counts.lock().unwrap().len(), LIMITER_MAX_KEYS);
-        assert!(l.try_take(&[("k7", 10)]), "known keys still count");
-    }
-
     #[test]
     fn dates_are_utc_day_starts() {
         assert_eq!(super::parse_date("1970-01-01").unwrap(), 0);

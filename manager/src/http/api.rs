@@ -12,11 +12,13 @@ use axum::{
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
+use super::{
+    error::ApiError,
+    session::{Caller, MaybeCaller},
+};
 use crate::{
-    auth::{Caller, MaybeCaller},
     db,
     domain::{AssetState, ReplicaState},
-    error::ApiError,
     SharedState,
 };
 
@@ -91,7 +93,7 @@ pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, Ap
             message: a.error_message.clone().unwrap_or_default(),
         }),
         replicas,
-        media_url: crate::redirect::media_url(st, a, None),
+        media_url: st.minter.media_url(a, None),
         width: a.width,
         height: a.height,
         duration_secs: a.duration_secs,
@@ -119,7 +121,7 @@ pub async fn get_asset(
         return Err(ApiError::NotFound("asset"));
     }
     let mut view = asset_view(&st, &a).await?;
-    crate::account::gate_media_url(&a, caller.as_ref(), &mut view);
+    super::account::gate_media_url(&a, caller.as_ref(), &mut view);
     Ok(Json(view))
 }
 
@@ -317,7 +319,7 @@ pub async fn upload(
         });
     }
 
-    let src = crate::pipeline::source_path(&st, &asset_id);
+    let src = crate::pipeline::source_path(&st.pipeline, &asset_id);
     tokio::fs::rename(&partial, &src)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
@@ -393,7 +395,7 @@ pub async fn cancel_as(st: &SharedState, caller: &Caller, id: &str) -> Result<()
     }
     match db::request_cancel(&st.db, id).await? {
         db::CancelOutcome::Cancelled => {
-            let _ = tokio::fs::remove_file(crate::pipeline::source_path(st, id)).await;
+            let _ = tokio::fs::remove_file(crate::pipeline::source_path(&st.pipeline, id)).await;
             tracing::info!(asset = id, "cancelled before processing");
             Ok(())
         }
@@ -424,7 +426,7 @@ pub async fn retry(
     db::asset(&st.db, &id)
         .await?
         .ok_or(ApiError::NotFound("asset"))?;
-    if !crate::pipeline::source_path(&st, &id).exists() {
+    if !crate::pipeline::source_path(&st.pipeline, &id).exists() {
         return Err(ApiError::Conflict {
             code: "source_gone",
             message: "the uploaded file is no longer kept; it must be uploaded again".into(),

@@ -1,0 +1,127 @@
+//! The app assembled: what the HTTP layer's handlers share. Services never
+//! see this; each handler hands a service only the parts it needs.
+
+use std::sync::Arc;
+
+use crate::{auth, db, geo, nodes, redirect, Config};
+
+pub struct AppState {
+    pub cfg: Config,
+    pub db: db::Db,
+    pub nodes: nodes::Nodes,
+    pub master: Arc<shared::MasterKey>,
+    /// Mints media URLs and their playback tokens.
+    pub minter: redirect::Minter,
+    /// Wakes the pipeline when an upload lands, instead of waiting for its poll.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// What ingest, replication and repair work with (shares the above).
+    pub pipeline: crate::pipeline::Ctx,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// `cfg.public_url`, or `http://<bound address>` when that is empty.
+    pub public_url: String,
+    pub secure_cookies: bool,
+    /// Verified against when a login names no account, so a failed login
+    /// costs the same time whether or not the email exists.
+    pub dummy_hash: String,
+    /// The GeoIP database, when configured.
+    pub geo: Option<geo::GeoDb>,
+    /// What the media-URL redirector knows of each movie, briefly cached.
+    pub playable: redirect::PlayableCache,
+    /// Media-URL tokens already verified (see [`redirect::TokenCache`]).
+    pub tokens: redirect::TokenCache,
+    /// Log-in and sign-up rate limits (see [`crate::limits::Limiter`]).
+    pub limits: Arc<crate::limits::Limiter>,
+    /// Bounds concurrent password hashing ([`auth::MAX_PASSWORD_CHECKS`]).
+    pub password_checks: Arc<tokio::sync::Semaphore>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub async fn new(cfg: Config, public_url: String) -> anyhow::Result<Self> {
+        for dir in [
+            cfg.data_dir.clone(),
+            cfg.staging_dir(),
+            cfg.outbox_dir(),
+            cfg.poster_dir(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "configuration field `data_dir`: cannot create {}: {e}",
+                    dir.display()
+                )
+            })?;
+        }
+        // Partial uploads never committed: nothing refers to them.
+        for entry in std::fs::read_dir(cfg.staging_dir())?.flatten() {
+            if entry
+                .path()
+                .extension()
+                .is_some_and(|e| e == "upload" || e == "part")
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let db = db::open(&cfg.database_url).await.map_err(|e| {
+            anyhow::anyhow!("configuration field `database_url`: cannot open the database: {e:#}")
+        })?;
+        let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())?;
+        let signer = shared::TokenSigner::from_seed_hex(cfg.token_signing_key.expose())?;
+        let nodes = nodes::Nodes::new(&cfg.nodes, &cfg.node_ca_cert)?;
+        let geo = if cfg.geoip_db.as_os_str().is_empty() {
+            tracing::warn!("no geoip_db configured: every viewer gets the fallback node order");
+            None
+        } else {
+            Some(
+                geo::GeoDb::open(&cfg.geoip_db)
+                    .map_err(|e| anyhow::anyhow!("configuration field `geoip_db`: {e:#}"))?,
+            )
+        };
+        media::init().map_err(|e| anyhow::anyhow!("cannot initialise ffmpeg: {e}"))?;
+        let master = Arc::new(master);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let pipeline = Arc::new(crate::pipeline::Pipeline {
+            db: db.clone(),
+            cfg: cfg.clone(),
+            nodes: nodes.clone(),
+            master: master.clone(),
+            wake: wake.clone(),
+        });
+        let minter = redirect::Minter {
+            signer,
+            public_url: public_url.trim_end_matches('/').to_string(),
+            token_ttl_secs: cfg.token_ttl_secs,
+        };
+        Ok(Self {
+            secure_cookies: public_url.starts_with("https://"),
+            public_url: public_url.trim_end_matches('/').to_string(),
+            dummy_hash: auth::hash_password(&auth::random_token())?,
+            cfg,
+            db,
+            nodes,
+            master,
+            minter,
+            wake,
+            pipeline,
+            metrics: shared::runtime::metrics_handle(),
+            geo,
+            playable: redirect::PlayableCache::default(),
+            tokens: redirect::TokenCache::default(),
+            limits: Arc::default(),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(auth::MAX_PASSWORD_CHECKS)),
+        })
+    }
+}
+
+impl AppState {
+    /// What a purchase needs ([`crate::ledger::Shop`]).
+    pub fn shop(&self) -> crate::ledger::Shop<'_> {
+        crate::ledger::Shop {
+            db: &self.db,
+            nodes: &self.nodes,
+            playable: &self.playable,
+            credits: &self.cfg.credits,
+            token_ttl_secs: self.cfg.token_ttl_secs,
+        }
+    }
+}
