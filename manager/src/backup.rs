@@ -1810,21 +1810,10 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
 /// will, so its migrations run first.
 async fn freeze_refunds(db_path: &Path, backup_at: i64) -> anyhow::Result<()> {
     let db = crate::db::open(&format!("sqlite://{}", db_path.display())).await?;
-    let (safe_until,): (i64,) =
-        sqlx::query_as("SELECT COALESCE(MIN(watermark), 0) FROM journal_contacts")
-            .fetch_one(&db)
-            .await?;
-    sqlx::query("INSERT INTO refund_freeze (backup_at, safe_until, restored_at) VALUES (?, ?, ?)")
-        .bind(backup_at)
-        .bind(safe_until.min(backup_at))
-        .bind(shared::runtime::unix_now())
-        .execute(&db)
-        .await?;
+    crate::db::freeze_refunds(&db, backup_at, shared::runtime::unix_now()).await?;
     // Everything into the main file before it is renamed into place: the
     // WAL beside this temporary name would not follow it.
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&db)
-        .await?;
+    crate::db::checkpoint(&db).await?;
     db.close().await;
     let mut wal = db_path.as_os_str().to_owned();
     wal.push("-wal");

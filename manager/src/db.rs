@@ -970,6 +970,190 @@ pub async fn use_terminal_nonce(
     Ok(r.rows_affected() == 1)
 }
 
+// ---- restores ---------------------------------------------------------------------
+
+/// Records a restore from a backup taken at `backup_at`: refunds that could
+/// depend on views delivered after the backup are frozen
+/// (`ledger::refund_due`, migrations/0007).
+pub async fn freeze_refunds(db: &Db, backup_at: i64, restored_at: i64) -> sqlx::Result<()> {
+    let (safe_until,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MIN(watermark), 0) FROM journal_contacts")
+            .fetch_one(db)
+            .await?;
+    sqlx::query("INSERT INTO refund_freeze (backup_at, safe_until, restored_at) VALUES (?, ?, ?)")
+        .bind(backup_at)
+        .bind(safe_until.min(backup_at))
+        .bind(restored_at)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Moves everything in the write-ahead log into the main file.
+pub async fn checkpoint(db: &Db) -> sqlx::Result<()> {
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+// ---- prices ---------------------------------------------------------------------
+
+/// Sets a view price (0 = free). A free movie turning paid enters a new
+/// price epoch (`crate::prices`).
+pub async fn set_price(db: &Db, asset_id: &str, price: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE assets SET price_epoch = price_epoch + (price = 0 AND ?1 > 0), price = ?1
+         WHERE id = ?2",
+    )
+    .bind(price)
+    .bind(asset_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Every movie with a price and its epoch: what a node needs to refuse
+/// grant-less tokens minted before the movie became paid.
+pub async fn paid_epochs(db: &Db) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT id, price_epoch FROM assets WHERE price > 0 ORDER BY id")
+        .fetch_all(db)
+        .await
+}
+
+// ---- avatar links ---------------------------------------------------------------
+
+/// Replaces `user_id`'s link code (one live code per account) and sweeps
+/// expired ones.
+pub async fn replace_link_code(
+    db: &Db,
+    user_id: i64,
+    code_hash: &str,
+    expires_at: i64,
+) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM link_codes WHERE user_id = ? OR expires_at < ?")
+        .bind(user_id)
+        .bind(now())
+        .execute(db)
+        .await?;
+    sqlx::query("INSERT INTO link_codes (code_hash, user_id, expires_at) VALUES (?, ?, ?)")
+        .bind(code_hash)
+        .bind(user_id)
+        .bind(expires_at)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// What [`link_avatar`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// Linked (or re-linked) to this account; the code is used up.
+    Linked(i64),
+    /// No live code with this hash.
+    CodeInvalid,
+    /// Another account holds the avatar's link; nothing changed and the
+    /// code stays usable.
+    LinkedElsewhere,
+}
+
+/// Links `avatar` to the account that made the code, through terminal
+/// `via_name` of `via_owner`, and consumes the code: one transaction.
+pub async fn link_avatar(
+    db: &Db,
+    code_hash: &str,
+    avatar: &str,
+    via_name: &str,
+    via_owner: i64,
+) -> sqlx::Result<LinkOutcome> {
+    // The write lock up front: two links racing must queue, not fail on a
+    // lock upgrade (SQLITE_BUSY) half-way.
+    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+    let row: Option<(i64,)> =
+        sqlx::query_as("SELECT user_id FROM link_codes WHERE code_hash = ? AND expires_at >= ?")
+            .bind(code_hash)
+            .bind(now())
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((user,)) = row else {
+        return Ok(LinkOutcome::CodeInvalid);
+    };
+    // Re-linking to the same account only refreshes the time; a link held
+    // by another account is left alone.
+    let linked = sqlx::query(
+        "INSERT INTO avatar_links (avatar_key, user_id, linked_at, via_terminal, via_owner_id)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (avatar_key) DO UPDATE SET linked_at = excluded.linked_at,
+           via_terminal = excluded.via_terminal, via_owner_id = excluded.via_owner_id
+         WHERE avatar_links.user_id = excluded.user_id",
+    )
+    .bind(avatar)
+    .bind(user)
+    .bind(now())
+    .bind(via_name)
+    .bind(via_owner)
+    .execute(&mut *tx)
+    .await?;
+    if linked.rows_affected() == 0 {
+        return Ok(LinkOutcome::LinkedElsewhere);
+    }
+    sqlx::query("DELETE FROM link_codes WHERE code_hash = ?")
+        .bind(code_hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(LinkOutcome::Linked(user))
+}
+
+/// The account `avatar` is linked to.
+pub async fn avatar_account(db: &Db, avatar: &str) -> sqlx::Result<Option<i64>> {
+    let r: Option<(i64,)> = sqlx::query_as("SELECT user_id FROM avatar_links WHERE avatar_key = ?")
+        .bind(avatar)
+        .fetch_optional(db)
+        .await?;
+    Ok(r.map(|r| r.0))
+}
+
+/// Lets `avatar` go, if `user_id` holds its link.
+pub async fn unlink_avatar(db: &Db, avatar: &str, user_id: i64) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM avatar_links WHERE avatar_key = ? AND user_id = ?")
+        .bind(avatar)
+        .bind(user_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// One avatar linked to an account, with where the link was made.
+#[derive(Debug, Clone, FromRow)]
+pub struct AvatarLink {
+    pub avatar_key: String,
+    pub linked_at: i64,
+    /// The screen's name.
+    pub via_terminal: String,
+    /// The screen owner's account (`None` for links made before it was kept).
+    pub via_owner_id: Option<i64>,
+}
+
+pub async fn avatar_links(db: &Db, user_id: i64) -> sqlx::Result<Vec<AvatarLink>> {
+    sqlx::query_as(
+        "SELECT avatar_key, linked_at, via_terminal, via_owner_id FROM avatar_links
+         WHERE user_id = ? ORDER BY linked_at",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Who bought grant `id`.
+pub async fn grant_buyer(db: &Db, id: &str) -> sqlx::Result<Option<i64>> {
+    let r: Option<(i64,)> = sqlx::query_as("SELECT buyer_id FROM play_grants WHERE id = ?")
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+    Ok(r.map(|r| r.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

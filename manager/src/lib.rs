@@ -10,7 +10,7 @@
 //! |---|---|
 //! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share) |
 //! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, and the one error → status mapping ([`http::error`]) |
-//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`auth`] (passwords, tokens), [`limits`] |
+//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
 //! | foundations | [`db`] (every query), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], `shared` |
 
 // Assembly and HTTP.
@@ -19,6 +19,7 @@ pub mod http;
 
 // Services.
 pub mod auth;
+pub mod avatars;
 pub mod backup;
 pub mod ledger;
 pub mod limits;

@@ -15,21 +15,11 @@ use crate::db;
 /// Sets a view price (0 = free). A free movie turning paid enters a new
 /// price epoch, which retires every grant-less media URL handed out before.
 pub async fn set_price(db: &db::Db, asset_id: &str, price: i64) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE assets SET price_epoch = price_epoch + (price = 0 AND ?1 > 0), price = ?1
-         WHERE id = ?2",
-    )
-    .bind(price)
-    .bind(asset_id)
-    .execute(db)
-    .await?;
-    Ok(())
+    db::set_price(db, asset_id, price).await
 }
 
 /// Every movie with a price and its epoch: what a node needs to refuse
 /// grant-less tokens minted before the movie became paid.
 pub async fn paid_epochs(db: &db::Db) -> sqlx::Result<Vec<(String, i64)>> {
-    sqlx::query_as("SELECT id, price_epoch FROM assets WHERE price > 0 ORDER BY id")
-        .fetch_all(db)
-        .await
+    db::paid_epochs(db).await
 }

@@ -470,13 +470,7 @@ async fn account_page_full(
                 .collect()
         })
         .unwrap_or_default();
-    let avatars: Vec<(String, i64, String, Option<i64>)> = sqlx::query_as(
-        "SELECT avatar_key, linked_at, via_terminal, via_owner_id FROM avatar_links
-         WHERE user_id = ? ORDER BY linked_at",
-    )
-    .bind(c.user.id)
-    .fetch_all(&st.db)
-    .await?;
+    let avatars = db::avatar_links(&st.db, c.user.id).await?;
     let mut resp = render(&AccountPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
@@ -486,11 +480,11 @@ async fn account_page_full(
         link_code,
         avatars: avatars
             .into_iter()
-            .map(|(key, at, via, owner)| AvatarLine {
-                key,
-                linked_at: at,
-                via,
-                owner: owner.map(|o| {
+            .map(|l| AvatarLine {
+                key: l.avatar_key,
+                linked_at: l.linked_at,
+                via: l.via_terminal,
+                owner: l.via_owner_id.map(|o| {
                     if o == c.user.id {
                         "your own".to_string()
                     } else {
@@ -519,9 +513,6 @@ pub async fn account_page(State(st): State<SharedState>, c: Caller) -> Response 
 
 // ---- avatar linking ------------------------------------------------------------
 
-/// Minutes a link code stays valid.
-pub const LINK_CODE_SECS: i64 = 15 * 60;
-
 #[derive(Deserialize)]
 pub struct CsrfOnly {
     csrf: String,
@@ -536,98 +527,11 @@ pub async fn new_link_code(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        let code = new_code(&st, c.user.id).await?;
+        let code = crate::avatars::new_code(&st.db, c.user.id).await?;
         account_page_with(&st, &c, Some(code)).await
     }
     .await;
     r.unwrap_or_else(page_error)
-}
-
-/// Eight digits and letters (no look-alikes): short enough to type in chat.
-pub async fn new_code(st: &SharedState, user_id: i64) -> Result<String, ApiError> {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::rngs::OsRng;
-    let code: String = (0..8)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect();
-    sqlx::query("DELETE FROM link_codes WHERE user_id = ? OR expires_at < ?")
-        .bind(user_id)
-        .bind(db::now())
-        .execute(&st.db)
-        .await?;
-    sqlx::query("INSERT INTO link_codes (code_hash, user_id, expires_at) VALUES (?, ?, ?)")
-        .bind(auth::token_hash(&code))
-        .bind(user_id)
-        .bind(db::now() + LINK_CODE_SECS)
-        .execute(&st.db)
-        .await?;
-    Ok(code)
-}
-
-/// Links `avatar` to the account that made `code`, and consumes the code.
-/// An avatar linked to another account stays there
-/// (`avatar_linked_elsewhere`): only that account can unlink it, on the web.
-pub async fn redeem_code(
-    st: &SharedState,
-    code: &str,
-    avatar: &str,
-    via: &crate::db::Terminal,
-) -> Result<i64, ApiError> {
-    let code_hash = auth::token_hash(&code.trim().to_uppercase());
-    // The write lock up front: two links racing must queue, not fail on a
-    // lock upgrade (SQLITE_BUSY) half-way.
-    let mut tx = st.db.begin_with("BEGIN IMMEDIATE").await?;
-    let row: Option<(i64,)> =
-        sqlx::query_as("SELECT user_id FROM link_codes WHERE code_hash = ? AND expires_at >= ?")
-            .bind(&code_hash)
-            .bind(db::now())
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((user,)) = row else {
-        return Err(ApiError::bad_request(
-            "link_code_invalid",
-            "this code is unknown, used or expired; get a new one on your account page",
-        ));
-    };
-    // Re-linking to the same account only refreshes the time; a link held
-    // by another account is left alone and the code stays usable.
-    let linked = sqlx::query(
-        "INSERT INTO avatar_links (avatar_key, user_id, linked_at, via_terminal, via_owner_id)
-         VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (avatar_key) DO UPDATE SET linked_at = excluded.linked_at,
-           via_terminal = excluded.via_terminal, via_owner_id = excluded.via_owner_id
-         WHERE avatar_links.user_id = excluded.user_id",
-    )
-    .bind(avatar)
-    .bind(user)
-    .bind(db::now())
-    .bind(&via.name)
-    .bind(via.owner_id)
-    .execute(&mut *tx)
-    .await?;
-    if linked.rows_affected() == 0 {
-        return Err(ApiError::Conflict {
-            code: "avatar_linked_elsewhere",
-            message:
-                "this avatar is linked to another account; unlink it on that account's page first"
-                    .into(),
-        });
-    }
-    sqlx::query("DELETE FROM link_codes WHERE code_hash = ?")
-        .bind(&code_hash)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(user)
-}
-
-pub async fn linked_account(st: &SharedState, avatar: &str) -> Result<Option<i64>, ApiError> {
-    let r: Option<(i64,)> = sqlx::query_as("SELECT user_id FROM avatar_links WHERE avatar_key = ?")
-        .bind(avatar)
-        .fetch_optional(&st.db)
-        .await?;
-    Ok(r.map(|r| r.0))
 }
 
 /// A purchase for the account linked to `avatar`, through a terminal of
@@ -642,7 +546,7 @@ pub async fn terminal_purchase(
     asset_id: &str,
     request_id: &str,
 ) -> Result<serde_json::Value, ApiError> {
-    let Some(buyer) = linked_account(st, avatar).await? else {
+    let Some(buyer) = db::avatar_account(&st.db, avatar).await? else {
         return Err(ApiError::Conflict {
             code: "avatar_not_linked",
             message: "this avatar is not linked to an account: get a code on your account page and say it to the terminal".into(),
@@ -697,11 +601,7 @@ pub async fn unlink_avatar(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        sqlx::query("DELETE FROM avatar_links WHERE avatar_key = ? AND user_id = ?")
-            .bind(&f.avatar)
-            .bind(c.user.id)
-            .execute(&st.db)
-            .await?;
+        db::unlink_avatar(&st.db, &f.avatar, c.user.id).await?;
         tracing::info!(user = c.user.id, avatar = %f.avatar, "avatar unlinked");
         Ok::<_, ApiError>(Redirect::to("/account").into_response())
     }
@@ -1000,11 +900,8 @@ pub async fn grant_status(
     let g = ledger::grant_view(&st.db, &id)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
-    let buyer: (i64,) = sqlx::query_as("SELECT buyer_id FROM play_grants WHERE id = ?")
-        .bind(&id)
-        .fetch_one(&st.db)
-        .await?;
-    if buyer.0 != c.user.id && !c.user.is_operator() {
+    let buyer = db::grant_buyer(&st.db, &id).await?;
+    if buyer != Some(c.user.id) && !c.user.is_operator() {
         return Err(ApiError::NotFound("grant"));
     }
     Ok(Json(g))

@@ -125,6 +125,22 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
+impl From<crate::avatars::LinkError> for ApiError {
+    fn from(e: crate::avatars::LinkError) -> Self {
+        use crate::avatars::LinkError as E;
+        match e {
+            E::CodeInvalid => {
+                ApiError::bad_request("link_code_invalid", E::CodeInvalid.to_string())
+            }
+            E::LinkedElsewhere => ApiError::Conflict {
+                code: "avatar_linked_elsewhere",
+                message: E::LinkedElsewhere.to_string(),
+            },
+            E::Db(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {

@@ -240,7 +240,7 @@ pub async fn link(
     let req: LinkRequest = parse_form(&body, "terminal, avatar, code, ts and nonce")?;
     check_avatar(&req.avatar)?;
     let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
-    super::account::redeem_code(&st, &req.code, &req.avatar, &term).await?;
+    crate::avatars::redeem_code(&st.db, &req.code, &req.avatar, &term).await?;
     tracing::info!(terminal = %term.id, avatar = %req.avatar, "avatar linked");
     Ok(Json(
         serde_json::json!({ "linked": true, "avatar": req.avatar }),
