@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// Every slot is taken (`busy`); nothing was checked.
-    #[error("too many password checks at once")]
+    #[error("the site is busy; try again in a few seconds")]
     Busy,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),

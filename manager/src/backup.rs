@@ -1324,11 +1324,15 @@ pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<boo
     }
     let mut last_alert: Option<Instant> = None;
     let mut synced: HashMap<String, i64> = HashMap::new();
+    let worker = crate::workers::Worker::register("backup");
     loop {
+        worker.started();
+        let mut failed: Option<String> = None;
         let newest = list_local(&dir).first().map(|m| m.created_at);
         let due = newest
             .is_none_or(|t| shared::runtime::unix_now() - t >= cfg.backup.interval_secs as i64);
         if due {
+            worker.progress("taking a backup");
             match take(&db, &dir).await {
                 Ok(_) => {
                     if let Err(e) = prune_local(&dir, &cfg.backup.retention()).await {
@@ -1338,10 +1342,12 @@ pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<boo
                 Err(e) => {
                     metrics::counter!("manager_backups_total", "result" => "failed").increment(1);
                     tracing::error!(code = e.code(), "scheduled backup failed: {e}");
+                    failed = Some(format!("{}: {e}", e.code()));
                 }
             }
         }
         if let Some(off) = &offsite {
+            worker.progress("copying backups to the nodes");
             let newest = list_local(&dir).first().map(|m| m.created_at).unwrap_or(0);
             for (node, r) in off.sync_all(&dir).await {
                 match r {
@@ -1355,6 +1361,7 @@ pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<boo
                     Err(e) => {
                         synced.remove(&node);
                         tracing::warn!(%node, code = e.code(), "backup copies on node not up to date: {e}");
+                        failed.get_or_insert(format!("node {node}: {}: {e}", e.code()));
                     }
                 }
             }
@@ -1364,17 +1371,25 @@ pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<boo
             let max_age = Duration::from_secs(cfg.backup.max_age_secs);
             if last_alert.is_none_or(|t| t.elapsed() >= max_age) {
                 last_alert = Some(Instant::now());
-                tracing::error!(
-                    newest = %h["newest"], age_secs = %h["newest_age_secs"], max_age_secs = cfg.backup.max_age_secs,
-                    "ALERT: the newest verified backup is too old (or there is none)"
+                crate::alerts::raise(
+                    "backup_stale",
+                    "the newest verified backup is too old (or there is none)",
+                    format!(
+                        "newest={} age_secs={} max_age_secs={}",
+                        h["newest"], h["newest_age_secs"], cfg.backup.max_age_secs
+                    ),
                 );
             }
         } else {
             last_alert = None;
         }
+        worker.finished(failed.map_or(Ok(()), Err));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(cfg.backup.retry_secs)) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                worker.stopped();
+                return;
+            }
         }
     }
 }

@@ -41,7 +41,7 @@ pub enum LedgerError {
     #[error("no such {0}")]
     NotFound(&'static str),
     /// A terminal purchase the buyer has not approved; says nothing more.
-    #[error("purchases through this screen need your approval first")]
+    #[error("purchases through this screen need your approval first: approve its owner on your account page on the web site")]
     TerminalNotApproved,
     /// Refused for a reason other than the balance (`daily_cap_reached`).
     #[error("{message}")]
@@ -50,9 +50,9 @@ pub enum LedgerError {
     InsufficientCredits { balance: i64, price: i64 },
     #[error("this movie is not published yet")]
     NotPublished,
-    #[error("no mirror holding this movie is reachable right now")]
+    #[error("no mirror holding this movie is reachable right now; try again in a minute")]
     NoMirror,
-    #[error("every stored copy of this movie is lost or corrupt")]
+    #[error("every stored copy of this movie is lost or corrupt; it cannot be played until an operator restores it")]
     Damaged,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -1020,16 +1020,25 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let every = std::time::Duration::from_secs(credits.sweep_interval_secs);
+    let worker = crate::workers::Worker::register("refunds");
     loop {
+        worker.started();
+        let mut failed = None;
         if let Err(e) = refund_due(&db, &nodes, &credits).await {
             tracing::error!("refund sweep failed: {e:#}");
+            failed = Some(format!("refund sweep: {e:#}"));
         }
         if let Err(e) = refund_rejected_uploads(&db).await {
             tracing::error!("upload refund sweep failed: {e:#}");
+            failed = Some(format!("upload refund sweep: {e:#}"));
         }
+        worker.finished(failed.map_or(Ok(()), Err));
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                worker.stopped();
+                return;
+            }
         }
     }
 }
@@ -1114,10 +1123,10 @@ pub async fn record_journal(
                 .await?;
                 metrics::counter!("manager_bytes_after_refund_total", "node" => name.clone())
                     .increment(e.bytes);
-                tracing::error!(
-                    code = "served_after_refund",
-                    node = %name, grant = log_id(g), bytes = e.bytes,
-                    "ALERT: a node served a grant that was already refunded"
+                crate::alerts::raise(
+                    "served_after_refund",
+                    "a node served a grant that was already refunded",
+                    format!("node={name} grant={} bytes={}", log_id(g), e.bytes),
                 );
                 continue;
             }

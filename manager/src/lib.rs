@@ -9,9 +9,9 @@
 //! | layer | modules |
 //! |---|---|
 //! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share) |
-//! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, and the one error → status mapping ([`http::error`]) |
+//! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, operators' worker and alert lists, and the one error → status mapping ([`http::error`]) |
 //! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
-//! | foundations | [`db`] (every query), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], `shared` |
+//! | foundations | [`db`] (every query), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), `shared` |
 
 // Assembly and HTTP.
 pub mod app;
@@ -29,6 +29,7 @@ pub mod reconcile;
 pub mod redirect;
 
 // Foundations.
+pub mod alerts;
 pub mod config;
 pub mod db;
 pub mod domain;
@@ -36,6 +37,7 @@ pub mod geo;
 pub use ::media;
 pub mod nodecall;
 pub mod nodes;
+pub mod workers;
 
 use std::{sync::Arc, time::Duration};
 

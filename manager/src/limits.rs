@@ -9,7 +9,7 @@ use std::{
 
 /// Too many attempts from this address or at this account (`rate_limited`).
 #[derive(Debug, thiserror::Error)]
-#[error("too many attempts; wait a few minutes")]
+#[error("too many attempts; wait a minute and try again")]
 pub struct RateLimited;
 
 /// Failed log-ins allowed per account, and per client address (an IPv6

@@ -299,7 +299,10 @@ impl Nodes {
     /// Probes every node every `every`, until `stop` fires.
     pub async fn monitor(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut last: HashMap<String, bool> = HashMap::new();
+        // A node failing its check is the node's state, not the worker's.
+        let worker = crate::workers::Worker::register("node-monitor");
         loop {
+            worker.started();
             for node in self.list.iter() {
                 let probed = self.probe(node).await;
                 let ok = probed.is_ok();
@@ -318,9 +321,13 @@ impl Nodes {
                     }
                 }
             }
+            worker.finished(Ok::<(), String>(()));
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    worker.stopped();
+                    return;
+                }
             }
         }
     }

@@ -113,22 +113,36 @@ pub async fn run(st: Ctx, stop: watch::Receiver<bool>) {
 }
 
 async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
+    // The transcode loops are one worker; a job's own failure is the job's
+    // (its state and error), not the worker's.
+    let worker = crate::workers::Worker::register("transcode");
     loop {
         if *stop.borrow() {
+            worker.stopped();
             return;
         }
         match db::claim_next(&st.db, LEASE_SECS).await {
             Ok(Some(asset)) => {
+                worker.started();
+                worker.progress(format!("processing {}", asset.id));
                 process(&st, asset, &stop).await;
+                worker.finished(Ok::<(), String>(()));
                 continue;
             }
             Ok(None) => {}
-            Err(e) => tracing::error!("cannot read the job queue: {e}"),
+            Err(e) => {
+                tracing::error!("cannot read the job queue: {e}");
+                worker.started();
+                worker.finished(Err(format!("cannot read the job queue: {e}")));
+            }
         }
         tokio::select! {
             _ = st.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                worker.stopped();
+                return;
+            }
         }
     }
 }
@@ -136,11 +150,17 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
 /// Retries pushes on their own schedule, so busy transcoders never starve
 /// a node that is waiting for its copy.
 async fn replication_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
+    let worker = crate::workers::Worker::register("replication");
     loop {
+        worker.started();
         replicate_due(&st).await;
+        worker.finished(Ok::<(), String>(()));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                worker.stopped();
+                return;
+            }
         }
     }
 }
@@ -508,12 +528,11 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
                 // repair this movie. Stop serving it and raise the alert.
                 if db::mark_damaged(&st.db, asset_id).await? {
                     metrics::counter!("manager_assets_damaged_total").increment(1);
-                    tracing::error!(
-                        asset = asset_id,
-                        %blob,
-                        alert = "movie_damaged",
-                        "ALERT: every copy of this movie is lost or corrupt; it is no longer served. \
-                         Restore the sealed blob into the outbox (see docs/mirrors.md)"
+                    crate::alerts::raise(
+                        "movie_damaged",
+                        "every copy of this movie is lost or corrupt; it is no longer served. \
+                         Restore the sealed blob into the outbox (see docs/mirrors.md)",
+                        format!("asset={asset_id} blob={blob}"),
                     );
                 }
                 return Ok(());

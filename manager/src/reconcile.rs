@@ -43,13 +43,20 @@ use crate::{
 pub async fn run(st: pipeline::Ctx, mut stop: watch::Receiver<bool>) {
     let every = std::time::Duration::from_secs(st.cfg.reconcile.interval_secs);
     let mut reachable: HashMap<String, bool> = HashMap::new();
+    let worker = crate::workers::Worker::register("reconcile");
     loop {
-        if let Err(e) = pass(&st, &mut reachable).await {
+        worker.started();
+        let r = pass(&st, &mut reachable).await;
+        if let Err(e) = &r {
             tracing::error!("reconciliation pass failed: {e:#}");
         }
+        worker.finished(r);
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                worker.stopped();
+                return;
+            }
         }
     }
 }
@@ -211,10 +218,10 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
     }
     metrics::gauge!("manager_assets_damaged").set(damaged as f64);
     if damaged > 0 {
-        tracing::error!(
-            count = damaged,
-            alert = "movie_damaged",
-            "ALERT: movies with no good copy left"
+        crate::alerts::raise(
+            "movie_damaged",
+            "movies with no good copy left",
+            format!("count={damaged}"),
         );
     }
     let mut by_state: HashMap<ReplicaState, i64> = HashMap::new();

@@ -31,7 +31,7 @@ pub enum RedirectError {
     #[error("{0}")]
     Token(shared::TokenError),
     /// No healthy node holds a verified copy.
-    #[error("no mirror holding this movie is reachable right now")]
+    #[error("no mirror holding this movie is reachable right now; try again in a minute")]
     NoMirror,
     /// A grant-less token minted before the movie turned paid.
     #[error("this movie now has a price: buy a view for a new media URL")]

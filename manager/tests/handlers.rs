@@ -16,6 +16,7 @@ use tower::ServiceExt;
 struct Fixture {
     _dir: tempfile::TempDir,
     app: Router,
+    db: manager::db::Db,
 }
 
 async fn fixture() -> Fixture {
@@ -54,6 +55,7 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
     Fixture {
+        db: state.db.clone(),
         app: manager::build_router(Arc::new(state)),
         _dir: dir,
     }
@@ -267,4 +269,72 @@ async fn health_exercises_the_database_and_the_disk() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["checks"]["database"], "ok");
     assert_eq!(v["checks"]["storage"], "ok");
+}
+
+/// An API token for a new account with `role`.
+async fn token_for(f: &Fixture, email: &str, role: &str) -> String {
+    let id = manager::db::create_user(&f.db, email, "x", role)
+        .await
+        .unwrap();
+    let token = manager::auth::random_token();
+    manager::db::insert_api_token(&f.db, &manager::auth::token_hash(&token), id, "t")
+        .await
+        .unwrap();
+    token
+}
+
+#[tokio::test]
+async fn operators_read_workers_and_alerts_and_nobody_else_does() {
+    let f = fixture().await;
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = Request::get(path);
+        if let Some(t) = token {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    let uploader = token_for(&f, "u@example.com", "uploader").await;
+    let operator = token_for(&f, "o@example.com", "operator").await;
+    for path in ["/api/v1/admin/workers", "/api/v1/admin/alerts"] {
+        let (s, _, body) = send(&f, get(path, None)).await;
+        assert_eq!(
+            (s, code(&body)),
+            (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+        );
+        let (s, _, body) = send(&f, get(path, Some(&uploader))).await;
+        assert_eq!(
+            (s, code(&body)),
+            (StatusCode::FORBIDDEN, "forbidden".into()),
+            "{path}"
+        );
+    }
+    // A worker's run and an alert, as the background loops report them.
+    let w = manager::workers::Worker::register("handler-test-worker");
+    w.started();
+    w.finished(Err::<(), _>("the disk is full"));
+    manager::alerts::raise("handler_test_alert", "a test alert", "detail=1".into());
+    let (s, _, body) = send(&f, get("/api/v1/admin/workers", Some(&operator))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mine = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "handler-test-worker")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(mine["state"], "idle");
+    assert_eq!(mine["runs"], 1);
+    assert_eq!(mine["failures"], 1);
+    assert_eq!(mine["last_error"], "the disk is full");
+    let (s, _, body) = send(&f, get("/api/v1/admin/alerts", Some(&operator))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alert"] == "handler_test_alert" && a["detail"] == "detail=1"),
+        "{v}"
+    );
 }

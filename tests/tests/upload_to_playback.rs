@@ -298,6 +298,30 @@ async fn a_webm_upload_is_published_on_two_mirrors_and_plays_with_ranges() {
             .unwrap();
         assert!(m.contains("_http_requests_total"), "{url}: {m}");
     }
+
+    // Every background worker has run and reports it; the one that did
+    // this movie's work counted it, and none has failed or stopped.
+    let (s, v) = cluster
+        .get_as(&cluster.api_token, "/api/v1/admin/workers")
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let workers = v["workers"].as_array().unwrap();
+    for name in [
+        "transcode",
+        "replication",
+        "reconcile",
+        "backup",
+        "refunds",
+        "node-monitor",
+    ] {
+        let w = workers
+            .iter()
+            .find(|w| w["name"] == name)
+            .unwrap_or_else(|| panic!("no worker {name}: {v}"));
+        assert!(w["runs"].as_u64().unwrap() >= 1, "{w}");
+        assert_eq!(w["failures"], 0, "{w}");
+        assert_ne!(w["state"], "stopped", "{w}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -217,3 +217,68 @@ impl IntoResponse for ApiError {
         (self.status(), Json(self.body())).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        auth::AuthError, ledger::LedgerError, limits::RateLimited, redirect::RedirectError,
+    };
+
+    /// A service's refusal reaches clients exactly as the API always said
+    /// it (status, code, words), and a service error printed on its own
+    /// (a CLI, a log) says the same words.
+    #[test]
+    fn service_errors_keep_the_api_codes_and_words() {
+        let same = |service: String, mapped: ApiError, direct: ApiError| {
+            assert_eq!(
+                (mapped.status(), mapped.code(), mapped.to_string()),
+                (direct.status(), direct.code(), direct.to_string())
+            );
+            assert_eq!(service, direct.to_string());
+        };
+        same(
+            RateLimited.to_string(),
+            RateLimited.into(),
+            ApiError::RateLimited,
+        );
+        same(
+            AuthError::Busy.to_string(),
+            AuthError::Busy.into(),
+            ApiError::Busy,
+        );
+        for (e, direct) in [
+            (LedgerError::NoMirror, ApiError::NoMirror),
+            (LedgerError::Damaged, ApiError::Damaged),
+            (LedgerError::NotPublished, ApiError::NotPublished),
+            (
+                LedgerError::TerminalNotApproved,
+                ApiError::TerminalNotApproved,
+            ),
+            (
+                LedgerError::InsufficientCredits {
+                    balance: 5,
+                    price: 9,
+                },
+                ApiError::InsufficientCredits {
+                    balance: 5,
+                    price: 9,
+                },
+            ),
+        ] {
+            same(e.to_string(), e.into(), direct);
+        }
+        same(
+            RedirectError::NoMirror.to_string(),
+            RedirectError::NoMirror.into(),
+            ApiError::NoMirror,
+        );
+        let paid: ApiError = RedirectError::PaymentRequired.into();
+        assert_eq!(
+            (paid.status(), paid.code()),
+            (StatusCode::PAYMENT_REQUIRED, "payment_required")
+        );
+        let expired: ApiError = RedirectError::Token(shared::TokenError::Expired).into();
+        assert_eq!(expired.status(), StatusCode::GONE);
+    }
+}

@@ -4,6 +4,7 @@
 //! manager knows a status code.
 
 pub mod account;
+pub mod admin;
 pub mod api;
 pub mod error;
 pub mod media;
@@ -71,6 +72,8 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/api/v1/assets/{id}/purchase", post(account::purchase_api))
         .route("/api/v1/grants/{id}", get(account::grant_status))
         .route("/api/v1/admin/grants", post(account::grant_api))
+        .route("/api/v1/admin/workers", get(admin::workers))
+        .route("/api/v1/admin/alerts", get(admin::alerts))
         .route(
             "/api/v1/terminal/buy",
             post(terminal::buy).layer(DefaultBodyLimit::max(4096)),
