@@ -12,9 +12,8 @@ pub struct AppState {
     pub master: Arc<shared::MasterKey>,
     /// Mints media URLs and their playback tokens.
     pub minter: redirect::Minter,
-    /// Wakes the pipeline when an upload lands, instead of waiting for its poll.
-    pub wake: Arc<tokio::sync::Notify>,
-    /// What ingest, replication and repair work with (shares the above).
+    /// What ingest, replication and repair work with; its `wake` is what an
+    /// upload pokes so a job loop starts at once.
     pub pipeline: crate::pipeline::Ctx,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// `cfg.public_url`, or `http://<bound address>` when that is empty.
@@ -79,29 +78,28 @@ impl AppState {
         };
         media::init().map_err(|e| anyhow::anyhow!("cannot initialise ffmpeg: {e}"))?;
         let master = Arc::new(master);
-        let wake = Arc::new(tokio::sync::Notify::new());
         let pipeline = Arc::new(crate::pipeline::Pipeline {
             db: db.clone(),
             cfg: cfg.clone(),
             nodes: nodes.clone(),
             master: master.clone(),
-            wake: wake.clone(),
+            wake: Arc::new(tokio::sync::Notify::new()),
         });
+        let public_url = public_url.trim_end_matches('/').to_string();
         let minter = redirect::Minter {
             signer,
-            public_url: public_url.trim_end_matches('/').to_string(),
+            public_url: public_url.clone(),
             token_ttl_secs: cfg.token_ttl_secs,
         };
         Ok(Self {
             secure_cookies: public_url.starts_with("https://"),
-            public_url: public_url.trim_end_matches('/').to_string(),
+            public_url,
             dummy_hash: auth::hash_password(&auth::random_token())?,
             cfg,
             db,
             nodes,
             master,
             minter,
-            wake,
             pipeline,
             metrics: shared::runtime::metrics_handle(),
             geo,
@@ -111,9 +109,7 @@ impl AppState {
             password_checks: Arc::new(tokio::sync::Semaphore::new(auth::MAX_PASSWORD_CHECKS)),
         })
     }
-}
 
-impl AppState {
     /// What a purchase needs ([`crate::ledger::Shop`]).
     pub fn shop(&self) -> crate::ledger::Shop<'_> {
         crate::ledger::Shop {

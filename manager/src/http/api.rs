@@ -343,7 +343,7 @@ pub async fn upload(
     )
     .await?;
     guard.0 = None;
-    st.wake.notify_one();
+    st.pipeline.wake.notify_one();
     metrics::counter!("manager_uploads_total", "result" => "accepted").increment(1);
     tracing::info!(asset = %asset_id, user = caller.user.id, bytes = size, "upload accepted");
 
@@ -438,7 +438,7 @@ pub async fn retry(
             message: "only a job that failed with processing_failed can be retried".into(),
         });
     }
-    st.wake.notify_one();
+    st.pipeline.wake.notify_one();
     tracing::info!(asset = %id, operator = caller.user.id, "job retried by operator");
     Ok((
         StatusCode::ACCEPTED,
