@@ -185,13 +185,21 @@ impl ClusterOpts {
     }
 }
 
-/// A port free right now on 127.0.0.1 (the kernel may hand it out again
-/// before we bind it, but not in practice within a test's lifetime).
+/// A port free right now on 127.0.0.1, for a process the test starts and
+/// may restart on the same port. Chosen below the kernel's ephemeral range
+/// (32768 and up on Linux): a port the kernel handed out (`bind 0`) is soon
+/// handed out again as the local end of some client connection, and then
+/// the process cannot bind it (this failed a restore drill in CI).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1");
 }
 
 pub struct Cluster {

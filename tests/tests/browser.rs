@@ -4,12 +4,11 @@
 //! chromedriver are installed by scripts/test; their absence fails the test.
 
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use e2e::{make_webm, Cluster};
+use e2e::{free_port, make_webm, Cluster};
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::json;
 
@@ -20,14 +19,6 @@ impl Drop for Driver {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start_chromedriver() -> (Driver, String) {
