@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use crate::{auth, db, geo, nodes, redirect, Config};
+use crate::{auth, catalog, geo, nodes, redirect, Config};
 
 pub struct AppState {
     pub cfg: Config,
-    pub db: db::Db,
+    pub db: catalog::SharedCatalog,
     pub nodes: nodes::Nodes,
     pub master: Arc<shared::MasterKey>,
     /// Mints media URLs and their playback tokens.
@@ -61,7 +61,7 @@ impl AppState {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        let db = db::open(&cfg.database_url).await.map_err(|e| {
+        let db = catalog::open(&cfg.database_url).await.map_err(|e| {
             anyhow::anyhow!("configuration field `database_url`: cannot open the database: {e:#}")
         })?;
         let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())?;
@@ -113,7 +113,7 @@ impl AppState {
     /// What a purchase needs ([`crate::ledger::Shop`]).
     pub fn shop(&self) -> crate::ledger::Shop<'_> {
         crate::ledger::Shop {
-            db: &self.db,
+            db: &*self.db,
             nodes: &self.nodes,
             playable: &self.playable,
             credits: &self.cfg.credits,

@@ -53,16 +53,12 @@ use hkdf::Hkdf;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::{BlobId, DataKey, Opener, SealError, SealReader, Secret};
-use sqlx::{
-    sqlite::{SqliteConnectOptions, SqliteJournalMode},
-    ConnectOptions, Connection, SqliteConnection,
-};
 use tokio::io::AsyncReadExt;
 use zeroize::Zeroizing;
 
 use crate::{
+    catalog::{self, Catalog, SharedCatalog},
     config::{BackupConfig, BackupNodes, NodeConfig},
-    db::Db,
     Config,
 };
 
@@ -483,141 +479,22 @@ fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
 
 // ---- snapshot and verification ------------------------------------------------
 
-/// Runs `f` where blocking is allowed: `block_in_place` on a multi-thread
-/// runtime; inline on a current-thread one (tests, where it cannot starve
-/// other tasks for long: backups of a metadata database take milliseconds).
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Row counts of every table and the schema version, on `conn`'s current
-/// transaction (or a fresh implicit one).
-async fn count_tables(
-    conn: &mut SqliteConnection,
-) -> Result<(BTreeMap<String, i64>, i64), BackupError> {
-    let names: Vec<(String,)> = sqlx::query_as(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut counts = BTreeMap::new();
-    for (name,) in names {
-        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {}", quote_ident(&name)))
-            .fetch_one(&mut *conn)
-            .await?;
-        counts.insert(name, n);
-    }
-    let schema = if counts.contains_key("_sqlx_migrations") {
-        let (v,): (i64,) = sqlx::query_as(
-            "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success = 1",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        v
-    } else {
-        0
-    };
-    Ok((counts, schema))
-}
-
-/// Copies the database into `dest` (a new file) with the online-backup API,
-/// inside one read transaction whose counts it returns.
-async fn snapshot(db: &Db, dest: &Path) -> Result<(BTreeMap<String, i64>, i64), BackupError> {
-    let mut tx = db.begin().await?;
-    // The first read starts the snapshot; it lasts until the transaction ends.
-    let (counts, schema) = count_tables(&mut tx).await?;
-    let mut target = SqliteConnectOptions::new()
-        .filename(dest)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Delete)
-        .connect()
-        .await?;
-    {
-        let mut src = tx.lock_handle().await?;
-        let mut dst = target.lock_handle().await?;
-        let (s, d) = (src.as_raw_handle().as_ptr(), dst.as_raw_handle().as_ptr());
-        // SAFETY: both handles are open connections, locked against their
-        // sqlx workers for the duration; the backup object is finished
-        // before the locks are released.
-        blocking(|| unsafe { online_backup(s, d) }).map_err(BackupError::Db)?;
-    }
-    tx.rollback().await?;
-    // The copied header says WAL (the source's mode); make the copy a
-    // self-contained rollback-journal file that opens read-only anywhere.
-    sqlx::query("PRAGMA journal_mode = DELETE")
-        .execute(&mut target)
-        .await?;
-    target.close().await?;
-    Ok((counts, schema))
-}
-
-/// # Safety
-/// `src` and `dst` must be open SQLite connections not used elsewhere meanwhile.
-unsafe fn online_backup(
-    src: *mut libsqlite3_sys::sqlite3,
-    dst: *mut libsqlite3_sys::sqlite3,
-) -> Result<(), String> {
-    use libsqlite3_sys as ffi;
-    let main = c"main";
-    let errmsg = |db: *mut ffi::sqlite3| {
-        std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db))
-            .to_string_lossy()
-            .into_owned()
-    };
-    let b = ffi::sqlite3_backup_init(dst, main.as_ptr(), src, main.as_ptr());
-    if b.is_null() {
-        return Err(format!("backup_init: {}", errmsg(dst)));
-    }
-    // -1: every page in one step, so the source's open read transaction is
-    // the only snapshot copied.
-    let step = ffi::sqlite3_backup_step(b, -1);
-    let finish = ffi::sqlite3_backup_finish(b);
-    if step != ffi::SQLITE_DONE {
-        return Err(format!(
-            "backup_step: {}",
-            std::ffi::CStr::from_ptr(ffi::sqlite3_errstr(step)).to_string_lossy()
-        ));
-    }
-    if finish != ffi::SQLITE_OK {
-        return Err(format!("backup_finish: {}", errmsg(dst)));
-    }
-    Ok(())
-}
-
 /// What a database file holds, read-only: integrity, counts, schema version.
 pub async fn inspect(path: &Path) -> Result<(BTreeMap<String, i64>, i64), BackupError> {
-    let integrity = |e: sqlx::Error| BackupError::IntegrityFailed(e.to_string());
-    let mut conn = SqliteConnectOptions::new()
-        .filename(path)
-        .read_only(true)
-        .immutable(true)
-        .connect()
+    let c = catalog::inspect_snapshot(path)
         .await
-        .map_err(integrity)?;
-    let rows: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
-        .fetch_all(&mut conn)
-        .await
-        .map_err(integrity)?;
-    if rows.len() != 1 || rows[0].0 != "ok" {
-        let mut text: String = rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; ");
-        text.truncate(500);
-        return Err(BackupError::IntegrityFailed(text));
-    }
-    let r = count_tables(&mut conn).await.map_err(|e| match e {
-        BackupError::Db(m) => BackupError::IntegrityFailed(m),
-        e => e,
-    });
-    let _ = conn.close().await;
-    r
+        .map_err(BackupError::IntegrityFailed)?;
+    Ok((c.tables, c.schema))
+}
+
+/// Copies the catalog into `dest` (a new file), consistent at one
+/// instant, and returns its counts.
+async fn snapshot(
+    db: &dyn Catalog,
+    dest: &Path,
+) -> Result<(BTreeMap<String, i64>, i64), BackupError> {
+    let c = db.snapshot(dest).await.map_err(BackupError::Db)?;
+    Ok((c.tables, c.schema))
 }
 
 fn compare(
@@ -665,7 +542,7 @@ pub async fn verify_db(path: &Path, m: &Manifest) -> Result<(), BackupError> {
 
 /// Takes a backup of `db` into `dir` and verifies it; returns its manifest.
 /// Nothing is left behind if any step fails.
-pub async fn take(db: &Db, dir: &Path) -> Result<Manifest, BackupError> {
+pub async fn take(db: &dyn Catalog, dir: &Path) -> Result<Manifest, BackupError> {
     ensure_dirs(dir)?;
     let _lock = lock_folder(dir).await?;
     // One backup per second at most, so the creation time names it uniquely
@@ -1309,7 +1186,7 @@ pub fn health(cfg: &Config) -> serde_json::Value {
 /// The scheduler inside `manager serve`: a backup when the newest is older
 /// than `interval_secs` (at once on a fresh start), pushes and prunes every
 /// `retry_secs`, and the too-old alert.
-pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(db: SharedCatalog, cfg: Config, mut stop: tokio::sync::watch::Receiver<bool>) {
     let cfg = &cfg;
     let dir = backups_dir(cfg);
     let offsite = match Offsite::from_config(cfg) {
@@ -1333,7 +1210,7 @@ pub async fn run(db: Db, cfg: Config, mut stop: tokio::sync::watch::Receiver<boo
             .is_none_or(|t| shared::runtime::unix_now() - t >= cfg.backup.interval_secs as i64);
         if due {
             worker.progress("taking a backup");
-            match take(&db, &dir).await {
+            match take(&*db, &dir).await {
                 Ok(_) => {
                     if let Err(e) = prune_local(&dir, &cfg.backup.retention()).await {
                         tracing::warn!("pruning local backups failed: {e}");
@@ -1488,8 +1365,8 @@ pub async fn cli(cmd: BackupCommand, config: Option<&Path>) -> anyhow::Result<()
 
 async fn now(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let db = crate::db::open(&cfg.database_url).await?;
-    let m = take(&db, dir)
+    let db = crate::catalog::open(&cfg.database_url).await?;
+    let m = take(&*db, dir)
         .await
         .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
     db.close().await;
@@ -1824,11 +1701,12 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
 /// (migrations/0007, `refund_freeze`). Opens the database as the manager
 /// will, so its migrations run first.
 async fn freeze_refunds(db_path: &Path, backup_at: i64) -> anyhow::Result<()> {
-    let db = crate::db::open(&format!("sqlite://{}", db_path.display())).await?;
-    crate::db::freeze_refunds(&db, backup_at, shared::runtime::unix_now()).await?;
+    let db = crate::catalog::open(&format!("sqlite://{}", db_path.display())).await?;
+    db.freeze_refunds(backup_at, shared::runtime::unix_now())
+        .await?;
     // Everything into the main file before it is renamed into place: the
     // WAL beside this temporary name would not follow it.
-    crate::db::checkpoint(&db).await?;
+    db.checkpoint().await?;
     db.close().await;
     let mut wal = db_path.as_os_str().to_owned();
     wal.push("-wal");
@@ -1911,6 +1789,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Role;
 
     const H: i64 = 3600;
     const D: i64 = 86_400;
@@ -1999,12 +1878,12 @@ mod tests {
         assert!(!format!("{k:?}").contains(&text.expose()[7..20]));
     }
 
-    async fn temp_db() -> (tempfile::TempDir, Db) {
+    async fn temp_db() -> (tempfile::TempDir, SharedCatalog) {
         let d = tempfile::tempdir().unwrap();
-        let db = crate::db::open(&format!("sqlite://{}", d.path().join("m.db").display()))
+        let db = crate::catalog::open(&format!("sqlite://{}", d.path().join("m.db").display()))
             .await
             .unwrap();
-        crate::db::create_user(&db, "a@example.com", "h", "uploader")
+        db.create_account("a@example.com", "h", Role::Uploader, 0)
             .await
             .unwrap();
         (d, db)
@@ -2014,7 +1893,7 @@ mod tests {
     async fn a_backup_is_verified_and_its_manifest_matches() {
         let (d, db) = temp_db().await;
         let dir = d.path().join("backups");
-        let m = take(&db, &dir).await.unwrap();
+        let m = take(&*db, &dir).await.unwrap();
         assert_eq!(m.tables["users"], 1);
         assert!(m.tables.contains_key("assets") && m.tables.contains_key("_sqlx_migrations"));
         assert!(m.schema_version >= 3);
@@ -2026,7 +1905,7 @@ mod tests {
         assert_eq!((bytes[18], bytes[19]), (1, 1));
         assert_eq!(list_local(&dir), vec![m.clone()]);
         // A second one gets a later, distinct time.
-        let m2 = take(&db, &dir).await.unwrap();
+        let m2 = take(&*db, &dir).await.unwrap();
         assert!(m2.created_at > m.created_at);
         assert_eq!(list_local(&dir)[0], m2);
         assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
@@ -2036,7 +1915,7 @@ mod tests {
     async fn verify_fails_on_damage_and_on_a_lying_manifest() {
         let (d, db) = temp_db().await;
         let dir = d.path().join("backups");
-        let m = take(&db, &dir).await.unwrap();
+        let m = take(&*db, &dir).await.unwrap();
         let file = dir.join(format!("{}.db", m.id));
 
         let mut wrong = m.clone();
@@ -2100,7 +1979,7 @@ mod tests {
     async fn a_sealed_bundle_opens_only_whole_and_with_its_key() {
         let (d, db) = temp_db().await;
         let dir = d.path().join("backups");
-        let m = take(&db, &dir).await.unwrap();
+        let m = take(&*db, &dir).await.unwrap();
         let key = RecoveryKey::generate();
         let (name, sealed) = ensure_sealed(&dir, &m, "listen = \"127.0.0.1:0\"\n", &key)
             .await
@@ -2194,7 +2073,7 @@ mod tests {
             (h["stale"].clone(), h["newest"].clone()),
             (true.into(), serde_json::Value::Null)
         );
-        let m = take(&db, &backups_dir(&cfg)).await.unwrap();
+        let m = take(&*db, &backups_dir(&cfg)).await.unwrap();
         let h = health(&cfg);
         assert_eq!(h["newest"], m.id.as_str());
         assert_eq!(h["stale"], false);
@@ -2280,25 +2159,20 @@ mod tests {
             let db = db.clone();
             tokio::spawn(async move {
                 for i in 0..100_000 {
-                    let mut tx = db.begin().await.unwrap();
-                    let uid =
-                        crate::db::create_user(&db, &format!("u{i}@example.com"), "h", "uploader")
-                            .await
-                            .unwrap();
-                    sqlx::query("INSERT INTO api_tokens (token_hash, user_id, label, created_at) VALUES (?, ?, 'x', 0)")
-                        .bind(format!("t{i}"))
-                        .bind(uid)
-                        .execute(&mut *tx)
+                    let uid = db
+                        .create_account(&format!("u{i}@example.com"), "h", Role::Uploader, 0)
                         .await
                         .unwrap();
-                    tx.commit().await.unwrap();
+                    db.insert_api_token(&format!("t{i}"), uid, "x")
+                        .await
+                        .unwrap();
                     tokio::task::yield_now().await;
                 }
             })
         };
         let mut seen = BTreeSet::new();
         for _ in 0..3 {
-            let m = take(&db, &dir).await.unwrap();
+            let m = take(&*db, &dir).await.unwrap();
             verify_db(&dir.join(format!("{}.db", m.id)), &m)
                 .await
                 .unwrap();

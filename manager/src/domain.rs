@@ -56,6 +56,44 @@ impl fmt::Display for AssetState {
     }
 }
 
+/// What an account may do. Operators run the site (admin API, grants);
+/// everyone else uploads, buys and watches.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
+)]
+#[sqlx(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Uploader,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Uploader => "uploader",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uploader" => Ok(Role::Uploader),
+            "operator" => Ok(Role::Operator),
+            _ => Err(format!("{s:?} is not a role (uploader, operator)")),
+        }
+    }
+}
+
 /// A copy of a movie on one node (migrations/0004_mirrors.sql).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,

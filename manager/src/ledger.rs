@@ -1,29 +1,32 @@
-//! The credits ledger (docs/credits.md).
+//! The credits ledger (docs/credits.md): the rules of money. The books
+//! themselves (rows, balances, locking) are the catalog's
+//! ([`crate::catalog::Catalog`]): every movement is an append-only ledger
+//! row and, in the same transaction, an update of the account's cached
+//! balance, which can never go below zero; [`verify_balances`] proves the
+//! cache equals the ledger sum.
 //!
-//! Every movement is a row in `ledger` (append-only: triggers refuse UPDATE
-//! and DELETE) and, in the same transaction, an update of the account's
-//! cached `users.balance`. Writers serialize on SQLite's write lock taken
-//! up front (`BEGIN IMMEDIATE`), and the debit itself is a guarded
-//! `UPDATE … WHERE balance + amount >= 0`, so two purchases racing for a
-//! balance that covers one cannot both pass, and the `CHECK (balance >= 0)`
-//! on the column refuses a negative balance even from a buggy caller.
-//! [`verify_balances`] proves the cache equals the ledger sum.
+//! This module checks what comes in (amounts, request ids, who may buy),
+//! decides whether a movie is playable before charging for it, maps the
+//! books' refusals to [`LedgerError`], and counts and logs what happened.
 //!
 //! A purchase charges the buyer, credits the uploader's share and creates
-//! the play grant in one transaction, keyed by `<buyer>:<request id>` so a
-//! retried request is charged once. Nodes journal what they served per
+//! the play grant in one catalog operation, keyed by `<buyer>:<request id>`
+//! so a retried request is charged once. Nodes journal what they served per
 //! grant and forward it ([`record_journal`]); a grant under which nothing was
 //! served is refunded by [`run`] once every node has reported past its
 //! expiry (plus `credits.refund_grace_secs`).
 
 use serde::Serialize;
-use sqlx::{Sqlite, Transaction};
 use tokio::sync::watch;
 
+pub use crate::catalog::{Approval, GrantRowView, LedgerRow, Recipients};
 use crate::{
+    catalog::{
+        self, Catalog, GrantByKey, GrantOrder, NewAsset, PurchaseOrder, PurchaseOutcome, Refused,
+        SharedCatalog, TxError,
+    },
     config::CreditsConfig,
-    db,
-    domain::AssetState,
+    domain::{AssetState, Role},
     nodes::Nodes,
     redirect::{Lookup, PlayableCache, RedirectError},
 };
@@ -82,7 +85,7 @@ impl From<RedirectError> for LedgerError {
 /// What a purchase needs besides its request: the books, which movies are
 /// playable where, and the credits rules.
 pub struct Shop<'a> {
-    pub db: &'a db::Db,
+    pub db: &'a dyn Catalog,
     pub nodes: &'a Nodes,
     pub playable: &'a PlayableCache,
     pub credits: &'a CreditsConfig,
@@ -173,198 +176,82 @@ fn check_request_id(id: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// Ledger writers of this process queue here before asking SQLite for its
-/// write lock: waiting on a mutex wakes the next writer at once, where
-/// SQLite's busy handler sleeps and retries (tail latency under load).
-static WRITERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so the checks
-/// made inside the transaction still hold when it writes; that alone is
-/// what makes writers from several processes safe. Hold the guard as long
-/// as the transaction.
-async fn begin(
-    db: &db::Db,
-) -> sqlx::Result<(
-    tokio::sync::MutexGuard<'static, ()>,
-    Transaction<'static, Sqlite>,
-)> {
-    let guard = WRITERS.lock().await;
-    let tx = db.begin_with("BEGIN IMMEDIATE").await?;
-    Ok((guard, tx))
-}
-
-#[derive(Debug)]
-pub struct Entry<'a> {
-    pub account: i64,
-    pub amount: i64,
-    pub kind: &'a str,
-    pub reference: &'a str,
-    pub idem_key: &'a str,
-    pub actor: &'a str,
-    pub reason: &'a str,
-}
-
-/// Why [`post`] did not move anything.
-#[derive(Debug)]
-enum PostError {
-    Insufficient { balance: i64 },
-    NoAccount,
-    TooRich,
-    Db(sqlx::Error),
-}
-
-impl From<sqlx::Error> for PostError {
-    fn from(e: sqlx::Error) -> Self {
-        PostError::Db(e)
-    }
-}
-
-impl From<PostError> for LedgerError {
-    fn from(e: PostError) -> Self {
+impl From<TxError> for LedgerError {
+    fn from(e: TxError) -> Self {
         match e {
-            PostError::Insufficient { balance } => LedgerError::Conflict {
-                code: "insufficient_credits",
-                message: format!("the account holds only {balance} credits"),
+            TxError::Db(e) => LedgerError::Db(e),
+            TxError::Refused(r) => match r {
+                Refused::Insufficient { balance, .. } => LedgerError::Conflict {
+                    code: "insufficient_credits",
+                    message: format!("the account holds only {balance} credits"),
+                },
+                Refused::NoAccount => LedgerError::NotFound("account"),
+                Refused::TooRich => LedgerError::Conflict {
+                    code: "balance_limit",
+                    message: format!("an account may hold at most {MAX_BALANCE} credits"),
+                },
+                Refused::EmailTaken => LedgerError::Conflict {
+                    code: "email_taken",
+                    message: "an account with this email exists; log in instead".into(),
+                },
+                Refused::NoMovie => LedgerError::NotFound("movie"),
+                Refused::NotPublished => LedgerError::NotPublished,
+                Refused::NotApproved => LedgerError::TerminalNotApproved,
+                Refused::CapReached { cap } => LedgerError::PaymentRequired {
+                    code: "daily_cap_reached",
+                    message: format!(
+                        "this purchase would pass the daily cap you set for this screen's owner \
+                         ({cap} credits in 24 hours); raise it on your account page"
+                    ),
+                },
+                Refused::Duplicate => LedgerError::Conflict {
+                    code: "request_id_reused",
+                    message: "this request id was already used for another purchase".into(),
+                },
             },
-            PostError::NoAccount => LedgerError::NotFound("account"),
-            PostError::TooRich => LedgerError::Conflict {
-                code: "balance_limit",
-                message: format!("an account may hold at most {MAX_BALANCE} credits"),
-            },
-            PostError::Db(e) => LedgerError::Db(e),
         }
     }
 }
 
-/// One movement inside the caller's transaction: the guarded balance
-/// update, then the ledger row. Returns the balance after.
-async fn post(tx: &mut Transaction<'static, Sqlite>, e: &Entry<'_>) -> Result<i64, PostError> {
-    let row: Option<(i64,)> = sqlx::query_as(
-        "UPDATE users SET balance = balance + ?1
-         WHERE id = ?2 AND balance + ?1 >= 0 AND balance + ?1 <= ?3 RETURNING balance",
-    )
-    .bind(e.amount)
-    .bind(e.account)
-    .bind(MAX_BALANCE)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((after,)) = row else {
-        let bal: Option<(i64,)> = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
-            .bind(e.account)
-            .fetch_optional(&mut **tx)
-            .await?;
-        return Err(match bal {
-            None => PostError::NoAccount,
-            Some(_) if e.amount > 0 => PostError::TooRich,
-            Some((balance,)) => PostError::Insufficient { balance },
-        });
-    };
-    sqlx::query(
-        "INSERT INTO ledger (account_id, amount, kind, reference, idem_key, actor, reason, balance_after, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(e.account)
-    .bind(e.amount)
-    .bind(e.kind)
-    .bind(e.reference)
-    .bind(e.idem_key)
-    .bind(e.actor)
-    .bind(e.reason)
-    .bind(after)
-    .bind(db::now())
-    .execute(&mut **tx)
-    .await?;
-    Ok(after)
+/// A debit refused for the balance, said as "does not cover the price".
+fn as_price(e: TxError) -> LedgerError {
+    match e {
+        TxError::Refused(Refused::Insufficient { balance, needed }) => {
+            LedgerError::InsufficientCredits {
+                balance,
+                price: needed,
+            }
+        }
+        e => e.into(),
+    }
 }
 
-async fn entry_exists(tx: &mut Transaction<'static, Sqlite>, key: &str) -> sqlx::Result<bool> {
-    let r: Option<(i64,)> = sqlx::query_as("SELECT id FROM ledger WHERE idem_key = ?")
-        .bind(key)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(r.is_some())
-}
-
-pub async fn balance(db: &db::Db, account: i64) -> sqlx::Result<i64> {
-    let (b,): (i64,) = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
-        .bind(account)
-        .fetch_one(db)
-        .await?;
-    Ok(b)
+pub async fn balance(db: &dyn Catalog, account: i64) -> sqlx::Result<i64> {
+    db.balance(account).await
 }
 
 /// Accounts whose cached balance differs from their ledger sum, as
 /// `(account, balance, ledger sum)`. Empty when the books are exact.
-pub async fn verify_balances(db: &db::Db) -> sqlx::Result<Vec<(i64, i64, i64)>> {
-    sqlx::query_as(
-        "SELECT u.id, u.balance, COALESCE(SUM(l.amount), 0) AS s FROM users u
-         LEFT JOIN ledger l ON l.account_id = u.id GROUP BY u.id HAVING u.balance <> s",
-    )
-    .fetch_all(db)
-    .await
+pub async fn verify_balances(db: &dyn Catalog) -> sqlx::Result<Vec<(i64, i64, i64)>> {
+    db.verify_balances().await
 }
 
 /// Creates an account with its signup bonus, in one transaction.
 pub async fn create_account(
-    db: &db::Db,
+    db: &dyn Catalog,
     email: &str,
     password_hash: &str,
-    role: &str,
+    role: Role,
     bonus: i64,
 ) -> Result<i64, LedgerError> {
-    let (_writer, mut tx) = begin(db).await?;
-    let r = sqlx::query(
-        "INSERT INTO users (email, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
-    )
-    .bind(email)
-    .bind(password_hash)
-    .bind(role)
-    .bind(db::now())
-    .execute(&mut *tx)
-    .await;
-    let id = match r {
-        Ok(r) => r.last_insert_rowid(),
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            return Err(LedgerError::Conflict {
-                code: "email_taken",
-                message: "an account with this email exists; log in instead".into(),
-            })
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if bonus > 0 {
-        post(
-            &mut tx,
-            &Entry {
-                account: id,
-                amount: bonus,
-                kind: "signup_bonus",
-                reference: "",
-                idem_key: &format!("signup:{id}"),
-                actor: "system",
-                reason: "signup bonus",
-            },
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(id)
-}
-
-/// Who is granted credits by an operator.
-#[derive(Debug, Clone)]
-pub enum Recipients {
-    Account(i64),
-    /// Every account created before this unix time (e.g. everyone who had
-    /// an account when an outage began).
-    CreatedBefore(i64),
+    Ok(db.create_account(email, password_hash, role, bonus).await?)
 }
 
 /// An operator grant, recorded with who and why. `key` makes it
 /// idempotent: the same key grants once per account, so a rule grant that
 /// was interrupted can simply be run again. Returns the accounts credited now.
 pub async fn grant(
-    db: &db::Db,
+    db: &dyn Catalog,
     to: &Recipients,
     amount: i64,
     actor: &str,
@@ -385,43 +272,15 @@ pub async fn grant(
             "the grant key must be 1–100 characters",
         ));
     }
-    let (_writer, mut tx) = begin(db).await?;
-    let accounts: Vec<(i64,)> = match to {
-        Recipients::Account(id) => vec![(*id,)],
-        Recipients::CreatedBefore(t) => {
-            sqlx::query_as("SELECT id FROM users WHERE created_at < ? ORDER BY id")
-                .bind(t)
-                .fetch_all(&mut *tx)
-                .await?
-        }
-    };
-    let reference = match to {
-        Recipients::Account(_) => String::new(),
-        Recipients::CreatedBefore(t) => format!("rule:created_before:{t}"),
-    };
-    let mut done = Vec::new();
-    for (id,) in accounts {
-        let idem = format!("grant:{key}:{id}");
-        if entry_exists(&mut tx, &idem).await? {
-            continue;
-        }
-        post(
-            &mut tx,
-            &Entry {
-                account: id,
-                amount,
-                kind: "grant",
-                reference: &reference,
-                idem_key: &idem,
-                actor,
-                reason,
-            },
-        )
-        .await?;
-        done.push(id);
-    }
-    tx.commit().await?;
-    Ok(done)
+    Ok(db
+        .grant_credits(&GrantOrder {
+            to,
+            amount,
+            actor,
+            reason,
+            key,
+        })
+        .await?)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -479,7 +338,7 @@ pub async fn purchase(
         }
         Lookup::Damaged => return Err(LedgerError::Damaged),
         Lookup::Gone => {
-            return Err(match db::asset(shop.db, asset_id).await? {
+            return Err(match shop.db.asset(asset_id).await? {
                 None => LedgerError::NotFound("movie"),
                 Some(a) if a.state == AssetState::Rejected => LedgerError::Conflict {
                     code: "movie_rejected",
@@ -489,148 +348,56 @@ pub async fn purchase(
             })
         }
     }
-    let t = db::now();
-    let (_writer, mut tx) = begin(shop.db).await?;
-    // A concurrent retry of the same request may win the race to here: the
-    // grant's UNIQUE request key then refuses our insert below and the
-    // whole transaction rolls back (see the end of this function).
-    let Some((price, seller, state)): Option<(i64, i64, String)> =
-        sqlx::query_as("SELECT price, owner_id, state FROM assets WHERE id = ?")
-            .bind(asset_id)
-            .fetch_optional(&mut *tx)
-            .await?
-    else {
-        return Err(LedgerError::NotFound("movie"));
+    let t = catalog::now();
+    let grant_id = uuid::Uuid::new_v4().simple().to_string();
+    let order = PurchaseOrder {
+        buyer,
+        asset_id,
+        request_key: &request_key,
+        grant_id: &grant_id,
+        source,
+        terminal_owner,
+        uploader_share_percent: shop.credits.uploader_share_percent as i64,
+        window_secs: shop.credits.grant_window_secs as i64,
+        cap_window_secs: CAP_WINDOW_SECS,
+        now: t,
     };
-    if state != "published" {
-        return Err(LedgerError::NotPublished);
-    }
-    let window = shop.credits.grant_window_secs as i64;
-    if price == 0 || seller == buyer {
-        let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
-            .bind(buyer)
-            .fetch_one(&mut *tx)
-            .await?;
-        return Ok(Purchase {
+    match shop.db.purchase(&order).await {
+        Ok(PurchaseOutcome::Free { balance }) => Ok(Purchase {
             grant_id: None,
             asset_id: asset_id.into(),
             price: 0,
             expires_at: t + shop.token_ttl_secs as i64,
             charged_now: false,
             balance,
-        });
-    }
-    if let Some(owner) = terminal_owner.filter(|o| *o != buyer) {
-        // Inside the write transaction: two purchases racing for the last
-        // of the cap cannot both see room for themselves.
-        let cap: Option<(i64,)> = sqlx::query_as(
-            "SELECT daily_cap FROM terminal_approvals WHERE user_id = ? AND owner_id = ?",
-        )
-        .bind(buyer)
-        .bind(owner)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((cap,)) = cap else {
-            return Err(LedgerError::TerminalNotApproved);
-        };
-        let (spent,): (i64,) = sqlx::query_as(
-            "SELECT COALESCE(SUM(price), 0) FROM play_grants
-             WHERE buyer_id = ? AND terminal_owner_id = ? AND created_at > ? AND state = 'active'",
-        )
-        .bind(buyer)
-        .bind(owner)
-        .bind(t - CAP_WINDOW_SECS)
-        .fetch_one(&mut *tx)
-        .await?;
-        if spent + price > cap {
-            return Err(LedgerError::PaymentRequired {
-                code: "daily_cap_reached",
-                message: format!(
-                    "this purchase would pass the daily cap you set for this screen's owner \
-                     ({cap} credits in 24 hours); raise it on your account page"
-                ),
-            });
+        }),
+        Ok(PurchaseOutcome::Charged {
+            price,
+            expires_at,
+            balance,
+        }) => {
+            metrics::counter!("manager_purchases_total").increment(1);
+            tracing::info!(grant = log_id(&grant_id), asset = %asset_id, buyer, price, "view purchased");
+            Ok(Purchase {
+                grant_id: Some(grant_id),
+                asset_id: asset_id.into(),
+                price,
+                expires_at,
+                charged_now: true,
+                balance,
+            })
         }
-    }
-    let share = price * shop.credits.uploader_share_percent as i64 / 100;
-    let grant_id = uuid::Uuid::new_v4().simple().to_string();
-    let actor = format!("{source}:{buyer}");
-    let balance = match post(
-        &mut tx,
-        &Entry {
-            account: buyer,
-            amount: -price,
-            kind: "purchase",
-            reference: &grant_id,
-            idem_key: &format!("purchase:{grant_id}"),
-            actor: &actor,
-            reason: asset_id,
-        },
-    )
-    .await
-    {
-        Ok(b) => b,
-        Err(PostError::Insufficient { balance }) => {
-            return Err(LedgerError::InsufficientCredits { balance, price })
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if share > 0 {
-        post(
-            &mut tx,
-            &Entry {
-                account: seller,
-                amount: share,
-                kind: "sale",
-                reference: &grant_id,
-                idem_key: &format!("sale:{grant_id}"),
-                actor: &actor,
-                reason: asset_id,
-            },
-        )
-        .await?;
-    }
-    let inserted = sqlx::query(
-        "INSERT INTO play_grants (id, asset_id, buyer_id, seller_id, price, seller_share, request_key,
-         source, created_at, expires_at, terminal_owner_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&grant_id)
-    .bind(asset_id)
-    .bind(buyer)
-    .bind(seller)
-    .bind(price)
-    .bind(share)
-    .bind(&request_key)
-    .bind(source)
-    .bind(t)
-    .bind(t + window)
-    .bind(terminal_owner)
-    .execute(&mut *tx)
-    .await;
-    match inserted {
-        Ok(_) => {}
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
-            drop(tx); // rolls back the charge
-            drop(_writer);
-            return existing_purchase(shop.db, &request_key, asset_id, origin, buyer)
+        // A concurrent retry of the same request was recorded first:
+        // answer as that one did.
+        Err(TxError::Refused(Refused::Duplicate)) => {
+            existing_purchase(shop.db, &request_key, asset_id, origin, buyer)
                 .await?
                 .ok_or_else(|| {
                     LedgerError::Internal(anyhow::anyhow!("grant for {request_key} vanished"))
-                });
+                })
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(as_price(e)),
     }
-    tx.commit().await?;
-    metrics::counter!("manager_purchases_total").increment(1);
-    tracing::info!(grant = log_id(&grant_id), asset = %asset_id, buyer, price, "view purchased");
-    Ok(Purchase {
-        grant_id: Some(grant_id),
-        asset_id: asset_id.into(),
-        price,
-        expires_at: t + window,
-        charged_now: true,
-        balance,
-    })
 }
 
 // ---- consent to in-world purchases ------------------------------------------
@@ -639,44 +406,19 @@ pub async fn purchase(
 /// cannot be spent twice around midnight.
 pub const CAP_WINDOW_SECS: i64 = 24 * 3600;
 
-/// An account's consent to purchases through one owner's terminals.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct Approval {
-    pub owner_id: i64,
-    pub daily_cap: i64,
-    pub via_terminal: String,
-    pub created_at: i64,
-    /// Credits spent through this owner's terminals in the last 24 hours.
-    pub spent_24h: i64,
-}
-
-const APPROVALS: &str = "SELECT a.owner_id, a.daily_cap, a.via_terminal, a.created_at,
-     (SELECT COALESCE(SUM(g.price), 0) FROM play_grants g
-      WHERE g.buyer_id = a.user_id AND g.terminal_owner_id = a.owner_id
-        AND g.created_at > ? AND g.state = 'active') AS spent_24h
-     FROM terminal_approvals a WHERE a.user_id = ?";
-
-pub async fn approval(db: &db::Db, user: i64, owner: i64) -> sqlx::Result<Option<Approval>> {
-    sqlx::query_as(&format!("{APPROVALS} AND a.owner_id = ?"))
-        .bind(db::now() - CAP_WINDOW_SECS)
-        .bind(user)
-        .bind(owner)
-        .fetch_optional(db)
+pub async fn approval(db: &dyn Catalog, user: i64, owner: i64) -> sqlx::Result<Option<Approval>> {
+    db.approval(user, owner, catalog::now() - CAP_WINDOW_SECS)
         .await
 }
 
-pub async fn approvals(db: &db::Db, user: i64) -> sqlx::Result<Vec<Approval>> {
-    sqlx::query_as(&format!("{APPROVALS} ORDER BY a.created_at DESC"))
-        .bind(db::now() - CAP_WINDOW_SECS)
-        .bind(user)
-        .fetch_all(db)
-        .await
+pub async fn approvals(db: &dyn Catalog, user: i64) -> sqlx::Result<Vec<Approval>> {
+    db.approvals(user, catalog::now() - CAP_WINDOW_SECS).await
 }
 
 /// Approves (or changes the cap of) purchases by `user` through the
 /// terminals of `owner`.
 pub async fn approve(
-    db: &db::Db,
+    db: &dyn Catalog,
     user: i64,
     owner: i64,
     daily_cap: i64,
@@ -688,32 +430,14 @@ pub async fn approve(
             format!("the daily cap is a whole number of credits, 1 to {MAX_AMOUNT}"),
         )
     })?;
-    sqlx::query(
-        "INSERT INTO terminal_approvals (user_id, owner_id, daily_cap, via_terminal, created_at)
-         VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (user_id, owner_id) DO UPDATE SET daily_cap = excluded.daily_cap",
-    )
-    .bind(user)
-    .bind(owner)
-    .bind(daily_cap)
-    .bind(via_terminal)
-    .bind(db::now())
-    .execute(db)
-    .await?;
+    db.approve(user, owner, daily_cap, via_terminal).await?;
     Ok(())
 }
 
 /// Withdraws consent at once; `false` when there was none.
-pub async fn revoke(db: &db::Db, user: i64, owner: i64) -> sqlx::Result<bool> {
-    let r = sqlx::query("DELETE FROM terminal_approvals WHERE user_id = ? AND owner_id = ?")
-        .bind(user)
-        .bind(owner)
-        .execute(db)
-        .await?;
-    Ok(r.rows_affected() > 0)
+pub async fn revoke(db: &dyn Catalog, user: i64, owner: i64) -> sqlx::Result<bool> {
+    db.revoke(user, owner).await
 }
-
-type GrantRow = (String, String, i64, i64, String, Option<i64>);
 
 /// Where a purchase was asked from: a retry must come from the same place.
 #[derive(Debug, Clone, Copy)]
@@ -725,62 +449,53 @@ pub struct Origin<'a> {
 }
 
 fn purchase_from(
-    row: GrantRow,
+    row: GrantByKey,
     asset_id: &str,
     origin: Origin<'_>,
     balance: i64,
 ) -> Result<Purchase, LedgerError> {
-    let (id, asset, price, expires_at, source, terminal_owner) = row;
     // Request ids are the client's choice ("1" will do): a retry that
     // names another movie, or comes through another source or another
     // owner's screen, is a different purchase, never the old grant.
-    if asset != asset_id || source != origin.source || terminal_owner != origin.terminal_owner {
+    if row.asset_id != asset_id
+        || row.source != origin.source
+        || row.terminal_owner_id != origin.terminal_owner
+    {
         return Err(LedgerError::Conflict {
             code: "request_id_reused",
             message: "this request id was already used for another purchase".into(),
         });
     }
     Ok(Purchase {
-        grant_id: Some(id),
-        asset_id: asset,
-        price,
-        expires_at,
+        grant_id: Some(row.id),
+        asset_id: row.asset_id,
+        price: row.price,
+        expires_at: row.expires_at,
         charged_now: false,
         balance,
     })
 }
 
-const GRANT_BY_KEY: &str = "SELECT id, asset_id, price, expires_at, source, terminal_owner_id
-     FROM play_grants WHERE request_key = ?";
-
 async fn existing_purchase(
-    db: &db::Db,
+    db: &dyn Catalog,
     key: &str,
     asset_id: &str,
     origin: Origin<'_>,
     buyer: i64,
 ) -> Result<Option<Purchase>, LedgerError> {
-    let row: Option<GrantRow> = sqlx::query_as(GRANT_BY_KEY)
-        .bind(key)
-        .fetch_optional(db)
-        .await?;
-    match row {
+    match db.grant_by_request(key).await? {
         None => Ok(None),
         Some(r) => Ok(Some(purchase_from(
             r,
             asset_id,
             origin,
-            balance(db, buyer).await?,
+            db.balance(buyer).await?,
         )?)),
     }
 }
 
-pub async fn price(db: &db::Db, asset_id: &str) -> sqlx::Result<i64> {
-    let r: Option<(i64,)> = sqlx::query_as("SELECT price FROM assets WHERE id = ?")
-        .bind(asset_id)
-        .fetch_optional(db)
-        .await?;
-    Ok(r.map(|r| r.0).unwrap_or(0))
+pub async fn price(db: &dyn Catalog, asset_id: &str) -> sqlx::Result<i64> {
+    db.price(asset_id).await
 }
 
 // ---- upload costs -----------------------------------------------------------
@@ -790,7 +505,7 @@ pub async fn price(db: &db::Db, asset_id: &str) -> sqlx::Result<i64> {
 /// or neither (`insufficient_credits`, and the caller's staging guard
 /// removes the file).
 pub async fn insert_asset_paid(
-    db: &db::Db,
+    db: &dyn Catalog,
     cost: i64,
     id: &str,
     owner: i64,
@@ -798,85 +513,28 @@ pub async fn insert_asset_paid(
     source_name: &str,
     source_bytes: i64,
 ) -> Result<(), LedgerError> {
-    let (_writer, mut tx) = begin(db).await?;
-    let t = db::now();
-    sqlx::query(
-        "INSERT INTO assets (id, owner_id, title, state, source_name, source_bytes, created_at, updated_at)
-         VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(title)
-    .bind(source_name)
-    .bind(source_bytes)
-    .bind(t)
-    .bind(t)
-    .execute(&mut *tx)
-    .await?;
-    if cost > 0 {
-        let r = post(
-            &mut tx,
-            &Entry {
-                account: owner,
-                amount: -cost,
-                kind: "upload",
-                reference: id,
-                idem_key: &format!("upload:{id}"),
-                actor: &format!("user:{owner}"),
-                reason: title,
-            },
-        )
-        .await;
-        match r {
-            Ok(_) => {}
-            Err(PostError::Insufficient { balance }) => {
-                return Err(LedgerError::InsufficientCredits {
-                    balance,
-                    price: cost,
-                })
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    tx.commit().await?;
-    Ok(())
+    let asset = NewAsset {
+        id,
+        owner,
+        title,
+        source_name,
+        source_bytes,
+    };
+    db.insert_asset_paid(&asset, cost).await.map_err(as_price)
 }
 
 /// Gives back the upload cost of every movie that ended `rejected`
 /// (nothing is hosted for it): once per movie, by idempotency key.
-pub async fn refund_rejected_uploads(db: &db::Db) -> anyhow::Result<usize> {
-    let due: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT a.id, a.owner_id, -l.amount FROM assets a
-         JOIN ledger l ON l.idem_key = 'upload:' || a.id
-         WHERE a.state = 'rejected'
-           AND NOT EXISTS (SELECT 1 FROM ledger r WHERE r.idem_key = 'upload-refund:' || a.id)
-         LIMIT 500",
-    )
-    .fetch_all(db)
-    .await?;
+pub async fn refund_rejected_uploads(db: &dyn Catalog) -> anyhow::Result<usize> {
     let mut n = 0;
-    for (id, owner, cost) in due {
-        let (_writer, mut tx) = begin(db).await?;
-        let key = format!("upload-refund:{id}");
-        if entry_exists(&mut tx, &key).await? {
-            continue;
+    for u in db.unrefunded_rejected_uploads(500).await? {
+        let done = db
+            .refund_upload(&u, "the upload was rejected; nothing is hosted")
+            .await
+            .map_err(|e| anyhow::anyhow!("upload refund of {}: {e}", u.id))?;
+        if done {
+            n += 1;
         }
-        post(
-            &mut tx,
-            &Entry {
-                account: owner,
-                amount: cost,
-                kind: "refund",
-                reference: &id,
-                idem_key: &key,
-                actor: "system",
-                reason: "the upload was rejected; nothing is hosted",
-            },
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("upload refund of {id}: {e:?}"))?;
-        tx.commit().await?;
-        n += 1;
     }
     Ok(n)
 }
@@ -887,14 +545,11 @@ pub async fn refund_rejected_uploads(db: &db::Db) -> anyhow::Result<usize> {
 /// configured node has delivered its journal `refund_grace_secs` past the
 /// grant's expiry. Returns how many were refunded.
 pub async fn refund_due(
-    db: &db::Db,
+    db: &dyn Catalog,
     nodes: &[String],
     credits: &CreditsConfig,
 ) -> anyhow::Result<usize> {
-    let contacts: Vec<(String, i64)> =
-        sqlx::query_as("SELECT node, watermark FROM journal_contacts")
-            .fetch_all(db)
-            .await?;
+    let contacts = db.journal_watermarks().await?;
     let mut horizon = i64::MAX;
     for n in nodes {
         match contacts.iter().find(|(name, _)| name == n) {
@@ -907,114 +562,37 @@ pub async fn refund_due(
     // are gone from our books: grants whose window reached into that gap
     // are never refunded automatically, and nothing is refunded until
     // every node's watermark has passed the restore (docs/backup.md).
-    let (not_restored,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM refund_freeze WHERE restored_at > ?")
-            .bind(horizon)
-            .fetch_one(db)
-            .await?;
-    if not_restored > 0 {
+    if db.restores_after(horizon).await? > 0 {
         return Ok(0);
     }
     let grace = credits.refund_grace_secs as i64;
-    // Grants a restore froze are left out here, in the query, so however
-    // many there are they never crowd the due ones out of the batch. Times
-    // are whole seconds: a grant bought in the backup's own second counts
-    // as frozen (it may have been in the gap; erring towards no refund).
-    let due: Vec<(String,)> = sqlx::query_as(
-        "SELECT g.id FROM play_grants g
-         WHERE g.state = 'active' AND g.bytes_served = 0 AND g.expires_at <= ?1
-           AND NOT EXISTS (SELECT 1 FROM refund_freeze f
-                           WHERE g.created_at <= f.backup_at AND g.expires_at + ?2 > f.safe_until)
-         ORDER BY g.expires_at LIMIT 500",
-    )
-    .bind(horizon - grace)
-    .bind(grace)
-    .fetch_all(db)
-    .await?;
+    // Times are whole seconds: a grant bought in the backup's own second
+    // counts as frozen (it may have been in the gap; erring towards no
+    // refund).
     let mut n = 0;
-    for (id,) in due {
-        if refund(db, &id).await? {
+    for id in db.unserved_grants_due(horizon - grace, grace, 500).await? {
+        let refunded = db
+            .refund_grant(&id)
+            .await
+            .map_err(|e| anyhow::anyhow!("refund of {}: {e}", log_id(&id)))?;
+        if let Some(r) = refunded {
+            metrics::counter!("manager_grants_refunded_total").increment(1);
+            tracing::info!(
+                grant = log_id(&id),
+                buyer = r.buyer,
+                price = r.price,
+                absorbed = r.absorbed,
+                "unplayed grant refunded"
+            );
             n += 1;
         }
     }
     Ok(n)
 }
 
-/// Refunds one unplayed grant: the buyer gets the price back and the
-/// uploader's share is reversed, as far as the uploader's balance allows
-/// (balances never go negative; the site absorbs a shortfall, and the
-/// entry's reason says so).
-async fn refund(db: &db::Db, grant_id: &str) -> anyhow::Result<bool> {
-    let (_writer, mut tx) = begin(db).await?;
-    let row: Option<(i64, i64, i64, i64, String)> = sqlx::query_as(
-        "UPDATE play_grants SET state = 'refunded' WHERE id = ? AND state = 'active' AND bytes_served = 0
-         RETURNING buyer_id, seller_id, price, seller_share, asset_id",
-    )
-    .bind(grant_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((buyer, seller, price, share, asset)) = row else {
-        return Ok(false);
-    };
-    post(
-        &mut tx,
-        &Entry {
-            account: buyer,
-            amount: price,
-            kind: "refund",
-            reference: grant_id,
-            idem_key: &format!("refund:{grant_id}"),
-            actor: "system",
-            reason: &format!("nothing of {asset} was served within the grant's window"),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("refund of {grant_id}: {e:?}"))?;
-    if share > 0 {
-        let (seller_balance,): (i64,) = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
-            .bind(seller)
-            .fetch_one(&mut *tx)
-            .await?;
-        let take = share.min(seller_balance);
-        if take > 0 {
-            let reason = if take < share {
-                format!(
-                    "sale not delivered; {} credits absorbed by the site",
-                    share - take
-                )
-            } else {
-                "sale not delivered".to_string()
-            };
-            post(
-                &mut tx,
-                &Entry {
-                    account: seller,
-                    amount: -take,
-                    kind: "sale_reversal",
-                    reference: grant_id,
-                    idem_key: &format!("reversal:{grant_id}"),
-                    actor: "system",
-                    reason: &reason,
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("reversal of {grant_id}: {e:?}"))?;
-        }
-    }
-    tx.commit().await?;
-    metrics::counter!("manager_grants_refunded_total").increment(1);
-    tracing::info!(
-        grant = log_id(grant_id),
-        buyer,
-        price,
-        "unplayed grant refunded"
-    );
-    Ok(true)
-}
-
 /// The refund sweeper: every `credits.sweep_interval_secs` until `stop`.
 pub async fn run(
-    db: db::Db,
+    db: SharedCatalog,
     nodes: Vec<String>,
     credits: CreditsConfig,
     mut stop: watch::Receiver<bool>,
@@ -1024,11 +602,11 @@ pub async fn run(
     loop {
         worker.started();
         let mut failed = None;
-        if let Err(e) = refund_due(&db, &nodes, &credits).await {
+        if let Err(e) = refund_due(&*db, &nodes, &credits).await {
             tracing::error!("refund sweep failed: {e:#}");
             failed = Some(format!("refund sweep: {e:#}"));
         }
-        if let Err(e) = refund_rejected_uploads(&db).await {
+        if let Err(e) = refund_rejected_uploads(&*db).await {
             tracing::error!("upload refund sweep failed: {e:#}");
             failed = Some(format!("upload refund sweep: {e:#}"));
         }
@@ -1052,7 +630,7 @@ const MAX_EVENTS_PER_BATCH: usize = 1000;
 /// exactly once (`(node, id)` is unique) and records the node's watermark,
 /// in one transaction. Answers how many were new.
 pub async fn record_journal(
-    db: &db::Db,
+    db: &dyn Catalog,
     name: String,
     body: &[u8],
 ) -> Result<shared::protocol::JournalReceipt, LedgerError> {
@@ -1082,140 +660,45 @@ pub async fn record_journal(
             ));
         }
     }
-    let now = db::now();
-    let (_writer, mut tx) = begin(db).await?;
-    let mut applied = 0u64;
-    for e in &batch.events {
-        let r = sqlx::query(
-            "INSERT INTO view_events (node, event_id, grant_id, asset_id, bytes, first_at, last_at, received_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, event_id) DO NOTHING",
-        )
-        .bind(&name)
-        .bind(&e.id)
-        .bind(&e.grant)
-        .bind(&e.asset)
-        .bind(e.bytes as i64)
-        .bind(e.first_at)
-        .bind(e.last_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() == 0 {
-            continue;
-        }
-        applied += 1;
-        if let Some(g) = &e.grant {
-            let refunded: Option<(String,)> =
-                sqlx::query_as("SELECT state FROM play_grants WHERE id = ? AND state = 'refunded'")
-                    .bind(g)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if refunded.is_some() {
-                // A view we refunded was served after all: the refund
-                // rule failed somewhere. Kept apart, never added (the
-                // money already went back), and raised for the operator.
-                sqlx::query(
-                    "UPDATE view_events SET after_refund = 1 WHERE node = ? AND event_id = ?",
-                )
-                .bind(&name)
-                .bind(&e.id)
-                .execute(&mut *tx)
-                .await?;
-                metrics::counter!("manager_bytes_after_refund_total", "node" => name.clone())
-                    .increment(e.bytes);
-                crate::alerts::raise(
-                    "served_after_refund",
-                    "a node served a grant that was already refunded",
-                    format!("node={name} grant={} bytes={}", log_id(g), e.bytes),
-                );
-                continue;
-            }
-            sqlx::query(
-                "UPDATE play_grants SET bytes_served = bytes_served + ?,
-                 first_served_at = MIN(COALESCE(first_served_at, ?), ?),
-                 last_served_at = MAX(COALESCE(last_served_at, ?), ?)
-                 WHERE id = ? AND asset_id = ?",
-            )
-            .bind(e.bytes as i64)
-            .bind(e.first_at)
-            .bind(e.first_at)
-            .bind(e.last_at)
-            .bind(e.last_at)
-            .bind(g)
-            .bind(&e.asset)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
+    let now = catalog::now();
     // The node's watermark on our clock: moved back by as far as its clock
     // runs ahead of ours (never forward for one that runs behind), and
     // never past our own now.
     let ahead = (batch.now - now).max(0);
     let watermark = (batch.watermark - ahead).min(now).max(0);
-    sqlx::query(
-        "INSERT INTO journal_contacts (node, seen_at, watermark) VALUES (?, ?, ?)
-         ON CONFLICT (node) DO UPDATE SET seen_at = MAX(seen_at, excluded.seen_at),
-         watermark = MAX(watermark, excluded.watermark)",
-    )
-    .bind(&name)
-    .bind(now)
-    .bind(watermark)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    metrics::counter!("manager_view_events_total", "node" => name.clone()).increment(applied);
+    let done = db
+        .apply_journal(&name, &batch.events, watermark, now)
+        .await?;
+    for (grant, bytes) in &done.after_refund {
+        // A view we refunded was served after all: the refund rule failed
+        // somewhere. Kept apart by the books, and raised for the operator.
+        metrics::counter!("manager_bytes_after_refund_total", "node" => name.clone())
+            .increment(*bytes);
+        crate::alerts::raise(
+            "served_after_refund",
+            "a node served a grant that was already refunded",
+            format!("node={name} grant={} bytes={bytes}", log_id(grant)),
+        );
+    }
+    metrics::counter!("manager_view_events_total", "node" => name.clone()).increment(done.applied);
     // How far behind each node's journal is: now minus this (operators'
     // "journal lag"; refunds wait for the lowest).
     metrics::gauge!("manager_node_watermark_seconds", "node" => name.clone()).set(watermark as f64);
     Ok(shared::protocol::JournalReceipt {
         node: name,
-        applied,
-        duplicates: batch.events.len() as u64 - applied,
+        applied: done.applied,
+        duplicates: batch.events.len() as u64 - done.applied,
     })
 }
 
 // ---- reading ----------------------------------------------------------------
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct LedgerRow {
-    pub id: i64,
-    pub amount: i64,
-    pub kind: String,
-    pub reference: String,
-    pub actor: String,
-    pub reason: String,
-    pub balance_after: i64,
-    pub created_at: i64,
+pub async fn history(db: &dyn Catalog, account: i64, limit: i64) -> sqlx::Result<Vec<LedgerRow>> {
+    db.history(account, limit).await
 }
 
-pub async fn history(db: &db::Db, account: i64, limit: i64) -> sqlx::Result<Vec<LedgerRow>> {
-    sqlx::query_as(
-        "SELECT id, amount, kind, reference, actor, reason, balance_after, created_at FROM ledger
-         WHERE account_id = ? ORDER BY id DESC LIMIT ?",
-    )
-    .bind(account)
-    .bind(limit)
-    .fetch_all(db)
-    .await
-}
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct GrantRowView {
-    pub id: String,
-    pub asset_id: String,
-    pub price: i64,
-    pub state: String,
-    pub expires_at: i64,
-    pub bytes_served: i64,
-}
-
-pub async fn grant_view(db: &db::Db, id: &str) -> sqlx::Result<Option<GrantRowView>> {
-    sqlx::query_as(
-        "SELECT id, asset_id, price, state, expires_at, bytes_served FROM play_grants WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(db)
-    .await
+pub async fn grant_view(db: &dyn Catalog, id: &str) -> sqlx::Result<Option<GrantRowView>> {
+    db.grant_view(id).await
 }
 
 #[cfg(test)]
@@ -1241,9 +724,9 @@ mod tests {
         }
     }
 
-    async fn fresh() -> (tempfile::TempDir, db::Db) {
+    async fn fresh() -> (tempfile::TempDir, catalog::SharedCatalog) {
         let dir = tempfile::tempdir().unwrap();
-        let db = db::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        let db = catalog::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
             .await
             .unwrap();
         (dir, db)
@@ -1279,59 +762,45 @@ mod tests {
     #[tokio::test]
     async fn signup_bonus_grants_and_the_append_only_ledger() {
         let (_d, db) = fresh().await;
-        let a = create_account(&db, "a@x", "h", "uploader", 1000)
+        let a = create_account(&*db, "a@x", "h", Role::Uploader, 1000)
             .await
             .unwrap();
-        let b = create_account(&db, "b@x", "h", "uploader", 0)
+        let b = create_account(&*db, "b@x", "h", Role::Uploader, 0)
             .await
             .unwrap();
-        assert_eq!(balance(&db, a).await.unwrap(), 1000);
-        assert_eq!(balance(&db, b).await.unwrap(), 0);
-        let e = create_account(&db, "a@x", "h", "uploader", 1000)
+        assert_eq!(balance(&*db, a).await.unwrap(), 1000);
+        assert_eq!(balance(&*db, b).await.unwrap(), 0);
+        let e = create_account(&*db, "a@x", "h", Role::Uploader, 1000)
             .await
             .unwrap_err();
         assert_eq!(e.code(), "email_taken");
         // A rule grant reaches everyone created before the cut-off, once per key.
-        let everyone = Recipients::CreatedBefore(db::now() + 10);
-        let got = grant(&db, &everyone, 50, "operator:o", "outage", "k1")
+        let everyone = Recipients::CreatedBefore(catalog::now() + 10);
+        let got = grant(&*db, &everyone, 50, "operator:o", "outage", "k1")
             .await
             .unwrap();
         assert_eq!(got, vec![a, b]);
-        let again = grant(&db, &everyone, 50, "operator:o", "outage", "k1")
+        let again = grant(&*db, &everyone, 50, "operator:o", "outage", "k1")
             .await
             .unwrap();
         assert!(again.is_empty(), "the same key grants once");
-        assert_eq!(balance(&db, a).await.unwrap(), 1050);
+        assert_eq!(balance(&*db, a).await.unwrap(), 1050);
         assert_eq!(
-            grant(&db, &Recipients::Account(a), 0, "o", "x", "k2")
+            grant(&*db, &Recipients::Account(a), 0, "o", "x", "k2")
                 .await
                 .unwrap_err()
                 .code(),
             "amount_invalid"
         );
         assert_eq!(
-            grant(&db, &Recipients::Account(a), 5, "o", " ", "k3")
+            grant(&*db, &Recipients::Account(a), 5, "o", " ", "k3")
                 .await
                 .unwrap_err()
                 .code(),
             "reason_missing"
         );
-        assert!(verify_balances(&db).await.unwrap().is_empty());
-        // Append-only, and no balance below zero even by hand.
-        assert!(sqlx::query("UPDATE ledger SET amount = 1")
-            .execute(&db)
-            .await
-            .is_err());
-        assert!(sqlx::query("DELETE FROM ledger")
-            .execute(&db)
-            .await
-            .is_err());
-        assert!(sqlx::query("UPDATE users SET balance = -1 WHERE id = ?")
-            .bind(b)
-            .execute(&db)
-            .await
-            .is_err());
-        let h = history(&db, a, 10).await.unwrap();
+        assert!(verify_balances(&*db).await.unwrap().is_empty());
+        let h = history(&*db, a, 10).await.unwrap();
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].kind, "grant");
         assert_eq!(h[0].balance_after, 1050);
@@ -1340,72 +809,29 @@ mod tests {
     #[tokio::test]
     async fn uploads_are_charged_with_their_row_and_refunded_when_rejected() {
         let (_d, db) = fresh().await;
-        let a = create_account(&db, "a@x", "h", "uploader", 25)
+        let a = create_account(&*db, "a@x", "h", Role::Uploader, 25)
             .await
             .unwrap();
-        insert_asset_paid(&db, 10, "m1", a, "M1", "m1.mp4", 1)
+        insert_asset_paid(&*db, 10, "m1", a, "M1", "m1.mp4", 1)
             .await
             .unwrap();
-        insert_asset_paid(&db, 10, "m2", a, "M2", "m2.mp4", 1)
+        insert_asset_paid(&*db, 10, "m2", a, "M2", "m2.mp4", 1)
             .await
             .unwrap();
-        let e = insert_asset_paid(&db, 10, "m3", a, "M3", "m3.mp4", 1)
+        let e = insert_asset_paid(&*db, 10, "m3", a, "M3", "m3.mp4", 1)
             .await
             .unwrap_err();
         assert_eq!(e.code(), "insufficient_credits");
-        assert!(
-            db::asset(&db, "m3").await.unwrap().is_none(),
-            "no unpaid row"
-        );
-        assert_eq!(balance(&db, a).await.unwrap(), 5);
-        db::reject(&db, "m1", "not_media", "x").await.unwrap();
-        assert_eq!(refund_rejected_uploads(&db).await.unwrap(), 1);
-        assert_eq!(refund_rejected_uploads(&db).await.unwrap(), 0, "once");
-        assert_eq!(balance(&db, a).await.unwrap(), 15);
-        insert_asset_paid(&db, 0, "m4", a, "Free", "m4.mp4", 1)
+        assert!(db.asset("m3").await.unwrap().is_none(), "no unpaid row");
+        assert_eq!(balance(&*db, a).await.unwrap(), 5);
+        db.reject("m1", "not_media", "x").await.unwrap();
+        assert_eq!(refund_rejected_uploads(&*db).await.unwrap(), 1);
+        assert_eq!(refund_rejected_uploads(&*db).await.unwrap(), 0, "once");
+        assert_eq!(balance(&*db, a).await.unwrap(), 15);
+        insert_asset_paid(&*db, 0, "m4", a, "Free", "m4.mp4", 1)
             .await
             .unwrap();
-        assert_eq!(balance(&db, a).await.unwrap(), 15);
-        assert!(verify_balances(&db).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn racing_debits_for_one_balance_succeed_once() {
-        let (_d, db) = fresh().await;
-        let a = create_account(&db, "a@x", "h", "uploader", 100)
-            .await
-            .unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..8 {
-            let db = db.clone();
-            tasks.push(tokio::spawn(async move {
-                // Without the in-process queue, as writers in two
-                // processes would race: SQLite's lock and the guard decide.
-                let mut tx = db.begin_with("BEGIN IMMEDIATE").await.unwrap();
-                let key = format!("t{i}");
-                let r = post(
-                    &mut tx,
-                    &Entry {
-                        account: a,
-                        amount: -60,
-                        kind: "purchase",
-                        reference: "",
-                        idem_key: &key,
-                        actor: "t",
-                        reason: "",
-                    },
-                )
-                .await;
-                tx.commit().await.unwrap();
-                r.is_ok()
-            }));
-        }
-        let mut ok = 0;
-        for t in tasks {
-            ok += t.await.unwrap() as usize;
-        }
-        assert_eq!(ok, 1);
-        assert_eq!(balance(&db, a).await.unwrap(), 40);
-        assert!(verify_balances(&db).await.unwrap().is_empty());
+        assert_eq!(balance(&*db, a).await.unwrap(), 15);
+        assert!(verify_balances(&*db).await.unwrap().is_empty());
     }
 }

@@ -11,7 +11,7 @@
 //! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share) |
 //! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, operators' worker and alert lists, and the one error → status mapping ([`http::error`]) |
 //! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
-//! | foundations | [`db`] (every query), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), `shared` |
+//! | foundations | [`catalog`] (the `Catalog` trait and its SQLite backend: every SQL statement), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), `shared` |
 
 // Assembly and HTTP.
 pub mod app;
@@ -30,8 +30,8 @@ pub mod redirect;
 
 // Foundations.
 pub mod alerts;
+pub mod catalog;
 pub mod config;
-pub mod db;
 pub mod domain;
 pub mod geo;
 pub use ::media;

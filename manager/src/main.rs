@@ -1,7 +1,11 @@
 use std::{io::Read, path::PathBuf};
 
 use clap::{Parser, Subcommand};
-use manager::{auth, db, Config};
+use manager::{
+    auth,
+    catalog::{self, Refused, TxError},
+    Config,
+};
 
 /// The manager: web site, JSON API, ingest pipeline and redirector.
 #[derive(Parser)]
@@ -25,8 +29,8 @@ enum Command {
     CreateUser {
         #[arg(long)]
         email: String,
-        #[arg(long, default_value = "uploader", value_parser = ["uploader", "operator"])]
-        role: String,
+        #[arg(long, default_value = "uploader")]
+        role: manager::domain::Role,
         #[arg(long)]
         generate_password: bool,
     },
@@ -166,7 +170,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             // Refuse to run broken: a damaged database is not served from.
-            manager::db::quick_check(&cfg.database_url)
+            manager::catalog::quick_check(&cfg.database_url)
                 .await
                 .map_err(|e| {
                     anyhow::anyhow!(
@@ -199,10 +203,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(email.contains('@'), "`--email` must be an email address");
             let db = open_db(&cfg).await?;
             let hash = auth::hash_password(&password)?;
-            db::create_user(&db, &email, &hash, &role)
+            // No signup bonus: an operator made this account by hand.
+            db.create_account(&email, &hash, role, 0)
                 .await
                 .map_err(|e| match e {
-                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    TxError::Refused(Refused::EmailTaken) => {
                         anyhow::anyhow!("an account for {email} already exists")
                     }
                     e => e.into(),
@@ -215,11 +220,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CreateToken { email, label } => {
             let db = open_db(&cfg).await?;
-            let user = db::user_by_email(&db, &email.trim().to_lowercase())
+            let user = db
+                .user_by_email(&email.trim().to_lowercase())
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no account for {email}"))?;
             let token = format!("slm_{}", auth::random_token());
-            db::insert_api_token(&db, &auth::token_hash(&token), user.id, &label).await?;
+            db.insert_api_token(&auth::token_hash(&token), user.id, &label)
+                .await?;
             println!("{token}");
             Ok(())
         }
@@ -239,7 +246,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let amount = manager::ledger::parse_amount_text(&amount).map_err(fail)?;
             let to = match (email, created_before) {
                 (Some(email), None) => {
-                    let user = db::user_by_email(&db, &email.trim().to_lowercase())
+                    let user = db
+                        .user_by_email(&email.trim().to_lowercase())
                         .await?
                         .ok_or_else(|| anyhow::anyhow!("no account for {email}"))?;
                     manager::ledger::Recipients::Account(user.id)
@@ -249,7 +257,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             let key = key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let done =
-                manager::ledger::grant(&db, &to, amount, &format!("operator:{by}"), &reason, &key)
+                manager::ledger::grant(&*db, &to, amount, &format!("operator:{by}"), &reason, &key)
                     .await
                     .map_err(fail)?;
             println!("{}", done.len());
@@ -265,9 +273,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn open_db(cfg: &Config) -> anyhow::Result<db::Db> {
+async fn open_db(cfg: &Config) -> anyhow::Result<catalog::SharedCatalog> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    db::open(&cfg.database_url).await
+    catalog::open(&cfg.database_url).await
 }
 
 fn hex32() -> String {

@@ -1,7 +1,7 @@
 //! The ingest pipeline: probe → transcode → seal → replicate → publish.
 //!
 //! Jobs are rows in `assets`, not in memory. A worker claims one under a
-//! lease it renews every second ([`db::claim_next`], [`db::renew_lease`]); a
+//! lease it renews every second ([`catalog::claim_next`], [`catalog::renew_lease`]); a
 //! crash or restart requeues any asset caught mid-step and the step runs
 //! again from the staged source, which is deleted only after the sealed blob
 //! is recorded. Internal failures back off and give up after
@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::{
-    db,
+    catalog,
     domain::{AssetState, ReplicaState},
     media,
     nodes::Nodes,
@@ -44,7 +44,7 @@ use crate::{
 /// What ingest and replication work with; also the reconciler's, which
 /// repairs through [`replicate_asset`].
 pub struct Pipeline {
-    pub db: db::Db,
+    pub db: catalog::SharedCatalog,
     /// Folders, transcode settings, media limits, `min_replicas`.
     pub cfg: Config,
     pub nodes: Nodes,
@@ -94,7 +94,7 @@ pub async fn run(st: Ctx, stop: watch::Receiver<bool>) {
     // The embedded SQLite database belongs to one manager process, so at
     // start every job caught mid-step was left by a process that is gone.
     // (Managers sharing a PostgreSQL database rely on the leases instead.)
-    match db::requeue_interrupted(&st.db).await {
+    match st.db.requeue_interrupted().await {
         Ok(0) => {}
         Ok(n) => tracing::info!(count = n, "requeued jobs interrupted by the last shutdown"),
         Err(e) => tracing::error!("cannot requeue interrupted jobs: {e}"),
@@ -121,7 +121,7 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
             worker.stopped();
             return;
         }
-        match db::claim_next(&st.db, LEASE_SECS).await {
+        match st.db.claim_next(LEASE_SECS).await {
             Ok(Some(asset)) => {
                 worker.started();
                 worker.progress(format!("processing {}", asset.id));
@@ -172,13 +172,13 @@ struct LeaseKeeper(tokio::task::JoinHandle<()>);
 
 impl LeaseKeeper {
     /// Renews `id`'s lease (to [`LEASE_SECS`] from now) every `every`.
-    fn start(db: db::Db, id: String, every: Duration) -> LeaseKeeper {
+    fn start(db: catalog::SharedCatalog, id: String, every: Duration) -> LeaseKeeper {
         LeaseKeeper(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = db::renew_lease(&db, &id, LEASE_SECS).await {
+                if let Err(e) = db.renew_lease(&id, LEASE_SECS).await {
                     tracing::warn!(asset = %id, "cannot renew the job's lease: {e}");
                 }
             }
@@ -192,7 +192,7 @@ impl Drop for LeaseKeeper {
     }
 }
 
-async fn process(st: &Pipeline, asset: db::Asset, stop: &watch::Receiver<bool>) {
+async fn process(st: &Pipeline, asset: catalog::Asset, stop: &watch::Receiver<bool>) {
     let id = asset.id.clone();
     let span = tracing::info_span!("job", asset = %id);
     let lease = LeaseKeeper::start(
@@ -207,14 +207,14 @@ async fn process(st: &Pipeline, asset: db::Asset, stop: &watch::Receiver<bool>) 
         Err(StepError::Rejected { code, message }) => {
             tracing::info!(code, "upload rejected: {message}");
             clear_rejected(st, &id);
-            if let Err(e) = db::reject(&st.db, &id, code, &message).await {
+            if let Err(e) = st.db.reject(&id, code, &message).await {
                 tracing::error!("cannot record the rejection: {e}");
             }
             metrics::counter!("manager_assets_total", "outcome" => "rejected").increment(1);
         }
         Err(StepError::Interrupted) => {
             tracing::info!("job interrupted by shutdown; it resumes at next start");
-            if let Err(e) = db::requeue(&st.db, &id).await {
+            if let Err(e) = st.db.requeue(&id).await {
                 tracing::error!("cannot requeue the job: {e}");
             }
         }
@@ -225,7 +225,7 @@ async fn process(st: &Pipeline, asset: db::Asset, stop: &watch::Receiver<bool>) 
             if attempts >= MAX_JOB_ATTEMPTS {
                 // The source stays in staging so an operator can retry.
                 tracing::error!(attempts, "job failed for good: {e:#}");
-                let _ = db::reject(&st.db, &id, "processing_failed", "We could not process this file after several tries. The operator has been told; please try again later.").await;
+                let _ = st.db.reject(&id, "processing_failed", "We could not process this file after several tries. The operator has been told; please try again later.").await;
                 metrics::counter!("manager_assets_total", "outcome" => "failed").increment(1);
             } else {
                 let delay = backoff_secs(attempts);
@@ -234,7 +234,7 @@ async fn process(st: &Pipeline, asset: db::Asset, stop: &watch::Receiver<bool>) 
                     retry_in_secs = delay,
                     "job failed, will retry: {e:#}"
                 );
-                if let Err(e) = db::retry_later(&st.db, &id, delay).await {
+                if let Err(e) = st.db.retry_later(&id, delay).await {
                     tracing::error!("cannot requeue the job: {e}");
                 }
             }
@@ -256,7 +256,7 @@ impl<E: Into<anyhow::Error>> From<E> for StepError {
 
 async fn run_steps(
     st: &Pipeline,
-    asset: &db::Asset,
+    asset: &catalog::Asset,
     stop: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
     let id = asset.id.as_str();
@@ -268,7 +268,7 @@ async fn run_steps(
         });
     }
 
-    db::set_state(&st.db, id, AssetState::Probing).await?;
+    st.db.set_state(id, AssetState::Probing).await?;
     let probe_src = src.clone();
     let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
     let info = info.map_err(media_rejection)?;
@@ -276,7 +276,7 @@ async fn run_steps(
     media::validate(&info, file_len, &st.cfg.media_limits()).map_err(media_rejection)?;
     tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
 
-    db::set_state(&st.db, id, AssetState::Transcoding).await?;
+    st.db.set_state(id, AssetState::Transcoding).await?;
     let out = mp4_path(st, id);
     let cancel = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
@@ -305,8 +305,8 @@ async fn run_steps(
                 r = &mut job => break r?,
                 _ = tick.tick() => {
                     let p = f32::from_bits(progress.load(Ordering::Relaxed));
-                    let _ = db::set_progress(&st.db, id, p as f64).await;
-                    if let Ok(true) = db::renew_lease(&st.db, id, LEASE_SECS).await {
+                    let _ = st.db.set_progress(id, p as f64).await;
+                    if let Ok(true) = st.db.renew_lease(id, LEASE_SECS).await {
                         cancel.store(true, Ordering::Relaxed);
                     }
                 }
@@ -342,18 +342,13 @@ async fn run_steps(
         Err(e) => tracing::warn!(code = e.code(), "no poster: {e}"),
     }
     metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
-    db::set_media_info(
-        &st.db,
-        id,
-        output.width,
-        output.height,
-        output.duration_secs,
-    )
-    .await?;
+    st.db
+        .set_media_info(id, output.width, output.height, output.duration_secs)
+        .await?;
 
     // Last point where a cancel applies: after sealing the job is done.
     // One conditional update, so a cancel racing this line still wins.
-    if !db::start_sealing(&st.db, id).await? {
+    if !st.db.start_sealing(id).await? {
         return Err(cancelled_or_interrupted(st, id).await);
     }
     let key = DataKey::generate();
@@ -366,16 +361,16 @@ async fn run_steps(
     let dest = outbox_path(st, &blob);
     std::fs::rename(&part, &dest)?;
     fsync_dir(&st.cfg.outbox_dir())?;
-    db::record_sealed(
-        &st.db,
-        id,
-        &blob.to_string(),
-        sealed_len,
-        plain_len,
-        &wrapped,
-        &st.nodes.names(),
-    )
-    .await?;
+    st.db
+        .record_sealed(
+            id,
+            &blob.to_string(),
+            sealed_len,
+            plain_len,
+            &wrapped,
+            &st.nodes.names(),
+        )
+        .await?;
     // Only now is the source redundant: the sealed blob and its key are recorded.
     clear_staging(st, id);
     tracing::info!(%blob, sealed_len, plain_len, "sealed");
@@ -393,7 +388,7 @@ async fn run_steps(
 /// can never be finished: the job was requeued and seals afresh. Such files
 /// are removed at start, before any worker runs. Returns how many.
 pub async fn clear_orphaned_outbox(st: &Pipeline) -> anyhow::Result<usize> {
-    let referenced = db::referenced_blobs(&st.db).await?;
+    let referenced = st.db.referenced_blobs().await?;
     let mut removed = 0;
     for entry in std::fs::read_dir(st.cfg.outbox_dir())? {
         let path = entry?.path();
@@ -418,7 +413,7 @@ pub async fn clear_orphaned_outbox(st: &Pipeline) -> anyhow::Result<usize> {
 
 /// Why a job stopped early: its uploader cancelled it, or we are shutting down.
 async fn cancelled_or_interrupted(st: &Pipeline, id: &str) -> StepError {
-    match db::cancel_requested(&st.db, id).await {
+    match st.db.cancel_requested(id).await {
         Ok(true) => StepError::Rejected {
             code: "cancelled",
             message: "Cancelled by its uploader.".into(),
@@ -490,7 +485,7 @@ enum Source<'a> {
 /// Pushes the asset's blob to every node that lacks a verified copy, all at
 /// once, then publishes if enough copies are verified.
 pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()> {
-    let Some(asset) = db::asset(&st.db, asset_id).await? else {
+    let Some(asset) = st.db.asset(asset_id).await? else {
         return Ok(());
     };
     let Some(blob) = asset
@@ -501,8 +496,8 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
         return Ok(());
     };
     let file = outbox_path(st, &blob);
-    let replicas = db::replicas(&st.db, asset_id).await?;
-    let pending: Vec<&db::Replica> = replicas
+    let replicas = st.db.replicas(asset_id).await?;
+    let pending: Vec<&catalog::Replica> = replicas
         .iter()
         .filter(|r| {
             matches!(
@@ -526,7 +521,7 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
             None if holders.is_empty() => {
                 // No verified copy anywhere and no outbox copy: nothing can
                 // repair this movie. Stop serving it and raise the alert.
-                if db::mark_damaged(&st.db, asset_id).await? {
+                if st.db.mark_damaged(asset_id).await? {
                     metrics::counter!("manager_assets_damaged_total").increment(1);
                     crate::alerts::raise(
                         "movie_damaged",
@@ -540,15 +535,15 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
             None => {
                 // Verified copies exist but their nodes are down: wait.
                 for r in &pending {
-                    let next = db::now() + backoff_secs(r.attempts);
-                    db::replica_failed(
-                        &st.db,
-                        asset_id,
-                        &r.node,
-                        "no healthy node holds a verified copy to repair from",
-                        next,
-                    )
-                    .await?;
+                    let next = catalog::now() + backoff_secs(r.attempts);
+                    st.db
+                        .replica_failed(
+                            asset_id,
+                            &r.node,
+                            "no healthy node holds a verified copy to repair from",
+                            next,
+                        )
+                        .await?;
                 }
                 return Ok(());
             }
@@ -581,23 +576,26 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
             Ok(()) => {
                 tracing::info!(asset = asset_id, node = %r.node, from = %from, kind, "replica verified");
                 metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "ok", "kind" => kind).increment(1);
-                db::replica_verified(&st.db, asset_id, &r.node).await?;
+                st.db.replica_verified(asset_id, &r.node).await?;
             }
             Err(e) => {
                 tracing::warn!(asset = asset_id, node = %r.node, from = %from, kind, attempt = r.attempts + 1, "push failed: {e}");
                 metrics::counter!("manager_replica_pushes_total", "node" => r.node.clone(), "result" => "failed", "kind" => kind).increment(1);
-                let next = db::now() + backoff_secs(r.attempts);
-                db::replica_failed(&st.db, asset_id, &r.node, &e, next).await?;
+                let next = catalog::now() + backoff_secs(r.attempts);
+                st.db.replica_failed(asset_id, &r.node, &e, next).await?;
             }
         }
     }
     if asset.state == AssetState::Replicating
-        && db::publish_if_replicated(&st.db, asset_id, st.cfg.min_replicas).await?
+        && st
+            .db
+            .publish_if_replicated(asset_id, st.cfg.min_replicas)
+            .await?
     {
         tracing::info!(asset = asset_id, "published");
         metrics::counter!("manager_assets_total", "outcome" => "published").increment(1);
     }
-    if db::all_verified(&st.db, asset_id).await? {
+    if st.db.all_verified(asset_id).await? {
         // Every configured node holds a verified copy; the outbox copy has
         // done its job. Repairs from here on copy from a verified node.
         let _ = tokio::fs::remove_file(&file).await;
@@ -606,7 +604,7 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
 }
 
 async fn replicate_due(st: &Pipeline) {
-    let due = match db::due_replicas(&st.db).await {
+    let due = match st.db.due_replicas().await {
         Ok(d) => d,
         Err(e) => {
             tracing::error!("cannot read pending replicas: {e}");
@@ -629,29 +627,34 @@ mod tests {
     #[tokio::test]
     async fn a_job_keeps_its_lease_for_as_long_as_it_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let db = db::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        let cat = catalog::sqlite::SqliteCatalog::open(&format!(
+            "sqlite://{}",
+            dir.path().join("t.db").display()
+        ))
+        .await
+        .unwrap();
+        let db: catalog::SharedCatalog = std::sync::Arc::new(cat.clone());
+        let owner = db
+            .create_account("o@x", "h", crate::domain::Role::Uploader, 0)
             .await
             .unwrap();
-        let owner = db::create_user(&db, "o@x", "h", "uploader").await.unwrap();
-        db::insert_asset(&db, "j", owner, "J", "j.mp4", 1)
-            .await
-            .unwrap();
+        db.insert_asset("j", owner, "J", "j.mp4", 1).await.unwrap();
         // Claimed with a lease that has already run out, as a long step
         // (sealing a big file) would leave it without renewal.
-        db::claim_next(&db, -1).await.unwrap().unwrap();
-        let lease = |db: db::Db| async move {
+        db.claim_next(-1).await.unwrap().unwrap();
+        let lease = |cat: catalog::sqlite::SqliteCatalog| async move {
             let (t,): (i64,) = sqlx::query_as("SELECT lease_until FROM assets WHERE id = 'j'")
-                .fetch_one(&db)
+                .fetch_one(cat.pool())
                 .await
                 .unwrap();
             t
         };
-        assert!(lease(db.clone()).await < db::now());
+        assert!(lease(cat.clone()).await < catalog::now());
         let keeper = LeaseKeeper::start(db.clone(), "j".into(), Duration::from_millis(50));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(lease(db.clone()).await >= db::now() + LEASE_SECS - 2);
+        assert!(lease(cat.clone()).await >= catalog::now() + LEASE_SECS - 2);
         assert!(
-            db::claim_next(&db, 30).await.unwrap().is_none(),
+            db.claim_next(30).await.unwrap().is_none(),
             "nobody else takes a job whose lease is kept"
         );
         drop(keeper);

@@ -10,16 +10,16 @@
 //! bound to the node's own request (`shared::nodeauth`), so nobody on the
 //! path can feed a node a forged or replayed one.
 
-use crate::db;
+use crate::catalog;
 
 /// Sets a view price (0 = free). A free movie turning paid enters a new
 /// price epoch, which retires every grant-less media URL handed out before.
-pub async fn set_price(db: &db::Db, asset_id: &str, price: i64) -> sqlx::Result<()> {
-    db::set_price(db, asset_id, price).await
+pub async fn set_price(db: &dyn catalog::Catalog, asset_id: &str, price: i64) -> sqlx::Result<()> {
+    db.set_price(asset_id, price).await
 }
 
 /// Every movie with a price and its epoch: what a node needs to refuse
 /// grant-less tokens minted before the movie became paid.
-pub async fn paid_epochs(db: &db::Db) -> sqlx::Result<Vec<(String, i64)>> {
-    db::paid_epochs(db).await
+pub async fn paid_epochs(db: &dyn catalog::Catalog) -> sqlx::Result<Vec<(String, i64)>> {
+    db.paid_epochs().await
 }

@@ -34,7 +34,7 @@ use shared::BlobId;
 use tokio::sync::watch;
 
 use crate::{
-    db,
+    catalog,
     domain::ReplicaState,
     pipeline::{self, Pipeline},
 };
@@ -63,7 +63,7 @@ pub async fn run(st: pipeline::Ctx, mut stop: watch::Receiver<bool>) {
 
 /// One comparison of every node with the catalog.
 pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyhow::Result<()> {
-    let (retired, added) = db::sync_replica_nodes(&st.db, &st.nodes.names()).await?;
+    let (retired, added) = st.db.sync_replica_nodes(&st.nodes.names()).await?;
     if retired > 0 {
         tracing::warn!(
             count = retired,
@@ -73,20 +73,22 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
     if added > 0 {
         tracing::info!(count = added, "replicas added for configured nodes");
     }
-    let assets = db::mirrored_assets(&st.db).await?;
-    let replicas: HashMap<(String, String), db::Replica> = db::mirrored_replicas(&st.db)
+    let assets = st.db.mirrored_assets().await?;
+    let replicas: HashMap<(String, String), catalog::Replica> = st
+        .db
+        .mirrored_replicas()
         .await?
         .into_iter()
         .map(|r| ((r.asset_id.clone(), r.node.clone()), r))
         .collect();
-    let referenced = db::referenced_blobs(&st.db).await?;
+    let referenced = st.db.referenced_blobs().await?;
     let grace = st.cfg.reconcile.unreferenced_grace_secs as i64;
 
     for node in st.nodes.list.iter() {
         let name = node.cfg.name.clone();
         // Evidence gathered from here on is newer than any push verified
         // before this instant, and only such pushes may be undone by it.
-        let observed = db::now();
+        let observed = catalog::now();
         let inv = match st.nodes.inventory(node).await {
             Ok(i) => i,
             Err(e) => {
@@ -99,7 +101,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
         };
         metrics::gauge!("manager_node_inventory_ok", "node" => name.clone()).set(1.0);
         if reachable.insert(name.clone(), true) != Some(true) {
-            let n = db::replicas_due_now(&st.db, &name).await?;
+            let n = st.db.replicas_due_now(&name).await?;
             if n > 0 {
                 tracing::info!(node = %name, count = n, "node reachable; its waiting copies are due now");
             }
@@ -117,7 +119,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             }
             match good.get(a.blob_id.as_str()) {
                 Some(h) if h.size as i64 == a.sealed_len => {
-                    if db::replica_seen_good(&st.db, &a.id, &name, h.verified_at).await? {
+                    if st.db.replica_seen_good(&a.id, &name, h.verified_at).await? {
                         tracing::info!(asset = %a.id, node = %name, was = %r.state, "node holds a good copy; replica verified");
                     }
                 }
@@ -133,7 +135,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
                         None => "missing from the node's inventory".to_string(),
                     };
                     if r.state == ReplicaState::Verified
-                        && db::replica_lost(&st.db, &a.id, &name, &reason, observed).await?
+                        && st.db.replica_lost(&a.id, &name, &reason, observed).await?
                     {
                         tracing::warn!(asset = %a.id, node = %name, "verified copy lost: {reason}; repairing");
                         metrics::counter!("manager_replicas_lost_total", "node" => name.clone())
@@ -153,8 +155,11 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
                 continue;
             };
             unreferenced += 1;
-            let first = db::note_unreferenced(&st.db, &name, &h.blob, h.size as i64).await?;
-            let age = db::now() - first;
+            let first = st
+                .db
+                .note_unreferenced(&name, &h.blob, h.size as i64)
+                .await?;
+            let age = catalog::now() - first;
             if first >= observed {
                 tracing::warn!(node = %name, %blob, size = h.size, grace_secs = grace,
                     "blob referenced by no movie; it will be deleted after the grace period");
@@ -162,7 +167,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             if age >= grace {
                 match st.nodes.delete_blob(node, &blob).await {
                     Ok(()) => {
-                        db::drop_unreferenced(&st.db, &name, &h.blob).await?;
+                        st.db.drop_unreferenced(&name, &h.blob).await?;
                         metrics::counter!("manager_unreferenced_blobs_deleted_total", "node" => name.clone())
                             .increment(1);
                         tracing::warn!(node = %name, %blob, age_secs = age, "unreferenced blob deleted");
@@ -174,14 +179,14 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
                 }
             }
         }
-        db::forget_unreferenced(&st.db, &name, observed).await?;
+        st.db.forget_unreferenced(&name, observed).await?;
         metrics::gauge!("manager_unreferenced_blobs", "node" => name.clone())
             .set(unreferenced as f64);
         metrics::gauge!("manager_node_inventory_blobs", "node" => name.clone())
             .set(inv.blobs.len() as f64);
         metrics::gauge!("manager_node_quarantined_blobs", "node" => name.clone())
             .set(inv.quarantined.len() as f64);
-        let now = db::now();
+        let now = catalog::now();
         let oldest = inv
             .blobs
             .iter()
@@ -199,18 +204,20 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             .parse::<BlobId>()
             .map(|b| pipeline::outbox_path(st, &b).exists())
             .unwrap_or(false);
-        let on_a_node = db::replicas(&st.db, &a.id)
+        let on_a_node = st
+            .db
+            .replicas(&a.id)
             .await?
             .iter()
             .any(|r| r.state == ReplicaState::Verified);
-        if (in_outbox || on_a_node) && db::undamage(&st.db, &a.id).await? {
+        if (in_outbox || on_a_node) && st.db.undamage(&a.id).await? {
             tracing::warn!(asset = %a.id, in_outbox, on_a_node, "damaged movie has a good copy again; replicating");
             pipeline::replicate_asset(st, &a.id).await?;
         }
     }
 
     let mut damaged = 0;
-    for (state, n) in db::asset_state_counts(&st.db).await? {
+    for (state, n) in st.db.asset_state_counts().await? {
         metrics::gauge!("manager_assets", "state" => state.clone()).set(n as f64);
         if state == "damaged" {
             damaged = n;
@@ -225,7 +232,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
         );
     }
     let mut by_state: HashMap<ReplicaState, i64> = HashMap::new();
-    for r in db::mirrored_replicas(&st.db).await? {
+    for r in st.db.mirrored_replicas().await? {
         *by_state.entry(r.state).or_default() += 1;
     }
     for s in [
@@ -244,27 +251,26 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
 
 #[cfg(test)]
 mod tests {
-    use crate::db;
+    use crate::catalog;
 
-    async fn sealed_asset() -> (tempfile::TempDir, db::Db) {
+    async fn sealed_asset() -> (tempfile::TempDir, catalog::SharedCatalog) {
         let dir = tempfile::tempdir().unwrap();
-        let db = db::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        let db = catalog::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
             .await
             .unwrap();
-        let owner = db::create_user(&db, "a@example.com", "x", "uploader")
+        let owner = db
+            .create_account("a@example.com", "x", crate::domain::Role::Uploader, 0)
             .await
             .unwrap();
-        db::insert_asset(&db, "m", owner, "M", "m.mp4", 10)
-            .await
-            .unwrap();
+        db.insert_asset("m", owner, "M", "m.mp4", 10).await.unwrap();
         let nodes = ["utah".to_string(), "toronto".to_string()];
-        db::record_sealed(&db, "m", &"ab".repeat(32), 100, 90, b"k", &nodes)
+        db.record_sealed("m", &"ab".repeat(32), 100, 90, b"k", &nodes)
             .await
             .unwrap();
         (dir, db)
     }
 
-    fn state_of(rs: &[db::Replica], node: &str) -> String {
+    fn state_of(rs: &[catalog::Replica], node: &str) -> String {
         rs.iter()
             .find(|r| r.node == node)
             .unwrap()
@@ -275,34 +281,35 @@ mod tests {
     #[tokio::test]
     async fn a_copy_is_downgraded_only_by_evidence_newer_than_its_proof() {
         let (_d, db) = sealed_asset().await;
-        db::replica_verified(&db, "m", "utah").await.unwrap();
-        db::replica_verified(&db, "m", "toronto").await.unwrap();
-        assert!(db::publish_if_replicated(&db, "m", 2).await.unwrap());
-        let proof = db::replicas(&db, "m").await.unwrap()[0]
-            .verified_at
-            .unwrap();
+        db.replica_verified("m", "utah").await.unwrap();
+        db.replica_verified("m", "toronto").await.unwrap();
+        assert!(db.publish_if_replicated("m", 2).await.unwrap());
+        let proof = db.replicas("m").await.unwrap()[0].verified_at.unwrap();
         // An inventory gathered before the push was verified proves nothing.
-        assert!(!db::replica_lost(&db, "m", "utah", "missing", proof)
+        assert!(!db
+            .replica_lost("m", "utah", "missing", proof)
             .await
             .unwrap());
-        assert!(db::replica_lost(&db, "m", "utah", "missing", proof + 1)
+        assert!(db
+            .replica_lost("m", "utah", "missing", proof + 1)
             .await
             .unwrap());
-        let rs = db::replicas(&db, "m").await.unwrap();
+        let rs = db.replicas("m").await.unwrap();
         assert_eq!(state_of(&rs, "utah"), "repairing");
         // A failed repair stays `repairing` (and keeps its reason visible).
-        db::replica_failed(&db, "m", "utah", "unreachable", 0)
+        db.replica_failed("m", "utah", "unreachable", 0)
             .await
             .unwrap();
         assert_eq!(
-            state_of(&db::replicas(&db, "m").await.unwrap(), "utah"),
+            state_of(&db.replicas("m").await.unwrap(), "utah"),
             "repairing"
         );
         // A copy the node lists again is verified with the node's proof time.
-        assert!(db::replica_seen_good(&db, "m", "utah", Some(proof + 50))
+        assert!(db
+            .replica_seen_good("m", "utah", Some(proof + 50))
             .await
             .unwrap());
-        let rs = db::replicas(&db, "m").await.unwrap();
+        let rs = db.replicas("m").await.unwrap();
         assert_eq!(state_of(&rs, "utah"), "verified");
         assert_eq!(
             rs.iter().find(|r| r.node == "utah").unwrap().verified_at,
@@ -313,28 +320,23 @@ mod tests {
     #[tokio::test]
     async fn damaged_only_without_a_verified_copy_and_back_when_one_appears() {
         let (_d, db) = sealed_asset().await;
-        db::replica_verified(&db, "m", "toronto").await.unwrap();
-        assert!(
-            !db::mark_damaged(&db, "m").await.unwrap(),
-            "toronto holds one"
-        );
-        let hit = db::replicas_quarantined(&db, "toronto", &"ab".repeat(32), "scrub")
+        db.replica_verified("m", "toronto").await.unwrap();
+        assert!(!db.mark_damaged("m").await.unwrap(), "toronto holds one");
+        let hit = db
+            .replicas_quarantined("toronto", &"ab".repeat(32), "scrub")
             .await
             .unwrap();
         assert_eq!(hit, vec!["m".to_string()]);
-        assert!(db::mark_damaged(&db, "m").await.unwrap());
-        assert!(
-            !db::mark_damaged(&db, "m").await.unwrap(),
-            "alert raised once"
-        );
-        let a = db::asset(&db, "m").await.unwrap().unwrap();
+        assert!(db.mark_damaged("m").await.unwrap());
+        assert!(!db.mark_damaged("m").await.unwrap(), "alert raised once");
+        let a = db.asset("m").await.unwrap().unwrap();
         assert_eq!(
             (a.state.as_str(), a.error_code.as_deref()),
             ("damaged", Some("movie_damaged"))
         );
-        assert!(db::undamage(&db, "m").await.unwrap());
+        assert!(db.undamage("m").await.unwrap());
         assert_eq!(
-            db::asset(&db, "m").await.unwrap().unwrap().state.as_str(),
+            db.asset("m").await.unwrap().unwrap().state.as_str(),
             "replicating"
         );
     }
@@ -343,32 +345,26 @@ mod tests {
     async fn removed_nodes_are_retired_and_new_ones_get_a_replica() {
         let (_d, db) = sealed_asset().await;
         let now_nodes = ["toronto".to_string(), "paris".to_string()];
-        assert_eq!(
-            db::sync_replica_nodes(&db, &now_nodes).await.unwrap(),
-            (1, 1)
-        );
-        let rs = db::replicas(&db, "m").await.unwrap();
+        assert_eq!(db.sync_replica_nodes(&now_nodes).await.unwrap(), (1, 1));
+        let rs = db.replicas("m").await.unwrap();
         assert_eq!(state_of(&rs, "utah"), "retired");
         assert_eq!(state_of(&rs, "paris"), "pending");
         // Retired replicas are never due and do not hold back "all verified".
-        let due = db::due_replicas(&db).await.unwrap();
+        let due = db.due_replicas().await.unwrap();
         assert!(due.iter().all(|r| r.node != "utah"), "{due:?}");
-        db::replica_verified(&db, "m", "toronto").await.unwrap();
-        db::replica_verified(&db, "m", "paris").await.unwrap();
-        assert!(db::all_verified(&db, "m").await.unwrap());
+        db.replica_verified("m", "toronto").await.unwrap();
+        db.replica_verified("m", "paris").await.unwrap();
+        assert!(db.all_verified("m").await.unwrap());
         // Idempotent; and a node that comes back is filled again.
-        assert_eq!(
-            db::sync_replica_nodes(&db, &now_nodes).await.unwrap(),
-            (0, 0)
-        );
+        assert_eq!(db.sync_replica_nodes(&now_nodes).await.unwrap(), (0, 0));
         let all = [
             "utah".to_string(),
             "toronto".to_string(),
             "paris".to_string(),
         ];
-        assert_eq!(db::sync_replica_nodes(&db, &all).await.unwrap(), (0, 1));
+        assert_eq!(db.sync_replica_nodes(&all).await.unwrap(), (0, 1));
         assert_eq!(
-            state_of(&db::replicas(&db, "m").await.unwrap(), "utah"),
+            state_of(&db.replicas("m").await.unwrap(), "utah"),
             "pending"
         );
     }
@@ -376,21 +372,19 @@ mod tests {
     #[tokio::test]
     async fn unreferenced_blobs_keep_their_first_sighting() {
         let (_d, db) = sealed_asset().await;
-        let first = db::note_unreferenced(&db, "utah", "cd", 5).await.unwrap();
+        let first = db.note_unreferenced("utah", "cd", 5).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-        assert_eq!(
-            db::note_unreferenced(&db, "utah", "cd", 5).await.unwrap(),
-            first
-        );
-        assert!(db::referenced_blobs(&db)
+        assert_eq!(db.note_unreferenced("utah", "cd", 5).await.unwrap(), first);
+        assert!(db
+            .referenced_blobs()
             .await
             .unwrap()
             .contains(&"ab".repeat(32)));
         // Not seen in a later pass: forgotten, so its clock starts again.
-        db::forget_unreferenced(&db, "utah", db::now() + 1)
+        db.forget_unreferenced("utah", catalog::now() + 1)
             .await
             .unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-        assert!(db::note_unreferenced(&db, "utah", "cd", 5).await.unwrap() > first);
+        assert!(db.note_unreferenced("utah", "cd", 5).await.unwrap() > first);
     }
 }

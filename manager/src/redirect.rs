@@ -19,7 +19,7 @@ use std::{
 use shared::PlaybackClaims;
 
 use crate::{
-    db,
+    catalog,
     domain::{AssetState, ReplicaState},
     geo, nodes,
 };
@@ -87,7 +87,7 @@ pub struct PlayableCache {
 }
 
 impl PlayableCache {
-    pub async fn get(&self, db: &db::Db, id: &str) -> Result<Lookup, RedirectError> {
+    pub async fn get(&self, db: &dyn catalog::Catalog, id: &str) -> Result<Lookup, RedirectError> {
         // A stale entry is refreshed by the one request that finds it so;
         // the others keep the old answer meanwhile instead of all queueing
         // on the database at once (which is what p99 latency would show).
@@ -125,8 +125,8 @@ impl PlayableCache {
         self.entries.lock().expect("not poisoned").remove(id);
     }
 
-    async fn load(db: &db::Db, id: &str) -> Result<Lookup, RedirectError> {
-        let Some(a) = db::asset(db, id).await? else {
+    async fn load(db: &dyn catalog::Catalog, id: &str) -> Result<Lookup, RedirectError> {
+        let Some(a) = db.asset(id).await? else {
             return Ok(Lookup::Gone);
         };
         match a.state {
@@ -139,7 +139,8 @@ impl PlayableCache {
                 "published asset {id} lacks its blob record"
             )));
         };
-        let verified = db::replicas(db, id)
+        let verified = db
+            .replicas(id)
             .await?
             .into_iter()
             .filter(|r| r.state == ReplicaState::Verified)
@@ -174,7 +175,7 @@ impl TokenCache {
         signer: &shared::TokenSigner,
         token: &str,
     ) -> Result<PlaybackClaims, RedirectError> {
-        let now = db::now();
+        let now = catalog::now();
         if let Some(claims) = self.entries.lock().expect("not poisoned").get(token) {
             if now >= claims.expires_at {
                 return Err(RedirectError::Token(shared::TokenError::Expired));
@@ -234,7 +235,7 @@ pub fn choose_node<'a>(
 
 /// What such a token says (see [`Minter::playback_token_until`]).
 pub fn playback_claims(
-    a: &db::Asset,
+    a: &catalog::Asset,
     grant: Option<String>,
     expires_at: i64,
 ) -> Option<PlaybackClaims> {
@@ -252,7 +253,7 @@ pub fn playback_claims(
     })
 }
 
-fn epoch_of(a: &db::Asset) -> u32 {
+fn epoch_of(a: &catalog::Asset) -> u32 {
     u32::try_from(a.price_epoch).unwrap_or(u32::MAX)
 }
 
@@ -277,7 +278,7 @@ impl Minter {
     /// `None` unless the asset is published with its blob recorded.
     pub fn playback_token_until(
         &self,
-        a: &db::Asset,
+        a: &catalog::Asset,
         grant: Option<String>,
         expires_at: i64,
     ) -> Option<String> {
@@ -288,14 +289,14 @@ impl Minter {
     /// The token is the same one the chosen node checks, so what the manager
     /// hands out is all a viewer needs until it expires, even with the manager
     /// down once the player has been redirected.
-    pub fn media_url(&self, a: &db::Asset, grant: Option<String>) -> Option<String> {
-        self.media_url_until(a, grant, db::now() + self.token_ttl_secs as i64)
+    pub fn media_url(&self, a: &catalog::Asset, grant: Option<String>) -> Option<String> {
+        self.media_url_until(a, grant, catalog::now() + self.token_ttl_secs as i64)
     }
 
     /// [`Minter::media_url`] expiring at `expires_at` (a paid view's grant window).
     pub fn media_url_until(
         &self,
-        a: &db::Asset,
+        a: &catalog::Asset,
         grant: Option<String>,
         expires_at: i64,
     ) -> Option<String> {

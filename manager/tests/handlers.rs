@@ -16,7 +16,7 @@ use tower::ServiceExt;
 struct Fixture {
     _dir: tempfile::TempDir,
     app: Router,
-    db: manager::db::Db,
+    db: manager::catalog::SharedCatalog,
 }
 
 async fn fixture() -> Fixture {
@@ -273,11 +273,12 @@ async fn health_exercises_the_database_and_the_disk() {
 
 /// An API token for a new account with `role`.
 async fn token_for(f: &Fixture, email: &str, role: &str) -> String {
-    let id = manager::db::create_user(&f.db, email, "x", role)
-        .await
-        .unwrap();
+    let id =
+        f.db.create_account(email, "x", role.parse().unwrap(), 0)
+            .await
+            .unwrap();
     let token = manager::auth::random_token();
-    manager::db::insert_api_token(&f.db, &manager::auth::token_hash(&token), id, "t")
+    f.db.insert_api_token(&manager::auth::token_hash(&token), id, "t")
         .await
         .unwrap();
     token

@@ -19,7 +19,11 @@ use super::{
     error::ApiError,
     session::{self, Caller},
 };
-use crate::{auth, db, domain::ReplicaState, ledger, SharedState};
+use crate::{
+    auth, catalog,
+    domain::{ReplicaState, Role},
+    ledger, SharedState,
+};
 
 /// The client's address as a rate-limit key: IPv4 as is, IPv6 as its /64
 /// (one home or server usually holds a whole /64).
@@ -135,7 +139,7 @@ pub async fn signup(
         Err(e) => return page_error(e.into()),
     };
     let bonus = st.cfg.credits.signup_bonus as i64;
-    let id = match ledger::create_account(&st.db, &email, &hash, "uploader", bonus).await {
+    let id = match ledger::create_account(&*st.db, &email, &hash, Role::Uploader, bonus).await {
         Ok(id) => id,
         Err(ledger::LedgerError::Conflict {
             code: "email_taken",
@@ -159,14 +163,14 @@ pub async fn signup(
 pub async fn start_session(st: &SharedState, user_id: i64, to: &str) -> Result<Response, ApiError> {
     let token = auth::random_token();
     let csrf = auth::random_token();
-    db::insert_session(
-        &st.db,
-        &auth::token_hash(&token),
-        user_id,
-        &csrf,
-        db::now() + auth::SESSION_SECS,
-    )
-    .await?;
+    st.db
+        .insert_session(
+            &auth::token_hash(&token),
+            user_id,
+            &csrf,
+            catalog::now() + auth::SESSION_SECS,
+        )
+        .await?;
     let mut resp = Redirect::to(to).into_response();
     let cookie = session::set_cookie(
         session::SESSION_COOKIE,
@@ -185,10 +189,8 @@ pub async fn start_session(st: &SharedState, user_id: i64, to: &str) -> Result<R
 
 // ---- prices --------------------------------------------------------------------
 
-async fn owned_asset(st: &SharedState, c: &Caller, id: &str) -> Result<db::Asset, ApiError> {
-    let a = db::asset(&st.db, id)
-        .await?
-        .ok_or(ApiError::NotFound("movie"))?;
+async fn owned_asset(st: &SharedState, c: &Caller, id: &str) -> Result<catalog::Asset, ApiError> {
+    let a = st.db.asset(id).await?.ok_or(ApiError::NotFound("movie"))?;
     if !api::visible_to(&a, Some(c)) {
         return Err(ApiError::NotFound("movie"));
     }
@@ -209,7 +211,7 @@ pub async fn set_price_api(
     c.check_csrf_header(&headers)?;
     let a = owned_asset(&st, &c, &id).await?;
     let price = ledger::parse_price(body.get("price").unwrap_or(&serde_json::Value::Null))?;
-    crate::prices::set_price(&st.db, &a.id, price).await?;
+    crate::prices::set_price(&*st.db, &a.id, price).await?;
     st.playable.forget(&a.id);
     tracing::info!(asset = %a.id, price, user = c.user.id, "price set");
     Ok(Json(
@@ -238,7 +240,7 @@ pub async fn set_price_form(
         } else {
             ledger::parse_amount_text(&f.price)?
         };
-        crate::prices::set_price(&st.db, &a.id, price).await?;
+        crate::prices::set_price(&*st.db, &a.id, price).await?;
         st.playable.forget(&a.id);
         Ok::<_, ApiError>(Redirect::to(&format!("/assets/{}", a.id)).into_response())
     }
@@ -248,7 +250,7 @@ pub async fn set_price_form(
 
 /// Paid movies hand out no grant-less media URL except to their owner and
 /// operators; the asset JSON and page call this after [`api::asset_view`].
-pub fn gate_media_url(a: &db::Asset, caller: Option<&Caller>, view: &mut api::AssetView) {
+pub fn gate_media_url(a: &catalog::Asset, caller: Option<&Caller>, view: &mut api::AssetView) {
     if view.price > 0 && !caller.is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator()) {
         view.media_url = None;
     }
@@ -264,7 +266,9 @@ async fn purchase_answer(
     source: &str,
 ) -> Result<serde_json::Value, ApiError> {
     let p = ledger::purchase(&st.shop(), buyer, asset_id, request_id, source, None).await?;
-    let a = db::asset(&st.db, asset_id)
+    let a = st
+        .db
+        .asset(asset_id)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
     let media_url = st
@@ -358,16 +362,16 @@ async fn account_json(
     c: &Caller,
     limit: i64,
 ) -> Result<serde_json::Value, ApiError> {
-    let balance = ledger::balance(&st.db, c.user.id).await?;
-    let entries = ledger::history(&st.db, c.user.id, limit).await?;
+    let balance = ledger::balance(&*st.db, c.user.id).await?;
+    let entries = ledger::history(&*st.db, c.user.id, limit).await?;
     let mut movies = Vec::new();
-    for a in db::assets_of(&st.db, c.user.id, 10_000).await? {
-        let replicas = db::replicas(&st.db, &a.id).await?;
+    for a in st.db.assets_of(c.user.id, 10_000).await? {
+        let replicas = st.db.replicas(&a.id).await?;
         movies.push(serde_json::json!({
             "id": a.id,
             "title": a.title,
             "state": a.state,
-            "price": ledger::price(&st.db, &a.id).await?,
+            "price": ledger::price(&*st.db, &a.id).await?,
             "verified_replicas": replicas
                 .iter()
                 .filter(|r| r.state == ReplicaState::Verified)
@@ -456,7 +460,7 @@ async fn account_page_full(
     granted: Option<String>,
 ) -> Result<Response, ApiError> {
     let v = account_json(st, c, 100).await?;
-    let entries = ledger::history(&st.db, c.user.id, 100).await?;
+    let entries = ledger::history(&*st.db, c.user.id, 100).await?;
     let movies = v["movies"]
         .as_array()
         .map(|m| {
@@ -470,7 +474,7 @@ async fn account_page_full(
                 .collect()
         })
         .unwrap_or_default();
-    let avatars = db::avatar_links(&st.db, c.user.id).await?;
+    let avatars = st.db.avatar_links(c.user.id).await?;
     let mut resp = render(&AccountPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
@@ -527,7 +531,7 @@ pub async fn new_link_code(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        let code = crate::avatars::new_code(&st.db, c.user.id).await?;
+        let code = crate::avatars::new_code(&*st.db, c.user.id).await?;
         account_page_with(&st, &c, Some(code)).await
     }
     .await;
@@ -546,7 +550,7 @@ pub async fn terminal_purchase(
     asset_id: &str,
     request_id: &str,
 ) -> Result<serde_json::Value, ApiError> {
-    let Some(buyer) = db::avatar_account(&st.db, avatar).await? else {
+    let Some(buyer) = st.db.avatar_account(avatar).await? else {
         return Err(ApiError::Conflict {
             code: "avatar_not_linked",
             message: "this avatar is not linked to an account: get a code on your account page and say it to the terminal".into(),
@@ -570,7 +574,9 @@ pub async fn terminal_purchase(
         },
         e => e.into(),
     })?;
-    let a = db::asset(&st.db, asset_id)
+    let a = st
+        .db
+        .asset(asset_id)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
     // A paid view gets the short URL per-agent parcel media can take.
@@ -601,7 +607,7 @@ pub async fn unlink_avatar(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        db::unlink_avatar(&st.db, &f.avatar, c.user.id).await?;
+        st.db.unlink_avatar(&f.avatar, c.user.id).await?;
         tracing::info!(user = c.user.id, avatar = %f.avatar, "avatar unlinked");
         Ok::<_, ApiError>(Redirect::to("/account").into_response())
     }
@@ -652,10 +658,10 @@ async fn approvals_page_with(
 ) -> Result<Response, ApiError> {
     let mut pending = None;
     if let Some(id) = terminal.filter(|t| !t.is_empty() && t.len() <= 64) {
-        if let Some(t) = db::terminal(&st.db, id).await? {
+        if let Some(t) = st.db.terminal(id).await? {
             if t.owner_id != c.user.id {
                 pending = Some(Pending {
-                    current_cap: ledger::approval(&st.db, c.user.id, t.owner_id)
+                    current_cap: ledger::approval(&*st.db, c.user.id, t.owner_id)
                         .await?
                         .map(|a| a.daily_cap),
                     id: t.id,
@@ -665,7 +671,7 @@ async fn approvals_page_with(
             }
         }
     }
-    let approvals = ledger::approvals(&st.db, c.user.id).await?;
+    let approvals = ledger::approvals(&*st.db, c.user.id).await?;
     let mut resp = render(&ApprovalsPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
@@ -708,7 +714,9 @@ pub async fn approve_form(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        let t = db::terminal(&st.db, f.terminal.trim())
+        let t = st
+            .db
+            .terminal(f.terminal.trim())
             .await?
             .ok_or(ApiError::NotFound("terminal"))?;
         if t.owner_id == c.user.id {
@@ -726,7 +734,7 @@ pub async fn approve_form(
                 ),
             )
         })?;
-        ledger::approve(&st.db, c.user.id, t.owner_id, cap, &t.name).await?;
+        ledger::approve(&*st.db, c.user.id, t.owner_id, cap, &t.name).await?;
         tracing::info!(
             user = c.user.id,
             owner = t.owner_id,
@@ -754,7 +762,7 @@ pub async fn revoke_form(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        ledger::revoke(&st.db, c.user.id, f.owner).await?;
+        ledger::revoke(&*st.db, c.user.id, f.owner).await?;
         tracing::info!(
             user = c.user.id,
             owner = f.owner,
@@ -787,7 +795,9 @@ pub async fn grant_api(
         body.get("created_before"),
     ) {
         (Some(email), None) => {
-            let u = db::user_by_email(&st.db, &email.trim().to_lowercase())
+            let u = st
+                .db
+                .user_by_email(&email.trim().to_lowercase())
                 .await?
                 .ok_or(ApiError::NotFound("account"))?;
             ledger::Recipients::Account(u.id)
@@ -805,7 +815,7 @@ pub async fn grant_api(
     let reason = body.get("reason").and_then(|v| v.as_str()).unwrap_or("");
     let key = body.get("key").and_then(|v| v.as_str()).unwrap_or("");
     let actor = format!("operator:{}", c.user.email);
-    let accounts = ledger::grant(&st.db, &to, amount, &actor, reason, key).await?;
+    let accounts = ledger::grant(&*st.db, &to, amount, &actor, reason, key).await?;
     tracing::info!(%actor, amount, count = accounts.len(), reason, "credits granted");
     Ok(Json(
         serde_json::json!({ "granted": accounts.len(), "accounts": accounts, "amount": amount }),
@@ -837,7 +847,9 @@ pub async fn grant_form(
         let amount = ledger::parse_amount_text(&f.amount)?;
         let to = match (f.email.trim(), f.created_before.trim()) {
             (e, "") if !e.is_empty() => {
-                let u = db::user_by_email(&st.db, &e.to_lowercase())
+                let u = st
+                    .db
+                    .user_by_email(&e.to_lowercase())
                     .await?
                     .ok_or(ApiError::NotFound("account"))?;
                 ledger::Recipients::Account(u.id)
@@ -851,7 +863,7 @@ pub async fn grant_form(
             }
         };
         let actor = format!("operator:{}", c.user.email);
-        let done = ledger::grant(&st.db, &to, amount, &actor, &f.reason, &f.key).await?;
+        let done = ledger::grant(&*st.db, &to, amount, &actor, &f.reason, &f.key).await?;
         tracing::info!(%actor, amount, count = done.len(), reason = %f.reason, "credits granted");
         account_page_full(
             &st,
@@ -897,10 +909,10 @@ pub async fn grant_status(
     c: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<ledger::GrantRowView>, ApiError> {
-    let g = ledger::grant_view(&st.db, &id)
+    let g = ledger::grant_view(&*st.db, &id)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
-    let buyer = db::grant_buyer(&st.db, &id).await?;
+    let buyer = st.db.grant_buyer(&id).await?;
     if buyer != Some(c.user.id) && !c.user.is_operator() {
         return Err(ApiError::NotFound("grant"));
     }

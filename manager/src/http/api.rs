@@ -17,7 +17,7 @@ use super::{
     session::{Caller, MaybeCaller},
 };
 use crate::{
-    db,
+    catalog,
     domain::{AssetState, ReplicaState},
     SharedState,
 };
@@ -67,8 +67,10 @@ pub struct AssetView {
     pub price: i64,
 }
 
-pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, ApiError> {
-    let replicas = db::replicas(&st.db, &a.id)
+pub async fn asset_view(st: &SharedState, a: &catalog::Asset) -> Result<AssetView, ApiError> {
+    let replicas = st
+        .db
+        .replicas(&a.id)
         .await?
         .into_iter()
         .map(|r| ReplicaView {
@@ -97,14 +99,14 @@ pub async fn asset_view(st: &SharedState, a: &db::Asset) -> Result<AssetView, Ap
         width: a.width,
         height: a.height,
         duration_secs: a.duration_secs,
-        price: crate::ledger::price(&st.db, &a.id).await?,
+        price: crate::ledger::price(&*st.db, &a.id).await?,
     })
 }
 
 /// Who may see an asset: anyone once it is published; before that (or when
 /// rejected) only its owner and operators. Others get a plain 404 so ids of
 /// private uploads cannot be probed.
-pub fn visible_to(a: &db::Asset, caller: Option<&Caller>) -> bool {
+pub fn visible_to(a: &catalog::Asset, caller: Option<&Caller>) -> bool {
     a.state == AssetState::Published
         || caller.is_some_and(|c| c.user.id == a.owner_id || c.user.is_operator())
 }
@@ -114,9 +116,7 @@ pub async fn get_asset(
     MaybeCaller(caller): MaybeCaller,
     Path(id): Path<String>,
 ) -> Result<Json<AssetView>, ApiError> {
-    let a = db::asset(&st.db, &id)
-        .await?
-        .ok_or(ApiError::NotFound("asset"))?;
+    let a = st.db.asset(&id).await?.ok_or(ApiError::NotFound("asset"))?;
     if !visible_to(&a, caller.as_ref()) {
         return Err(ApiError::NotFound("asset"));
     }
@@ -131,7 +131,7 @@ pub async fn list_assets(
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut out = Vec::new();
-    for a in db::assets_of(&st.db, caller.user.id, 500).await? {
+    for a in st.db.assets_of(caller.user.id, 500).await? {
         out.push(asset_view(&st, &a).await?);
     }
     Ok(Json(serde_json::json!({ "assets": out })))
@@ -333,7 +333,7 @@ pub async fn upload(
         .map_err(|e| ApiError::Internal(e.into()))?;
     // The row and the upload's cost (docs/credits.md) in one transaction.
     crate::ledger::insert_asset_paid(
-        &st.db,
+        &*st.db,
         st.cfg.credits.upload_cost as i64,
         &asset_id,
         caller.user.id,
@@ -377,9 +377,7 @@ pub async fn cancel(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     caller.check_csrf_header(&headers)?;
     cancel_as(&st, &caller, &id).await?;
-    let a = db::asset(&st.db, &id)
-        .await?
-        .ok_or(ApiError::NotFound("asset"))?;
+    let a = st.db.asset(&id).await?.ok_or(ApiError::NotFound("asset"))?;
     Ok(Json(
         serde_json::to_value(asset_view(&st, &a).await?)
             .map_err(|e| ApiError::Internal(e.into()))?,
@@ -387,23 +385,21 @@ pub async fn cancel(
 }
 
 pub async fn cancel_as(st: &SharedState, caller: &Caller, id: &str) -> Result<(), ApiError> {
-    let a = db::asset(&st.db, id)
-        .await?
-        .ok_or(ApiError::NotFound("asset"))?;
+    let a = st.db.asset(id).await?.ok_or(ApiError::NotFound("asset"))?;
     if a.owner_id != caller.user.id && !caller.user.is_operator() {
         return Err(ApiError::NotFound("asset"));
     }
-    match db::request_cancel(&st.db, id).await? {
-        db::CancelOutcome::Cancelled => {
+    match st.db.request_cancel(id).await? {
+        catalog::CancelOutcome::Cancelled => {
             let _ = tokio::fs::remove_file(crate::pipeline::source_path(&st.pipeline, id)).await;
             tracing::info!(asset = id, "cancelled before processing");
             Ok(())
         }
-        db::CancelOutcome::Requested => {
+        catalog::CancelOutcome::Requested => {
             tracing::info!(asset = id, "cancel requested");
             Ok(())
         }
-        db::CancelOutcome::TooLate => Err(ApiError::Conflict {
+        catalog::CancelOutcome::TooLate => Err(ApiError::Conflict {
             code: "not_cancellable",
             message: "this movie is already sealed or finished; it can no longer be cancelled"
                 .into(),
@@ -423,16 +419,14 @@ pub async fn retry(
     if !caller.user.is_operator() {
         return Err(ApiError::Forbidden);
     }
-    db::asset(&st.db, &id)
-        .await?
-        .ok_or(ApiError::NotFound("asset"))?;
+    st.db.asset(&id).await?.ok_or(ApiError::NotFound("asset"))?;
     if !crate::pipeline::source_path(&st.pipeline, &id).exists() {
         return Err(ApiError::Conflict {
             code: "source_gone",
             message: "the uploaded file is no longer kept; it must be uploaded again".into(),
         });
     }
-    if !db::retry_failed(&st.db, &id).await? {
+    if !st.db.retry_failed(&id).await? {
         return Err(ApiError::Conflict {
             code: "not_retryable",
             message: "only a job that failed with processing_failed can be retried".into(),

@@ -12,7 +12,7 @@ use shared::PlaybackClaims;
 
 use super::error::ApiError;
 use crate::{
-    db, geo,
+    catalog, geo,
     redirect::{check_epoch, choose_node, playback_claims, Lookup},
     SharedState,
 };
@@ -64,17 +64,15 @@ pub async fn media_by_grant(
     method: Method,
 ) -> Result<Response, ApiError> {
     let id = file.strip_suffix(".mp4").unwrap_or(&file);
-    let g = match crate::ledger::grant_view(&st.db, &grant).await? {
+    let g = match crate::ledger::grant_view(&*st.db, &grant).await? {
         Some(g) if g.asset_id == id && g.state == "active" => g,
         // Unknown, refunded, or another movie's: one answer for all.
         _ => return Err(ApiError::NotFound("media URL")),
     };
-    if db::now() >= g.expires_at {
+    if catalog::now() >= g.expires_at {
         return Err(ApiError::Token(shared::TokenError::Expired));
     }
-    let a = db::asset(&st.db, id)
-        .await?
-        .ok_or(ApiError::NotFound("movie"))?;
+    let a = st.db.asset(id).await?.ok_or(ApiError::NotFound("movie"))?;
     let Some(claims) = playback_claims(&a, Some(g.id), g.expires_at) else {
         return Err(ApiError::NotFound("movie"));
     };
@@ -98,7 +96,7 @@ async fn answer(
     if claims.asset_id != id {
         return Err(ApiError::TokenWrongAsset);
     }
-    let playable = match st.playable.get(&st.db, id).await? {
+    let playable = match st.playable.get(&*st.db, id).await? {
         Lookup::Playable(p) => p,
         Lookup::Damaged => {
             // Never a corrupted byte: an error the player and operator can read.

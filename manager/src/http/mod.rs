@@ -21,7 +21,7 @@ use axum::{
     Json, Router,
 };
 
-use crate::{app::SharedState, backup, db};
+use crate::{app::SharedState, backup};
 
 pub fn build_router(state: SharedState) -> Router {
     Router::new()
@@ -113,7 +113,7 @@ async fn no_framing(
 /// Health means working: the database takes a write, the staging disk takes
 /// a file; both are read back and removed.
 async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
-    let db = db::health_check(&st.db).await;
+    let db = st.db.health_check().await;
     let disk = async {
         let p = st
             .cfg

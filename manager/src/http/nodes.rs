@@ -14,7 +14,7 @@ use axum::{
 use super::error::ApiError;
 use shared::BlobId;
 
-use crate::{db, ledger, pipeline, prices, SharedState};
+use crate::{ledger, pipeline, prices, SharedState};
 
 /// What view nodes call, signed by them; our answers carry a MAC over
 /// their request, status and body (`shared::nodeauth`), so a node can tell
@@ -81,7 +81,7 @@ pub async fn journal(
         .verify_from_node(&name, &headers, "POST", &path, &body)
         .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "journal refused: {e}"))
         .map_err(ApiError::NodeAuth)?;
-    Ok(Json(ledger::record_journal(&st.db, name, &body).await?))
+    Ok(Json(ledger::record_journal(&*st.db, name, &body).await?))
 }
 
 /// `POST /internal/v1/nodes/{name}/events`: a node reports what happened to
@@ -118,7 +118,7 @@ pub async fn node_events(
             ));
         }
         let reason = format!("{} on the node ({})", ev.kind, ev.reason);
-        let assets = db::replicas_quarantined(&st.db, &name, &ev.blob, &reason).await?;
+        let assets = st.db.replicas_quarantined(&name, &ev.blob, &reason).await?;
         tracing::warn!(node = %name, blob = %ev.blob, reason = %ev.reason, assets = assets.len(),
             kind = %ev.kind, "node reports a lost copy; repairing");
         metrics::counter!("manager_replicas_lost_total", "node" => name.clone()).increment(1);
@@ -150,7 +150,7 @@ pub async fn paid_epochs(
         .verify_from_node(&name, &headers, "GET", &path, b"")
         .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "paid-epochs refused: {e}"))
         .map_err(ApiError::NodeAuth)?;
-    let paid = prices::paid_epochs(&st.db)
+    let paid = prices::paid_epochs(&*st.db)
         .await?
         .into_iter()
         .map(|(id, epoch)| (id, u32::try_from(epoch).unwrap_or(u32::MAX)))

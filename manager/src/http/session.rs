@@ -9,7 +9,7 @@ use axum::{
 use super::error::ApiError;
 use crate::{
     auth::{ct_eq, token_hash},
-    db, SharedState,
+    catalog, SharedState,
 };
 
 pub const SESSION_COOKIE: &str = "slm_session";
@@ -37,7 +37,7 @@ pub fn set_cookie(name: &str, value: &str, max_age: i64, secure: bool) -> String
 
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub user: db::User,
+    pub user: catalog::User,
     /// The session's CSRF token; `None` for bearer-token callers, whose
     /// requests a browser cannot forge.
     pub csrf: Option<String>,
@@ -69,13 +69,13 @@ async fn resolve(parts: &Parts, st: &SharedState) -> Result<Option<Caller>, ApiE
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(ApiError::Unauthenticated)?;
-        return match db::api_token_user(&st.db, &token_hash(token.trim())).await? {
+        return match st.db.api_token_user(&token_hash(token.trim())).await? {
             Some(user) => Ok(Some(Caller { user, csrf: None })),
             None => Err(ApiError::Unauthenticated),
         };
     }
     if let Some(tok) = cookie(&parts.headers, SESSION_COOKIE) {
-        if let Some((user, csrf)) = db::session_user(&st.db, &token_hash(tok)).await? {
+        if let Some((user, csrf)) = st.db.session_user(&token_hash(tok)).await? {
             return Ok(Some(Caller {
                 user,
                 csrf: Some(csrf),
@@ -120,11 +120,11 @@ mod tests {
 
     #[test]
     fn csrf_is_required_for_cookie_callers_only() {
-        let user = db::User {
+        let user = catalog::User {
             id: 1,
             email: "a@b".into(),
             password_hash: String::new(),
-            role: "uploader".into(),
+            role: crate::domain::Role::Uploader,
         };
         let browser = Caller {
             user: user.clone(),

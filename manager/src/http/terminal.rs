@@ -13,7 +13,7 @@ use sha2::Sha256;
 use shared::DataKey;
 
 use super::error::ApiError;
-use crate::{db, domain::AssetState, SharedState};
+use crate::{catalog, domain::AssetState, SharedState};
 
 pub const WINDOW_SECS: i64 = 300;
 pub const SIGNATURE_HEADER: &str = "x-terminal-signature";
@@ -41,7 +41,7 @@ pub async fn register(
     let id = uuid::Uuid::new_v4().simple().to_string();
     let raw = DataKey::generate();
     let wrapped = st.master.wrap(&wrap_context(&id), &raw);
-    db::insert_terminal(&st.db, &id, owner_id, name, &wrapped).await?;
+    st.db.insert_terminal(&id, owner_id, name, &wrapped).await?;
     Ok((id, secret_string(&raw)))
 }
 
@@ -89,14 +89,16 @@ pub async fn play(
         ));
     }
     check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
-    let a = db::asset(&st.db, &req.asset)
+    let a = st
+        .db
+        .asset(&req.asset)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
     if a.state != AssetState::Published {
         return Err(ApiError::NotPublished);
     }
     // A paid movie is played through `/api/v1/terminal/buy` (docs/credits.md).
-    if crate::ledger::price(&st.db, &a.id).await? > 0 {
+    if crate::ledger::price(&*st.db, &a.id).await? > 0 {
         return Err(ApiError::Conflict {
             code: "payment_required",
             message: "this movie has a price: buy a view (the screen's buy request)".into(),
@@ -121,14 +123,14 @@ pub async fn check_signed(
     terminal_id: &str,
     ts: i64,
     nonce: &str,
-) -> Result<db::Terminal, ApiError> {
+) -> Result<catalog::Terminal, ApiError> {
     if nonce.is_empty() || nonce.len() > 64 {
         return Err(ApiError::bad_request(
             "terminal_bad_request",
             "nonce must be 1–64 characters",
         ));
     }
-    let Some(term) = db::terminal(&st.db, terminal_id).await? else {
+    let Some(term) = st.db.terminal(terminal_id).await? else {
         return Err(refuse(
             "terminal_unknown",
             "this terminal is not registered (or was removed)",
@@ -154,13 +156,17 @@ pub async fn check_signed(
             "the request is not signed with this terminal's secret",
         ));
     }
-    if (db::now() - ts).abs() > WINDOW_SECS {
+    if (catalog::now() - ts).abs() > WINDOW_SECS {
         return Err(refuse(
             "terminal_stale",
             "the request's time is too far from ours; check it is sent at once",
         ));
     }
-    if !db::use_terminal_nonce(&st.db, &term.id, nonce, 2 * WINDOW_SECS).await? {
+    if !st
+        .db
+        .use_terminal_nonce(&term.id, nonce, 2 * WINDOW_SECS)
+        .await?
+    {
         return Err(ApiError::Conflict {
             code: "terminal_replayed",
             message: "this request was already used".into(),
@@ -240,7 +246,7 @@ pub async fn link(
     let req: LinkRequest = parse_form(&body, "terminal, avatar, code, ts and nonce")?;
     check_avatar(&req.avatar)?;
     let term = check_signed(&st, &headers, &body, &req.terminal, req.ts, &req.nonce).await?;
-    crate::avatars::redeem_code(&st.db, &req.code, &req.avatar, &term).await?;
+    crate::avatars::redeem_code(&*st.db, &req.code, &req.avatar, &term).await?;
     tracing::info!(terminal = %term.id, avatar = %req.avatar, "avatar linked");
     Ok(Json(
         serde_json::json!({ "linked": true, "avatar": req.avatar }),

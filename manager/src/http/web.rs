@@ -16,7 +16,7 @@ use super::{
     error::ApiError,
     session::{self, Caller, MaybeCaller},
 };
-use crate::{auth, db, SharedState};
+use crate::{auth, catalog, SharedState};
 
 /// A failure shown to a person: the same code and sentence as the API, as a page.
 pub struct PageError(pub ApiError);
@@ -77,17 +77,17 @@ fn who(c: &Option<Caller>) -> (Option<&str>, &str) {
 struct IndexPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
-    published: Vec<db::Asset>,
-    mine: Vec<db::Asset>,
+    published: Vec<catalog::Asset>,
+    mine: Vec<catalog::Asset>,
 }
 
 pub async fn index(
     State(st): State<SharedState>,
     MaybeCaller(c): MaybeCaller,
 ) -> Result<Response, PageError> {
-    let published = db::published_assets(&st.db, 100).await?;
+    let published = st.db.published_assets(100).await?;
     let mine = match &c {
-        Some(c) => db::assets_of(&st.db, c.user.id, 100).await?,
+        Some(c) => st.db.assets_of(c.user.id, 100).await?,
         None => Vec::new(),
     };
     let (user, csrf) = who(&c);
@@ -137,9 +137,7 @@ pub async fn asset_page(
     MaybeCaller(c): MaybeCaller,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
-    let a = db::asset(&st.db, &id)
-        .await?
-        .ok_or(ApiError::NotFound("movie"))?;
+    let a = st.db.asset(&id).await?.ok_or(ApiError::NotFound("movie"))?;
     if !api::visible_to(&a, c.as_ref()) {
         return Err(ApiError::NotFound("movie").into());
     }
@@ -232,7 +230,7 @@ pub async fn login(
     // attempt counts as failed until the password proves right.
     let ip = super::account::client_ip(&st, peer, &headers);
     let attempt = crate::limits::begin_login(&st.limits, &ip, &email)?;
-    let user = db::user_by_email(&st.db, &email).await?;
+    let user = st.db.user_by_email(&email).await?;
     // Always run one Argon2 verification so timing does not reveal which
     // emails have accounts.
     let hash = user
@@ -269,7 +267,7 @@ pub async fn logout(
 ) -> Result<Response, PageError> {
     c.check_csrf(Some(&f.csrf))?;
     if let Some(tok) = session::cookie(&headers, session::SESSION_COOKIE).map(str::to_owned) {
-        db::delete_session(&st.db, &auth::token_hash(&tok)).await?;
+        st.db.delete_session(&auth::token_hash(&tok)).await?;
     }
     let mut resp = Redirect::to("/").into_response();
     let cookie = session::set_cookie(session::SESSION_COOKIE, "", 0, st.secure_cookies);
@@ -287,13 +285,13 @@ pub async fn logout(
 struct TerminalsPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
-    terminals: Vec<db::Terminal>,
-    movies: Vec<db::Asset>,
+    terminals: Vec<catalog::Terminal>,
+    movies: Vec<catalog::Asset>,
 }
 
 pub async fn terminals(State(st): State<SharedState>, c: Caller) -> Result<Response, PageError> {
-    let terminals = db::terminals_of(&st.db, c.user.id).await?;
-    let movies = db::published_assets(&st.db, 500).await?;
+    let terminals = st.db.terminals_of(c.user.id).await?;
+    let movies = st.db.published_assets(500).await?;
     let c = Some(c);
     let (user, csrf) = who(&c);
     Ok(render(&TerminalsPage {
@@ -338,7 +336,9 @@ pub async fn create_terminal(
     if name.is_empty() {
         return Err(ApiError::bad_request("name_missing", "give the terminal a name").into());
     }
-    let a = db::asset(&st.db, &f.asset)
+    let a = st
+        .db
+        .asset(&f.asset)
         .await?
         .ok_or(ApiError::NotFound("movie"))?;
     if a.state != crate::domain::AssetState::Published {
@@ -372,7 +372,7 @@ pub async fn delete_terminal(
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, PageError> {
     c.check_csrf(Some(&f.csrf))?;
-    if !db::delete_terminal(&st.db, &id, c.user.id).await? {
+    if !st.db.delete_terminal(&id, c.user.id).await? {
         return Err(ApiError::NotFound("terminal").into());
     }
     Ok(Redirect::to("/terminals").into_response())
@@ -396,9 +396,7 @@ pub async fn poster(
     let id = file
         .strip_suffix(".jpg")
         .ok_or(ApiError::NotFound("poster"))?;
-    let a = db::asset(&st.db, id)
-        .await?
-        .ok_or(ApiError::NotFound("poster"))?;
+    let a = st.db.asset(id).await?.ok_or(ApiError::NotFound("poster"))?;
     if !api::visible_to(&a, c.as_ref()) {
         return Err(ApiError::NotFound("poster"));
     }

@@ -1,0 +1,739 @@
+//! What every catalog backend must do, as tests over the [`Catalog`] trait
+//! alone: no SQL, no backend types. A backend runs the whole suite with
+//! [`suite!`], given an expression that makes a fresh, empty catalog (and
+//! a guard that removes it when dropped):
+//!
+//! ```ignore
+//! crate::catalog::conformance::suite!(my_backend::fresh());
+//! ```
+//!
+//! The SQLite backend runs it at the end of this file; PostgreSQL will run
+//! it the same way. Concurrency checks run on a multi-thread runtime so
+//! racing writers really race.
+
+use super::*;
+use shared::protocol::JournalEvent;
+
+/// One `#[tokio::test]` per check, each on a fresh catalog from `$make`
+/// (an expression giving a future of `(guard, SharedCatalog)`).
+macro_rules! suite {
+    ($make:expr) => {
+        $crate::catalog::conformance::suite!(@each $make;
+            accounts_sessions_and_tokens,
+            a_job_is_claimed_once_and_again_only_after_its_lease_runs_out,
+            a_cancel_racing_the_move_to_sealing_wins,
+            failed_jobs_back_off_and_cancel_and_retry_follow_the_state,
+            copies_publish_a_movie_and_their_loss_damages_it,
+            purchases_charge_once_and_refusals_change_nothing,
+            racing_purchases_for_one_balance_succeed_once,
+            terminal_purchases_need_consent_and_keep_to_the_cap,
+            operator_grants_credit_once_per_key,
+            uploads_are_charged_with_their_row_and_refunded_once,
+            the_journal_applies_once_and_unplayed_grants_are_refunded_once,
+            a_restore_freezes_refunds_that_could_depend_on_lost_views,
+            terminals_nonces_and_avatar_links,
+            a_snapshot_holds_what_the_catalog_held);
+    };
+    (@each $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let (_guard, catalog) = $make.await;
+                $crate::catalog::conformance::$check(&catalog).await;
+            }
+        )*
+    };
+}
+pub(crate) use suite;
+
+fn refused<T: std::fmt::Debug>(r: Result<T, TxError>) -> Refused {
+    match r {
+        Err(TxError::Refused(r)) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn account(c: &SharedCatalog, email: &str, bonus: i64) -> i64 {
+    c.create_account(email, "hash", Role::Uploader, bonus)
+        .await
+        .unwrap()
+}
+
+/// A published movie with a price, owned by `owner`, held verified on `utah`.
+async fn published(c: &SharedCatalog, id: &str, owner: i64, price: i64) {
+    c.insert_asset(id, owner, id, "m.mp4", 10).await.unwrap();
+    c.record_sealed(id, &format!("b{id}"), 100, 90, b"k", &["utah".into()])
+        .await
+        .unwrap();
+    c.replica_verified(id, "utah").await.unwrap();
+    assert!(c.publish_if_replicated(id, 1).await.unwrap());
+    c.set_price(id, price).await.unwrap();
+}
+
+fn order<'a>(
+    buyer: i64,
+    asset_id: &'a str,
+    request_key: &'a str,
+    grant_id: &'a str,
+    terminal_owner: Option<i64>,
+) -> PurchaseOrder<'a> {
+    PurchaseOrder {
+        buyer,
+        asset_id,
+        request_key,
+        grant_id,
+        source: if terminal_owner.is_some() {
+            "terminal"
+        } else {
+            "web"
+        },
+        terminal_owner,
+        uploader_share_percent: 70,
+        window_secs: 3600,
+        cap_window_secs: 24 * 3600,
+        now: now(),
+    }
+}
+
+async fn books_exact(c: &SharedCatalog) {
+    assert_eq!(
+        c.verify_balances().await.unwrap(),
+        vec![],
+        "every balance equals its ledger sum"
+    );
+}
+
+pub async fn accounts_sessions_and_tokens(c: &SharedCatalog) {
+    let a = c
+        .create_account("a@example.com", "h1", Role::Operator, 500)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(
+            c.create_account("a@example.com", "h2", Role::Uploader, 500)
+                .await
+        ),
+        Refused::EmailTaken
+    );
+    assert_eq!(c.balance(a).await.unwrap(), 500, "the bonus, once");
+    let u = c.user_by_email("a@example.com").await.unwrap().unwrap();
+    assert_eq!(
+        (u.id, u.role, u.password_hash.as_str()),
+        (a, Role::Operator, "h1")
+    );
+    assert!(c.set_password("a@example.com", "h3").await.unwrap());
+    assert!(!c.set_password("nobody@example.com", "h3").await.unwrap());
+
+    c.insert_session("s1", a, "csrf1", now() + 60)
+        .await
+        .unwrap();
+    c.insert_session("old", a, "csrf2", now() - 1)
+        .await
+        .unwrap();
+    let (who, csrf) = c.session_user("s1").await.unwrap().unwrap();
+    assert_eq!((who.id, csrf.as_str()), (a, "csrf1"));
+    assert!(c.session_user("old").await.unwrap().is_none(), "expired");
+    c.delete_session("s1").await.unwrap();
+    assert!(c.session_user("s1").await.unwrap().is_none());
+
+    c.insert_api_token("t1", a, "cli").await.unwrap();
+    assert_eq!(c.api_token_user("t1").await.unwrap().unwrap().id, a);
+    assert!(c.api_token_user("t2").await.unwrap().is_none());
+    c.health_check().await.unwrap();
+    books_exact(c).await;
+}
+
+pub async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out(c: &SharedCatalog) {
+    let owner = account(c, "a@example.com", 0).await;
+    c.insert_asset("one", owner, "One", "one.mp4", 10)
+        .await
+        .unwrap();
+    c.insert_asset("two", owner, "Two", "two.mp4", 10)
+        .await
+        .unwrap();
+    // Claimers racing: each job goes to one of them.
+    let claims: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.claim_next(30).await.unwrap().map(|a| a.id) })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in claims {
+        got.extend(t.await.unwrap());
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec!["one", "two"],
+        "two workers never get the same job"
+    );
+    assert!(c.claim_next(30).await.unwrap().is_none());
+    // A worker that died: a job claimed with a lease already run out is
+    // taken again.
+    c.insert_asset("three", owner, "Three", "t.mp4", 10)
+        .await
+        .unwrap();
+    assert_eq!(c.claim_next(-1).await.unwrap().unwrap().id, "three");
+    assert_eq!(c.claim_next(30).await.unwrap().unwrap().id, "three");
+    assert!(
+        !c.renew_lease("three", 30).await.unwrap(),
+        "no cancel asked"
+    );
+}
+
+pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
+    let owner = account(c, "a@example.com", 0).await;
+    c.insert_asset("s", owner, "S", "s.mp4", 10).await.unwrap();
+    c.claim_next(30).await.unwrap().unwrap();
+    c.set_state("s", AssetState::Transcoding).await.unwrap();
+    // The worker's last look finds no cancel; the uploader's cancel lands
+    // right after and is told "requested".
+    assert!(!c.cancel_requested("s").await.unwrap());
+    assert_eq!(
+        c.request_cancel("s").await.unwrap(),
+        CancelOutcome::Requested
+    );
+    // So the move to sealing must not happen.
+    assert!(!c.start_sealing("s").await.unwrap());
+    assert_eq!(
+        c.asset("s").await.unwrap().unwrap().state,
+        AssetState::Transcoding
+    );
+    // Without a cancel it does, and a cancel after it is too late.
+    c.insert_asset("t", owner, "T", "t.mp4", 10).await.unwrap();
+    assert_eq!(c.claim_next(30).await.unwrap().unwrap().id, "t");
+    c.set_state("t", AssetState::Transcoding).await.unwrap();
+    assert!(c.start_sealing("t").await.unwrap());
+    assert_eq!(c.request_cancel("t").await.unwrap(), CancelOutcome::TooLate);
+}
+
+pub async fn failed_jobs_back_off_and_cancel_and_retry_follow_the_state(c: &SharedCatalog) {
+    let owner = account(c, "a@example.com", 0).await;
+    c.insert_asset("j", owner, "J", "j.mp4", 10).await.unwrap();
+    c.claim_next(30).await.unwrap().unwrap();
+    assert_eq!(c.retry_later("j", 60).await.unwrap(), 1);
+    assert!(
+        c.claim_next(30).await.unwrap().is_none(),
+        "not due for a minute"
+    );
+    // Queued: cancelled at once. Running: a request the worker sees.
+    c.insert_asset("q", owner, "Q", "q.mp4", 10).await.unwrap();
+    assert_eq!(
+        c.request_cancel("q").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let q = c.asset("q").await.unwrap().unwrap();
+    assert_eq!(
+        (q.state, q.error_code.as_deref()),
+        (AssetState::Rejected, Some("cancelled"))
+    );
+    c.insert_asset("r", owner, "R", "r.mp4", 10).await.unwrap();
+    assert_eq!(c.claim_next(30).await.unwrap().unwrap().id, "r");
+    assert_eq!(
+        c.request_cancel("r").await.unwrap(),
+        CancelOutcome::Requested
+    );
+    assert!(c.renew_lease("r", 30).await.unwrap());
+    c.set_state("r", AssetState::Replicating).await.unwrap();
+    assert_eq!(c.request_cancel("q").await.unwrap(), CancelOutcome::TooLate);
+    // Only processing_failed is retried by an operator.
+    assert!(!c.retry_failed("q").await.unwrap());
+    c.reject("j", "processing_failed", "x").await.unwrap();
+    assert!(c.retry_failed("j").await.unwrap());
+    let j = c.asset("j").await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempts, j.error_code),
+        (AssetState::Queued, 0, None)
+    );
+}
+
+pub async fn copies_publish_a_movie_and_their_loss_damages_it(c: &SharedCatalog) {
+    let owner = account(c, "a@example.com", 0).await;
+    let nodes = ["utah".to_string(), "toronto".to_string()];
+    c.insert_asset("m", owner, "M", "m.mp4", 10).await.unwrap();
+    c.record_sealed("m", "bm", 100, 90, b"key", &nodes)
+        .await
+        .unwrap();
+    let m = c.asset("m").await.unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.blob_id.as_deref(), m.sealed_len),
+        (AssetState::Replicating, Some("bm"), Some(100))
+    );
+    let states = |r: Vec<Replica>| r.into_iter().map(|r| r.state).collect::<Vec<_>>();
+    assert_eq!(
+        states(c.replicas("m").await.unwrap()),
+        vec![ReplicaState::Pending, ReplicaState::Pending]
+    );
+    assert!(
+        !c.publish_if_replicated("m", 2).await.unwrap(),
+        "no copy yet"
+    );
+    c.replica_verified("m", "utah").await.unwrap();
+    c.replica_failed("m", "toronto", "refused", now() + 60)
+        .await
+        .unwrap();
+    assert!(
+        !c.publish_if_replicated("m", 2).await.unwrap(),
+        "one of two"
+    );
+    assert!(!c.all_verified("m").await.unwrap());
+    c.replica_verified("m", "toronto").await.unwrap();
+    assert!(c.publish_if_replicated("m", 2).await.unwrap());
+    assert!(c.all_verified("m").await.unwrap());
+    assert_eq!(
+        c.published_assets(10).await.unwrap()[0].id,
+        "m",
+        "listed once published"
+    );
+    assert!(c.referenced_blobs().await.unwrap().contains("bm"));
+    // Both copies lost: the movie is damaged, and back when one returns.
+    let later = now() + 10;
+    assert!(c.replica_lost("m", "utah", "gone", later).await.unwrap());
+    assert!(
+        !c.mark_damaged("m").await.unwrap(),
+        "toronto still holds it"
+    );
+    assert!(c.replica_lost("m", "toronto", "gone", later).await.unwrap());
+    assert!(c.mark_damaged("m").await.unwrap());
+    assert_eq!(
+        c.asset("m").await.unwrap().unwrap().state,
+        AssetState::Damaged
+    );
+    c.replica_verified("m", "utah").await.unwrap();
+    assert!(c.undamage("m").await.unwrap());
+    assert_eq!(
+        c.asset("m").await.unwrap().unwrap().state,
+        AssetState::Replicating,
+        "back to replicating, published again by the usual rule"
+    );
+    assert!(c.publish_if_replicated("m", 1).await.unwrap());
+}
+
+pub async fn purchases_charge_once_and_refusals_change_nothing(c: &SharedCatalog) {
+    let seller = account(c, "s@example.com", 0).await;
+    let buyer = account(c, "b@example.com", 25).await;
+    published(c, "m", seller, 10).await;
+    let first = c.purchase(&order(buyer, "m", "b:1", "g1", None)).await;
+    assert!(
+        matches!(
+            first,
+            Ok(PurchaseOutcome::Charged {
+                price: 10,
+                balance: 15,
+                ..
+            })
+        ),
+        "{first:?}"
+    );
+    assert_eq!(c.balance(seller).await.unwrap(), 7, "70 % share");
+    // The same request again: the books refuse a second grant.
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "m", "b:1", "g2", None)).await),
+        Refused::Duplicate
+    );
+    let g = c.grant_by_request("b:1").await.unwrap().unwrap();
+    assert_eq!(
+        (g.id.as_str(), g.asset_id.as_str(), g.price),
+        ("g1", "m", 10)
+    );
+    assert!(c.grant_view("g2").await.unwrap().is_none(), "rolled back");
+    c.purchase(&order(buyer, "m", "b:2", "g3", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "m", "b:3", "g4", None)).await),
+        Refused::Insufficient {
+            balance: 5,
+            needed: 10
+        }
+    );
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "nope", "b:4", "g5", None)).await),
+        Refused::NoMovie
+    );
+    c.insert_asset("q", seller, "Q", "q.mp4", 1).await.unwrap();
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "q", "b:5", "g6", None)).await),
+        Refused::NotPublished
+    );
+    // Free, and the seller's own: nothing charged, no grant.
+    published(c, "free", seller, 0).await;
+    assert_eq!(
+        c.purchase(&order(buyer, "free", "b:6", "g7", None))
+            .await
+            .unwrap(),
+        PurchaseOutcome::Free { balance: 5 }
+    );
+    assert_eq!(
+        c.purchase(&order(seller, "m", "s:1", "g8", None))
+            .await
+            .unwrap(),
+        PurchaseOutcome::Free { balance: 14 }
+    );
+    assert_eq!(c.balance(buyer).await.unwrap(), 5);
+    assert_eq!(c.grant_buyer("g1").await.unwrap(), Some(buyer));
+    let h = c.history(buyer, 10).await.unwrap();
+    assert_eq!(
+        h.iter()
+            .map(|e| (e.kind.as_str(), e.amount))
+            .collect::<Vec<_>>(),
+        vec![("purchase", -10), ("purchase", -10), ("signup_bonus", 25)]
+    );
+    books_exact(c).await;
+}
+
+pub async fn racing_purchases_for_one_balance_succeed_once(c: &SharedCatalog) {
+    let seller = account(c, "s@example.com", 0).await;
+    let buyer = account(c, "b@example.com", 15).await;
+    published(c, "m", seller, 10).await;
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let (key, grant) = (format!("b:{i}"), format!("g{i}"));
+                c.purchase(&order(buyer, "m", &key, &grant, None)).await
+            })
+        })
+        .collect();
+    let mut charged = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(PurchaseOutcome::Charged { .. }) => charged += 1,
+            Err(TxError::Refused(Refused::Insufficient { .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(charged, 1);
+    assert_eq!(c.balance(buyer).await.unwrap(), 5);
+    books_exact(c).await;
+}
+
+pub async fn terminal_purchases_need_consent_and_keep_to_the_cap(c: &SharedCatalog) {
+    let seller = account(c, "s@example.com", 0).await;
+    let owner = account(c, "o@example.com", 0).await;
+    let buyer = account(c, "b@example.com", 100).await;
+    published(c, "m", seller, 10).await;
+    let t = Some(owner);
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "m", "b:1", "g1", t)).await),
+        Refused::NotApproved
+    );
+    assert!(c.approval(buyer, owner, 0).await.unwrap().is_none());
+    c.approve(buyer, owner, 15, "Lobby").await.unwrap();
+    c.purchase(&order(buyer, "m", "b:2", "g2", t))
+        .await
+        .unwrap();
+    let a = c
+        .approval(buyer, owner, now() - 3600)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (a.daily_cap, a.spent_24h, a.via_terminal.as_str()),
+        (15, 10, "Lobby")
+    );
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "m", "b:3", "g3", t)).await),
+        Refused::CapReached { cap: 15 }
+    );
+    // A changed cap, not a second approval.
+    c.approve(buyer, owner, 20, "Lobby").await.unwrap();
+    assert_eq!(c.approvals(buyer, 0).await.unwrap().len(), 1);
+    c.purchase(&order(buyer, "m", "b:4", "g4", t))
+        .await
+        .unwrap();
+    assert!(c.revoke(buyer, owner).await.unwrap());
+    assert!(!c.revoke(buyer, owner).await.unwrap());
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "m", "b:5", "g5", t)).await),
+        Refused::NotApproved
+    );
+    assert_eq!(c.balance(buyer).await.unwrap(), 80);
+    books_exact(c).await;
+}
+
+pub async fn operator_grants_credit_once_per_key(c: &SharedCatalog) {
+    let a = account(c, "a@example.com", 0).await;
+    let b = account(c, "b@example.com", 0).await;
+    let everyone = Recipients::CreatedBefore(now() + 10);
+    let grant = |key: &'static str| GrantOrder {
+        to: &everyone,
+        amount: 50,
+        actor: "operator:o",
+        reason: "outage",
+        key,
+    };
+    assert_eq!(c.grant_credits(&grant("k1")).await.unwrap(), vec![a, b]);
+    assert!(
+        c.grant_credits(&grant("k1")).await.unwrap().is_empty(),
+        "the same key grants once"
+    );
+    assert_eq!(c.grant_credits(&grant("k2")).await.unwrap(), vec![a, b]);
+    let one = Recipients::Account(a);
+    let to_a = GrantOrder {
+        to: &one,
+        amount: domain_max_balance(),
+        actor: "operator:o",
+        reason: "too much",
+        key: "k3",
+    };
+    assert_eq!(refused(c.grant_credits(&to_a).await), Refused::TooRich);
+    let nobody = Recipients::Account(9999);
+    let to_nobody = GrantOrder {
+        to: &nobody,
+        ..to_a
+    };
+    assert_eq!(
+        refused(c.grant_credits(&to_nobody).await),
+        Refused::NoAccount
+    );
+    assert_eq!(c.balance(a).await.unwrap(), 100);
+    let h = c.history(a, 1).await.unwrap();
+    assert_eq!(
+        (h[0].kind.as_str(), h[0].actor.as_str()),
+        ("grant", "operator:o")
+    );
+    books_exact(c).await;
+}
+
+fn domain_max_balance() -> i64 {
+    crate::domain::MAX_BALANCE
+}
+
+pub async fn uploads_are_charged_with_their_row_and_refunded_once(c: &SharedCatalog) {
+    let a = account(c, "a@example.com", 25).await;
+    let new = |id: &'static str| NewAsset {
+        id,
+        owner: a,
+        title: id,
+        source_name: "m.mp4",
+        source_bytes: 1,
+    };
+    c.insert_asset_paid(&new("m1"), 10).await.unwrap();
+    c.insert_asset_paid(&new("m2"), 10).await.unwrap();
+    assert_eq!(
+        refused(c.insert_asset_paid(&new("m3"), 10).await),
+        Refused::Insufficient {
+            balance: 5,
+            needed: 10
+        }
+    );
+    assert!(c.asset("m3").await.unwrap().is_none(), "no unpaid row");
+    c.reject("m1", "not_media", "x").await.unwrap();
+    let due = c.unrefunded_rejected_uploads(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].id.as_str(), due[0].cost), ("m1", 10));
+    assert!(c.refund_upload(&due[0], "rejected").await.unwrap());
+    assert!(!c.refund_upload(&due[0], "rejected").await.unwrap(), "once");
+    assert!(c.unrefunded_rejected_uploads(10).await.unwrap().is_empty());
+    c.insert_asset_paid(&new("m4"), 0).await.unwrap();
+    assert_eq!(c.balance(a).await.unwrap(), 15);
+    assert_eq!(c.assets_of(a, 10).await.unwrap().len(), 3);
+    books_exact(c).await;
+}
+
+fn event(id: &str, grant: Option<&str>, asset: &str, bytes: u64, at: i64) -> JournalEvent {
+    JournalEvent {
+        id: id.into(),
+        grant: grant.map(Into::into),
+        asset: asset.into(),
+        bytes,
+        first_at: at,
+        last_at: at,
+    }
+}
+
+pub async fn the_journal_applies_once_and_unplayed_grants_are_refunded_once(c: &SharedCatalog) {
+    let seller = account(c, "s@example.com", 0).await;
+    let buyer = account(c, "b@example.com", 100).await;
+    published(c, "m", seller, 10).await;
+    let mut o = order(buyer, "m", "b:1", "watched", None);
+    o.window_secs = 0;
+    c.purchase(&o).await.unwrap();
+    let mut o = order(buyer, "m", "b:2", "unwatched", None);
+    o.window_secs = 0;
+    c.purchase(&o).await.unwrap();
+    assert_eq!(c.balance(seller).await.unwrap(), 14);
+
+    let t = now();
+    let batch = [
+        event("e1", Some("watched"), "m", 500, t),
+        event("e2", None, "m", 100, t),
+    ];
+    let done = c.apply_journal("utah", &batch, t - 5, t).await.unwrap();
+    assert_eq!(done.applied, 2);
+    let again = c.apply_journal("utah", &batch, t - 9, t).await.unwrap();
+    assert_eq!(again.applied, 0, "each event once");
+    assert_eq!(
+        c.grant_view("watched").await.unwrap().unwrap().bytes_served,
+        500
+    );
+    assert_eq!(
+        c.journal_watermarks().await.unwrap(),
+        vec![("utah".to_string(), t - 5)],
+        "a watermark never goes back"
+    );
+
+    let due = c.unserved_grants_due(t + 1, 0, 10).await.unwrap();
+    assert_eq!(due, vec!["unwatched".to_string()], "only what nobody saw");
+    // The seller spent most of the share meanwhile: the reversal takes
+    // what is left and the site absorbs the rest.
+    published(c, "n", buyer, 10).await;
+    c.purchase(&order(seller, "n", "s:1", "spend", None))
+        .await
+        .unwrap();
+    assert_eq!(c.balance(seller).await.unwrap(), 4);
+    let r = c.refund_grant("unwatched").await.unwrap().unwrap();
+    assert_eq!((r.buyer, r.price, r.absorbed), (buyer, 10, 3));
+    assert!(c.refund_grant("unwatched").await.unwrap().is_none(), "once");
+    assert!(
+        c.refund_grant("watched").await.unwrap().is_none(),
+        "it played"
+    );
+    assert_eq!(c.balance(buyer).await.unwrap(), 100 - 20 + 7 + 10);
+    assert_eq!(c.balance(seller).await.unwrap(), 0);
+    // A node that serves the refunded grant after all: kept apart, reported.
+    let late = c
+        .apply_journal("utah", &[event("e3", Some("unwatched"), "m", 7, t)], t, t)
+        .await
+        .unwrap();
+    assert_eq!(late.applied, 1);
+    assert_eq!(late.after_refund, vec![("unwatched".to_string(), 7)]);
+    assert_eq!(
+        c.grant_view("unwatched")
+            .await
+            .unwrap()
+            .unwrap()
+            .bytes_served,
+        0
+    );
+    books_exact(c).await;
+}
+
+pub async fn a_restore_freezes_refunds_that_could_depend_on_lost_views(c: &SharedCatalog) {
+    let seller = account(c, "s@example.com", 0).await;
+    let buyer = account(c, "b@example.com", 100).await;
+    published(c, "m", seller, 10).await;
+    let mut o = order(buyer, "m", "b:1", "g1", None);
+    o.window_secs = 0;
+    c.purchase(&o).await.unwrap();
+    let t = now();
+    c.apply_journal("utah", &[], t - 100, t).await.unwrap();
+    // Restored from a backup taken now: the grant may have been watched
+    // in the gap; it is never refunded automatically.
+    c.freeze_refunds(t, t + 1).await.unwrap();
+    assert_eq!(c.restores_after(t).await.unwrap(), 1);
+    assert_eq!(c.restores_after(t + 1).await.unwrap(), 0);
+    assert!(c
+        .unserved_grants_due(t + 10, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn terminals_nonces_and_avatar_links(c: &SharedCatalog) {
+    let owner = account(c, "o@example.com", 0).await;
+    let other = account(c, "x@example.com", 0).await;
+    c.insert_terminal("t1", owner, "Lobby", b"wrapped")
+        .await
+        .unwrap();
+    let t = c.terminal("t1").await.unwrap().unwrap();
+    assert_eq!(
+        (t.owner_id, t.name.as_str(), &t.wrapped_secret[..]),
+        (owner, "Lobby", &b"wrapped"[..])
+    );
+    assert!(c.use_terminal_nonce("t1", "n1", 300).await.unwrap());
+    assert!(
+        !c.use_terminal_nonce("t1", "n1", 300).await.unwrap(),
+        "a replay"
+    );
+    assert!(c
+        .terminal("t1")
+        .await
+        .unwrap()
+        .unwrap()
+        .last_used_at
+        .is_some());
+    assert!(!c.delete_terminal("t1", other).await.unwrap(), "not theirs");
+    assert_eq!(c.terminals_of(owner).await.unwrap().len(), 1);
+
+    c.replace_link_code(owner, "code1", now() + 60)
+        .await
+        .unwrap();
+    c.replace_link_code(other, "code2", now() + 60)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.link_avatar("code1", "avatar-a", "Lobby", owner)
+            .await
+            .unwrap(),
+        LinkOutcome::Linked(owner)
+    );
+    assert_eq!(
+        c.link_avatar("code1", "avatar-b", "Lobby", owner)
+            .await
+            .unwrap(),
+        LinkOutcome::CodeInvalid,
+        "a code links once"
+    );
+    assert_eq!(
+        c.link_avatar("code2", "avatar-a", "Lobby", owner)
+            .await
+            .unwrap(),
+        LinkOutcome::LinkedElsewhere
+    );
+    assert_eq!(c.avatar_account("avatar-a").await.unwrap(), Some(owner));
+    c.unlink_avatar("avatar-a", other).await.unwrap();
+    assert_eq!(
+        c.avatar_account("avatar-a").await.unwrap(),
+        Some(owner),
+        "only the holder unlinks"
+    );
+    assert_eq!(
+        c.avatar_links(owner).await.unwrap()[0].via_terminal,
+        "Lobby"
+    );
+    c.unlink_avatar("avatar-a", owner).await.unwrap();
+    assert_eq!(c.avatar_account("avatar-a").await.unwrap(), None);
+    assert!(c.delete_terminal("t1", owner).await.unwrap());
+}
+
+pub async fn a_snapshot_holds_what_the_catalog_held(c: &SharedCatalog) {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        account(c, &format!("u{i}@example.com"), 5).await;
+    }
+    // Writers go on while snapshots are taken; each copy is consistent.
+    let writer = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 3..100_000 {
+                account(&c, &format!("u{i}@example.com"), 5).await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for n in 0..3 {
+        let dest = dir.path().join(format!("s{n}"));
+        let counts = c.snapshot(&dest).await.unwrap();
+        let users = counts.tables["users"];
+        assert!(users >= 3);
+        assert_eq!(counts.tables["ledger"], users, "one bonus per account");
+        assert!(counts.schema > 0);
+        assert_eq!(inspect_snapshot(&dest).await.unwrap(), counts);
+    }
+    writer.abort();
+}
+
+mod sqlite_backend {
+    async fn fresh() -> (tempfile::TempDir, super::SharedCatalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        (
+            dir,
+            std::sync::Arc::new(super::sqlite::SqliteCatalog::open(&url).await.unwrap()),
+        )
+    }
+    crate::catalog::conformance::suite!(fresh());
+}

@@ -1,0 +1,749 @@
+//! The catalog: everything the manager keeps about accounts, movies, their
+//! copies, terminals and credits, behind one trait.
+//!
+//! [`Catalog`] has one method per operation the services need, and a
+//! compound operation (a purchase, a refund, a journal delivery, claiming
+//! a job) is one method, so each backend takes its own locks the way its
+//! engine wants: SQLite's `BEGIN IMMEDIATE` today ([`sqlite`]), PostgreSQL's
+//! `FOR UPDATE … SKIP LOCKED` later. Every SQL statement of the manager is
+//! in a backend; the rest of the manager sees typed rows and outcomes.
+//!
+//! Errors are `sqlx::Error`: both planned backends are sqlx's, and a
+//! refusal the books make (a balance too small, an email taken) is never
+//! an error of the engine but a [`Refused`] inside [`TxError`].
+//!
+//! A second backend passes [`conformance`] (the same tests, given its own
+//! fresh catalog) before it is used.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use crate::domain::{AssetState, ReplicaState, Role};
+
+pub mod sqlite;
+
+#[cfg(test)]
+pub mod conformance;
+
+pub use shared::runtime::unix_now as now;
+
+/// The catalog as the services hold it.
+pub type SharedCatalog = Arc<dyn Catalog>;
+
+/// Opens the catalog `url` names, creating and migrating it as needed.
+pub async fn open(url: &str) -> anyhow::Result<SharedCatalog> {
+    if is_sqlite(url) {
+        return Ok(Arc::new(sqlite::SqliteCatalog::open(url).await?));
+    }
+    anyhow::bail!(
+        "database_url {:?} names an engine this manager does not support (sqlite: is supported)",
+        url.split(':').next().unwrap_or("")
+    )
+}
+
+/// Checks an existing database for damage before anything migrates or
+/// writes to it (at start). A missing database is a fresh start.
+pub async fn quick_check(url: &str) -> anyhow::Result<()> {
+    if is_sqlite(url) {
+        return sqlite::quick_check(url).await;
+    }
+    Ok(())
+}
+
+fn is_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// What a snapshot (a backup's database copy) holds: the row count of
+/// every table and the schema version, to compare a copy against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotCounts {
+    pub tables: BTreeMap<String, i64>,
+    pub schema: i64,
+}
+
+/// Reads a snapshot file read-only: its integrity, then its counts. An
+/// `Err` says what is wrong with it in words.
+pub async fn inspect_snapshot(path: &Path) -> Result<SnapshotCounts, String> {
+    sqlite::inspect(path).await
+}
+
+// ---- rows ---------------------------------------------------------------------
+
+#[derive(Debug, Clone, FromRow)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub password_hash: String,
+    pub role: Role,
+}
+
+impl User {
+    pub fn is_operator(&self) -> bool {
+        self.role == Role::Operator
+    }
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Asset {
+    pub id: String,
+    pub owner_id: i64,
+    pub title: String,
+    pub state: AssetState,
+    pub progress: f64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub source_name: String,
+    pub source_bytes: i64,
+    pub blob_id: Option<String>,
+    pub sealed_len: Option<i64>,
+    pub plain_len: Option<i64>,
+    pub wrapped_key: Option<Vec<u8>>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub duration_secs: Option<f64>,
+    pub created_at: i64,
+    pub attempts: i64,
+    /// Credits per view; 0 = free.
+    pub price: i64,
+    /// See migrations/0007: grant-less tokens older than this are refused
+    /// while the movie has a price.
+    pub price_epoch: i64,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Replica {
+    pub asset_id: String,
+    pub node: String,
+    /// What the copy is (migrations/0004_mirrors.sql says what each means).
+    pub state: ReplicaState,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    /// Last time this copy was proven intact (push or the node's scrub).
+    pub verified_at: Option<i64>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It had not started: it is now `rejected` with code `cancelled`.
+    Cancelled,
+    /// A worker has it; it stops within a second or two.
+    Requested,
+    /// Sealed already (replicating, published) or finished.
+    TooLate,
+}
+
+/// An asset whose sealed blob should be on the nodes.
+#[derive(Debug, Clone, FromRow)]
+pub struct MirroredAsset {
+    pub id: String,
+    pub state: String,
+    pub blob_id: String,
+    pub sealed_len: i64,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Terminal {
+    pub id: String,
+    pub owner_id: i64,
+    pub name: String,
+    pub wrapped_secret: Vec<u8>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// What [`link_avatar`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// Linked (or re-linked) to this account; the code is used up.
+    Linked(i64),
+    /// No live code with this hash.
+    CodeInvalid,
+    /// Another account holds the avatar's link; nothing changed and the
+    /// code stays usable.
+    LinkedElsewhere,
+}
+
+/// One avatar linked to an account, with where the link was made.
+#[derive(Debug, Clone, FromRow)]
+pub struct AvatarLink {
+    pub avatar_key: String,
+    pub linked_at: i64,
+    /// The screen's name.
+    pub via_terminal: String,
+    /// The screen owner's account (`None` for links made before it was kept).
+    pub via_owner_id: Option<i64>,
+}
+
+// ---- the books ----------------------------------------------------------------
+
+/// Why the books refused a compound operation. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    EmailTaken,
+    NoAccount,
+    /// The debit would take the balance below zero.
+    Insufficient {
+        balance: i64,
+        needed: i64,
+    },
+    /// The credit would take the balance past `domain::MAX_BALANCE`.
+    TooRich,
+    NoMovie,
+    NotPublished,
+    /// The buyer has not approved the terminal's owner.
+    NotApproved,
+    /// The purchase would pass the buyer's daily cap for the terminal's owner.
+    CapReached {
+        cap: i64,
+    },
+    /// A concurrent request with the same request key was recorded first.
+    Duplicate,
+}
+
+/// A compound operation's failure: refused by the books, or the engine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    #[error("refused: {0:?}")]
+    Refused(Refused),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// One movement of credits: a ledger row and the balance update, always
+/// together. `idem_key` is unique across the ledger.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub account: i64,
+    pub amount: i64,
+    pub kind: &'a str,
+    pub reference: &'a str,
+    pub idem_key: &'a str,
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+/// Who is granted credits by an operator.
+#[derive(Debug, Clone)]
+pub enum Recipients {
+    Account(i64),
+    /// Every account created before this unix time (e.g. everyone who had
+    /// an account when an outage began).
+    CreatedBefore(i64),
+}
+
+/// An operator's grant as the books record it.
+#[derive(Debug)]
+pub struct GrantOrder<'a> {
+    pub to: &'a Recipients,
+    pub amount: i64,
+    pub actor: &'a str,
+    pub reason: &'a str,
+    /// Grants once per account and key: an interrupted rule grant run
+    /// again credits only the accounts it missed.
+    pub key: &'a str,
+}
+
+/// A purchase as the books record it; the ledger service has checked the
+/// input and that the movie is playable.
+#[derive(Debug)]
+pub struct PurchaseOrder<'a> {
+    pub buyer: i64,
+    pub asset_id: &'a str,
+    /// `<buyer>:<request id>`: a retried request is charged once.
+    pub request_key: &'a str,
+    /// A fresh id for the grant this purchase creates.
+    pub grant_id: &'a str,
+    /// `web`, `api` or `terminal`.
+    pub source: &'a str,
+    /// The terminal's owner when bought in-world from someone else's screen:
+    /// the buyer's approval and its daily cap are checked in the transaction.
+    pub terminal_owner: Option<i64>,
+    pub uploader_share_percent: i64,
+    pub window_secs: i64,
+    pub cap_window_secs: i64,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurchaseOutcome {
+    /// Free, or the buyer's own movie: nothing charged, no grant.
+    Free { balance: i64 },
+    Charged {
+        price: i64,
+        expires_at: i64,
+        balance: i64,
+    },
+}
+
+/// A grant found by its request key (a retried purchase).
+#[derive(Debug, Clone, FromRow)]
+pub struct GrantByKey {
+    pub id: String,
+    pub asset_id: String,
+    pub price: i64,
+    pub expires_at: i64,
+    pub source: String,
+    pub terminal_owner_id: Option<i64>,
+}
+
+/// An account's consent to purchases through one owner's terminals.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Approval {
+    pub owner_id: i64,
+    pub daily_cap: i64,
+    pub via_terminal: String,
+    pub created_at: i64,
+    /// Credits spent through this owner's terminals in the cap's window.
+    pub spent_24h: i64,
+}
+
+/// A movie to record as queued, with what its upload costs.
+#[derive(Debug)]
+pub struct NewAsset<'a> {
+    pub id: &'a str,
+    pub owner: i64,
+    pub title: &'a str,
+    pub source_name: &'a str,
+    pub source_bytes: i64,
+}
+
+/// A rejected upload whose cost has not been given back yet.
+#[derive(Debug, Clone, FromRow)]
+pub struct UnrefundedUpload {
+    pub id: String,
+    pub owner_id: i64,
+    pub cost: i64,
+}
+
+/// An unplayed grant given back.
+#[derive(Debug, Clone)]
+pub struct Refunded {
+    pub buyer: i64,
+    pub price: i64,
+    /// Credits of the uploader's share the uploader's balance could not
+    /// give back (the site absorbed them).
+    pub absorbed: i64,
+}
+
+/// What one journal delivery changed.
+#[derive(Debug, Default)]
+pub struct JournalApplied {
+    /// Events new to the books (the rest were delivered before).
+    pub applied: u64,
+    /// Views of grants already refunded, as `(grant, bytes)`: kept apart,
+    /// never added (the money went back), and raised for the operator.
+    pub after_refund: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct LedgerRow {
+    pub id: i64,
+    pub amount: i64,
+    pub kind: String,
+    pub reference: String,
+    pub actor: String,
+    pub reason: String,
+    pub balance_after: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct GrantRowView {
+    pub id: String,
+    pub asset_id: String,
+    pub price: i64,
+    pub state: String,
+    pub expires_at: i64,
+    pub bytes_served: i64,
+}
+
+// ---- the trait ------------------------------------------------------------------
+
+/// Everything the manager keeps, one method per operation (module docs).
+#[async_trait::async_trait]
+pub trait Catalog: Send + Sync + 'static {
+    // ---- accounts, sessions, movies, copies, terminals ----
+
+    async fn set_password(&self, email: &str, password_hash: &str) -> sqlx::Result<bool>;
+
+    async fn user_by_email(&self, email: &str) -> sqlx::Result<Option<User>>;
+
+    async fn insert_session(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        csrf: &str,
+        expires_at: i64,
+    ) -> sqlx::Result<()>;
+
+    async fn delete_session(&self, token_hash: &str) -> sqlx::Result<()>;
+
+    /// The user behind a live session, with the session's CSRF token.
+    async fn session_user(&self, token_hash: &str) -> sqlx::Result<Option<(User, String)>>;
+
+    async fn insert_api_token(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        label: &str,
+    ) -> sqlx::Result<()>;
+
+    async fn api_token_user(&self, token_hash: &str) -> sqlx::Result<Option<User>>;
+
+    async fn insert_asset(
+        &self,
+        id: &str,
+        owner_id: i64,
+        title: &str,
+        source_name: &str,
+        source_bytes: i64,
+    ) -> sqlx::Result<()>;
+
+    async fn asset(&self, id: &str) -> sqlx::Result<Option<Asset>>;
+
+    async fn published_assets(&self, limit: i64) -> sqlx::Result<Vec<Asset>>;
+
+    async fn assets_of(&self, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>>;
+
+    /// Takes the oldest due job under a lease of `lease_secs`, in one statement
+    /// so two workers (or two managers on one database) never take the same
+    /// job. A job whose lease ran out (its worker died) is taken up again.
+    async fn claim_next(&self, lease_secs: i64) -> sqlx::Result<Option<Asset>>;
+
+    /// Extends a job's lease; returns whether its cancel was requested.
+    async fn renew_lease(&self, id: &str, lease_secs: i64) -> sqlx::Result<bool>;
+
+    /// Moves a transcoded job to `sealing` unless its cancel was requested, in
+    /// one statement: a cancel that arrives at any moment before is honoured
+    /// (`false`), one after finds the job past cancelling (`TooLate`).
+    async fn start_sealing(&self, id: &str) -> sqlx::Result<bool>;
+
+    async fn cancel_requested(&self, id: &str) -> sqlx::Result<bool>;
+
+    /// Puts a job back in the queue at once, without counting an attempt
+    /// (graceful shutdown interrupted it).
+    async fn requeue(&self, id: &str) -> sqlx::Result<()>;
+
+    async fn request_cancel(&self, id: &str) -> sqlx::Result<CancelOutcome>;
+
+    /// Operator retry of a job that failed for an internal reason (its source
+    /// is kept for this). Returns whether it was requeued.
+    async fn retry_failed(&self, id: &str) -> sqlx::Result<bool>;
+
+    /// Puts a job that failed for an internal reason back in the queue after
+    /// `delay_secs`; returns how many attempts it has now had.
+    async fn retry_later(&self, id: &str, delay_secs: i64) -> sqlx::Result<i64>;
+
+    /// Work interrupted by a crash or shutdown restarts from the top: staging
+    /// keeps the source until sealing commits, so nothing is lost.
+    async fn requeue_interrupted(&self) -> sqlx::Result<u64>;
+
+    /// Moves a job to its next step. Only a worker holding the job calls it.
+    async fn set_state(&self, id: &str, state: crate::domain::AssetState) -> sqlx::Result<()>;
+
+    async fn set_progress(&self, id: &str, progress: f64) -> sqlx::Result<()>;
+
+    async fn reject(&self, id: &str, code: &str, message: &str) -> sqlx::Result<()>;
+
+    async fn set_media_info(
+        &self,
+        id: &str,
+        width: u32,
+        height: u32,
+        duration: f64,
+    ) -> sqlx::Result<()>;
+
+    /// Records the sealed blob and creates one pending replica per node, in one
+    /// transaction: either the asset is ready to replicate or nothing changed.
+    async fn record_sealed(
+        &self,
+        id: &str,
+        blob_id: &str,
+        sealed_len: u64,
+        plain_len: u64,
+        wrapped_key: &[u8],
+        nodes: &[String],
+    ) -> sqlx::Result<()>;
+
+    async fn replicas(&self, asset_id: &str) -> sqlx::Result<Vec<Replica>>;
+
+    /// Replicas not yet verified whose retry time has come, for assets that
+    /// still have their sealed blob in the outbox.
+    async fn due_replicas(&self) -> sqlx::Result<Vec<Replica>>;
+
+    async fn replica_verified(&self, asset_id: &str, node: &str) -> sqlx::Result<()>;
+
+    async fn replica_failed(
+        &self,
+        asset_id: &str,
+        node: &str,
+        error: &str,
+        next_try: i64,
+    ) -> sqlx::Result<()>;
+
+    /// Publishes the asset if enough verified copies exist. Returns whether
+    /// *this* call published it (so it is logged and counted once). The count
+    /// and the state change happen in one statement, so "published" can never
+    /// be observed with too few copies.
+    async fn publish_if_replicated(
+        &self,
+        asset_id: &str,
+        min_replicas: usize,
+    ) -> sqlx::Result<bool>;
+
+    async fn all_verified(&self, asset_id: &str) -> sqlx::Result<bool>;
+
+    async fn mirrored_assets(&self) -> sqlx::Result<Vec<MirroredAsset>>;
+
+    /// Every blob name any asset refers to (whatever its state).
+    async fn referenced_blobs(&self) -> sqlx::Result<std::collections::HashSet<String>>;
+
+    /// Replicas of the assets in [`mirrored_assets`].
+    async fn mirrored_replicas(&self) -> sqlx::Result<Vec<Replica>>;
+
+    /// Replicas on nodes no longer configured stop being retried or counted;
+    /// every configured node gets a replica row for every mirrored asset (a
+    /// node added later, or one that comes back, is filled like any other).
+    /// Returns (retired, created or revived).
+    async fn sync_replica_nodes(&self, nodes: &[String]) -> sqlx::Result<(u64, u64)>;
+
+    /// A verified copy turned out gone or quarantined: it is to be refilled at
+    /// once. Only a copy last verified before `observed_before` (when the
+    /// evidence was gathered) is downgraded, so a push that completed while an
+    /// inventory was in flight is not undone. Returns whether it changed.
+    async fn replica_lost(
+        &self,
+        asset_id: &str,
+        node: &str,
+        reason: &str,
+        observed_before: i64,
+    ) -> sqlx::Result<bool>;
+
+    /// A node reports it quarantined `blob`: every replica of it there goes to
+    /// `repairing`. Returns the assets concerned.
+    async fn replicas_quarantined(
+        &self,
+        node: &str,
+        blob_id: &str,
+        reason: &str,
+    ) -> sqlx::Result<Vec<String>>;
+
+    /// The node's inventory lists a good copy: the replica is verified, and its
+    /// proof time is the later of ours and the node's. Returns whether the state
+    /// changed (a copy found again, e.g. restored by an operator).
+    async fn replica_seen_good(
+        &self,
+        asset_id: &str,
+        node: &str,
+        node_verified_at: Option<i64>,
+    ) -> sqlx::Result<bool>;
+
+    /// A node is reachable again: its waiting replicas are due now instead of
+    /// at the end of their backoff.
+    async fn replicas_due_now(&self, node: &str) -> sqlx::Result<u64>;
+
+    /// Marks the asset `damaged` if no node holds a verified copy. The caller
+    /// has checked that no other source (the outbox) exists. Returns whether
+    /// this call changed it (so the alert is raised once).
+    async fn mark_damaged(&self, asset_id: &str) -> sqlx::Result<bool>;
+
+    /// A damaged asset has a good source again (a node's copy, or a sealed file
+    /// an operator put back in the outbox): it replicates, and is published
+    /// once `min_replicas` copies are verified.
+    async fn undamage(&self, asset_id: &str) -> sqlx::Result<bool>;
+
+    /// Records that `node` holds `blob_id` although no asset refers to it;
+    /// returns when it was first seen so.
+    async fn note_unreferenced(&self, node: &str, blob_id: &str, size: i64) -> sqlx::Result<i64>;
+
+    /// Forgets unreferenced blobs of `node` not seen since `before` (deleted,
+    /// or referenced again).
+    async fn forget_unreferenced(&self, node: &str, before: i64) -> sqlx::Result<()>;
+
+    async fn drop_unreferenced(&self, node: &str, blob_id: &str) -> sqlx::Result<()>;
+
+    /// Asset counts by state, for the alert gauges.
+    async fn asset_state_counts(&self) -> sqlx::Result<Vec<(String, i64)>>;
+
+    /// Health means working: write, read back and delete a row.
+    async fn health_check(&self) -> anyhow::Result<()>;
+
+    async fn insert_terminal(
+        &self,
+        id: &str,
+        owner_id: i64,
+        name: &str,
+        wrapped_secret: &[u8],
+    ) -> sqlx::Result<()>;
+
+    async fn terminal(&self, id: &str) -> sqlx::Result<Option<Terminal>>;
+
+    async fn terminals_of(&self, owner_id: i64) -> sqlx::Result<Vec<Terminal>>;
+
+    async fn delete_terminal(&self, id: &str, owner_id: i64) -> sqlx::Result<bool>;
+
+    /// Records a nonce; `false` when this terminal already used it (a replay).
+    /// Nonces older than `window_secs` are forgotten in the same transaction.
+    async fn use_terminal_nonce(
+        &self,
+        terminal_id: &str,
+        nonce: &str,
+        window_secs: i64,
+    ) -> sqlx::Result<bool>;
+
+    /// Records a restore from a backup taken at `backup_at`: refunds that could
+    /// depend on views delivered after the backup are frozen
+    /// (`ledger::refund_due`, migrations/0007).
+    async fn freeze_refunds(&self, backup_at: i64, restored_at: i64) -> sqlx::Result<()>;
+
+    /// Moves everything in the write-ahead log into the main file.
+    async fn checkpoint(&self) -> sqlx::Result<()>;
+
+    /// Sets a view price (0 = free). A free movie turning paid enters a new
+    /// price epoch (`crate::prices`).
+    async fn set_price(&self, asset_id: &str, price: i64) -> sqlx::Result<()>;
+
+    /// Every movie with a price and its epoch: what a node needs to refuse
+    /// grant-less tokens minted before the movie became paid.
+    async fn paid_epochs(&self) -> sqlx::Result<Vec<(String, i64)>>;
+
+    /// Replaces `user_id`'s link code (one live code per account) and sweeps
+    /// expired ones.
+    async fn replace_link_code(
+        &self,
+        user_id: i64,
+        code_hash: &str,
+        expires_at: i64,
+    ) -> sqlx::Result<()>;
+
+    /// Links `avatar` to the account that made the code, through terminal
+    /// `via_name` of `via_owner`, and consumes the code: one transaction.
+    async fn link_avatar(
+        &self,
+        code_hash: &str,
+        avatar: &str,
+        via_name: &str,
+        via_owner: i64,
+    ) -> sqlx::Result<LinkOutcome>;
+
+    /// The account `avatar` is linked to.
+    async fn avatar_account(&self, avatar: &str) -> sqlx::Result<Option<i64>>;
+
+    /// Lets `avatar` go, if `user_id` holds its link.
+    async fn unlink_avatar(&self, avatar: &str, user_id: i64) -> sqlx::Result<()>;
+
+    async fn avatar_links(&self, user_id: i64) -> sqlx::Result<Vec<AvatarLink>>;
+
+    /// Who bought grant `id`.
+    async fn grant_buyer(&self, id: &str) -> sqlx::Result<Option<i64>>;
+
+    // ---- the books (docs/credits.md) ----
+
+    async fn balance(&self, account: i64) -> sqlx::Result<i64>;
+
+    /// Accounts whose cached balance differs from their ledger sum, as
+    /// `(account, balance, ledger sum)`. Empty when the books are exact.
+    async fn verify_balances(&self) -> sqlx::Result<Vec<(i64, i64, i64)>>;
+
+    /// Creates an account with its signup bonus (0: none), in one
+    /// transaction. `Refused::EmailTaken` when the email has an account.
+    async fn create_account(
+        &self,
+        email: &str,
+        password_hash: &str,
+        role: Role,
+        bonus: i64,
+    ) -> Result<i64, TxError>;
+
+    /// Credits each recipient once per key; returns the accounts credited now.
+    async fn grant_credits(&self, order: &GrantOrder<'_>) -> Result<Vec<i64>, TxError>;
+
+    /// Charges the buyer, credits the uploader's share and creates the
+    /// grant `order.grant_id`, all or nothing. A concurrent retry that won
+    /// is `Refused::Duplicate` (read it with [`Catalog::grant_by_request`]).
+    async fn purchase(&self, order: &PurchaseOrder<'_>) -> Result<PurchaseOutcome, TxError>;
+
+    async fn grant_by_request(&self, request_key: &str) -> sqlx::Result<Option<GrantByKey>>;
+
+    /// The approval of `owner`'s terminals by `user`, with what was spent
+    /// through them since `since`.
+    async fn approval(&self, user: i64, owner: i64, since: i64) -> sqlx::Result<Option<Approval>>;
+
+    async fn approvals(&self, user: i64, since: i64) -> sqlx::Result<Vec<Approval>>;
+
+    /// Approves (or changes the cap of) purchases by `user` through the
+    /// terminals of `owner`.
+    async fn approve(
+        &self,
+        user: i64,
+        owner: i64,
+        daily_cap: i64,
+        via_terminal: &str,
+    ) -> sqlx::Result<()>;
+
+    /// Withdraws consent; `false` when there was none.
+    async fn revoke(&self, user: i64, owner: i64) -> sqlx::Result<bool>;
+
+    /// A movie's price per view (0 for free or unknown).
+    async fn price(&self, asset_id: &str) -> sqlx::Result<i64>;
+
+    /// Records an accepted upload as queued and charges `cost` (0: free)
+    /// in one transaction: either the movie is queued and paid for, or
+    /// neither (`Refused::Insufficient`).
+    async fn insert_asset_paid(&self, asset: &NewAsset<'_>, cost: i64) -> Result<(), TxError>;
+
+    /// Rejected movies whose upload cost was charged and not given back.
+    async fn unrefunded_rejected_uploads(&self, limit: i64) -> sqlx::Result<Vec<UnrefundedUpload>>;
+
+    /// Gives back one rejected upload's cost, once (`false`: done before).
+    async fn refund_upload(&self, upload: &UnrefundedUpload, reason: &str)
+        -> Result<bool, TxError>;
+
+    /// Each node's journal watermark as last delivered, `(node, watermark)`.
+    async fn journal_watermarks(&self) -> sqlx::Result<Vec<(String, i64)>>;
+
+    /// How many restores happened after `t` (refunds wait until every node
+    /// has reported past the last one).
+    async fn restores_after(&self, t: i64) -> sqlx::Result<i64>;
+
+    /// Active grants nothing was served under whose window ended at or
+    /// before `expired_by`, oldest first, leaving out those a restore froze
+    /// (`grace_secs`: the refund grace, see migrations/0007).
+    async fn unserved_grants_due(
+        &self,
+        expired_by: i64,
+        grace_secs: i64,
+        limit: i64,
+    ) -> sqlx::Result<Vec<String>>;
+
+    /// Refunds one unplayed grant: the buyer gets the price back and the
+    /// uploader's share is reversed as far as the uploader's balance allows.
+    /// `None` when the grant is not (or no longer) refundable.
+    async fn refund_grant(&self, grant_id: &str) -> Result<Option<Refunded>, TxError>;
+
+    /// Applies a node's journal batch exactly once per `(node, event id)`
+    /// and raises the node's watermark, in one transaction.
+    async fn apply_journal(
+        &self,
+        node: &str,
+        events: &[shared::protocol::JournalEvent],
+        watermark: i64,
+        now: i64,
+    ) -> sqlx::Result<JournalApplied>;
+
+    async fn history(&self, account: i64, limit: i64) -> sqlx::Result<Vec<LedgerRow>>;
+
+    async fn grant_view(&self, id: &str) -> sqlx::Result<Option<GrantRowView>>;
+
+    // ---- backups ----
+
+    /// Closes every connection (a restore replaces the files after this).
+    async fn close(&self);
+
+    /// Copies the whole catalog, consistent at one instant, into `dest` (a
+    /// new file), and returns what the copy holds.
+    async fn snapshot(&self, dest: &Path) -> Result<SnapshotCounts, String>;
+}

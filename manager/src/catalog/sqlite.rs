@@ -1,0 +1,1889 @@
+//! The SQLite catalog, the embedded default: one file in WAL mode with
+//! `synchronous=FULL`, so an acknowledged upload or payment survives a
+//! power cut.
+//!
+//! Writers of the books serialize on SQLite's write lock taken up front
+//! (`BEGIN IMMEDIATE`, [`SqliteCatalog::begin_write`]), so what a
+//! transaction checked still holds when it writes, also across processes.
+//! A debit is a guarded `UPDATE … WHERE balance + amount >= 0`, and the
+//! `CHECK (balance >= 0)` on the column refuses a negative balance even
+//! from a buggy caller.
+
+use std::{collections::BTreeMap, path::Path, str::FromStr};
+
+use sqlx::{
+    sqlite::{
+        SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
+        SqliteSynchronous,
+    },
+    ConnectOptions, Connection, Sqlite, SqlitePool, Transaction,
+};
+
+use super::*;
+use crate::domain::MAX_BALANCE;
+
+/// The SQLite catalog. Cloning shares the pool.
+#[derive(Clone)]
+pub struct SqliteCatalog {
+    pool: SqlitePool,
+}
+
+/// Book writers of this process queue here before asking SQLite for its
+/// write lock: waiting on a mutex wakes the next writer at once, where
+/// SQLite's busy handler sleeps and retries (tail latency under load).
+static WRITERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl SqliteCatalog {
+    /// Opens the database and applies migrations.
+    pub async fn open(url: &str) -> anyhow::Result<Self> {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests that look at rows directly.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Takes SQLite's write lock at once (`BEGIN IMMEDIATE`). Hold the
+    /// guard as long as the transaction.
+    async fn begin_write(
+        &self,
+    ) -> sqlx::Result<(
+        tokio::sync::MutexGuard<'static, ()>,
+        Transaction<'static, Sqlite>,
+    )> {
+        let guard = WRITERS.lock().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((guard, tx))
+    }
+}
+
+/// `PRAGMA quick_check` on an existing database before anything migrates
+/// or writes to it. A missing file is a fresh start, not damage.
+pub async fn quick_check(url: &str) -> anyhow::Result<()> {
+    let opts = SqliteConnectOptions::from_str(url)?;
+    if !opts.get_filename().exists() {
+        return Ok(());
+    }
+    let mut conn = opts
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("the database does not open: {e}"))?;
+    let rows: Result<Vec<(String,)>, _> = sqlx::query_as("PRAGMA quick_check")
+        .fetch_all(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    let rows = rows.map_err(|e| anyhow::anyhow!("quick_check could not run: {e}"))?;
+    if rows.len() == 1 && rows[0].0 == "ok" {
+        return Ok(());
+    }
+    let mut text = rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; ");
+    text.truncate(400);
+    anyhow::bail!("quick_check found damage: {text}")
+}
+
+// ---- posting ----------------------------------------------------------------
+
+impl From<Refused> for TxError {
+    fn from(r: Refused) -> Self {
+        TxError::Refused(r)
+    }
+}
+
+/// One movement inside the caller's transaction: the guarded balance
+/// update, then the ledger row. Returns the balance after.
+async fn post(tx: &mut Transaction<'static, Sqlite>, e: &Entry<'_>) -> Result<i64, TxError> {
+    let row: Option<(i64,)> = sqlx::query_as(
+        "UPDATE users SET balance = balance + ?1
+         WHERE id = ?2 AND balance + ?1 >= 0 AND balance + ?1 <= ?3 RETURNING balance",
+    )
+    .bind(e.amount)
+    .bind(e.account)
+    .bind(MAX_BALANCE)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((after,)) = row else {
+        let bal: Option<(i64,)> = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
+            .bind(e.account)
+            .fetch_optional(&mut **tx)
+            .await?;
+        return Err(TxError::Refused(match bal {
+            None => Refused::NoAccount,
+            Some(_) if e.amount > 0 => Refused::TooRich,
+            Some((balance,)) => Refused::Insufficient {
+                balance,
+                needed: -e.amount,
+            },
+        }));
+    };
+    sqlx::query(
+        "INSERT INTO ledger (account_id, amount, kind, reference, idem_key, actor, reason, balance_after, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.account)
+    .bind(e.amount)
+    .bind(e.kind)
+    .bind(e.reference)
+    .bind(e.idem_key)
+    .bind(e.actor)
+    .bind(e.reason)
+    .bind(after)
+    .bind(now())
+    .execute(&mut **tx)
+    .await?;
+    Ok(after)
+}
+
+async fn entry_exists(tx: &mut Transaction<'static, Sqlite>, key: &str) -> sqlx::Result<bool> {
+    let r: Option<(i64,)> = sqlx::query_as("SELECT id FROM ledger WHERE idem_key = ?")
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(r.is_some())
+}
+
+const APPROVALS: &str = "SELECT a.owner_id, a.daily_cap, a.via_terminal, a.created_at,
+     (SELECT COALESCE(SUM(g.price), 0) FROM play_grants g
+      WHERE g.buyer_id = a.user_id AND g.terminal_owner_id = a.owner_id
+        AND g.created_at > ? AND g.state = 'active') AS spent_24h
+     FROM terminal_approvals a WHERE a.user_id = ?";
+
+const ASSET_COLS: &str = "id, owner_id, title, state, progress, error_code, error_message, source_name,
+    source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at, attempts,
+    price, price_epoch";
+
+// ---- snapshots ------------------------------------------------------------------
+
+/// Runs `f` where blocking is allowed: `block_in_place` on a multi-thread
+/// runtime; inline on a current-thread one (tests, where it cannot starve
+/// other tasks for long: snapshots of a metadata database take milliseconds).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Row counts of every table and the schema version, on `conn`'s current
+/// transaction (or a fresh implicit one).
+async fn count_tables(conn: &mut SqliteConnection) -> sqlx::Result<SnapshotCounts> {
+    let names: Vec<(String,)> = sqlx::query_as(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut tables = BTreeMap::new();
+    for (name,) in names {
+        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {}", quote_ident(&name)))
+            .fetch_one(&mut *conn)
+            .await?;
+        tables.insert(name, n);
+    }
+    let schema = if tables.contains_key("_sqlx_migrations") {
+        let (v,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success = 1",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        v
+    } else {
+        0
+    };
+    Ok(SnapshotCounts { tables, schema })
+}
+
+/// Copies the database into `dest` (a new file) with the online-backup API,
+/// inside one read transaction whose counts it returns.
+async fn snapshot(db: &SqlitePool, dest: &Path) -> anyhow::Result<SnapshotCounts> {
+    let mut tx = db.begin().await?;
+    // The first read starts the snapshot; it lasts until the transaction ends.
+    let counts = count_tables(&mut tx).await?;
+    let mut target = SqliteConnectOptions::new()
+        .filename(dest)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Delete)
+        .connect()
+        .await?;
+    {
+        let mut src = tx.lock_handle().await?;
+        let mut dst = target.lock_handle().await?;
+        let (s, d) = (src.as_raw_handle().as_ptr(), dst.as_raw_handle().as_ptr());
+        // SAFETY: both handles are open connections, locked against their
+        // sqlx workers for the duration; the backup object is finished
+        // before the locks are released.
+        blocking(|| unsafe { online_backup(s, d) }).map_err(anyhow::Error::msg)?;
+    }
+    tx.rollback().await?;
+    // The copied header says WAL (the source's mode); make the copy a
+    // self-contained rollback-journal file that opens read-only anywhere.
+    sqlx::query("PRAGMA journal_mode = DELETE")
+        .execute(&mut target)
+        .await?;
+    target.close().await?;
+    Ok(counts)
+}
+
+/// # Safety
+/// `src` and `dst` must be open SQLite connections not used elsewhere meanwhile.
+unsafe fn online_backup(
+    src: *mut libsqlite3_sys::sqlite3,
+    dst: *mut libsqlite3_sys::sqlite3,
+) -> Result<(), String> {
+    use libsqlite3_sys as ffi;
+    let main = c"main";
+    let errmsg = |db: *mut ffi::sqlite3| {
+        std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let b = ffi::sqlite3_backup_init(dst, main.as_ptr(), src, main.as_ptr());
+    if b.is_null() {
+        return Err(format!("backup_init: {}", errmsg(dst)));
+    }
+    // -1: every page in one step, so the source's open read transaction is
+    // the only snapshot copied.
+    let step = ffi::sqlite3_backup_step(b, -1);
+    let finish = ffi::sqlite3_backup_finish(b);
+    if step != ffi::SQLITE_DONE {
+        return Err(format!(
+            "backup_step: {}",
+            std::ffi::CStr::from_ptr(ffi::sqlite3_errstr(step)).to_string_lossy()
+        ));
+    }
+    if finish != ffi::SQLITE_OK {
+        return Err(format!("backup_finish: {}", errmsg(dst)));
+    }
+    Ok(())
+}
+
+/// What a snapshot file holds, read-only: integrity, counts, schema version.
+pub async fn inspect(path: &Path) -> Result<SnapshotCounts, String> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .immutable(true)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let rows: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if rows.len() != 1 || rows[0].0 != "ok" {
+        let mut text: String = rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; ");
+        text.truncate(500);
+        return Err(text);
+    }
+    let r = count_tables(&mut conn).await.map_err(|e| e.to_string());
+    let _ = conn.close().await;
+    r
+}
+
+#[async_trait::async_trait]
+impl Catalog for SqliteCatalog {
+    async fn set_password(&self, email: &str, password_hash: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query("UPDATE users SET password_hash = ? WHERE email = ?")
+            .bind(password_hash)
+            .bind(email)
+            .execute(db)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn user_by_email(&self, email: &str) -> sqlx::Result<Option<User>> {
+        let db = &self.pool;
+        sqlx::query_as("SELECT id, email, password_hash, role FROM users WHERE email = ?")
+            .bind(email)
+            .fetch_optional(db)
+            .await
+    }
+
+    async fn insert_session(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        csrf: &str,
+        expires_at: i64,
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "INSERT INTO sessions (token_hash, user_id, csrf, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(csrf)
+        .bind(expires_at)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_session(&self, token_hash: &str) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+            .bind(token_hash)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn session_user(&self, token_hash: &str) -> sqlx::Result<Option<(User, String)>> {
+        let db = &self.pool;
+        let row: Option<(i64, String, String, Role, String)> = sqlx::query_as(
+            "SELECT u.id, u.email, u.password_hash, u.role, s.csrf FROM sessions s
+             JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
+        )
+        .bind(token_hash)
+        .bind(now())
+        .fetch_optional(db)
+        .await?;
+        Ok(row.map(|(id, email, password_hash, role, csrf)| {
+            (
+                User {
+                    id,
+                    email,
+                    password_hash,
+                    role,
+                },
+                csrf,
+            )
+        }))
+    }
+
+    async fn insert_api_token(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        label: &str,
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "INSERT INTO api_tokens (token_hash, user_id, label, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(label)
+        .bind(now())
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn api_token_user(&self, token_hash: &str) -> sqlx::Result<Option<User>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT u.id, u.email, u.password_hash, u.role FROM api_tokens t
+             JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(db)
+        .await
+    }
+
+    async fn insert_asset(
+        &self,
+        id: &str,
+        owner_id: i64,
+        title: &str,
+        source_name: &str,
+        source_bytes: i64,
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        let t = now();
+        sqlx::query(
+            "INSERT INTO assets (id, owner_id, title, state, source_name, source_bytes, created_at, updated_at)
+             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(owner_id)
+        .bind(title)
+        .bind(source_name)
+        .bind(source_bytes)
+        .bind(t)
+        .bind(t)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn asset(&self, id: &str) -> sqlx::Result<Option<Asset>> {
+        let db = &self.pool;
+        sqlx::query_as(&format!("SELECT {ASSET_COLS} FROM assets WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(db)
+            .await
+    }
+
+    async fn published_assets(&self, limit: i64) -> sqlx::Result<Vec<Asset>> {
+        let db = &self.pool;
+        sqlx::query_as(&format!(
+            "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' ORDER BY created_at DESC LIMIT ?"
+        ))
+        .bind(limit)
+        .fetch_all(db)
+        .await
+    }
+
+    async fn assets_of(&self, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>> {
+        let db = &self.pool;
+        sqlx::query_as(&format!(
+            "SELECT {ASSET_COLS} FROM assets WHERE owner_id = ? ORDER BY created_at DESC LIMIT ?"
+        ))
+        .bind(owner_id)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+    }
+
+    async fn claim_next(&self, lease_secs: i64) -> sqlx::Result<Option<Asset>> {
+        let db = &self.pool;
+        let t = now();
+        sqlx::query_as(&format!(
+            "UPDATE assets SET state = 'probing', progress = 0, lease_until = ?, updated_at = ?
+             WHERE id = (SELECT id FROM assets
+                         WHERE (state = 'queued' AND next_try <= ?)
+                            OR (state IN ('probing', 'transcoding', 'sealing') AND lease_until < ?)
+                         ORDER BY created_at, id LIMIT 1)
+             RETURNING {ASSET_COLS}"
+        ))
+        .bind(t + lease_secs)
+        .bind(t)
+        .bind(t)
+        .bind(t)
+        .fetch_optional(db)
+        .await
+    }
+
+    async fn renew_lease(&self, id: &str, lease_secs: i64) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let row: Option<(i64,)> = sqlx::query_as(
+            "UPDATE assets SET lease_until = ? WHERE id = ? RETURNING cancel_requested",
+        )
+        .bind(now() + lease_secs)
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+        Ok(matches!(row, Some((1,))))
+    }
+
+    async fn start_sealing(&self, id: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'sealing', progress = 0, updated_at = ?
+             WHERE id = ? AND state = 'transcoding' AND cancel_requested = 0",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn cancel_requested(&self, id: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT cancel_requested FROM assets WHERE id = ?")
+                .bind(id)
+                .fetch_optional(db)
+                .await?;
+        Ok(matches!(row, Some((1,))))
+    }
+
+    async fn requeue(&self, id: &str) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn request_cancel(&self, id: &str) -> sqlx::Result<CancelOutcome> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'rejected', error_code = 'cancelled', error_message = 'Cancelled by its uploader.',
+             updated_at = ? WHERE id = ? AND state = 'queued'",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+        if r.rows_affected() == 1 {
+            return Ok(CancelOutcome::Cancelled);
+        }
+        let r = sqlx::query(
+            "UPDATE assets SET cancel_requested = 1, updated_at = ? WHERE id = ? AND state IN ('probing', 'transcoding')",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+        Ok(if r.rows_affected() == 1 {
+            CancelOutcome::Requested
+        } else {
+            CancelOutcome::TooLate
+        })
+    }
+
+    async fn retry_failed(&self, id: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'queued', attempts = 0, next_try = 0, lease_until = 0, progress = 0,
+             error_code = NULL, error_message = NULL, cancel_requested = 0, updated_at = ?
+             WHERE id = ? AND state = 'rejected' AND error_code = 'processing_failed'",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn retry_later(&self, id: &str, delay_secs: i64) -> sqlx::Result<i64> {
+        let db = &self.pool;
+        let t = now();
+        let (attempts,): (i64,) = sqlx::query_as(
+            "UPDATE assets SET state = 'queued', progress = 0, attempts = attempts + 1, next_try = ?, updated_at = ?
+             WHERE id = ? RETURNING attempts",
+        )
+        .bind(t + delay_secs)
+        .bind(t)
+        .bind(id)
+        .fetch_one(db)
+        .await?;
+        Ok(attempts)
+    }
+
+    async fn requeue_interrupted(&self) -> sqlx::Result<u64> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = ?
+             WHERE state IN ('probing', 'transcoding', 'sealing')",
+        )
+        .bind(now())
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn set_state(&self, id: &str, state: crate::domain::AssetState) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("UPDATE assets SET state = ?, progress = 0, updated_at = ? WHERE id = ?")
+            .bind(state)
+            .bind(now())
+            .bind(id)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_progress(&self, id: &str, progress: f64) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("UPDATE assets SET progress = ?, updated_at = ? WHERE id = ?")
+            .bind(progress)
+            .bind(now())
+            .bind(id)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn reject(&self, id: &str, code: &str, message: &str) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "UPDATE assets SET state = 'rejected', error_code = ?, error_message = ?, progress = 0, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(code)
+        .bind(message)
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_media_info(
+        &self,
+        id: &str,
+        width: u32,
+        height: u32,
+        duration: f64,
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "UPDATE assets SET width = ?, height = ?, duration_secs = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(width as i64)
+        .bind(height as i64)
+        .bind(duration)
+        .bind(now())
+        .bind(id)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_sealed(
+        &self,
+        id: &str,
+        blob_id: &str,
+        sealed_len: u64,
+        plain_len: u64,
+        wrapped_key: &[u8],
+        nodes: &[String],
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        let t = now();
+        let mut tx = db.begin().await?;
+        sqlx::query(
+            "UPDATE assets SET state = 'replicating', progress = 0, blob_id = ?, sealed_len = ?, plain_len = ?,
+             wrapped_key = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(blob_id)
+        .bind(sealed_len as i64)
+        .bind(plain_len as i64)
+        .bind(wrapped_key)
+        .bind(t)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        for n in nodes {
+            sqlx::query(
+                "INSERT INTO replicas (asset_id, node, state, updated_at) VALUES (?, ?, 'pending', ?)
+                 ON CONFLICT (asset_id, node) DO NOTHING",
+            )
+            .bind(id)
+            .bind(n)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn replicas(&self, asset_id: &str) -> sqlx::Result<Vec<Replica>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT asset_id, node, state, attempts, last_error, verified_at FROM replicas WHERE asset_id = ? ORDER BY node",
+        )
+        .bind(asset_id)
+        .fetch_all(db)
+        .await
+    }
+
+    async fn due_replicas(&self) -> sqlx::Result<Vec<Replica>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT r.asset_id, r.node, r.state, r.attempts, r.last_error, r.verified_at FROM replicas r
+             JOIN assets a ON a.id = r.asset_id
+             WHERE r.state IN ('pending', 'failed', 'repairing') AND r.next_try <= ?
+               AND a.state IN ('replicating', 'published')
+             ORDER BY r.next_try LIMIT 100",
+        )
+        .bind(now())
+        .fetch_all(db)
+        .await
+    }
+
+    async fn replica_verified(&self, asset_id: &str, node: &str) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "UPDATE replicas SET state = 'verified', last_error = NULL, attempts = attempts + 1, updated_at = ?,
+             verified_at = ? WHERE asset_id = ? AND node = ?",
+        )
+        .bind(now())
+        .bind(now())
+        .bind(asset_id)
+        .bind(node)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn replica_failed(
+        &self,
+        asset_id: &str,
+        node: &str,
+        error: &str,
+        next_try: i64,
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "UPDATE replicas SET state = CASE WHEN state = 'repairing' THEN 'repairing' ELSE 'failed' END,
+             last_error = ?, attempts = attempts + 1, next_try = ?, updated_at = ?
+             WHERE asset_id = ? AND node = ?",
+        )
+        .bind(error)
+        .bind(next_try)
+        .bind(now())
+        .bind(asset_id)
+        .bind(node)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn publish_if_replicated(
+        &self,
+        asset_id: &str,
+        min_replicas: usize,
+    ) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'published', updated_at = ?
+             WHERE id = ? AND state = 'replicating'
+               AND (SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state = 'verified') >= ?",
+        )
+        .bind(now())
+        .bind(asset_id)
+        .bind(asset_id)
+        .bind(min_replicas as i64)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn all_verified(&self, asset_id: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM replicas WHERE asset_id = ? AND state NOT IN ('verified', 'retired')",
+        )
+        .bind(asset_id)
+        .fetch_one(db)
+        .await?;
+        Ok(n == 0)
+    }
+
+    async fn mirrored_assets(&self) -> sqlx::Result<Vec<MirroredAsset>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT id, state, blob_id, COALESCE(sealed_len, 0) AS sealed_len FROM assets
+             WHERE blob_id IS NOT NULL AND state IN ('replicating', 'published', 'damaged')",
+        )
+        .fetch_all(db)
+        .await
+    }
+
+    async fn referenced_blobs(&self) -> sqlx::Result<std::collections::HashSet<String>> {
+        let db = &self.pool;
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT blob_id FROM assets WHERE blob_id IS NOT NULL")
+                .fetch_all(db)
+                .await?;
+        Ok(rows.into_iter().map(|(b,)| b).collect())
+    }
+
+    async fn mirrored_replicas(&self) -> sqlx::Result<Vec<Replica>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT r.asset_id, r.node, r.state, r.attempts, r.last_error, r.verified_at FROM replicas r
+             JOIN assets a ON a.id = r.asset_id
+             WHERE a.blob_id IS NOT NULL AND a.state IN ('replicating', 'published', 'damaged')",
+        )
+        .fetch_all(db)
+        .await
+    }
+
+    async fn sync_replica_nodes(&self, nodes: &[String]) -> sqlx::Result<(u64, u64)> {
+        let db = &self.pool;
+        let t = now();
+        let mut tx = db.begin().await?;
+        let list = serde_json::to_string(nodes).expect("names serialise");
+        let retired = sqlx::query(
+            "UPDATE replicas SET state = 'retired', last_error = 'node removed from the configuration',
+             updated_at = ? WHERE state != 'retired' AND node NOT IN (SELECT value FROM json_each(?))",
+        )
+        .bind(t)
+        .bind(&list)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let added = sqlx::query(
+            "INSERT INTO replicas (asset_id, node, state, updated_at)
+             SELECT a.id, n.value, 'pending', ? FROM assets a, json_each(?) n
+             WHERE a.blob_id IS NOT NULL AND a.state IN ('replicating', 'published', 'damaged')
+             ON CONFLICT (asset_id, node) DO UPDATE SET state = 'pending', attempts = 0, next_try = 0,
+                 last_error = NULL, updated_at = excluded.updated_at
+             WHERE replicas.state = 'retired'",
+        )
+        .bind(t)
+        .bind(&list)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((retired, added))
+    }
+
+    async fn replica_lost(
+        &self,
+        asset_id: &str,
+        node: &str,
+        reason: &str,
+        observed_before: i64,
+    ) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE replicas SET state = 'repairing', last_error = ?, attempts = 0, next_try = 0, updated_at = ?
+             WHERE asset_id = ? AND node = ? AND state = 'verified' AND COALESCE(verified_at, 0) < ?",
+        )
+        .bind(reason)
+        .bind(now())
+        .bind(asset_id)
+        .bind(node)
+        .bind(observed_before)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn replicas_quarantined(
+        &self,
+        node: &str,
+        blob_id: &str,
+        reason: &str,
+    ) -> sqlx::Result<Vec<String>> {
+        let db = &self.pool;
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "UPDATE replicas SET state = 'repairing', last_error = ?, attempts = 0, next_try = 0, updated_at = ?
+             WHERE node = ? AND state IN ('verified', 'pending', 'failed')
+               AND asset_id IN (SELECT id FROM assets WHERE blob_id = ?)
+             RETURNING asset_id",
+        )
+        .bind(reason)
+        .bind(now())
+        .bind(node)
+        .bind(blob_id)
+        .fetch_all(db)
+        .await?;
+        Ok(rows.into_iter().map(|(a,)| a).collect())
+    }
+
+    async fn replica_seen_good(
+        &self,
+        asset_id: &str,
+        node: &str,
+        node_verified_at: Option<i64>,
+    ) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE replicas SET state = 'verified', last_error = NULL, updated_at = ?,
+             verified_at = MAX(COALESCE(verified_at, 0), COALESCE(?, 0))
+             WHERE asset_id = ? AND node = ? AND state IN ('pending', 'failed', 'repairing')",
+        )
+        .bind(now())
+        .bind(node_verified_at)
+        .bind(asset_id)
+        .bind(node)
+        .execute(db)
+        .await?;
+        if r.rows_affected() == 1 {
+            return Ok(true);
+        }
+        sqlx::query(
+            "UPDATE replicas SET verified_at = MAX(COALESCE(verified_at, 0), COALESCE(?, 0))
+             WHERE asset_id = ? AND node = ? AND state = 'verified'",
+        )
+        .bind(node_verified_at)
+        .bind(asset_id)
+        .bind(node)
+        .execute(db)
+        .await?;
+        Ok(false)
+    }
+
+    async fn replicas_due_now(&self, node: &str) -> sqlx::Result<u64> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE replicas SET next_try = 0 WHERE node = ? AND state IN ('pending', 'failed', 'repairing')
+             AND next_try > 0",
+        )
+        .bind(node)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn mark_damaged(&self, asset_id: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'damaged', error_code = 'movie_damaged',
+             error_message = 'Every stored copy of this movie is lost or corrupt; an operator must restore it.',
+             updated_at = ?
+             WHERE id = ? AND state IN ('replicating', 'published')
+               AND NOT EXISTS (SELECT 1 FROM replicas WHERE asset_id = ? AND state = 'verified')",
+        )
+        .bind(now())
+        .bind(asset_id)
+        .bind(asset_id)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn undamage(&self, asset_id: &str) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query(
+            "UPDATE assets SET state = 'replicating', error_code = NULL, error_message = NULL, updated_at = ?
+             WHERE id = ? AND state = 'damaged'",
+        )
+        .bind(now())
+        .bind(asset_id)
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn note_unreferenced(&self, node: &str, blob_id: &str, size: i64) -> sqlx::Result<i64> {
+        let db = &self.pool;
+        let t = now();
+        let (first,): (i64,) = sqlx::query_as(
+            "INSERT INTO unreferenced_blobs (node, blob_id, size, first_seen_at, last_seen_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (node, blob_id) DO UPDATE SET size = excluded.size, last_seen_at = excluded.last_seen_at
+             RETURNING first_seen_at",
+        )
+        .bind(node)
+        .bind(blob_id)
+        .bind(size)
+        .bind(t)
+        .bind(t)
+        .fetch_one(db)
+        .await?;
+        Ok(first)
+    }
+
+    async fn forget_unreferenced(&self, node: &str, before: i64) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("DELETE FROM unreferenced_blobs WHERE node = ? AND last_seen_at < ?")
+            .bind(node)
+            .bind(before)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn drop_unreferenced(&self, node: &str, blob_id: &str) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("DELETE FROM unreferenced_blobs WHERE node = ? AND blob_id = ?")
+            .bind(node)
+            .bind(blob_id)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn asset_state_counts(&self) -> sqlx::Result<Vec<(String, i64)>> {
+        let db = &self.pool;
+        sqlx::query_as("SELECT state, COUNT(*) FROM assets GROUP BY state")
+            .fetch_all(db)
+            .await
+    }
+
+    async fn health_check(&self) -> anyhow::Result<()> {
+        let db = &self.pool;
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut tx = db.begin().await?;
+        sqlx::query("INSERT INTO health_probe (id, at) VALUES (?, ?)")
+            .bind(&id)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        let (back,): (String,) = sqlx::query_as("SELECT id FROM health_probe WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        anyhow::ensure!(back == id, "read back a different row");
+        sqlx::query("DELETE FROM health_probe WHERE id = ?")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_terminal(
+        &self,
+        id: &str,
+        owner_id: i64,
+        name: &str,
+        wrapped_secret: &[u8],
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("INSERT INTO terminals (id, owner_id, name, wrapped_secret, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id)
+            .bind(owner_id)
+            .bind(name)
+            .bind(wrapped_secret)
+            .bind(now())
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn terminal(&self, id: &str) -> sqlx::Result<Option<Terminal>> {
+        let db = &self.pool;
+        sqlx::query_as("SELECT id, owner_id, name, wrapped_secret, created_at, last_used_at FROM terminals WHERE id = ?")
+            .bind(id)
+            .fetch_optional(db)
+            .await
+    }
+
+    async fn terminals_of(&self, owner_id: i64) -> sqlx::Result<Vec<Terminal>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT id, owner_id, name, wrapped_secret, created_at, last_used_at FROM terminals
+             WHERE owner_id = ? ORDER BY created_at DESC",
+        )
+        .bind(owner_id)
+        .fetch_all(db)
+        .await
+    }
+
+    async fn delete_terminal(&self, id: &str, owner_id: i64) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let r = sqlx::query("DELETE FROM terminals WHERE id = ? AND owner_id = ?")
+            .bind(id)
+            .bind(owner_id)
+            .execute(db)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn use_terminal_nonce(
+        &self,
+        terminal_id: &str,
+        nonce: &str,
+        window_secs: i64,
+    ) -> sqlx::Result<bool> {
+        let db = &self.pool;
+        let t = now();
+        let mut tx = db.begin().await?;
+        sqlx::query("DELETE FROM terminal_nonces WHERE seen_at < ?")
+            .bind(t - window_secs)
+            .execute(&mut *tx)
+            .await?;
+        let r = sqlx::query(
+            "INSERT INTO terminal_nonces (terminal_id, nonce, seen_at) VALUES (?, ?, ?)
+             ON CONFLICT (terminal_id, nonce) DO NOTHING",
+        )
+        .bind(terminal_id)
+        .bind(nonce)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE terminals SET last_used_at = ? WHERE id = ?")
+            .bind(t)
+            .bind(terminal_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn freeze_refunds(&self, backup_at: i64, restored_at: i64) -> sqlx::Result<()> {
+        let db = &self.pool;
+        let (safe_until,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MIN(watermark), 0) FROM journal_contacts")
+                .fetch_one(db)
+                .await?;
+        sqlx::query(
+            "INSERT INTO refund_freeze (backup_at, safe_until, restored_at) VALUES (?, ?, ?)",
+        )
+        .bind(backup_at)
+        .bind(safe_until.min(backup_at))
+        .bind(restored_at)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn checkpoint(&self) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_price(&self, asset_id: &str, price: i64) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query(
+            "UPDATE assets SET price_epoch = price_epoch + (price = 0 AND ?1 > 0), price = ?1
+             WHERE id = ?2",
+        )
+        .bind(price)
+        .bind(asset_id)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn paid_epochs(&self) -> sqlx::Result<Vec<(String, i64)>> {
+        let db = &self.pool;
+        sqlx::query_as("SELECT id, price_epoch FROM assets WHERE price > 0 ORDER BY id")
+            .fetch_all(db)
+            .await
+    }
+
+    async fn replace_link_code(
+        &self,
+        user_id: i64,
+        code_hash: &str,
+        expires_at: i64,
+    ) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("DELETE FROM link_codes WHERE user_id = ? OR expires_at < ?")
+            .bind(user_id)
+            .bind(now())
+            .execute(db)
+            .await?;
+        sqlx::query("INSERT INTO link_codes (code_hash, user_id, expires_at) VALUES (?, ?, ?)")
+            .bind(code_hash)
+            .bind(user_id)
+            .bind(expires_at)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn link_avatar(
+        &self,
+        code_hash: &str,
+        avatar: &str,
+        via_name: &str,
+        via_owner: i64,
+    ) -> sqlx::Result<LinkOutcome> {
+        let db = &self.pool;
+        // The write lock up front: two links racing must queue, not fail on a
+        // lock upgrade (SQLITE_BUSY) half-way.
+        let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(i64,)> = sqlx::query_as(
+            "SELECT user_id FROM link_codes WHERE code_hash = ? AND expires_at >= ?",
+        )
+        .bind(code_hash)
+        .bind(now())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((user,)) = row else {
+            return Ok(LinkOutcome::CodeInvalid);
+        };
+        // Re-linking to the same account only refreshes the time; a link held
+        // by another account is left alone.
+        let linked = sqlx::query(
+            "INSERT INTO avatar_links (avatar_key, user_id, linked_at, via_terminal, via_owner_id)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (avatar_key) DO UPDATE SET linked_at = excluded.linked_at,
+               via_terminal = excluded.via_terminal, via_owner_id = excluded.via_owner_id
+             WHERE avatar_links.user_id = excluded.user_id",
+        )
+        .bind(avatar)
+        .bind(user)
+        .bind(now())
+        .bind(via_name)
+        .bind(via_owner)
+        .execute(&mut *tx)
+        .await?;
+        if linked.rows_affected() == 0 {
+            return Ok(LinkOutcome::LinkedElsewhere);
+        }
+        sqlx::query("DELETE FROM link_codes WHERE code_hash = ?")
+            .bind(code_hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(LinkOutcome::Linked(user))
+    }
+
+    async fn avatar_account(&self, avatar: &str) -> sqlx::Result<Option<i64>> {
+        let db = &self.pool;
+        let r: Option<(i64,)> =
+            sqlx::query_as("SELECT user_id FROM avatar_links WHERE avatar_key = ?")
+                .bind(avatar)
+                .fetch_optional(db)
+                .await?;
+        Ok(r.map(|r| r.0))
+    }
+
+    async fn unlink_avatar(&self, avatar: &str, user_id: i64) -> sqlx::Result<()> {
+        let db = &self.pool;
+        sqlx::query("DELETE FROM avatar_links WHERE avatar_key = ? AND user_id = ?")
+            .bind(avatar)
+            .bind(user_id)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    async fn avatar_links(&self, user_id: i64) -> sqlx::Result<Vec<AvatarLink>> {
+        let db = &self.pool;
+        sqlx::query_as(
+            "SELECT avatar_key, linked_at, via_terminal, via_owner_id FROM avatar_links
+             WHERE user_id = ? ORDER BY linked_at",
+        )
+        .bind(user_id)
+        .fetch_all(db)
+        .await
+    }
+
+    async fn grant_buyer(&self, id: &str) -> sqlx::Result<Option<i64>> {
+        let db = &self.pool;
+        let r: Option<(i64,)> = sqlx::query_as("SELECT buyer_id FROM play_grants WHERE id = ?")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+        Ok(r.map(|r| r.0))
+    }
+
+    // ---- the books ----
+
+    async fn balance(&self, account: i64) -> sqlx::Result<i64> {
+        let (b,): (i64,) = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
+            .bind(account)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(b)
+    }
+
+    async fn verify_balances(&self) -> sqlx::Result<Vec<(i64, i64, i64)>> {
+        sqlx::query_as(
+            "SELECT u.id, u.balance, COALESCE(SUM(l.amount), 0) AS s FROM users u
+             LEFT JOIN ledger l ON l.account_id = u.id GROUP BY u.id HAVING u.balance <> s",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn create_account(
+        &self,
+        email: &str,
+        password_hash: &str,
+        role: Role,
+        bonus: i64,
+    ) -> Result<i64, TxError> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let r = sqlx::query(
+            "INSERT INTO users (email, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(email)
+        .bind(password_hash)
+        .bind(role)
+        .bind(now())
+        .execute(&mut *tx)
+        .await;
+        let id = match r {
+            Ok(r) => r.last_insert_rowid(),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                return Err(TxError::Refused(Refused::EmailTaken))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if bonus > 0 {
+            post(
+                &mut tx,
+                &Entry {
+                    account: id,
+                    amount: bonus,
+                    kind: "signup_bonus",
+                    reference: "",
+                    idem_key: &format!("signup:{id}"),
+                    actor: "system",
+                    reason: "signup bonus",
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn grant_credits(&self, o: &GrantOrder<'_>) -> Result<Vec<i64>, TxError> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let accounts: Vec<(i64,)> = match o.to {
+            Recipients::Account(id) => vec![(*id,)],
+            Recipients::CreatedBefore(t) => {
+                sqlx::query_as("SELECT id FROM users WHERE created_at < ? ORDER BY id")
+                    .bind(t)
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
+        };
+        let reference = match o.to {
+            Recipients::Account(_) => String::new(),
+            Recipients::CreatedBefore(t) => format!("rule:created_before:{t}"),
+        };
+        let mut done = Vec::new();
+        for (id,) in accounts {
+            let idem = format!("grant:{}:{id}", o.key);
+            if entry_exists(&mut tx, &idem).await? {
+                continue;
+            }
+            post(
+                &mut tx,
+                &Entry {
+                    account: id,
+                    amount: o.amount,
+                    kind: "grant",
+                    reference: &reference,
+                    idem_key: &idem,
+                    actor: o.actor,
+                    reason: o.reason,
+                },
+            )
+            .await?;
+            done.push(id);
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn purchase(&self, o: &PurchaseOrder<'_>) -> Result<PurchaseOutcome, TxError> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        // A concurrent retry of the same request may win the race to here:
+        // the grant's UNIQUE request key then refuses our insert below and
+        // the whole transaction rolls back.
+        let Some((price, seller, state)): Option<(i64, i64, AssetState)> =
+            sqlx::query_as("SELECT price, owner_id, state FROM assets WHERE id = ?")
+                .bind(o.asset_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Err(TxError::Refused(Refused::NoMovie));
+        };
+        if state != AssetState::Published {
+            return Err(TxError::Refused(Refused::NotPublished));
+        }
+        if price == 0 || seller == o.buyer {
+            let (balance,): (i64,) = sqlx::query_as("SELECT balance FROM users WHERE id = ?")
+                .bind(o.buyer)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Ok(PurchaseOutcome::Free { balance });
+        }
+        if let Some(owner) = o.terminal_owner.filter(|t| *t != o.buyer) {
+            // Inside the write transaction: two purchases racing for the
+            // last of the cap cannot both see room for themselves.
+            let cap: Option<(i64,)> = sqlx::query_as(
+                "SELECT daily_cap FROM terminal_approvals WHERE user_id = ? AND owner_id = ?",
+            )
+            .bind(o.buyer)
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((cap,)) = cap else {
+                return Err(TxError::Refused(Refused::NotApproved));
+            };
+            let (spent,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(SUM(price), 0) FROM play_grants
+                 WHERE buyer_id = ? AND terminal_owner_id = ? AND created_at > ? AND state = 'active'",
+            )
+            .bind(o.buyer)
+            .bind(owner)
+            .bind(o.now - o.cap_window_secs)
+            .fetch_one(&mut *tx)
+            .await?;
+            if spent + price > cap {
+                return Err(TxError::Refused(Refused::CapReached { cap }));
+            }
+        }
+        let share = price * o.uploader_share_percent / 100;
+        let actor = format!("{}:{}", o.source, o.buyer);
+        let balance = post(
+            &mut tx,
+            &Entry {
+                account: o.buyer,
+                amount: -price,
+                kind: "purchase",
+                reference: o.grant_id,
+                idem_key: &format!("purchase:{}", o.grant_id),
+                actor: &actor,
+                reason: o.asset_id,
+            },
+        )
+        .await?;
+        if share > 0 {
+            post(
+                &mut tx,
+                &Entry {
+                    account: seller,
+                    amount: share,
+                    kind: "sale",
+                    reference: o.grant_id,
+                    idem_key: &format!("sale:{}", o.grant_id),
+                    actor: &actor,
+                    reason: o.asset_id,
+                },
+            )
+            .await?;
+        }
+        let expires_at = o.now + o.window_secs;
+        let inserted = sqlx::query(
+            "INSERT INTO play_grants (id, asset_id, buyer_id, seller_id, price, seller_share, request_key,
+             source, created_at, expires_at, terminal_owner_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(o.grant_id)
+        .bind(o.asset_id)
+        .bind(o.buyer)
+        .bind(seller)
+        .bind(price)
+        .bind(share)
+        .bind(o.request_key)
+        .bind(o.source)
+        .bind(o.now)
+        .bind(expires_at)
+        .bind(o.terminal_owner)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            // Dropping the transaction rolls back the charge.
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                return Err(TxError::Refused(Refused::Duplicate))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+        Ok(PurchaseOutcome::Charged {
+            price,
+            expires_at,
+            balance,
+        })
+    }
+
+    async fn grant_by_request(&self, request_key: &str) -> sqlx::Result<Option<GrantByKey>> {
+        sqlx::query_as(
+            "SELECT id, asset_id, price, expires_at, source, terminal_owner_id
+             FROM play_grants WHERE request_key = ?",
+        )
+        .bind(request_key)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn approval(&self, user: i64, owner: i64, since: i64) -> sqlx::Result<Option<Approval>> {
+        sqlx::query_as(&format!("{APPROVALS} AND a.owner_id = ?"))
+            .bind(since)
+            .bind(user)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    async fn approvals(&self, user: i64, since: i64) -> sqlx::Result<Vec<Approval>> {
+        sqlx::query_as(&format!("{APPROVALS} ORDER BY a.created_at DESC"))
+            .bind(since)
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    async fn approve(
+        &self,
+        user: i64,
+        owner: i64,
+        daily_cap: i64,
+        via_terminal: &str,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO terminal_approvals (user_id, owner_id, daily_cap, via_terminal, created_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (user_id, owner_id) DO UPDATE SET daily_cap = excluded.daily_cap",
+        )
+        .bind(user)
+        .bind(owner)
+        .bind(daily_cap)
+        .bind(via_terminal)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke(&self, user: i64, owner: i64) -> sqlx::Result<bool> {
+        let r = sqlx::query("DELETE FROM terminal_approvals WHERE user_id = ? AND owner_id = ?")
+            .bind(user)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn price(&self, asset_id: &str) -> sqlx::Result<i64> {
+        let r: Option<(i64,)> = sqlx::query_as("SELECT price FROM assets WHERE id = ?")
+            .bind(asset_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.map(|r| r.0).unwrap_or(0))
+    }
+
+    async fn insert_asset_paid(&self, a: &NewAsset<'_>, cost: i64) -> Result<(), TxError> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let t = now();
+        sqlx::query(
+            "INSERT INTO assets (id, owner_id, title, state, source_name, source_bytes, created_at, updated_at)
+             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+        )
+        .bind(a.id)
+        .bind(a.owner)
+        .bind(a.title)
+        .bind(a.source_name)
+        .bind(a.source_bytes)
+        .bind(t)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+        if cost > 0 {
+            post(
+                &mut tx,
+                &Entry {
+                    account: a.owner,
+                    amount: -cost,
+                    kind: "upload",
+                    reference: a.id,
+                    idem_key: &format!("upload:{}", a.id),
+                    actor: &format!("user:{}", a.owner),
+                    reason: a.title,
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn unrefunded_rejected_uploads(&self, limit: i64) -> sqlx::Result<Vec<UnrefundedUpload>> {
+        sqlx::query_as(
+            "SELECT a.id, a.owner_id, -l.amount AS cost FROM assets a
+             JOIN ledger l ON l.idem_key = 'upload:' || a.id
+             WHERE a.state = 'rejected'
+               AND NOT EXISTS (SELECT 1 FROM ledger r WHERE r.idem_key = 'upload-refund:' || a.id)
+             LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn refund_upload(&self, u: &UnrefundedUpload, reason: &str) -> Result<bool, TxError> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let key = format!("upload-refund:{}", u.id);
+        if entry_exists(&mut tx, &key).await? {
+            return Ok(false);
+        }
+        post(
+            &mut tx,
+            &Entry {
+                account: u.owner_id,
+                amount: u.cost,
+                kind: "refund",
+                reference: &u.id,
+                idem_key: &key,
+                actor: "system",
+                reason,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn journal_watermarks(&self) -> sqlx::Result<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT node, watermark FROM journal_contacts")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    async fn restores_after(&self, t: i64) -> sqlx::Result<i64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM refund_freeze WHERE restored_at > ?")
+                .bind(t)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n)
+    }
+
+    async fn unserved_grants_due(
+        &self,
+        expired_by: i64,
+        grace_secs: i64,
+        limit: i64,
+    ) -> sqlx::Result<Vec<String>> {
+        // Frozen grants are left out here, in the query, so however many
+        // there are they never crowd the due ones out of the batch.
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT g.id FROM play_grants g
+             WHERE g.state = 'active' AND g.bytes_served = 0 AND g.expires_at <= ?1
+               AND NOT EXISTS (SELECT 1 FROM refund_freeze f
+                               WHERE g.created_at <= f.backup_at AND g.expires_at + ?2 > f.safe_until)
+             ORDER BY g.expires_at LIMIT ?3",
+        )
+        .bind(expired_by)
+        .bind(grace_secs)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    async fn refund_grant(&self, grant_id: &str) -> Result<Option<Refunded>, TxError> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let row: Option<(i64, i64, i64, i64, String)> = sqlx::query_as(
+            "UPDATE play_grants SET state = 'refunded' WHERE id = ? AND state = 'active' AND bytes_served = 0
+             RETURNING buyer_id, seller_id, price, seller_share, asset_id",
+        )
+        .bind(grant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((buyer, seller, price, share, asset)) = row else {
+            return Ok(None);
+        };
+        post(
+            &mut tx,
+            &Entry {
+                account: buyer,
+                amount: price,
+                kind: "refund",
+                reference: grant_id,
+                idem_key: &format!("refund:{grant_id}"),
+                actor: "system",
+                reason: &format!("nothing of {asset} was served within the grant's window"),
+            },
+        )
+        .await?;
+        let mut absorbed = 0;
+        if share > 0 {
+            let (seller_balance,): (i64,) =
+                sqlx::query_as("SELECT balance FROM users WHERE id = ?")
+                    .bind(seller)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            // Balances never go negative: the site absorbs a shortfall,
+            // and the entry's reason says so.
+            let take = share.min(seller_balance);
+            absorbed = share - take.max(0);
+            if take > 0 {
+                let reason = if take < share {
+                    format!("sale not delivered; {absorbed} credits absorbed by the site")
+                } else {
+                    "sale not delivered".to_string()
+                };
+                post(
+                    &mut tx,
+                    &Entry {
+                        account: seller,
+                        amount: -take,
+                        kind: "sale_reversal",
+                        reference: grant_id,
+                        idem_key: &format!("reversal:{grant_id}"),
+                        actor: "system",
+                        reason: &reason,
+                    },
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(Refunded {
+            buyer,
+            price,
+            absorbed,
+        }))
+    }
+
+    async fn apply_journal(
+        &self,
+        node: &str,
+        events: &[shared::protocol::JournalEvent],
+        watermark: i64,
+        now: i64,
+    ) -> sqlx::Result<JournalApplied> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let mut done = JournalApplied::default();
+        for e in events {
+            let r = sqlx::query(
+                "INSERT INTO view_events (node, event_id, grant_id, asset_id, bytes, first_at, last_at, received_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node, event_id) DO NOTHING",
+            )
+            .bind(node)
+            .bind(&e.id)
+            .bind(&e.grant)
+            .bind(&e.asset)
+            .bind(e.bytes as i64)
+            .bind(e.first_at)
+            .bind(e.last_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                continue;
+            }
+            done.applied += 1;
+            let Some(g) = &e.grant else { continue };
+            let refunded: Option<(String,)> =
+                sqlx::query_as("SELECT state FROM play_grants WHERE id = ? AND state = 'refunded'")
+                    .bind(g)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if refunded.is_some() {
+                sqlx::query(
+                    "UPDATE view_events SET after_refund = 1 WHERE node = ? AND event_id = ?",
+                )
+                .bind(node)
+                .bind(&e.id)
+                .execute(&mut *tx)
+                .await?;
+                done.after_refund.push((g.clone(), e.bytes));
+                continue;
+            }
+            sqlx::query(
+                "UPDATE play_grants SET bytes_served = bytes_served + ?,
+                 first_served_at = MIN(COALESCE(first_served_at, ?), ?),
+                 last_served_at = MAX(COALESCE(last_served_at, ?), ?)
+                 WHERE id = ? AND asset_id = ?",
+            )
+            .bind(e.bytes as i64)
+            .bind(e.first_at)
+            .bind(e.first_at)
+            .bind(e.last_at)
+            .bind(e.last_at)
+            .bind(g)
+            .bind(&e.asset)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO journal_contacts (node, seen_at, watermark) VALUES (?, ?, ?)
+             ON CONFLICT (node) DO UPDATE SET seen_at = MAX(seen_at, excluded.seen_at),
+             watermark = MAX(watermark, excluded.watermark)",
+        )
+        .bind(node)
+        .bind(now)
+        .bind(watermark)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn history(&self, account: i64, limit: i64) -> sqlx::Result<Vec<LedgerRow>> {
+        sqlx::query_as(
+            "SELECT id, amount, kind, reference, actor, reason, balance_after, created_at FROM ledger
+             WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(account)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn grant_view(&self, id: &str) -> sqlx::Result<Option<GrantRowView>> {
+        sqlx::query_as(
+            "SELECT id, asset_id, price, state, expires_at, bytes_served FROM play_grants WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    // ---- backups ----
+
+    async fn close(&self) {
+        self.pool.close().await
+    }
+
+    async fn snapshot(&self, dest: &Path) -> Result<SnapshotCounts, String> {
+        snapshot(&self.pool, dest).await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only SQLite's implementation can show: its triggers and
+    //! constraints, and its locking without this process's queue. The
+    //! behaviour every backend shares is in `conformance`.
+    use super::*;
+
+    async fn fresh() -> (tempfile::TempDir, SqliteCatalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        (dir, SqliteCatalog::open(&url).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_ledger_is_append_only_and_no_balance_goes_below_zero_even_by_hand() {
+        let (_d, c) = fresh().await;
+        let a = c
+            .create_account("a@x", "h", Role::Uploader, 10)
+            .await
+            .unwrap();
+        for sql in [
+            "UPDATE ledger SET amount = 1",
+            "DELETE FROM ledger",
+            "UPDATE users SET balance = -1",
+        ] {
+            assert!(sqlx::query(sql).execute(c.pool()).await.is_err(), "{sql}");
+        }
+        assert_eq!(c.balance(a).await.unwrap(), 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_debits_for_one_balance_succeed_once_without_the_queue() {
+        let (_d, c) = fresh().await;
+        let a = c
+            .create_account("a@x", "h", Role::Uploader, 100)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let pool = c.pool().clone();
+            tasks.push(tokio::spawn(async move {
+                // Without the in-process queue, as writers in two
+                // processes would race: SQLite's lock and the guard decide.
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+                let key = format!("t{i}");
+                let r = post(
+                    &mut tx,
+                    &Entry {
+                        account: a,
+                        amount: -60,
+                        kind: "purchase",
+                        reference: "",
+                        idem_key: &key,
+                        actor: "t",
+                        reason: "",
+                    },
+                )
+                .await;
+                tx.commit().await.unwrap();
+                r.is_ok()
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await.unwrap() as usize;
+        }
+        assert_eq!(ok, 1);
+        assert_eq!(c.balance(a).await.unwrap(), 40);
+        assert!(c.verify_balances().await.unwrap().is_empty());
+    }
+}
