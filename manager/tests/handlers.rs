@@ -339,3 +339,307 @@ async fn operators_read_workers_and_alerts_and_nobody_else_does() {
         "{v}"
     );
 }
+
+/// A request with `token` as its bearer and a JSON body.
+fn api(method: &str, path: &str, token: &str, body: serde_json::Value) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The `name=value` of a `Set-Cookie` named `name`.
+fn set_cookie(h: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    h.get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").to_string())
+        .find(|kv| kv.starts_with(&format!("{name}=")))
+}
+
+/// A movie of `owner`'s, published with one verified copy on `utah`.
+async fn published_movie(f: &Fixture, id: &str, owner: i64, price: i64) {
+    f.db.insert_asset(id, owner, "A movie", "m.mp4", 10)
+        .await
+        .unwrap();
+    f.db.record_sealed(id, &"ab".repeat(32), 100, 90, b"k", &["utah".into()])
+        .await
+        .unwrap();
+    f.db.replica_verified(id, "utah").await.unwrap();
+    assert!(f.db.publish_if_replicated(id, 1).await.unwrap());
+    f.db.set_price(id, price).await.unwrap();
+}
+
+async fn account_id(f: &Fixture, email: &str) -> i64 {
+    f.db.user_by_email(email).await.unwrap().unwrap().id
+}
+
+#[tokio::test]
+async fn signing_up_needs_the_form_token_then_the_session_needs_csrf_to_write() {
+    let f = fixture().await;
+    let (s, h, _) = send(&f, Request::get("/signup").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    let csrf_cookie = set_cookie(&h, "slm_login_csrf").expect("a form token cookie");
+    let token = csrf_cookie.split_once('=').unwrap().1.to_string();
+    let signup = |csrf: &str| {
+        Request::post("/signup")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, &csrf_cookie)
+            .body(Body::from(format!(
+                "csrf={csrf}&email=new%40example.com&password=correct-horse-battery"
+            )))
+            .unwrap()
+    };
+    let (s, _, body) = send(&f, signup("forged")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(body.contains("csrf_failed"), "{body}");
+    assert!(
+        f.db.user_by_email("new@example.com")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing created by a forged form"
+    );
+    let (s, h, _) = send(&f, signup(&token)).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let session = set_cookie(&h, "slm_session").expect("logged in");
+
+    // Reading needs only the cookie; the account is an uploader's with
+    // the signup bonus, once in the books.
+    let (s, _, body) = send(
+        &f,
+        Request::get("/api/v1/account")
+            .header(header::COOKIE, &session)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v = json(&body);
+    assert_eq!(v["account"]["role"], "uploader");
+    assert_eq!(v["balance"], 1000);
+    assert_eq!(v["ledger"][0]["kind"], "signup_bonus");
+    // Writing with only the cookie (what a forged cross-site request
+    // carries) is refused.
+    let (s, _, body) = send(
+        &f,
+        Request::post("/api/v1/assets/x/purchase")
+            .header(header::COOKIE, &session)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"request_id":"1"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::FORBIDDEN, "csrf_failed")
+    );
+}
+
+#[tokio::test]
+async fn the_json_api_keeps_each_uploader_to_their_own_movies() {
+    let f = fixture().await;
+    let alice = token_for(&f, "alice@example.com", "uploader").await;
+    let bob = token_for(&f, "bob@example.com", "uploader").await;
+    let a = account_id(&f, "alice@example.com").await;
+    f.db.insert_asset("queued1", a, "Private", "p.mp4", 10)
+        .await
+        .unwrap();
+    let get = |path: &str, t: &str| api("GET", path, t, serde_json::Value::Null);
+    let (s, _, body) = send(&f, get("/api/v1/assets/queued1", &alice)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["state"], "queued");
+    // Someone else's unpublished movie does not exist for Bob, to read or
+    // to cancel; an unknown id answers the same.
+    for (method, path) in [
+        ("GET", "/api/v1/assets/queued1"),
+        ("POST", "/api/v1/assets/queued1/cancel"),
+        ("GET", "/api/v1/assets/nope"),
+    ] {
+        let (s, _, body) = send(&f, api(method, path, &bob, serde_json::json!({}))).await;
+        assert_eq!(
+            (s, code(&body).as_str()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{method} {path}"
+        );
+    }
+    let (s, _, body) = send(&f, get("/api/v1/assets", &bob)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!body.contains("queued1"), "{body}");
+    // Retrying is for operators.
+    let (s, _, body) = send(
+        &f,
+        api(
+            "POST",
+            "/api/v1/assets/queued1/retry",
+            &alice,
+            serde_json::json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    // The owner cancels it before it starts; then it is too late to again.
+    let cancel = || {
+        api(
+            "POST",
+            "/api/v1/assets/queued1/cancel",
+            &alice,
+            serde_json::json!({}),
+        )
+    };
+    let (s, _, body) = send(&f, cancel()).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["state"], "rejected");
+    let (s, _, body) = send(&f, cancel()).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::CONFLICT, "not_cancellable")
+    );
+}
+
+#[tokio::test]
+async fn purchases_charge_once_and_refuse_with_stable_codes() {
+    let f = fixture().await;
+    let buyer = token_for(&f, "buyer@example.com", "uploader").await;
+    let _ = token_for(&f, "seller@example.com", "uploader").await;
+    let b = account_id(&f, "buyer@example.com").await;
+    let s_id = account_id(&f, "seller@example.com").await;
+    f.db.grant_credits(&manager::catalog::GrantOrder {
+        to: &manager::catalog::Recipients::Account(b),
+        amount: 50,
+        actor: "test",
+        reason: "test",
+        key: "k",
+    })
+    .await
+    .unwrap();
+    published_movie(&f, "paid1", s_id, 10).await;
+    f.db.insert_asset("queued1", s_id, "Not yet", "m.mp4", 10)
+        .await
+        .unwrap();
+    let buy = |id: &str, request_id: &str| {
+        api(
+            "POST",
+            &format!("/api/v1/assets/{id}/purchase"),
+            &buyer,
+            serde_json::json!({ "request_id": request_id }),
+        )
+    };
+    for (id, request_id, status, expected) in [
+        ("paid1", "", StatusCode::BAD_REQUEST, "request_id_invalid"),
+        (
+            "paid1",
+            "a b",
+            StatusCode::BAD_REQUEST,
+            "request_id_invalid",
+        ),
+        ("nope", "r1", StatusCode::NOT_FOUND, "not_found"),
+        ("queued1", "r2", StatusCode::NOT_FOUND, "not_published"),
+    ] {
+        let (s, _, body) = send(&f, buy(id, request_id)).await;
+        assert_eq!(
+            (s, code(&body).as_str()),
+            (status, expected),
+            "{id} {request_id:?}"
+        );
+    }
+    assert_eq!(f.db.balance(b).await.unwrap(), 50, "nothing charged");
+    // Nodes count as up until the monitor's first probe says otherwise,
+    // so this purchase goes through: charged once, however often retried.
+    let (s, _, body) = send(&f, buy("paid1", "r3")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let first = json(&body);
+    assert_eq!(
+        (&first["charged_now"], &first["price"], &first["balance"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(10),
+            &serde_json::json!(40)
+        )
+    );
+    let grant = first["grant_id"].as_str().unwrap().to_string();
+    let url = first["media_url"].as_str().unwrap();
+    assert!(
+        url.starts_with("http://manager.test/media/") && url.ends_with("/paid1.mp4"),
+        "{first}"
+    );
+    let (s, _, body) = send(&f, buy("paid1", "r3")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let again = json(&body);
+    assert_eq!(again["charged_now"], false);
+    assert_eq!(again["grant_id"], grant.as_str());
+    assert_eq!(again["balance"], 40);
+    // The same request id for another movie is another purchase: refused.
+    published_movie(&f, "paid2", s_id, 45).await;
+    let (s, _, body) = send(&f, buy("paid2", "r3")).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::CONFLICT, "request_id_reused")
+    );
+    let (s, _, body) = send(&f, buy("paid2", "r4")).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::PAYMENT_REQUIRED, "insufficient_credits")
+    );
+    assert_eq!(f.db.balance(b).await.unwrap(), 40);
+    assert_eq!(f.db.balance(s_id).await.unwrap(), 7, "the 70 % share, once");
+    assert!(f.db.verify_balances().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn operator_grants_need_an_operator_a_reason_and_credit_once_per_key() {
+    let f = fixture().await;
+    let uploader = token_for(&f, "u@example.com", "uploader").await;
+    let operator = token_for(&f, "o@example.com", "operator").await;
+    let u = account_id(&f, "u@example.com").await;
+    let grant = |t: &str, body: serde_json::Value| api("POST", "/api/v1/admin/grants", t, body);
+    let good = serde_json::json!({
+        "email": "u@example.com", "amount": 25, "reason": "outage on Monday", "key": "mon"
+    });
+    let (s, _, body) = send(&f, grant(&uploader, good.clone())).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    for (body, expected) in [
+        (
+            serde_json::json!({"email": "u@example.com", "amount": 0, "reason": "x", "key": "a"}),
+            "amount_invalid",
+        ),
+        (
+            serde_json::json!({"email": "u@example.com", "amount": 5, "reason": " ", "key": "b"}),
+            "reason_missing",
+        ),
+        (
+            serde_json::json!({"amount": 5, "reason": "x", "key": "c"}),
+            "rule_invalid",
+        ),
+    ] {
+        let (s, _, answer) = send(&f, grant(&operator, body.clone())).await;
+        assert_eq!(
+            (s, code(&answer).as_str()),
+            (StatusCode::BAD_REQUEST, expected),
+            "{body}"
+        );
+    }
+    let (s, _, body) = send(&f, grant(&operator, good.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["granted"], 1);
+    let (s, _, body) = send(&f, grant(&operator, good)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["granted"], 0, "the same key credits once");
+    assert_eq!(f.db.balance(u).await.unwrap(), 25);
+    let h = f.db.history(u, 1).await.unwrap();
+    assert_eq!(h[0].reason, "outage on Monday");
+    assert!(h[0].actor.starts_with("operator:"), "{}", h[0].actor);
+}
