@@ -137,9 +137,73 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 /// sum far from i64 overflow (SQLite would turn an overflow into a float).
 pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
 
+/// An amount of credits one movement may carry: a whole number from 1 to
+/// [`MAX_AMOUNT`]. Made only by checking (`Credits::new`, or the ledger's
+/// parsers at the edges), so a function taking `Credits` never sees zero,
+/// a negative or an overflowing value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Credits(i64);
+
+impl Credits {
+    pub fn new(n: i64) -> Option<Self> {
+        (1..=MAX_AMOUNT).contains(&n).then_some(Self(n))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Credits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A movie's price per view: free, or [`Credits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "i64")]
+pub enum Price {
+    Free,
+    Paid(Credits),
+}
+
+impl Price {
+    pub fn get(self) -> i64 {
+        match self {
+            Price::Free => 0,
+            Price::Paid(c) => c.get(),
+        }
+    }
+}
+
+impl From<Price> for i64 {
+    fn from(p: Price) -> i64 {
+        p.get()
+    }
+}
+
+impl fmt::Display for Price {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credits_are_whole_positive_and_bounded() {
+        assert_eq!(Credits::new(1).map(Credits::get), Some(1));
+        assert_eq!(Credits::new(MAX_AMOUNT).map(Credits::get), Some(MAX_AMOUNT));
+        for bad in [0, -1, MAX_AMOUNT + 1, i64::MIN, i64::MAX] {
+            assert_eq!(Credits::new(bad), None, "{bad}");
+        }
+        assert_eq!(Price::Free.get(), 0);
+        assert_eq!(serde_json::to_value(Price::Paid(Credits(7))).unwrap(), 7);
+    }
 
     #[test]
     fn string_forms_match_the_database_and_json() {

@@ -26,7 +26,7 @@ use crate::{
         SharedCatalog, TxError,
     },
     config::CreditsConfig,
-    domain::{AssetState, Role},
+    domain::{AssetState, Credits, Price, Role},
     nodes::Nodes,
     redirect::{Lookup, PlayableCache, RedirectError},
 };
@@ -111,7 +111,7 @@ fn bad_amount(message: impl Into<String>) -> LedgerError {
 /// Checks an amount given as JSON: a whole number, 1 to [`MAX_AMOUNT`].
 /// Zero, negative, fractional, textual and overflowing values are refused
 /// with `amount_invalid`.
-pub fn parse_amount(v: &serde_json::Value) -> Result<i64, LedgerError> {
+pub fn parse_amount(v: &serde_json::Value) -> Result<Credits, LedgerError> {
     let n = match v {
         serde_json::Value::Number(n) => n,
         _ => return Err(bad_amount("the amount must be a number of credits")),
@@ -128,7 +128,7 @@ pub fn parse_amount(v: &serde_json::Value) -> Result<i64, LedgerError> {
 }
 
 /// Checks an amount given as text (forms, command line).
-pub fn parse_amount_text(s: &str) -> Result<i64, LedgerError> {
+pub fn parse_amount_text(s: &str) -> Result<Credits, LedgerError> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
         return Err(bad_amount("the amount must be a whole number of credits"));
@@ -139,24 +139,27 @@ pub fn parse_amount_text(s: &str) -> Result<i64, LedgerError> {
     check_amount(i)
 }
 
-fn check_amount(i: i64) -> Result<i64, LedgerError> {
+fn check_amount(i: i64) -> Result<Credits, LedgerError> {
     if i <= 0 {
         return Err(bad_amount("the amount must be greater than zero"));
     }
-    if i > MAX_AMOUNT {
-        return Err(bad_amount(format!(
-            "the amount must be at most {MAX_AMOUNT}"
-        )));
-    }
-    Ok(i)
+    Credits::new(i).ok_or_else(|| bad_amount(format!("the amount must be at most {MAX_AMOUNT}")))
 }
 
 /// A view price: 0 (free) to [`MAX_AMOUNT`].
-pub fn parse_price(v: &serde_json::Value) -> Result<i64, LedgerError> {
+pub fn parse_price(v: &serde_json::Value) -> Result<Price, LedgerError> {
     if v.as_i64() == Some(0) {
-        return Ok(0);
+        return Ok(Price::Free);
     }
-    parse_amount(v)
+    parse_amount(v).map(Price::Paid)
+}
+
+/// A view price given as text (the price form): `0` is free.
+pub fn parse_price_text(s: &str) -> Result<Price, LedgerError> {
+    if s.trim() == "0" {
+        return Ok(Price::Free);
+    }
+    parse_amount_text(s).map(Price::Paid)
 }
 
 fn check_request_id(id: &str) -> Result<(), LedgerError> {
@@ -253,12 +256,11 @@ pub async fn create_account(
 pub async fn grant(
     db: &dyn Catalog,
     to: &Recipients,
-    amount: i64,
+    amount: Credits,
     actor: &str,
     reason: &str,
     key: &str,
 ) -> Result<Vec<i64>, LedgerError> {
-    check_amount(amount)?;
     let reason = reason.trim();
     if reason.is_empty() || reason.len() > 500 {
         return Err(LedgerError::invalid(
@@ -275,7 +277,7 @@ pub async fn grant(
     Ok(db
         .grant_credits(&GrantOrder {
             to,
-            amount,
+            amount: amount.get(),
             actor,
             reason,
             key,
@@ -421,16 +423,11 @@ pub async fn approve(
     db: &dyn Catalog,
     user: i64,
     owner: i64,
-    daily_cap: i64,
+    daily_cap: Credits,
     via_terminal: &str,
 ) -> Result<(), LedgerError> {
-    check_amount(daily_cap).map_err(|_| {
-        LedgerError::invalid(
-            "daily_cap_invalid",
-            format!("the daily cap is a whole number of credits, 1 to {MAX_AMOUNT}"),
-        )
-    })?;
-    db.approve(user, owner, daily_cap, via_terminal).await?;
+    db.approve(user, owner, daily_cap.get(), via_terminal)
+        .await?;
     Ok(())
 }
 
@@ -735,7 +732,7 @@ mod tests {
     #[test]
     fn amounts_are_whole_positive_and_bounded() {
         use serde_json::json;
-        assert_eq!(parse_amount(&json!(5)).unwrap(), 5);
+        assert_eq!(parse_amount(&json!(5)).unwrap().get(), 5);
         for bad in [
             json!(0),
             json!(-5),
@@ -748,8 +745,11 @@ mod tests {
             let e = parse_amount(&bad).unwrap_err();
             assert_eq!(e.code(), "amount_invalid", "{bad}");
         }
-        assert_eq!(parse_price(&json!(0)).unwrap(), 0);
-        assert_eq!(parse_amount_text("12").unwrap(), 12);
+        assert_eq!(parse_price(&json!(0)).unwrap(), Price::Free);
+        assert_eq!(parse_price_text("0").unwrap(), Price::Free);
+        assert_eq!(parse_price_text("3").unwrap().get(), 3);
+        assert!(parse_price_text("-3").is_err());
+        assert_eq!(parse_amount_text("12").unwrap().get(), 12);
         for bad in ["", "0", "-1", "1.5", "1e3", "99999999999999999999", " "] {
             assert_eq!(
                 parse_amount_text(bad).unwrap_err().code(),
@@ -776,24 +776,18 @@ mod tests {
         assert_eq!(e.code(), "email_taken");
         // A rule grant reaches everyone created before the cut-off, once per key.
         let everyone = Recipients::CreatedBefore(catalog::now() + 10);
-        let got = grant(&*db, &everyone, 50, "operator:o", "outage", "k1")
+        let fifty = Credits::new(50).unwrap();
+        let got = grant(&*db, &everyone, fifty, "operator:o", "outage", "k1")
             .await
             .unwrap();
         assert_eq!(got, vec![a, b]);
-        let again = grant(&*db, &everyone, 50, "operator:o", "outage", "k1")
+        let again = grant(&*db, &everyone, fifty, "operator:o", "outage", "k1")
             .await
             .unwrap();
         assert!(again.is_empty(), "the same key grants once");
         assert_eq!(balance(&*db, a).await.unwrap(), 1050);
         assert_eq!(
-            grant(&*db, &Recipients::Account(a), 0, "o", "x", "k2")
-                .await
-                .unwrap_err()
-                .code(),
-            "amount_invalid"
-        );
-        assert_eq!(
-            grant(&*db, &Recipients::Account(a), 5, "o", " ", "k3")
+            grant(&*db, &Recipients::Account(a), fifty, "o", " ", "k3")
                 .await
                 .unwrap_err()
                 .code(),

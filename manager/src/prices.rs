@@ -14,8 +14,12 @@ use crate::catalog;
 
 /// Sets a view price (0 = free). A free movie turning paid enters a new
 /// price epoch, which retires every grant-less media URL handed out before.
-pub async fn set_price(db: &dyn catalog::Catalog, asset_id: &str, price: i64) -> sqlx::Result<()> {
-    db.set_price(asset_id, price).await
+pub async fn set_price(
+    db: &dyn catalog::Catalog,
+    asset_id: &str,
+    price: crate::domain::Price,
+) -> sqlx::Result<()> {
+    db.set_price(asset_id, price.get()).await
 }
 
 /// Every movie with a price and its epoch: what a node needs to refuse

@@ -213,7 +213,7 @@ pub async fn set_price_api(
     let price = ledger::parse_price(body.get("price").unwrap_or(&serde_json::Value::Null))?;
     crate::prices::set_price(&*st.db, &a.id, price).await?;
     st.playable.forget(&a.id);
-    tracing::info!(asset = %a.id, price, user = c.user.id, "price set");
+    tracing::info!(asset = %a.id, price = price.get(), user = c.user.id, "price set");
     Ok(Json(
         serde_json::json!({ "asset_id": a.id, "price": price }),
     ))
@@ -235,11 +235,7 @@ pub async fn set_price_form(
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
         let a = owned_asset(&st, &c, &id).await?;
-        let price = if f.price.trim() == "0" {
-            0
-        } else {
-            ledger::parse_amount_text(&f.price)?
-        };
+        let price = ledger::parse_price_text(&f.price)?;
         crate::prices::set_price(&*st.db, &a.id, price).await?;
         st.playable.forget(&a.id);
         Ok::<_, ApiError>(Redirect::to(&format!("/assets/{}", a.id)).into_response())
@@ -738,7 +734,7 @@ pub async fn approve_form(
         tracing::info!(
             user = c.user.id,
             owner = t.owner_id,
-            cap,
+            cap = cap.get(),
             "terminal owner approved"
         );
         approvals_page_with(&st, &c, None, Some("Approved.")).await
@@ -816,7 +812,7 @@ pub async fn grant_api(
     let key = body.get("key").and_then(|v| v.as_str()).unwrap_or("");
     let actor = format!("operator:{}", c.user.email);
     let accounts = ledger::grant(&*st.db, &to, amount, &actor, reason, key).await?;
-    tracing::info!(%actor, amount, count = accounts.len(), reason, "credits granted");
+    tracing::info!(%actor, amount = amount.get(), count = accounts.len(), reason, "credits granted");
     Ok(Json(
         serde_json::json!({ "granted": accounts.len(), "accounts": accounts, "amount": amount }),
     ))
@@ -864,7 +860,7 @@ pub async fn grant_form(
         };
         let actor = format!("operator:{}", c.user.email);
         let done = ledger::grant(&*st.db, &to, amount, &actor, &f.reason, &f.key).await?;
-        tracing::info!(%actor, amount, count = done.len(), reason = %f.reason, "credits granted");
+        tracing::info!(%actor, amount = amount.get(), count = done.len(), reason = %f.reason, "credits granted");
         account_page_full(
             &st,
             &c,
