@@ -10,7 +10,7 @@
 //! |---|---|
 //! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share) |
 //! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, operators' worker and alert lists, and the one error → status mapping ([`http::error`]) |
-//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
+//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`console`] (what the operators' admin shows and does, audited), [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
 //! | foundations | [`catalog`] (the `Catalog` trait and its SQLite backend: every SQL statement), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), `shared` |
 
 // Assembly and HTTP.
@@ -21,6 +21,7 @@ pub mod http;
 pub mod auth;
 pub mod avatars;
 pub mod backup;
+pub mod console;
 pub mod ledger;
 pub mod limits;
 pub mod pipeline;

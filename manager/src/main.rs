@@ -29,8 +29,8 @@ enum Command {
     CreateUser {
         #[arg(long)]
         email: String,
-        #[arg(long, default_value = "uploader")]
-        role: manager::domain::Role,
+        #[arg(long, default_value = "uploader", value_parser = ["uploader", "operator"])]
+        role: String,
         #[arg(long)]
         generate_password: bool,
     },
@@ -203,6 +203,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(email.contains('@'), "`--email` must be an email address");
             let db = open_db(&cfg).await?;
             let hash = auth::hash_password(&password)?;
+            let role: manager::domain::Role = role.parse().map_err(anyhow::Error::msg)?;
             // No signup bonus: an operator made this account by hand.
             db.create_account(&email, &hash, role, 0)
                 .await

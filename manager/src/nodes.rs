@@ -25,12 +25,47 @@ pub struct Node {
     pub cfg: NodeConfig,
     secret: Vec<u8>,
     healthy: AtomicBool,
+    last_probe: std::sync::Mutex<Option<Probe>>,
+}
+
+/// The monitor's last look at a node, for the operator's console.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Probe {
+    pub at: i64,
+    pub ok: bool,
+    /// `ok`, or why not (the answer's status or the connection error).
+    pub detail: String,
+    /// The node's `/healthz` body when it sent one (version, checks, disk).
+    pub report: Option<serde_json::Value>,
 }
 
 impl Node {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+
+    /// `None` until the monitor's first probe.
+    pub fn last_probe(&self) -> Option<Probe> {
+        self.last_probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Largest `/healthz` body kept: a node's report is a few hundred bytes.
+const MAX_HEALTH_REPORT: usize = 16 * 1024;
+
+/// The body, or `None` once it passes `max` bytes (read no further).
+async fn read_bounded(mut r: reqwest::Response, max: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = r.chunk().await {
+        if body.len() + chunk.len() > max {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
 }
 
 #[derive(Clone)]
@@ -80,6 +115,7 @@ impl Nodes {
                     // Optimistic until the first probe says otherwise, so a
                     // fresh manager can redirect at once.
                     healthy: AtomicBool::new(true),
+                    last_probe: std::sync::Mutex::new(None),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -281,18 +317,28 @@ impl Nodes {
         Err(Self::refused(status, &body))
     }
 
-    async fn probe(&self, node: &Node) -> Result<(), String> {
+    /// One `GET /healthz`: `Ok` on a success status, with the node's
+    /// report when its body is JSON of a sane size.
+    async fn probe(&self, node: &Node) -> (Result<(), String>, Option<serde_json::Value>) {
         let url = format!("{}/healthz", node.cfg.url.trim_end_matches('/'));
-        match self
+        let r = match self
             .http
             .get(url)
             .timeout(Duration::from_secs(3))
             .send()
             .await
         {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(format!("/healthz answered {}", r.status())),
-            Err(e) => Err(crate::nodecall::explain(&e)),
+            Ok(r) => r,
+            Err(e) => return (Err(crate::nodecall::explain(&e)), None),
+        };
+        let status = r.status();
+        let report = read_bounded(r, MAX_HEALTH_REPORT)
+            .await
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if status.is_success() {
+            (Ok(()), report)
+        } else {
+            (Err(format!("/healthz answered {status}")), report)
         }
     }
 
@@ -304,9 +350,19 @@ impl Nodes {
         loop {
             worker.started();
             for node in self.list.iter() {
-                let probed = self.probe(node).await;
+                let (probed, report) = self.probe(node).await;
                 let ok = probed.is_ok();
                 node.healthy.store(ok, Ordering::Relaxed);
+                *node.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(Probe {
+                    at: shared::runtime::unix_now(),
+                    ok,
+                    detail: probed
+                        .as_ref()
+                        .err()
+                        .cloned()
+                        .unwrap_or_else(|| "ok".into()),
+                    report,
+                });
                 metrics::gauge!("manager_node_healthy", "node" => node.cfg.name.clone(), "site" => node.cfg.site().to_string())
                     .set(if ok { 1.0 } else { 0.0 });
                 if last.insert(node.cfg.name.clone(), ok) != Some(ok) {

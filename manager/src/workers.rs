@@ -28,6 +28,8 @@ pub struct Status {
     pub last_finished_at: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_at: Option<i64>,
+    /// Whether the latest finished run failed (the console's "failing").
+    pub last_run_failed: bool,
     /// What the current run is doing, in words (`transcoding <id> 40 %`).
     pub progress: Option<String>,
 }
@@ -70,6 +72,7 @@ impl Worker {
                 last_finished_at: None,
                 last_error: None,
                 last_error_at: None,
+                last_run_failed: false,
                 progress: None,
             });
         Worker { name }
@@ -107,6 +110,7 @@ impl Worker {
             s.state = "idle";
             s.last_finished_at = Some(now);
             s.progress = None;
+            s.last_run_failed = error.is_some();
             if let Some(e) = error {
                 s.failures += 1;
                 s.last_error = Some(e);

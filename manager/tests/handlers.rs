@@ -643,3 +643,204 @@ async fn operator_grants_need_an_operator_a_reason_and_credit_once_per_key() {
     assert_eq!(h[0].reason, "outage on Monday");
     assert!(h[0].actor.starts_with("operator:"), "{}", h[0].actor);
 }
+
+/// A logged-in browser session for a new account with `role`: its
+/// cookie and CSRF token.
+async fn session_for(f: &Fixture, email: &str, role: &str) -> (String, String) {
+    let id =
+        f.db.create_account(email, "x", role.parse().unwrap(), 0)
+            .await
+            .unwrap();
+    let token = manager::auth::random_token();
+    let csrf = manager::auth::random_token();
+    f.db.insert_session(
+        &manager::auth::token_hash(&token),
+        id,
+        &csrf,
+        manager::catalog::now() + 3600,
+    )
+    .await
+    .unwrap();
+    (format!("slm_session={token}"), csrf)
+}
+
+fn page(path: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut r = Request::get(path);
+    if let Some(c) = cookie {
+        r = r.header(header::COOKIE, c);
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+fn form(path: &str, cookie: Option<&str>, body: &str) -> Request<Body> {
+    let mut r =
+        Request::post(path).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        r = r.header(header::COOKIE, c);
+    }
+    r.body(Body::from(body.to_string())).unwrap()
+}
+
+/// Every admin route, as a request a given caller would send.
+fn admin_routes(cookie: Option<&str>, csrf: &str) -> Vec<Request<Body>> {
+    vec![
+        page("/admin", cookie),
+        page("/admin/accounts?q=a", cookie),
+        page("/admin/audit", cookie),
+        form(
+            "/admin/accounts/grant",
+            cookie,
+            &format!("csrf={csrf}&email=u%40example.com&created_before=&amount=5&reason=x&key=k"),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn the_admin_area_is_for_operators_only_route_by_route() {
+    let f = fixture().await;
+    let (uploader, uploader_csrf) = session_for(&f, "u@example.com", "uploader").await;
+    for r in admin_routes(None, "x") {
+        let path = r.uri().to_string();
+        let (s, h, _) = send(&f, r).await;
+        assert_eq!(s, StatusCode::SEE_OTHER, "{path}: log in first");
+        assert_eq!(h[header::LOCATION], "/login", "{path}");
+    }
+    for r in admin_routes(Some(&uploader), &uploader_csrf) {
+        let path = r.uri().to_string();
+        let (s, _, body) = send(&f, r).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert!(!body.contains("Is everything fine"), "{path}");
+    }
+    assert_eq!(
+        f.db.balance(
+            f.db.user_by_email("u@example.com")
+                .await
+                .unwrap()
+                .unwrap()
+                .id
+        )
+        .await
+        .unwrap(),
+        0,
+        "nothing granted by a non-operator"
+    );
+    assert!(f.db.audit_entries(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_overview_answers_is_everything_fine_for_an_operator() {
+    let f = fixture().await;
+    let (op, _) = session_for(&f, "op@example.com", "operator").await;
+    let (s, h, body) = send(&f, page("/admin", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(h[header::X_FRAME_OPTIONS], "DENY");
+    for expected in [
+        "Is everything fine?",
+        "id=\"components\"",
+        "data-node=\"utah\"",
+        "data-node=\"toronto\"",
+        "not probed yet",
+        // A fresh site has never been backed up: the overview says so.
+        "there is no local backup",
+        "Every balance equals its ledger sum.",
+        "id=\"workers\"",
+    ] {
+        assert!(
+            body.contains(expected),
+            "{expected:?} missing from the overview"
+        );
+    }
+    // A damaged movie is counted and named as a problem.
+    let owner =
+        f.db.user_by_email("op@example.com")
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+    f.db.insert_asset("d", owner, "D", "d.mp4", 1)
+        .await
+        .unwrap();
+    f.db.record_sealed("d", &"cd".repeat(32), 10, 9, b"k", &["utah".into()])
+        .await
+        .unwrap();
+    assert!(f.db.mark_damaged("d").await.unwrap());
+    let (_, _, body) = send(&f, page("/admin", Some(&op))).await;
+    assert!(body.contains("1 movie(s) damaged"), "{body}");
+}
+
+#[tokio::test]
+async fn an_operator_grants_credits_from_the_admin_and_the_audit_log_keeps_it() {
+    let f = fixture().await;
+    let (op, csrf) = session_for(&f, "op@example.com", "operator").await;
+    let (_u, _) = session_for(&f, "u@example.com", "uploader").await;
+    let u =
+        f.db.user_by_email("u@example.com")
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+    let grant = |csrf: &str, amount: &str, key: &str| {
+        form(
+            "/admin/accounts/grant",
+            Some(&op),
+            &format!(
+                "csrf={csrf}&email=u%40example.com&created_before=&amount={amount}&reason=outage+on+Monday&key={key}"
+            ),
+        )
+    };
+    let (s, _, body) = send(&f, grant("forged", "25", "k1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("csrf_failed"));
+    assert_eq!(f.db.balance(u).await.unwrap(), 0);
+
+    let (s, _, body) = send(&f, grant(&csrf, "0", "k1")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body.contains("amount_invalid"), "{body}");
+
+    let (s, _, body) = send(&f, grant(&csrf, "25", "k1")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("25 credits granted to 1 account(s)."),
+        "{body}"
+    );
+    // The form sent twice (a double click, a reload) grants once.
+    let (_, _, body) = send(&f, grant(&csrf, "25", "k1")).await;
+    assert!(body.contains("granted to 0 account(s)"), "{body}");
+    assert_eq!(f.db.balance(u).await.unwrap(), 25);
+
+    let (s, _, body) = send(&f, page("/admin/accounts?q=U%40EXAMPLE", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK);
+    let table = body
+        .split("id=\"accounts\"")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        table.contains("u@example.com") && table.contains(">25<"),
+        "{table}"
+    );
+    assert!(!table.contains("op@example.com"), "the search narrows");
+
+    let log = f.db.audit_entries(10).await.unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(
+        (
+            log[1].actor.as_str(),
+            log[1].action.as_str(),
+            log[1].target.as_str()
+        ),
+        ("op@example.com", "grant_credits", &*format!("account:{u}"))
+    );
+    assert!(log[1].detail.contains("amount=25") && log[1].detail.contains("outage on Monday"));
+    assert!(
+        log[0].detail.contains("credited 0 account(s)"),
+        "{}",
+        log[0].detail
+    );
+    let (s, _, body) = send(&f, page("/admin/audit", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        body.contains("grant_credits") && body.contains("op@example.com"),
+        "{body}"
+    );
+}

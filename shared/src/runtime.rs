@@ -235,3 +235,66 @@ mod cpu_tests {
         assert!(err.contains("(vaes, avx2)"), "{err}");
     }
 }
+
+/// Space on the file system holding a path, as an unprivileged writer
+/// sees it (`f_bavail`: the root reserve does not count as free).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSpace {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl DiskSpace {
+    /// Free space as a share of the whole, 0–100.
+    pub fn free_percent(&self) -> u64 {
+        (self.free_bytes as u128 * 100)
+            .checked_div(self.total_bytes as u128)
+            .unwrap_or(0) as u64
+    }
+}
+
+/// `statvfs(2)` of `path`. Blocking but cheap (no disk I/O beyond the
+/// superblock the kernel keeps in memory).
+pub fn disk_space(path: &std::path::Path) -> std::io::Result<DiskSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is a valid out pointer;
+    // the struct is read only after the call reports success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let st = unsafe { st.assume_init() };
+    // The fields' widths differ between platforms (32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    let (frsize, bavail, blocks) = (st.f_frsize as u64, st.f_bavail as u64, st.f_blocks as u64);
+    Ok(DiskSpace {
+        free_bytes: bavail.saturating_mul(frsize),
+        total_bytes: blocks.saturating_mul(frsize),
+    })
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::*;
+
+    #[test]
+    fn disk_space_of_a_real_folder_and_a_missing_one() {
+        let d = tempfile::tempdir().unwrap();
+        let s = disk_space(d.path()).unwrap();
+        assert!(s.total_bytes > 0 && s.free_bytes <= s.total_bytes, "{s:?}");
+        assert!(s.free_percent() <= 100);
+        let e = disk_space(&d.path().join("missing")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(
+            DiskSpace {
+                free_bytes: 1,
+                total_bytes: 0
+            }
+            .free_percent(),
+            0
+        );
+    }
+}

@@ -625,8 +625,9 @@ async fn credits_purchases_and_their_attacks() {
     let (s, v) = json(r).await;
     assert_eq!((s, code(&v)), (410, Some("token_expired")), "{v}");
 
-    // The operators' grant form: recorded, once per form (its key).
-    let html = opsess.get(&format!("{m}/account")).await;
+    // The operators' grant form in the admin: recorded, once per form
+    // (its key), and in the audit log.
+    let html = opsess.get(&format!("{m}/admin/accounts")).await;
     let (ocsrf, key) = (
         page_csrf(&html),
         between(&html, "name=\"key\" value=\"", "\"").to_string(),
@@ -639,16 +640,25 @@ async fn credits_purchases_and_their_attacks() {
         ("amount", "5"),
         ("reason", "sorry for the wait"),
     ];
-    let (s, html) = opsess.post(&format!("{m}/account/grants"), &form).await;
+    let (s, html) = opsess
+        .post(&format!("{m}/admin/accounts/grant"), &form)
+        .await;
     assert_eq!(s, 200, "{html}");
     assert!(
         html.contains("5 credits granted to 1 account(s)."),
         "{html}"
     );
-    let (s, html) = opsess.post(&format!("{m}/account/grants"), &form).await;
+    let (s, html) = opsess
+        .post(&format!("{m}/admin/accounts/grant"), &form)
+        .await;
     assert!(
         s == 200 && html.contains("granted to 0 account(s)."),
         "{html}"
+    );
+    let audit = opsess.get(&format!("{m}/admin/audit")).await;
+    assert!(
+        audit.contains("grant_credits") && audit.contains("sorry for the wait"),
+        "{audit}"
     );
     let bform = [
         ("csrf", bcsrf.as_str()),
@@ -658,8 +668,10 @@ async fn credits_purchases_and_their_attacks() {
         ("amount", "5"),
         ("reason", "me"),
     ];
-    let (s, _) = buyer.post(&format!("{m}/account/grants"), &bform).await;
-    assert_eq!(s, 403);
+    let (s, _) = buyer
+        .post(&format!("{m}/admin/accounts/grant"), &bform)
+        .await;
+    assert_eq!(s, 404, "the admin does not exist for a buyer");
 
     // The books: the buyer is back to 1000 + 100 + 1000 + 5; the operator
     // has 10 - 2 uploads + 1 (the cancelled one refunded) + 100; the uploader's

@@ -322,6 +322,29 @@ async fn a_webm_upload_is_published_on_two_mirrors_and_plays_with_ranges() {
         assert_eq!(w["failures"], 0, "{w}");
         assert_ne!(w["state"], "stopped", "{w}");
     }
+
+    // The operator's overview shows both nodes as the monitor last found
+    // them, with their version and disk, from their own /healthz.
+    let page = cluster
+        .client()
+        .get(format!("{}/admin", cluster.manager.url))
+        .bearer_auth(&cluster.api_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    for node in ["utah", "toronto"] {
+        let row = html
+            .split(&format!("data-node=\"{node}\""))
+            .nth(1)
+            .and_then(|r| r.split("</tr>").next())
+            .unwrap_or_else(|| panic!("no row for {node}: {html}"));
+        assert!(row.contains(">ok<"), "{node}: {row}");
+        assert!(row.contains("version "), "{node}: {row}");
+        assert!(row.contains("GiB"), "{node}'s disk: {row}");
+    }
+    assert!(!html.contains("is down"), "{html}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,6 +290,9 @@ pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_j
         "checks": { "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() } },
         "journal": if journal_ok { "ok" } else { "write_failing" },
         "price_list_age_secs": st.prices.age_secs(),
+        // The operator's console shows it per node; absent when the
+        // call fails (then the storage check above says why).
+        "disk": shared::runtime::disk_space(&st.cfg.storage_dir).ok(),
     });
     if !ok {
         tracing::error!("health check failed: {:?}", storage.err());

@@ -32,7 +32,8 @@ macro_rules! suite {
             the_journal_applies_once_and_unplayed_grants_are_refunded_once,
             a_restore_freezes_refunds_that_could_depend_on_lost_views,
             terminals_nonces_and_avatar_links,
-            a_snapshot_holds_what_the_catalog_held);
+            a_snapshot_holds_what_the_catalog_held,
+            the_console_reads_accounts_counts_and_an_append_only_audit_log);
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(
@@ -724,6 +725,72 @@ pub async fn a_snapshot_holds_what_the_catalog_held(c: &SharedCatalog) {
         assert_eq!(inspect_snapshot(&dest).await.unwrap(), counts);
     }
     writer.abort();
+}
+
+pub async fn the_console_reads_accounts_counts_and_an_append_only_audit_log(c: &SharedCatalog) {
+    let op = c
+        .create_account("op@example.com", "h", Role::Operator, 0)
+        .await
+        .unwrap();
+    let a = account(c, "alice@example.com", 30).await;
+    account(c, "bob@example.com", 0).await;
+    let found = c.accounts("ALICE", 10).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].id, found[0].balance, found[0].role),
+        (a, 30, Role::Uploader)
+    );
+    assert_eq!(c.accounts("", 10).await.unwrap().len(), 3);
+    assert!(
+        c.accounts("%", 10).await.unwrap().is_empty(),
+        "literal, not a pattern"
+    );
+
+    for (action, target) in [("grant_credits", "account:2"), ("node_drain", "node:utah")] {
+        c.record_audit(&AuditEntry {
+            actor_id: op,
+            actor: "op@example.com",
+            action,
+            target,
+            detail: "amount=5",
+        })
+        .await
+        .unwrap();
+    }
+    let log = c.audit_entries(10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        vec!["node_drain", "grant_credits"],
+        "newest first"
+    );
+    assert_eq!(
+        (log[1].actor.as_str(), log[1].target.as_str()),
+        ("op@example.com", "account:2")
+    );
+    assert!(log[0].at >= now() - 5);
+
+    // One published movie short of copies, one damaged, one job waiting.
+    published(c, "m", a, 0).await;
+    c.insert_asset("d", a, "D", "d.mp4", 1).await.unwrap();
+    c.record_sealed("d", "bd", 10, 9, b"k", &["utah".into()])
+        .await
+        .unwrap();
+    assert!(c.mark_damaged("d").await.unwrap());
+    c.insert_asset("q", a, "Q", "q.mp4", 1).await.unwrap();
+    let s = c.replication_summary(2, now() + 30).await.unwrap();
+    assert_eq!(
+        (s.under_replicated, s.damaged, s.jobs_waiting, s.jobs_failed),
+        (1, 1, 1, 0),
+        "{s:?}"
+    );
+    assert!(s.oldest_job_secs >= 30);
+    assert_eq!(s.copies_pending, 1, "d's copy on utah");
+    c.reject("q", "processing_failed", "x").await.unwrap();
+    let s = c.replication_summary(1, now()).await.unwrap();
+    assert_eq!(
+        (s.under_replicated, s.jobs_waiting, s.jobs_failed),
+        (0, 0, 1)
+    );
 }
 
 mod sqlite_backend {

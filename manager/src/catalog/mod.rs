@@ -360,6 +360,53 @@ pub struct GrantRowView {
     pub bytes_served: i64,
 }
 
+// ---- the operators' audit log --------------------------------------------------
+
+/// One operator action, as the admin records it before answering.
+#[derive(Debug)]
+pub struct AuditEntry<'a> {
+    pub actor_id: i64,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: &'a str,
+    pub detail: &'a str,
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// An account as the admin lists it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct AccountRow {
+    pub id: i64,
+    pub email: String,
+    pub role: Role,
+    pub balance: i64,
+    pub created_at: i64,
+}
+
+/// Movies the console counts on its overview.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplicationSummary {
+    /// Published, with fewer verified copies than the site wants.
+    pub under_replicated: i64,
+    pub damaged: i64,
+    /// Copies waiting for a push or a repair.
+    pub copies_pending: i64,
+    /// Jobs queued or in a step, and the oldest one's age.
+    pub jobs_waiting: i64,
+    pub oldest_job_secs: i64,
+    /// Jobs that gave up for an internal reason (an operator may retry).
+    pub jobs_failed: i64,
+}
+
 // ---- the trait ------------------------------------------------------------------
 
 /// Everything the manager keeps, one method per operation (module docs).
@@ -737,6 +784,24 @@ pub trait Catalog: Send + Sync + 'static {
     async fn history(&self, account: i64, limit: i64) -> sqlx::Result<Vec<LedgerRow>>;
 
     async fn grant_view(&self, id: &str) -> sqlx::Result<Option<GrantRowView>>;
+
+    // ---- the operators' console ----
+
+    /// Appends to the audit log; the log is append-only.
+    async fn record_audit(&self, e: &AuditEntry<'_>) -> sqlx::Result<()>;
+
+    /// The newest `limit` audit entries, newest first.
+    async fn audit_entries(&self, limit: i64) -> sqlx::Result<Vec<AuditRow>>;
+
+    /// Accounts whose email contains `search` (all for ""), newest first.
+    async fn accounts(&self, search: &str, limit: i64) -> sqlx::Result<Vec<AccountRow>>;
+
+    /// What the overview counts about movies, copies and jobs.
+    async fn replication_summary(
+        &self,
+        min_replicas: i64,
+        now: i64,
+    ) -> sqlx::Result<ReplicationSummary>;
 
     // ---- backups ----
 

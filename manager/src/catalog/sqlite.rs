@@ -1805,6 +1805,77 @@ impl Catalog for SqliteCatalog {
         .await
     }
 
+    // ---- the operators' console ----
+
+    async fn record_audit(&self, e: &AuditEntry<'_>) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor_id, actor, action, target, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(now())
+        .bind(e.actor_id)
+        .bind(e.actor)
+        .bind(e.action)
+        .bind(e.target)
+        .bind(e.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn audit_entries(&self, limit: i64) -> sqlx::Result<Vec<AuditRow>> {
+        sqlx::query_as(
+            "SELECT id, at, actor, action, target, detail FROM audit_log ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn accounts(&self, search: &str, limit: i64) -> sqlx::Result<Vec<AccountRow>> {
+        // instr, not LIKE: a search for "%" or "_" means those characters.
+        sqlx::query_as(
+            "SELECT id, email, role, balance, created_at FROM users
+             WHERE ?1 = '' OR instr(email, lower(?1)) > 0 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(search)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn replication_summary(
+        &self,
+        min_replicas: i64,
+        now: i64,
+    ) -> sqlx::Result<ReplicationSummary> {
+        let (under_replicated, damaged, copies_pending): (i64, i64, i64) = sqlx::query_as(
+            "SELECT
+               (SELECT count(*) FROM assets a WHERE a.state = 'published' AND
+                  (SELECT count(*) FROM replicas r WHERE r.asset_id = a.id AND r.state = 'verified') < ?1),
+               (SELECT count(*) FROM assets WHERE state = 'damaged'),
+               (SELECT count(*) FROM replicas WHERE state <> 'verified')",
+        )
+        .bind(min_replicas)
+        .fetch_one(&self.pool)
+        .await?;
+        let (jobs_waiting, oldest, jobs_failed): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT
+               (SELECT count(*) FROM assets WHERE state IN ('queued', 'probing', 'transcoding', 'sealing')),
+               (SELECT min(created_at) FROM assets WHERE state IN ('queued', 'probing', 'transcoding', 'sealing')),
+               (SELECT count(*) FROM assets WHERE state = 'rejected' AND error_code = 'processing_failed')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ReplicationSummary {
+            under_replicated,
+            damaged,
+            copies_pending,
+            jobs_waiting,
+            oldest_job_secs: oldest.map_or(0, |t| (now - t).max(0)),
+            jobs_failed,
+        })
+    }
+
     // ---- backups ----
 
     async fn close(&self) {
@@ -1830,16 +1901,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_ledger_is_append_only_and_no_balance_goes_below_zero_even_by_hand() {
+    async fn the_ledger_and_audit_log_are_append_only_and_no_balance_goes_below_zero_even_by_hand()
+    {
         let (_d, c) = fresh().await;
         let a = c
             .create_account("a@x", "h", Role::Uploader, 10)
             .await
             .unwrap();
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor_id, actor, action, target, detail) VALUES (0, ?, 'a', 'x', 'y', 'z')",
+        )
+        .bind(a)
+        .execute(c.pool())
+        .await
+        .unwrap();
         for sql in [
             "UPDATE ledger SET amount = 1",
             "DELETE FROM ledger",
             "UPDATE users SET balance = -1",
+            "UPDATE audit_log SET detail = ''",
+            "DELETE FROM audit_log",
         ] {
             assert!(sqlx::query(sql).execute(c.pool()).await.is_err(), "{sql}");
         }

@@ -435,25 +435,14 @@ struct AccountPage<'a> {
     movies: Vec<MovieLine>,
     link_code: Option<String>,
     avatars: Vec<AvatarLine>,
-    /// Operators get the grant form; its key makes a double submit grant once.
+    /// Operators get a link to the admin.
     operator: bool,
-    grant_key: String,
-    granted: Option<String>,
 }
 
 async fn account_page_with(
     st: &SharedState,
     c: &Caller,
     link_code: Option<String>,
-) -> Result<Response, ApiError> {
-    account_page_full(st, c, link_code, None).await
-}
-
-async fn account_page_full(
-    st: &SharedState,
-    c: &Caller,
-    link_code: Option<String>,
-    granted: Option<String>,
 ) -> Result<Response, ApiError> {
     let v = account_json(st, c, 100).await?;
     let entries = ledger::history(&*st.db, c.user.id, 100).await?;
@@ -494,8 +483,6 @@ async fn account_page_full(
             })
             .collect(),
         operator: c.user.is_operator(),
-        grant_key: uuid::Uuid::new_v4().simple().to_string(),
-        granted,
     });
     resp.headers_mut().insert(
         header::CACHE_CONTROL,
@@ -810,70 +797,34 @@ pub async fn grant_api(
     };
     let reason = body.get("reason").and_then(|v| v.as_str()).unwrap_or("");
     let key = body.get("key").and_then(|v| v.as_str()).unwrap_or("");
-    let actor = format!("operator:{}", c.user.email);
-    let accounts = ledger::grant(&*st.db, &to, amount, &actor, reason, key).await?;
-    tracing::info!(%actor, amount = amount.get(), count = accounts.len(), reason, "credits granted");
+    let accounts = crate::console::grant(&*st.db, &c.user, &to, amount, reason, key).await?;
     Ok(Json(
         serde_json::json!({ "granted": accounts.len(), "accounts": accounts, "amount": amount }),
     ))
 }
 
-#[derive(Deserialize)]
-pub struct GrantForm {
-    csrf: String,
-    /// An account's email, or empty with `created_before` (YYYY-MM-DD, UTC).
-    email: String,
-    created_before: String,
-    amount: String,
-    reason: String,
-    key: String,
-}
-
-/// `POST /account/grants`: the operators' grant form on `/account`.
-pub async fn grant_form(
-    State(st): State<SharedState>,
-    c: Caller,
-    Form(f): Form<GrantForm>,
-) -> Response {
-    let r = async {
-        c.check_csrf(Some(&f.csrf))?;
-        if !c.user.is_operator() {
-            return Err(ApiError::Forbidden);
+/// Whom a grant form names: one account by email, or everyone created
+/// before a day (`YYYY-MM-DD`, UTC); exactly one of the two.
+pub(super) async fn recipients(
+    st: &SharedState,
+    email: &str,
+    created_before: &str,
+) -> Result<ledger::Recipients, ApiError> {
+    match (email.trim(), created_before.trim()) {
+        (e, "") if !e.is_empty() => {
+            let u = st
+                .db
+                .user_by_email(&e.to_lowercase())
+                .await?
+                .ok_or(ApiError::NotFound("account"))?;
+            Ok(ledger::Recipients::Account(u.id))
         }
-        let amount = ledger::parse_amount_text(&f.amount)?;
-        let to = match (f.email.trim(), f.created_before.trim()) {
-            (e, "") if !e.is_empty() => {
-                let u = st
-                    .db
-                    .user_by_email(&e.to_lowercase())
-                    .await?
-                    .ok_or(ApiError::NotFound("account"))?;
-                ledger::Recipients::Account(u.id)
-            }
-            ("", d) if !d.is_empty() => ledger::Recipients::CreatedBefore(parse_date(d)?),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "rule_invalid",
-                    "give either an email or a date, not both",
-                ))
-            }
-        };
-        let actor = format!("operator:{}", c.user.email);
-        let done = ledger::grant(&*st.db, &to, amount, &actor, &f.reason, &f.key).await?;
-        tracing::info!(%actor, amount = amount.get(), count = done.len(), reason = %f.reason, "credits granted");
-        account_page_full(
-            &st,
-            &c,
-            None,
-            Some(format!(
-                "{amount} credits granted to {} account(s).",
-                done.len()
-            )),
-        )
-        .await
+        ("", d) if !d.is_empty() => Ok(ledger::Recipients::CreatedBefore(parse_date(d)?)),
+        _ => Err(ApiError::bad_request(
+            "rule_invalid",
+            "give either an email or a date, not both",
+        )),
     }
-    .await;
-    r.unwrap_or_else(page_error)
 }
 
 /// `YYYY-MM-DD` → unix time of that day's start, UTC.

@@ -1,11 +1,24 @@
-//! What operators read about the manager itself: its background workers
-//! and its recent alerts (`crate::workers`, `crate::alerts`). Operators
-//! only; anyone else gets `403 forbidden`.
+//! The operators' side of the site. The JSON endpoints (`/api/v1/admin/…`:
+//! workers, alerts) answer others `401`/`403`. The admin area's pages
+//! (`/admin`: the overview, accounts and credits, the audit log) show what
+//! `crate::console` gathers and act through it, every action audited;
+//! they send someone not logged in to log in and answer anyone else the
+//! site's plain 404. Every action is a POST with the session's CSRF token.
 
-use axum::Json;
+use askama::Template;
+use axum::{
+    extract::{Query, State},
+    response::{IntoResponse, Response},
+    Form, Json,
+};
+use serde::Deserialize;
 
-use super::{error::ApiError, session::Caller};
-use crate::{alerts, workers};
+use super::{
+    error::ApiError,
+    session::{Caller, MaybeCaller},
+    web::PageError,
+};
+use crate::{alerts, backup::format_utc, console, workers, SharedState};
 
 fn operator(c: &Caller) -> Result<(), ApiError> {
     if c.user.is_operator() {
@@ -25,4 +38,316 @@ pub async fn workers(c: Caller) -> Result<Json<serde_json::Value>, ApiError> {
 pub async fn alerts(c: Caller) -> Result<Json<serde_json::Value>, ApiError> {
     operator(&c)?;
     Ok(Json(serde_json::json!({ "alerts": alerts::recent() })))
+}
+
+// ---- the admin area (`/admin`): server-rendered pages -------------------------
+
+/// Admin pages exist for operators only. Someone not logged in is sent to
+/// log in; a logged-in non-operator gets the site's plain 404, so the area
+/// is not even confirmed to exist.
+fn operator_page(c: MaybeCaller) -> Result<Caller, PageError> {
+    match c.0 {
+        None => Err(PageError(ApiError::Unauthenticated)),
+        Some(c) if c.user.is_operator() => Ok(c),
+        Some(_) => Err(PageError(ApiError::NotFound("page"))),
+    }
+}
+
+fn render(t: &impl Template) -> Response {
+    match t.render() {
+        Ok(html) => axum::response::Html(html).into_response(),
+        Err(e) => PageError(ApiError::Internal(e.into())).into_response(),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    format!("{:.1} GiB", n as f64 / GIB)
+}
+
+fn disk_text(d: Option<shared::runtime::DiskSpace>) -> String {
+    d.map_or_else(
+        || "unknown".into(),
+        |d| {
+            format!(
+                "{} of {} ({} %)",
+                bytes(d.free_bytes),
+                bytes(d.total_bytes),
+                d.free_percent()
+            )
+        },
+    )
+}
+
+struct NodeRow {
+    name: String,
+    site: String,
+    state: &'static str,
+    detail: String,
+    disk: String,
+}
+
+struct WorkerRow {
+    name: &'static str,
+    state: &'static str,
+    runs: u64,
+    failures: u64,
+    failing: bool,
+    last_run: String,
+    last_error: String,
+}
+
+struct AlertRow {
+    at: String,
+    alert: &'static str,
+    count: u64,
+    message: String,
+    detail: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin.html")]
+struct OverviewPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    o: console::Overview,
+    at: String,
+    manager_disk: String,
+    nodes: Vec<NodeRow>,
+    workers: Vec<WorkerRow>,
+    alerts: Vec<AlertRow>,
+    oldest_job: String,
+    backup_age: String,
+}
+
+/// `GET /admin`: one screen that answers "is everything fine?".
+pub async fn overview_page(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    let o = console::overview(&*st.db, &st.nodes, &st.cfg).await;
+    let nodes = o
+        .nodes
+        .iter()
+        .map(|n| NodeRow {
+            name: n.name.clone(),
+            site: n.site.clone(),
+            state: match (&n.probe, n.healthy) {
+                (None, _) => "not probed yet",
+                (Some(_), true) => "ok",
+                (Some(_), false) => "down",
+            },
+            detail: match &n.probe {
+                None => String::new(),
+                Some(p) => format!(
+                    "{}{} · checked {}",
+                    p.detail,
+                    n.version
+                        .as_ref()
+                        .map(|v| format!(" · version {v}"))
+                        .unwrap_or_default(),
+                    format_utc(p.at)
+                ),
+            },
+            disk: disk_text(n.disk),
+        })
+        .collect();
+    let workers = o
+        .workers
+        .iter()
+        .map(|w| WorkerRow {
+            name: w.name,
+            state: w.state,
+            runs: w.runs,
+            failures: w.failures,
+            failing: w.last_run_failed,
+            last_run: w.last_finished_at.map(format_utc).unwrap_or_default(),
+            last_error: w.last_error.clone().unwrap_or_default(),
+        })
+        .collect();
+    let alerts = o
+        .alerts
+        .iter()
+        .rev()
+        .map(|a| AlertRow {
+            at: format_utc(a.at),
+            alert: a.alert,
+            count: a.count,
+            message: a.message.clone(),
+            detail: a.detail.clone(),
+        })
+        .collect();
+    Ok(render(&OverviewPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        at: format_utc(o.at),
+        manager_disk: disk_text(o.manager_disk),
+        oldest_job: console::human_age(o.movies.oldest_job_secs),
+        backup_age: o
+            .last_backup
+            .as_ref()
+            .map(|b| console::human_age(b.age_secs))
+            .unwrap_or_default(),
+        nodes,
+        workers,
+        alerts,
+        o,
+    }))
+}
+
+struct AccountLine {
+    id: i64,
+    email: String,
+    role: crate::domain::Role,
+    balance: i64,
+    since: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin_accounts.html")]
+struct AccountsPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    q: String,
+    accounts: Vec<AccountLine>,
+    grant_key: String,
+    message: Option<String>,
+    failed: bool,
+}
+
+#[derive(Deserialize)]
+pub struct AccountSearch {
+    #[serde(default)]
+    q: String,
+}
+
+/// Longest search an operator types; longer is cut, not refused.
+const MAX_SEARCH: usize = 254;
+
+async fn accounts_page(
+    st: &SharedState,
+    c: &Caller,
+    q: &str,
+    message: Option<(String, bool)>,
+) -> Result<Response, PageError> {
+    let q: String = q.trim().chars().take(MAX_SEARCH).collect();
+    let accounts = st
+        .db
+        .accounts(&q.to_lowercase(), 200)
+        .await?
+        .into_iter()
+        .map(|a| AccountLine {
+            id: a.id,
+            email: a.email,
+            role: a.role,
+            balance: a.balance,
+            since: format_utc(a.created_at),
+        })
+        .collect();
+    let (message, failed) = match message {
+        Some((m, f)) => (Some(m), f),
+        None => (None, false),
+    };
+    let mut r = render(&AccountsPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        q,
+        accounts,
+        grant_key: uuid::Uuid::new_v4().simple().to_string(),
+        message,
+        failed,
+    });
+    if failed {
+        *r.status_mut() = axum::http::StatusCode::BAD_REQUEST;
+    }
+    Ok(r)
+}
+
+/// `GET /admin/accounts?q=`: accounts with their balances.
+pub async fn accounts(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    Query(s): Query<AccountSearch>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    accounts_page(&st, &c, &s.q, None).await
+}
+
+#[derive(Deserialize)]
+pub struct GrantForm {
+    csrf: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    created_before: String,
+    amount: String,
+    reason: String,
+    key: String,
+}
+
+/// `POST /admin/accounts/grant`: credits to one account or by rule,
+/// audited. A refusal is shown on the page with its reason.
+pub async fn grant(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    Form(f): Form<GrantForm>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let r = async {
+        let amount = crate::ledger::parse_amount_text(&f.amount)?;
+        let to = super::account::recipients(&st, &f.email, &f.created_before).await?;
+        let done = console::grant(&*st.db, &c.user, &to, amount, &f.reason, &f.key).await?;
+        Ok::<_, ApiError>(format!(
+            "{amount} credits granted to {} account(s).",
+            done.len()
+        ))
+    }
+    .await;
+    let message = match r {
+        Ok(m) => (m, false),
+        Err(ApiError::Internal(e)) => return Err(PageError(ApiError::Internal(e))),
+        Err(e) => (format!("Not granted ({}): {e}", e.code()), true),
+    };
+    accounts_page(&st, &c, "", Some(message)).await
+}
+
+struct AuditLine {
+    when: String,
+    actor: String,
+    action: String,
+    target: String,
+    detail: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin_audit.html")]
+struct AuditPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    entries: Vec<AuditLine>,
+}
+
+/// `GET /admin/audit`: what operators did, newest first.
+pub async fn audit(State(st): State<SharedState>, c: MaybeCaller) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    let entries = st
+        .db
+        .audit_entries(500)
+        .await?
+        .into_iter()
+        .map(|e| AuditLine {
+            when: format_utc(e.at),
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            detail: e.detail,
+        })
+        .collect();
+    Ok(render(&AuditPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        entries,
+    }))
 }

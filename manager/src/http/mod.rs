@@ -55,7 +55,6 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/account", get(account::account_page))
         .route("/account/export", get(account::export))
         .route("/account/link-code", post(account::new_link_code))
-        .route("/account/grants", post(account::grant_form))
         .route("/account/avatars/unlink", post(account::unlink_avatar))
         .route(
             "/account/approvals",
@@ -72,6 +71,10 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/api/v1/assets/{id}/purchase", post(account::purchase_api))
         .route("/api/v1/grants/{id}", get(account::grant_status))
         .route("/api/v1/admin/grants", post(account::grant_api))
+        .route("/admin", get(admin::overview_page))
+        .route("/admin/accounts", get(admin::accounts))
+        .route("/admin/accounts/grant", post(admin::grant))
+        .route("/admin/audit", get(admin::audit))
         .route("/api/v1/admin/workers", get(admin::workers))
         .route("/api/v1/admin/alerts", get(admin::alerts))
         .route(

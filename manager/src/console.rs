@@ -1,0 +1,276 @@
+//! The operator's console as a service: what the admin area shows (one
+//! overview that answers "is everything fine?") and what it does, each
+//! action written to the audit log with who, what and when.
+//!
+//! It reads what the rest of the manager already keeps: the catalog, the
+//! node monitor's last probe of each node, the workers' registry, the
+//! alert list and the backup folder. It takes them as arguments, never the
+//! whole application state, and knows nothing of HTTP.
+
+use serde::Serialize;
+use shared::runtime::DiskSpace;
+
+use crate::{
+    alerts,
+    catalog::{self, AuditEntry, Catalog, ReplicationSummary, User},
+    config::Config,
+    domain::Credits,
+    ledger::{self, LedgerError, Recipients},
+    nodes::{Nodes, Probe},
+    workers,
+};
+
+/// Below this share of free space a disk is a problem on the overview.
+pub const LOW_DISK_PERCENT: u64 = 10;
+
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub site: String,
+    pub healthy: bool,
+    /// `None` until the monitor's first probe.
+    pub probe: Option<Probe>,
+    pub version: Option<String>,
+    pub disk: Option<DiskSpace>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    pub id: String,
+    pub created_at: i64,
+    pub age_secs: i64,
+}
+
+/// Everything on the overview, gathered at `at`.
+#[derive(Debug, Serialize)]
+pub struct Overview {
+    pub at: i64,
+    /// Each thing that needs the operator, in words; empty when all is well.
+    pub problems: Vec<String>,
+    /// `ok`, or the database's failure (a write, read back and delete).
+    pub database: String,
+    pub manager_disk: Option<DiskSpace>,
+    pub nodes: Vec<NodeView>,
+    pub workers: Vec<workers::Status>,
+    pub alerts: Vec<alerts::Alert>,
+    pub movies: ReplicationSummary,
+    pub last_backup: Option<BackupView>,
+    /// Accounts whose balance differs from their ledger sum:
+    /// `(account, balance, ledger sum)`. Always checked; always empty.
+    pub books_off: Vec<(i64, i64, i64)>,
+}
+
+/// Looks at every part once. Each failing look is reported, not returned:
+/// the overview must show what it can when something is broken.
+pub async fn overview(db: &dyn Catalog, nodes: &Nodes, cfg: &Config) -> Overview {
+    let at = catalog::now();
+    let mut problems = Vec::new();
+    let database = match db.health_check().await {
+        Ok(()) => "ok".to_string(),
+        Err(e) => {
+            problems.push(format!("the database fails its check: {e:#}"));
+            format!("{e:#}")
+        }
+    };
+    let manager_disk = disk(&cfg.data_dir);
+    match manager_disk {
+        Some(d) if d.free_percent() < LOW_DISK_PERCENT => {
+            problems.push(format!("the manager's disk is {}% free", d.free_percent()))
+        }
+        None => problems.push("the manager's disk space cannot be read".into()),
+        _ => {}
+    }
+    let nodes: Vec<NodeView> = nodes
+        .list
+        .iter()
+        .map(|n| {
+            let probe = n.last_probe();
+            let report = probe.as_ref().and_then(|p| p.report.as_ref());
+            let disk = report
+                .and_then(|r| r.get("disk"))
+                .and_then(|d| serde_json::from_value::<DiskSpace>(d.clone()).ok());
+            let version = report
+                .and_then(|r| r.get("version"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            NodeView {
+                name: n.cfg.name.clone(),
+                site: n.cfg.site().to_string(),
+                healthy: n.is_healthy(),
+                probe,
+                version,
+                disk,
+            }
+        })
+        .collect();
+    for n in &nodes {
+        match &n.probe {
+            Some(p) if !p.ok => problems.push(format!("node {} is down: {}", n.name, p.detail)),
+            _ => {}
+        }
+        if let Some(d) = n.disk.filter(|d| d.free_percent() < LOW_DISK_PERCENT) {
+            problems.push(format!(
+                "node {}'s disk is {}% free",
+                n.name,
+                d.free_percent()
+            ));
+        }
+    }
+    let workers = workers::statuses();
+    for w in &workers {
+        if w.last_run_failed {
+            problems.push(format!(
+                "the {} worker's last run failed: {}",
+                w.name,
+                w.last_error.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    let movies = match db.replication_summary(cfg.min_replicas as i64, at).await {
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(format!("movies could not be counted: {e}"));
+            ReplicationSummary::default()
+        }
+    };
+    if movies.damaged > 0 {
+        problems.push(format!(
+            "{} movie(s) damaged: every copy lost",
+            movies.damaged
+        ));
+    }
+    if movies.under_replicated > 0 {
+        problems.push(format!(
+            "{} published movie(s) have fewer than {} verified copies",
+            movies.under_replicated, cfg.min_replicas
+        ));
+    }
+    if movies.jobs_failed > 0 {
+        problems.push(format!(
+            "{} upload(s) failed processing and wait for a retry",
+            movies.jobs_failed
+        ));
+    }
+    let dir = crate::backup::backups_dir(cfg);
+    let last_backup = tokio::task::spawn_blocking(move || crate::backup::list_local(&dir))
+        .await
+        .ok()
+        .and_then(|l| l.into_iter().next())
+        .map(|m| BackupView {
+            age_secs: (at - m.created_at).max(0),
+            id: m.id,
+            created_at: m.created_at,
+        });
+    match &last_backup {
+        None => problems.push("there is no local backup".into()),
+        Some(b) if b.age_secs > cfg.backup.max_age_secs as i64 => {
+            problems.push(format!("the last backup is {} old", human_age(b.age_secs)))
+        }
+        _ => {}
+    }
+    let books_off = db.verify_balances().await.unwrap_or_else(|e| {
+        problems.push(format!("the books could not be checked: {e}"));
+        Vec::new()
+    });
+    if !books_off.is_empty() {
+        problems.push(format!(
+            "{} account(s) hold a balance that differs from their ledger",
+            books_off.len()
+        ));
+    }
+    Overview {
+        at,
+        problems,
+        database,
+        manager_disk,
+        nodes,
+        workers,
+        alerts: alerts::recent(),
+        movies,
+        last_backup,
+        books_off,
+    }
+}
+
+fn disk(path: &std::path::Path) -> Option<DiskSpace> {
+    shared::runtime::disk_space(path).ok()
+}
+
+/// `90 s`, `12 min`, `5 h`, `3 d`: ages as an operator reads them.
+pub fn human_age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} d", s / 86_400),
+    }
+}
+
+/// Records what `who` did. The console calls it for every action, also a
+/// refused one, so the log answers "who tried what".
+pub async fn audit(db: &dyn Catalog, who: &User, action: &str, target: &str, detail: &str) {
+    let e = AuditEntry {
+        actor_id: who.id,
+        actor: &who.email,
+        action,
+        target,
+        detail,
+    };
+    if let Err(err) = db.record_audit(&e).await {
+        // The action stands; the operator must learn the record is missing.
+        alerts::raise(
+            "audit_write_failed",
+            "an operator action could not be written to the audit log; check the database",
+            format!("action={action} target={target} error={err}"),
+        );
+    }
+}
+
+/// An operator's grant of credits, audited with its outcome.
+pub async fn grant(
+    db: &dyn Catalog,
+    who: &User,
+    to: &Recipients,
+    amount: Credits,
+    reason: &str,
+    key: &str,
+) -> Result<Vec<i64>, LedgerError> {
+    let actor = format!("operator:{}", who.email);
+    let r = ledger::grant(db, to, amount, &actor, reason, key).await;
+    let target = match to {
+        Recipients::Account(id) => format!("account:{id}"),
+        Recipients::CreatedBefore(t) => format!("accounts created before {t}"),
+    };
+    let outcome = match &r {
+        Ok(done) => format!("credited {} account(s)", done.len()),
+        Err(e) => format!("refused: {e}"),
+    };
+    audit(
+        db,
+        who,
+        "grant_credits",
+        &target,
+        &format!(
+            "amount={amount} key={key:?} reason={:?}: {outcome}",
+            reason.trim()
+        ),
+    )
+    .await;
+    if let Ok(done) = &r {
+        tracing::info!(%actor, amount = amount.get(), count = done.len(), reason, "credits granted");
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_an_operator_says_them() {
+        assert_eq!(human_age(90), "90 s");
+        assert_eq!(human_age(720), "12 min");
+        assert_eq!(human_age(5 * 3600), "5 h");
+        assert_eq!(human_age(3 * 86_400), "3 d");
+    }
+}
