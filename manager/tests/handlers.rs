@@ -664,6 +664,14 @@ async fn session_for(f: &Fixture, email: &str, role: &str) -> (String, String) {
     (format!("slm_session={token}"), csrf)
 }
 
+/// An operator's session (cookie, CSRF token) and an uploader's account id.
+async fn operator_and_uploader(f: &Fixture) -> (String, String, i64) {
+    let (op, csrf) = session_for(f, "op@example.com", "operator").await;
+    session_for(f, "u@example.com", "uploader").await;
+    let u = f.db.user_by_email("u@example.com").await.unwrap().unwrap();
+    (op, csrf, u.id)
+}
+
 fn page(path: &str, cookie: Option<&str>) -> Request<Body> {
     let mut r = Request::get(path);
     if let Some(c) = cookie {
@@ -687,6 +695,8 @@ fn admin_routes(cookie: Option<&str>, csrf: &str) -> Vec<Request<Body>> {
         page("/admin", cookie),
         page("/admin/accounts?q=a", cookie),
         page("/admin/audit", cookie),
+        page("/admin/jobs", cookie),
+        form("/admin/jobs/j1/cancel", cookie, &format!("csrf={csrf}")),
         form(
             "/admin/accounts/grant",
             cookie,
@@ -699,6 +709,15 @@ fn admin_routes(cookie: Option<&str>, csrf: &str) -> Vec<Request<Body>> {
 async fn the_admin_area_is_for_operators_only_route_by_route() {
     let f = fixture().await;
     let (uploader, uploader_csrf) = session_for(&f, "u@example.com", "uploader").await;
+    let u =
+        f.db.user_by_email("u@example.com")
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+    f.db.insert_asset("j1", u, "Mine", "m.mp4", 1)
+        .await
+        .unwrap();
     for r in admin_routes(None, "x") {
         let path = r.uri().to_string();
         let (s, h, _) = send(&f, r).await;
@@ -725,6 +744,11 @@ async fn the_admin_area_is_for_operators_only_route_by_route() {
         "nothing granted by a non-operator"
     );
     assert!(f.db.audit_entries(10).await.unwrap().is_empty());
+    assert_eq!(
+        f.db.asset("j1").await.unwrap().unwrap().state,
+        manager::domain::AssetState::Queued,
+        "not cancelled through the admin by a non-operator"
+    );
 }
 
 #[tokio::test]
@@ -771,14 +795,7 @@ async fn the_overview_answers_is_everything_fine_for_an_operator() {
 #[tokio::test]
 async fn an_operator_grants_credits_from_the_admin_and_the_audit_log_keeps_it() {
     let f = fixture().await;
-    let (op, csrf) = session_for(&f, "op@example.com", "operator").await;
-    let (_u, _) = session_for(&f, "u@example.com", "uploader").await;
-    let u =
-        f.db.user_by_email("u@example.com")
-            .await
-            .unwrap()
-            .unwrap()
-            .id;
+    let (op, csrf, u) = operator_and_uploader(&f).await;
     let grant = |csrf: &str, amount: &str, key: &str| {
         form(
             "/admin/accounts/grant",
@@ -842,5 +859,66 @@ async fn an_operator_grants_credits_from_the_admin_and_the_audit_log_keeps_it() 
     assert!(
         body.contains("grant_credits") && body.contains("op@example.com"),
         "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_job_queue_shows_jobs_and_its_actions_are_audited() {
+    let f = fixture().await;
+    let (op, csrf, u) = operator_and_uploader(&f).await;
+    f.db.insert_asset("waiting", u, "Waiting", "w.mp4", 1)
+        .await
+        .unwrap();
+    f.db.insert_asset("broken", u, "Broken", "b.mp4", 1)
+        .await
+        .unwrap();
+    f.db.reject("broken", "processing_failed", "the encoder crashed")
+        .await
+        .unwrap();
+    let (s, _, body) = send(&f, page("/admin/jobs", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    for expected in [
+        "data-job=\"waiting\"",
+        "data-job=\"broken\"",
+        "processing_failed: the encoder crashed",
+        "/admin/jobs/broken/retry",
+        "/admin/jobs/waiting/cancel",
+        "u@example.com",
+    ] {
+        assert!(body.contains(expected), "{expected:?} missing: {body}");
+    }
+    let act = |path: &str, csrf: &str| form(path, Some(&op), &format!("csrf={csrf}"));
+    let (s, _, _) = send(&f, act("/admin/jobs/waiting/cancel", "forged")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        f.db.asset("waiting").await.unwrap().unwrap().state,
+        manager::domain::AssetState::Queued
+    );
+    let (s, _, body) = send(&f, act("/admin/jobs/waiting/cancel", &csrf)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        f.db.asset("waiting")
+            .await
+            .unwrap()
+            .unwrap()
+            .error_code
+            .as_deref(),
+        Some("cancelled")
+    );
+    // Its source was never kept here: the retry is refused, and says why.
+    let (s, _, body) = send(&f, act("/admin/jobs/broken/retry", &csrf)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("source_gone"), "{body}");
+    let (s, _, _) = send(&f, act("/admin/jobs/broken/explode", &csrf)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let log = f.db.audit_entries(10).await.unwrap();
+    assert_eq!(
+        log.iter()
+            .map(|e| (e.action.as_str(), e.target.as_str(), e.detail.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("job_retry", "movie:broken", "refused: source_gone"),
+            ("job_cancel", "movie:waiting", "done"),
+        ]
     );
 }

@@ -785,7 +785,31 @@ pub async fn the_console_reads_accounts_counts_and_an_append_only_audit_log(c: &
     );
     assert!(s.oldest_job_secs >= 30);
     assert_eq!(s.copies_pending, 1, "d's copy on utah");
+    c.insert_asset("r", a, "R", "r.mp4", 1).await.unwrap();
+    let jobs = c.jobs(10).await.unwrap();
+    assert_eq!(
+        jobs.iter()
+            .map(|j| (j.id.as_str(), j.state))
+            .collect::<Vec<_>>(),
+        vec![("q", AssetState::Queued), ("r", AssetState::Queued)],
+        "oldest first; published and damaged movies are not jobs"
+    );
+    assert_eq!(jobs[0].owner_email, "alice@example.com");
     c.reject("q", "processing_failed", "x").await.unwrap();
+    assert_eq!(
+        c.request_cancel("r").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let jobs = c.jobs(10).await.unwrap();
+    assert_eq!(
+        jobs.len(),
+        1,
+        "a cancelled upload is no job; a failed one is: {jobs:?}"
+    );
+    assert_eq!(
+        (jobs[0].state, jobs[0].error_code.as_deref()),
+        (AssetState::Rejected, Some("processing_failed"))
+    );
     let s = c.replication_summary(1, now()).await.unwrap();
     assert_eq!(
         (s.under_replicated, s.jobs_waiting, s.jobs_failed),

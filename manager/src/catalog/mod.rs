@@ -392,6 +392,24 @@ pub struct AccountRow {
     pub created_at: i64,
 }
 
+/// A job as the admin's queue shows it: a movie on its way (queued or in
+/// a step) or one that gave up for an internal reason.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct JobRow {
+    pub id: String,
+    pub title: String,
+    pub owner_email: String,
+    pub state: AssetState,
+    pub progress: f64,
+    pub attempts: i64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub created_at: i64,
+    /// When a queued job is due again (after a failed attempt's back-off).
+    pub next_try: i64,
+    pub cancel_requested: bool,
+}
+
 /// Movies the console counts on its overview.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplicationSummary {
@@ -795,6 +813,10 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Accounts whose email contains `search` (all for ""), newest first.
     async fn accounts(&self, search: &str, limit: i64) -> sqlx::Result<Vec<AccountRow>>;
+
+    /// The queue, oldest first: jobs queued or in a step, then those that
+    /// failed with `processing_failed` (an operator may retry them).
+    async fn jobs(&self, limit: i64) -> sqlx::Result<Vec<JobRow>>;
 
     /// What the overview counts about movies, copies and jobs.
     async fn replication_summary(

@@ -1843,6 +1843,21 @@ impl Catalog for SqliteCatalog {
         .await
     }
 
+    async fn jobs(&self, limit: i64) -> sqlx::Result<Vec<JobRow>> {
+        sqlx::query_as(
+            "SELECT a.id, a.title, u.email AS owner_email, a.state, a.progress, a.attempts,
+                    a.error_code, a.error_message, a.created_at, a.next_try,
+                    a.cancel_requested <> 0 AS cancel_requested
+             FROM assets a JOIN users u ON u.id = a.owner_id
+             WHERE a.state IN ('queued', 'probing', 'transcoding', 'sealing')
+                OR (a.state = 'rejected' AND a.error_code = 'processing_failed')
+             ORDER BY a.state = 'rejected', a.created_at, a.id LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
     async fn replication_summary(
         &self,
         min_replicas: i64,

@@ -245,10 +245,7 @@ async fn accounts_page(
             since: format_utc(a.created_at),
         })
         .collect();
-    let (message, failed) = match message {
-        Some((m, f)) => (Some(m), f),
-        None => (None, false),
-    };
+    let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
     let mut r = render(&AccountsPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
@@ -350,4 +347,109 @@ pub async fn audit(State(st): State<SharedState>, c: MaybeCaller) -> Result<Resp
         csrf: c.csrf.as_deref().unwrap_or(""),
         entries,
     }))
+}
+
+struct JobLine {
+    id: String,
+    title: String,
+    owner: String,
+    state: crate::domain::AssetState,
+    percent: u32,
+    attempts: i64,
+    age: String,
+    error: String,
+    cancel_requested: bool,
+    retryable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "admin_jobs.html")]
+struct JobsPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    jobs: Vec<JobLine>,
+    message: Option<String>,
+    failed: bool,
+}
+
+async fn jobs_page(
+    st: &SharedState,
+    c: &Caller,
+    message: Option<(String, bool)>,
+) -> Result<Response, PageError> {
+    let now = crate::catalog::now();
+    let jobs = st
+        .db
+        .jobs(500)
+        .await?
+        .into_iter()
+        .map(|j| JobLine {
+            retryable: j.state == crate::domain::AssetState::Rejected,
+            percent: (j.progress.clamp(0.0, 1.0) * 100.0) as u32,
+            age: console::human_age((now - j.created_at).max(0)),
+            error: match (j.error_code, j.error_message) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c,
+                _ => String::new(),
+            },
+            id: j.id,
+            title: j.title,
+            owner: j.owner_email,
+            state: j.state,
+            attempts: j.attempts,
+            cancel_requested: j.cancel_requested,
+        })
+        .collect();
+    let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
+    let mut r = render(&JobsPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        jobs,
+        message,
+        failed,
+    });
+    if failed {
+        *r.status_mut() = axum::http::StatusCode::CONFLICT;
+    }
+    Ok(r)
+}
+
+/// `GET /admin/jobs`: the queue with progress, attempts and last error.
+pub async fn jobs(State(st): State<SharedState>, c: MaybeCaller) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    jobs_page(&st, &c, None).await
+}
+
+#[derive(Deserialize)]
+pub struct CsrfOnly {
+    csrf: String,
+}
+
+/// `POST /admin/jobs/{id}/retry` and `/cancel`: the same paths as the API's
+/// retry and the owner's cancel, audited; a refusal shows on the page.
+pub async fn job_action(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    axum::extract::Path((id, action)): axum::extract::Path<(String, String)>,
+    Form(f): Form<CsrfOnly>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let (verb, r) = match action.as_str() {
+        "retry" => ("job_retry", super::api::retry_as(&st, &c, &id).await),
+        "cancel" => ("job_cancel", super::api::cancel_as(&st, &c, &id).await),
+        _ => return Err(PageError(ApiError::NotFound("page"))),
+    };
+    let outcome = match &r {
+        Ok(()) => "done".to_string(),
+        Err(e) => format!("refused: {}", e.code()),
+    };
+    console::audit(&*st.db, &c.user, verb, &format!("movie:{id}"), &outcome).await;
+    let message = match r {
+        Ok(()) if verb == "job_retry" => (format!("{id} is queued again."), false),
+        Ok(()) => (format!("{id}: cancelled, or asked to stop."), false),
+        Err(ApiError::Internal(e)) => return Err(PageError(ApiError::Internal(e))),
+        Err(e) => (format!("{id} ({}): {e}", e.code()), true),
+    };
+    jobs_page(&st, &c, Some(message)).await
 }

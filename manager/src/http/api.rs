@@ -407,6 +407,27 @@ pub async fn cancel_as(st: &SharedState, caller: &Caller, id: &str) -> Result<()
     }
 }
 
+/// Requeues a job that failed for an internal reason, as operator
+/// `caller` (the API and the admin's queue both come here).
+pub async fn retry_as(st: &SharedState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    st.db.asset(id).await?.ok_or(ApiError::NotFound("asset"))?;
+    if !crate::pipeline::source_path(&st.pipeline, id).exists() {
+        return Err(ApiError::Conflict {
+            code: "source_gone",
+            message: "the uploaded file is no longer kept; it must be uploaded again".into(),
+        });
+    }
+    if !st.db.retry_failed(id).await? {
+        return Err(ApiError::Conflict {
+            code: "not_retryable",
+            message: "only a job that failed with processing_failed can be retried".into(),
+        });
+    }
+    st.pipeline.wake.notify_one();
+    tracing::info!(asset = %id, operator = caller.user.id, "job retried by operator");
+    Ok(())
+}
+
 /// `POST /api/v1/assets/{id}/retry` (operators): runs again a job that
 /// failed for an internal reason (`processing_failed`).
 pub async fn retry(
@@ -419,21 +440,7 @@ pub async fn retry(
     if !caller.user.is_operator() {
         return Err(ApiError::Forbidden);
     }
-    st.db.asset(&id).await?.ok_or(ApiError::NotFound("asset"))?;
-    if !crate::pipeline::source_path(&st.pipeline, &id).exists() {
-        return Err(ApiError::Conflict {
-            code: "source_gone",
-            message: "the uploaded file is no longer kept; it must be uploaded again".into(),
-        });
-    }
-    if !st.db.retry_failed(&id).await? {
-        return Err(ApiError::Conflict {
-            code: "not_retryable",
-            message: "only a job that failed with processing_failed can be retried".into(),
-        });
-    }
-    st.pipeline.wake.notify_one();
-    tracing::info!(asset = %id, operator = caller.user.id, "job retried by operator");
+    retry_as(&st, &caller, &id).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "asset_id": id, "state": "queued" })),

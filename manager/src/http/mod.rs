@@ -75,6 +75,8 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/admin/accounts", get(admin::accounts))
         .route("/admin/accounts/grant", post(admin::grant))
         .route("/admin/audit", get(admin::audit))
+        .route("/admin/jobs", get(admin::jobs))
+        .route("/admin/jobs/{id}/{action}", post(admin::job_action))
         .route("/api/v1/admin/workers", get(admin::workers))
         .route("/api/v1/admin/alerts", get(admin::alerts))
         .route(
