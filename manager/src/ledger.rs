@@ -2,8 +2,8 @@
 //! themselves (rows, balances, locking) are the catalog's
 //! ([`crate::catalog::Catalog`]): every movement is an append-only ledger
 //! row and, in the same transaction, an update of the account's cached
-//! balance, which can never go below zero; [`verify_balances`] proves the
-//! cache equals the ledger sum.
+//! balance, which can never go below zero; `Catalog::verify_balances`
+//! proves the cache equals the ledger sum.
 //!
 //! This module checks what comes in (amounts, request ids, who may buy),
 //! decides whether a movie is playable before charging for it, maps the
@@ -207,12 +207,16 @@ impl From<TxError> for LedgerError {
                          ({cap} credits in 24 hours); raise it on your account page"
                     ),
                 },
-                Refused::Duplicate => LedgerError::Conflict {
-                    code: "request_id_reused",
-                    message: "this request id was already used for another purchase".into(),
-                },
+                Refused::Duplicate => request_id_reused(),
             },
         }
+    }
+}
+
+fn request_id_reused() -> LedgerError {
+    LedgerError::Conflict {
+        code: "request_id_reused",
+        message: "this request id was already used for another purchase".into(),
     }
 }
 
@@ -227,16 +231,6 @@ fn as_price(e: TxError) -> LedgerError {
         }
         e => e.into(),
     }
-}
-
-pub async fn balance(db: &dyn Catalog, account: i64) -> sqlx::Result<i64> {
-    db.balance(account).await
-}
-
-/// Accounts whose cached balance differs from their ledger sum, as
-/// `(account, balance, ledger sum)`. Empty when the books are exact.
-pub async fn verify_balances(db: &dyn Catalog) -> sqlx::Result<Vec<(i64, i64, i64)>> {
-    db.verify_balances().await
 }
 
 /// Creates an account with its signup bonus, in one transaction.
@@ -431,11 +425,6 @@ pub async fn approve(
     Ok(())
 }
 
-/// Withdraws consent at once; `false` when there was none.
-pub async fn revoke(db: &dyn Catalog, user: i64, owner: i64) -> sqlx::Result<bool> {
-    db.revoke(user, owner).await
-}
-
 /// Where a purchase was asked from: a retry must come from the same place.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
@@ -458,10 +447,7 @@ fn purchase_from(
         || row.source != origin.source
         || row.terminal_owner_id != origin.terminal_owner
     {
-        return Err(LedgerError::Conflict {
-            code: "request_id_reused",
-            message: "this request id was already used for another purchase".into(),
-        });
+        return Err(request_id_reused());
     }
     Ok(Purchase {
         grant_id: Some(row.id),
@@ -489,10 +475,6 @@ async fn existing_purchase(
             db.balance(buyer).await?,
         )?)),
     }
-}
-
-pub async fn price(db: &dyn Catalog, asset_id: &str) -> sqlx::Result<i64> {
-    db.price(asset_id).await
 }
 
 // ---- upload costs -----------------------------------------------------------
@@ -688,16 +670,6 @@ pub async fn record_journal(
     })
 }
 
-// ---- reading ----------------------------------------------------------------
-
-pub async fn history(db: &dyn Catalog, account: i64, limit: i64) -> sqlx::Result<Vec<LedgerRow>> {
-    db.history(account, limit).await
-}
-
-pub async fn grant_view(db: &dyn Catalog, id: &str) -> sqlx::Result<Option<GrantRowView>> {
-    db.grant_view(id).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,8 +740,8 @@ mod tests {
         let b = create_account(&*db, "b@x", "h", Role::Uploader, 0)
             .await
             .unwrap();
-        assert_eq!(balance(&*db, a).await.unwrap(), 1000);
-        assert_eq!(balance(&*db, b).await.unwrap(), 0);
+        assert_eq!(db.balance(a).await.unwrap(), 1000);
+        assert_eq!(db.balance(b).await.unwrap(), 0);
         let e = create_account(&*db, "a@x", "h", Role::Uploader, 1000)
             .await
             .unwrap_err();
@@ -785,7 +757,7 @@ mod tests {
             .await
             .unwrap();
         assert!(again.is_empty(), "the same key grants once");
-        assert_eq!(balance(&*db, a).await.unwrap(), 1050);
+        assert_eq!(db.balance(a).await.unwrap(), 1050);
         assert_eq!(
             grant(&*db, &Recipients::Account(a), fifty, "o", " ", "k3")
                 .await
@@ -793,8 +765,8 @@ mod tests {
                 .code(),
             "reason_missing"
         );
-        assert!(verify_balances(&*db).await.unwrap().is_empty());
-        let h = history(&*db, a, 10).await.unwrap();
+        assert!(db.verify_balances().await.unwrap().is_empty());
+        let h = db.history(a, 10).await.unwrap();
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].kind, "grant");
         assert_eq!(h[0].balance_after, 1050);
@@ -817,15 +789,15 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), "insufficient_credits");
         assert!(db.asset("m3").await.unwrap().is_none(), "no unpaid row");
-        assert_eq!(balance(&*db, a).await.unwrap(), 5);
+        assert_eq!(db.balance(a).await.unwrap(), 5);
         db.reject("m1", "not_media", "x").await.unwrap();
         assert_eq!(refund_rejected_uploads(&*db).await.unwrap(), 1);
         assert_eq!(refund_rejected_uploads(&*db).await.unwrap(), 0, "once");
-        assert_eq!(balance(&*db, a).await.unwrap(), 15);
+        assert_eq!(db.balance(a).await.unwrap(), 15);
         insert_asset_paid(&*db, 0, "m4", a, "Free", "m4.mp4", 1)
             .await
             .unwrap();
-        assert_eq!(balance(&*db, a).await.unwrap(), 15);
-        assert!(verify_balances(&*db).await.unwrap().is_empty());
+        assert_eq!(db.balance(a).await.unwrap(), 15);
+        assert!(db.verify_balances().await.unwrap().is_empty());
     }
 }

@@ -5,7 +5,7 @@
 //! tokens without calling the manager. Each asset has a price epoch that
 //! goes up when it turns from free to paid; grant-less tokens carry the
 //! epoch they were minted in. The manager refuses a stale one at once
-//! ([`crate::redirect::check_epoch`]); nodes poll [`paid_epochs`] (`crate::http::nodes`)
+//! ([`crate::redirect::check_epoch`]); nodes poll `Catalog::paid_epochs` (`crate::http::nodes`)
 //! and refuse it too. Like every answer to a node, the list carries a MAC
 //! bound to the node's own request (`shared::nodeauth`), so nobody on the
 //! path can feed a node a forged or replayed one.
@@ -20,10 +20,4 @@ pub async fn set_price(
     price: crate::domain::Price,
 ) -> sqlx::Result<()> {
     db.set_price(asset_id, price.get()).await
-}
-
-/// Every movie with a price and its epoch: what a node needs to refuse
-/// grant-less tokens minted before the movie became paid.
-pub async fn paid_epochs(db: &dyn catalog::Catalog) -> sqlx::Result<Vec<(String, i64)>> {
-    db.paid_epochs().await
 }

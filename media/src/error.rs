@@ -193,7 +193,7 @@ impl MediaError {
 }
 
 /// `1.5 GiB`, `200 MiB`, `12 KiB`, `10 bytes`.
-fn human_bytes(n: u64) -> String {
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for (unit, size) in UNITS {
         if n >= size {

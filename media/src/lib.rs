@@ -27,7 +27,7 @@ mod probe;
 mod sniff;
 mod transcode;
 
-pub use error::MediaError;
+pub use error::{human_bytes, MediaError};
 pub use limits::{validate, Limits, MAX_OUTPUT_DIMENSION};
 pub use poster::{default_poster_secs, poster};
 pub use probe::{probe, AudioInfo, ProbeInfo, VideoInfo, MAX_INPUT_DIMENSION, MAX_INPUT_PIXELS};

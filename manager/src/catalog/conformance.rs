@@ -474,7 +474,7 @@ pub async fn operator_grants_credit_once_per_key(c: &SharedCatalog) {
     let one = Recipients::Account(a);
     let to_a = GrantOrder {
         to: &one,
-        amount: domain_max_balance(),
+        amount: crate::domain::MAX_BALANCE,
         actor: "operator:o",
         reason: "too much",
         key: "k3",
@@ -496,10 +496,6 @@ pub async fn operator_grants_credit_once_per_key(c: &SharedCatalog) {
         ("grant", "operator:o")
     );
     books_exact(c).await;
-}
-
-fn domain_max_balance() -> i64 {
-    crate::domain::MAX_BALANCE
 }
 
 pub async fn uploads_are_charged_with_their_row_and_refunded_once(c: &SharedCatalog) {

@@ -9,7 +9,7 @@ use askama::Template;
 use axum::{
     extract::{ConnectInfo, Path, State},
     http::{header, HeaderMap, StatusCode},
-    response::{Html, IntoResponse, Redirect, Response},
+    response::{IntoResponse, Redirect, Response},
     Form, Json,
 };
 use serde::Deserialize;
@@ -37,15 +37,7 @@ pub fn client_ip(st: &SharedState, peer: SocketAddr, headers: &HeaderMap) -> Str
 
 // ---- pages -------------------------------------------------------------------
 
-fn render(t: &impl Template) -> Response {
-    match t.render() {
-        Ok(html) => Html(html).into_response(),
-        Err(e) => {
-            tracing::error!("template failed: {e}");
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-        }
-    }
-}
+use super::web::render;
 
 fn page_error(e: ApiError) -> Response {
     super::web::PageError(e).into_response()
@@ -358,8 +350,8 @@ async fn account_json(
     c: &Caller,
     limit: i64,
 ) -> Result<serde_json::Value, ApiError> {
-    let balance = ledger::balance(&*st.db, c.user.id).await?;
-    let entries = ledger::history(&*st.db, c.user.id, limit).await?;
+    let balance = st.db.balance(c.user.id).await?;
+    let entries = st.db.history(c.user.id, limit).await?;
     let mut movies = Vec::new();
     for a in st.db.assets_of(c.user.id, 10_000).await? {
         let replicas = st.db.replicas(&a.id).await?;
@@ -367,7 +359,7 @@ async fn account_json(
             "id": a.id,
             "title": a.title,
             "state": a.state,
-            "price": ledger::price(&*st.db, &a.id).await?,
+            "price": st.db.price(&a.id).await?,
             "verified_replicas": replicas
                 .iter()
                 .filter(|r| r.state == ReplicaState::Verified)
@@ -445,7 +437,7 @@ async fn account_page_with(
     link_code: Option<String>,
 ) -> Result<Response, ApiError> {
     let v = account_json(st, c, 100).await?;
-    let entries = ledger::history(&*st.db, c.user.id, 100).await?;
+    let entries = st.db.history(c.user.id, 100).await?;
     let movies = v["movies"]
         .as_array()
         .map(|m| {
@@ -745,7 +737,7 @@ pub async fn revoke_form(
 ) -> Response {
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
-        ledger::revoke(&*st.db, c.user.id, f.owner).await?;
+        st.db.revoke(c.user.id, f.owner).await?;
         tracing::info!(
             user = c.user.id,
             owner = f.owner,
@@ -856,7 +848,9 @@ pub async fn grant_status(
     c: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<ledger::GrantRowView>, ApiError> {
-    let g = ledger::grant_view(&*st.db, &id)
+    let g = st
+        .db
+        .grant_view(&id)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
     let buyer = st.db.grant_buyer(&id).await?;

@@ -8,7 +8,7 @@
 use askama::Template;
 use axum::{
     extract::{Query, State},
-    response::{IntoResponse, Response},
+    response::Response,
     Form, Json,
 };
 use serde::Deserialize;
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::{
     error::ApiError,
     session::{Caller, MaybeCaller},
-    web::PageError,
+    web::{render, PageError},
 };
 use crate::{alerts, backup::format_utc, console, workers, SharedState};
 
@@ -53,26 +53,14 @@ fn operator_page(c: MaybeCaller) -> Result<Caller, PageError> {
     }
 }
 
-fn render(t: &impl Template) -> Response {
-    match t.render() {
-        Ok(html) => axum::response::Html(html).into_response(),
-        Err(e) => PageError(ApiError::Internal(e.into())).into_response(),
-    }
-}
-
-fn bytes(n: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    format!("{:.1} GiB", n as f64 / GIB)
-}
-
 fn disk_text(d: Option<shared::runtime::DiskSpace>) -> String {
     d.map_or_else(
         || "unknown".into(),
         |d| {
             format!(
                 "{} of {} ({} %)",
-                bytes(d.free_bytes),
-                bytes(d.total_bytes),
+                media::human_bytes(d.free_bytes),
+                media::human_bytes(d.total_bytes),
                 d.free_percent()
             )
         },

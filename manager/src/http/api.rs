@@ -99,7 +99,7 @@ pub async fn asset_view(st: &SharedState, a: &catalog::Asset) -> Result<AssetVie
         width: a.width,
         height: a.height,
         duration_secs: a.duration_secs,
-        price: crate::ledger::price(&*st.db, &a.id).await?,
+        price: st.db.price(&a.id).await?,
     })
 }
 

@@ -64,7 +64,7 @@ pub async fn media_by_grant(
     method: Method,
 ) -> Result<Response, ApiError> {
     let id = file.strip_suffix(".mp4").unwrap_or(&file);
-    let g = match crate::ledger::grant_view(&*st.db, &grant).await? {
+    let g = match st.db.grant_view(&grant).await? {
         Some(g) if g.asset_id == id && g.state == "active" => g,
         // Unknown, refunded, or another movie's: one answer for all.
         _ => return Err(ApiError::NotFound("media URL")),

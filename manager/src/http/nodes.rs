@@ -14,7 +14,7 @@ use axum::{
 use super::error::ApiError;
 use shared::BlobId;
 
-use crate::{ledger, pipeline, prices, SharedState};
+use crate::{ledger, pipeline, SharedState};
 
 /// What view nodes call, signed by them; our answers carry a MAC over
 /// their request, status and body (`shared::nodeauth`), so a node can tell
@@ -150,7 +150,9 @@ pub async fn paid_epochs(
         .verify_from_node(&name, &headers, "GET", &path, b"")
         .inspect_err(|e| tracing::warn!(node = %name, code = e.code(), "paid-epochs refused: {e}"))
         .map_err(ApiError::NodeAuth)?;
-    let paid = prices::paid_epochs(&*st.db)
+    let paid = st
+        .db
+        .paid_epochs()
         .await?
         .into_iter()
         .map(|(id, epoch)| (id, u32::try_from(epoch).unwrap_or(u32::MAX)))

@@ -98,7 +98,7 @@ pub async fn play(
         return Err(ApiError::NotPublished);
     }
     // A paid movie is played through `/api/v1/terminal/buy` (docs/credits.md).
-    if crate::ledger::price(&*st.db, &a.id).await? > 0 {
+    if st.db.price(&a.id).await? > 0 {
         return Err(ApiError::Conflict {
             code: "payment_required",
             message: "this movie has a price: buy a view (the screen's buy request)".into(),
