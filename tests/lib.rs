@@ -54,7 +54,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, binary: &Path, config: &Path, log: PathBuf) -> Proc {
+    /// Starts `binary --config config`, logging to `log`, and waits for
+    /// its `LISTENING` line.
+    pub fn spawn(name: &str, binary: &Path, config: &Path, log: PathBuf) -> Proc {
         let mut child = Command::new(binary)
             .arg("--config")
             .arg(config)

@@ -1,7 +1,7 @@
 //! The ingest pipeline: probe → transcode → seal → replicate → publish.
 //!
 //! Jobs are rows in `assets`, not in memory. A worker claims one under a
-//! lease it renews every second ([`catalog::claim_next`], [`catalog::renew_lease`]); a
+//! lease it renews every 5 s while any step runs ([`catalog::claim_next`], [`catalog::renew_lease`]); a
 //! crash or restart requeues any asset caught mid-step and the step runs
 //! again from the staged source, which is deleted only after the sealed blob
 //! is recorded. Internal failures back off and give up after

@@ -17,6 +17,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     app: Router,
     db: manager::catalog::SharedCatalog,
+    password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 async fn fixture() -> Fixture {
@@ -56,6 +57,7 @@ async fn fixture() -> Fixture {
         .unwrap();
     Fixture {
         db: state.db.clone(),
+        password_checks: state.password_checks.clone(),
         app: manager::build_router(Arc::new(state)),
         _dir: dir,
     }
@@ -138,6 +140,20 @@ async fn log_in_checks_csrf_then_bounds_before_any_hash() {
     assert!(body.contains("login_invalid"), "{body}");
     let (s, _, _) = send(&f, form("abc", "nobody@example.com")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "a wrong password");
+    // Every password slot taken (a flood in progress): the next log-in
+    // waits briefly, then is told to come back, without hashing.
+    let all = f
+        .password_checks
+        .clone()
+        .acquire_many_owned(manager::auth::MAX_PASSWORD_CHECKS as u32)
+        .await
+        .unwrap();
+    let (s, _, body) = send(&f, form("abc", "nobody@example.com")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(body.contains("busy"), "{body}");
+    drop(all);
+    let (s, _, _) = send(&f, form("abc", "nobody@example.com")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "slots free again");
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{free_port, make_webm, Cluster, ClusterOpts};
+use e2e::{bin, free_port, make_webm, Cluster, ClusterOpts, Proc};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -96,6 +96,77 @@ async fn a_tls_cluster_publishes_and_plays_and_refuses_a_foreign_certificate() {
         let loc = cluster.redirect_location(&media_url).await;
         assert!(loc.starts_with(&cluster.nodes[0].proc.url), "{loc}");
     }
+}
+
+/// What `manager init-cluster --tls` writes is a working cluster as it
+/// stands: the node serves the manager's calls over TLS on its port + 10
+/// with a certificate the written CA issued, and the manager, started from
+/// its written file, reaches it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_cluster_tls_writes_a_cluster_that_talks_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mport, nport, other) = (free_port(), free_port(), free_port());
+    let out = Command::new(bin("manager"))
+        .args(["init-cluster", "--tls", "--dir"])
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{mport}")])
+        .args(["--node", &format!("utah:40.76:-111.89:127.0.0.1:{nport}")])
+        // Never started: the manager's probe of utah is what is looked at.
+        .args(["--node", &format!("toronto:43.65:-79.38:127.0.0.1:{other}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node = Proc::spawn(
+        "utah",
+        &bin("viewnode"),
+        &dir.path().join("viewnode-utah.toml"),
+        dir.path().join("utah.log"),
+    );
+    assert_eq!(node.url, format!("http://127.0.0.1:{nport}"));
+    let tls_url = format!("https://127.0.0.1:{}", nport + 10);
+    // Trusting the written CA alone, the TLS port answers as utah.
+    let ca = std::fs::read(dir.path().join("cluster-ca.pem")).unwrap();
+    let trusting = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let h: serde_json::Value = trusting
+        .get(format!("{tls_url}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["node"], "utah", "{h}");
+    // Anyone else's trust store refuses that certificate.
+    let e = reqwest::Client::new()
+        .get(format!("{tls_url}/healthz"))
+        .send()
+        .await;
+    assert!(e.is_err(), "a certificate only the cluster CA vouches for");
+    // The manager, from its written file, probes the node over TLS.
+    let manager = Proc::spawn(
+        "manager",
+        &bin("manager"),
+        &dir.path().join("manager.toml"),
+        dir.path().join("manager.log"),
+    );
+    let healthy = |l: &str| l.contains("node healthy") && l.contains("utah");
+    wait_for("the manager's probe of utah over TLS", || {
+        manager.log_text().lines().any(healthy)
+    })
+    .await;
+    let log = manager.log_text();
+    assert!(
+        !log.lines().any(|l| l.contains("node_tls_refused") && l.contains("utah")),
+        "{log}"
+    );
 }
 
 /// A fake "node" on the path: answers every request with `201` and a
