@@ -11,7 +11,9 @@ pub struct AppState {
     pub nodes: nodes::Nodes,
     pub master: Arc<shared::MasterKey>,
     /// Mints media URLs and their playback tokens.
-    pub minter: redirect::Minter,
+    pub minter: Arc<redirect::Minter>,
+    /// Alert channels (webhooks, e-mail) and their delivery log.
+    pub notifier: crate::notify::Notifier,
     /// What ingest, replication and repair work with; its `wake` is what an
     /// upload pokes so a job loop starts at once.
     pub pipeline: crate::pipeline::Ctx,
@@ -86,11 +88,14 @@ impl AppState {
             wake: Arc::new(tokio::sync::Notify::new()),
         });
         let public_url = public_url.trim_end_matches('/').to_string();
-        let minter = redirect::Minter {
+        let minter = Arc::new(redirect::Minter {
             signer,
             public_url: public_url.clone(),
             token_ttl_secs: cfg.token_ttl_secs,
-        };
+        });
+        let notifier =
+            crate::notify::Notifier::new(cfg.alerts.clone(), db.clone(), public_url.clone())?;
+        crate::console::load_drains(&*db, &nodes).await?;
         Ok(Self {
             secure_cookies: public_url.starts_with("https://"),
             public_url,
@@ -100,6 +105,7 @@ impl AppState {
             nodes,
             master,
             minter,
+            notifier,
             pipeline,
             metrics: shared::runtime::metrics_handle(),
             geo,

@@ -66,6 +66,11 @@ pub struct Config {
     /// Credits: signup bonus, view prices' split, grant window, refunds
     /// (docs/credits.md).
     pub credits: CreditsConfig,
+    /// The monitor: what it checks and how often (docs/operations.md,
+    /// "Monitoring and alerts").
+    pub monitor: MonitorConfig,
+    /// Where alerts go: webhooks, e-mail, a heartbeat.
+    pub alerts: AlertsConfig,
     /// The settings as given (file, then environment), for the backup to
     /// carry so a restore can rebuild this configuration. Not a setting.
     #[serde(skip)]
@@ -114,6 +119,195 @@ impl Default for BackupConfig {
             nodes: BackupNodes::default(),
             recovery_key: Secret::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Seconds between two runs of every check (5 to 600).
+    pub interval_secs: u64,
+    /// The movie the viewer's-path check plays (its id). Empty: the
+    /// smallest published movie.
+    pub canary_asset: String,
+    /// A node whose clock differs from the manager's by more than this,
+    /// seconds, is degraded: media URLs and terminal requests carry times.
+    pub max_clock_skew_secs: u64,
+    /// Transcoding is degraded when a job has waited longer than this, seconds.
+    pub max_queue_age_secs: u64,
+    /// A sealed file waiting in the outbox longer than this, seconds, is a
+    /// problem (a node that never takes it).
+    pub max_outbox_age_secs: u64,
+    /// A node whose journal watermark lags more than this, seconds, holds
+    /// refunds back.
+    pub max_journal_lag_secs: u64,
+    /// Days of check history and deliveries kept (the status page shows 90).
+    pub keep_days: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 30,
+            canary_asset: String::new(),
+            max_clock_skew_secs: 5,
+            max_queue_age_secs: 3600,
+            max_outbox_age_secs: 3600,
+            max_journal_lag_secs: 900,
+            keep_days: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// A check still failing is announced again after this many seconds
+    /// (0: once only).
+    pub repeat_secs: u64,
+    /// At most one message per check in this many seconds, so a flapping
+    /// check does not flood the operator.
+    pub min_gap_secs: u64,
+    /// Webhooks: a body compatible with Prometheus Alertmanager's webhook
+    /// (version 4), signed with Standard Webhooks headers.
+    pub webhooks: Vec<WebhookConfig>,
+    /// E-mail over SMTP; off while `smtp_host` is empty.
+    pub email: EmailConfig,
+    /// Fetched every `heartbeat_secs` (a healthchecks.io-style URL), so a
+    /// manager that died is noticed from outside. Empty: off.
+    pub heartbeat_url: String,
+    pub heartbeat_secs: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            repeat_secs: 4 * 3600,
+            min_gap_secs: 60,
+            webhooks: Vec::new(),
+            email: EmailConfig::default(),
+            heartbeat_url: String::new(),
+            heartbeat_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Shown in the admin and the delivery log.
+    pub name: String,
+    pub url: String,
+    /// The Standard Webhooks signing secret, `whsec_` + base64 of 24 to 64
+    /// random bytes. Empty: sent unsigned.
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmailConfig {
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// `none` (loopback or a trusted network only), `starttls` or `tls`.
+    pub tls: String,
+    /// Empty: no authentication.
+    pub username: String,
+    pub password: Secret,
+    pub from: String,
+    pub to: Vec<String>,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_host: String::new(),
+            smtp_port: 587,
+            tls: "starttls".into(),
+            username: String::new(),
+            password: Secret::default(),
+            from: String::new(),
+            to: Vec::new(),
+        }
+    }
+}
+
+fn is_http(u: &str) -> bool {
+    u.starts_with("http://") || u.starts_with("https://")
+}
+
+impl MonitorConfig {
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if !(5..=600).contains(&self.interval_secs) {
+            return Err(("interval_secs", "must be between 5 and 600"));
+        }
+        if self.keep_days < 90 {
+            return Err((
+                "keep_days",
+                "must be at least 90 (the status page shows 90 days)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AlertsConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut names = std::collections::HashSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let f = |sub: &str| format!("webhooks[{i}].{sub}");
+            if w.name.is_empty() || w.name.len() > 64 || !names.insert(w.name.clone()) {
+                return Err((
+                    f("name"),
+                    "must be set, unique and at most 64 characters".into(),
+                ));
+            }
+            if !is_http(&w.url) {
+                return Err((f("url"), "must start with http:// or https://".into()));
+            }
+            if !w.secret.expose().is_empty()
+                && crate::notify::webhook_key(w.secret.expose()).is_none()
+            {
+                return Err((
+                    f("secret"),
+                    "must be whsec_ followed by base64 of 24 to 64 bytes".into(),
+                ));
+            }
+        }
+        let e = &self.email;
+        if !e.smtp_host.is_empty() {
+            if !["none", "starttls", "tls"].contains(&e.tls.as_str()) {
+                return Err(("email.tls".into(), "must be none, starttls or tls".into()));
+            }
+            if e.from.parse::<lettre::message::Mailbox>().is_err() {
+                return Err(("email.from".into(), "must be an e-mail address".into()));
+            }
+            if e.to.is_empty()
+                || e.to
+                    .iter()
+                    .any(|t| t.parse::<lettre::message::Mailbox>().is_err())
+            {
+                return Err((
+                    "email.to".into(),
+                    "must list at least one e-mail address".into(),
+                ));
+            }
+        }
+        if !self.heartbeat_url.is_empty() && !is_http(&self.heartbeat_url) {
+            return Err((
+                "heartbeat_url".into(),
+                "must start with http:// or https://".into(),
+            ));
+        }
+        if !(10..=3600).contains(&self.heartbeat_secs) {
+            return Err((
+                "heartbeat_secs".into(),
+                "must be between 10 and 3600".into(),
+            ));
+        }
+        if self.min_gap_secs == 0 {
+            return Err(("min_gap_secs".into(), "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 
@@ -303,6 +497,8 @@ impl Default for Config {
             reconcile: ReconcileConfig::default(),
             backup: BackupConfig::default(),
             credits: CreditsConfig::default(),
+            monitor: MonitorConfig::default(),
+            alerts: AlertsConfig::default(),
             effective: Default::default(),
         }
     }
@@ -365,7 +561,6 @@ impl Config {
                 "must be 64 hex characters (32 bytes)",
             ));
         }
-        let is_http = |u: &str| u.starts_with("http://") || u.starts_with("https://");
         if !self.public_url.is_empty() && !is_http(&self.public_url) {
             return Err(field("public_url", "must start with http:// or https://"));
         }
@@ -484,6 +679,12 @@ impl Config {
         self.backup
             .validate(&self.nodes)
             .map_err(|(name, why)| field(&format!("backup.{name}"), &why))?;
+        self.monitor
+            .validate()
+            .map_err(|(name, why)| field(&format!("monitor.{name}"), why))?;
+        self.alerts
+            .validate()
+            .map_err(|(name, why)| field(&format!("alerts.{name}"), &why))?;
         Ok(())
     }
 

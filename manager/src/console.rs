@@ -262,6 +262,207 @@ pub async fn grant(
     r
 }
 
+/// Why an operator's action on a node or an incident was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("no node is called {0:?}")]
+    NoSuchNode(String),
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error("no open incident {0}")]
+    NoSuchIncident(i64),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Takes `node` out of rotation (no new viewers, no new copies; viewers
+/// already sent there finish) or brings it back, audited. Copies it
+/// missed while drained are pushed at once on its return.
+pub async fn drain(
+    db: &dyn Catalog,
+    nodes: &Nodes,
+    who: &User,
+    node: &str,
+    drained: bool,
+) -> Result<bool, ConsoleError> {
+    let Some(n) = nodes.get(node) else {
+        audit(
+            db,
+            who,
+            if drained { "node_drain" } else { "node_return" },
+            &format!("node:{node}"),
+            "refused: no such node",
+        )
+        .await;
+        return Err(ConsoleError::NoSuchNode(node.to_string()));
+    };
+    let changed = db
+        .set_drained(node, drained, &who.email, catalog::now())
+        .await?;
+    n.set_drained(drained);
+    if !drained {
+        db.replicas_due_now(node).await?;
+    }
+    audit(
+        db,
+        who,
+        if drained { "node_drain" } else { "node_return" },
+        &format!("node:{node}"),
+        if changed { "done" } else { "already so" },
+    )
+    .await;
+    tracing::warn!(node, drained, by = %who.email, "node rotation changed by an operator");
+    Ok(changed)
+}
+
+/// Loads which nodes are drained (at start).
+pub async fn load_drains(db: &dyn Catalog, nodes: &Nodes) -> sqlx::Result<()> {
+    for name in db.drained_nodes().await? {
+        if let Some(n) = nodes.get(&name) {
+            n.set_drained(true);
+            tracing::warn!(node = %name, "node is drained (out of rotation) since an operator said so");
+        }
+    }
+    Ok(())
+}
+
+/// Impacts an incident may have.
+pub const IMPACTS: [&str; 3] = ["minor", "major", "maintenance"];
+/// Statuses of an incident's updates.
+pub const INCIDENT_STATUSES: [&str; 7] = [
+    "investigating",
+    "identified",
+    "monitoring",
+    "resolved",
+    "scheduled",
+    "in_progress",
+    "completed",
+];
+/// Longest incident title and update text.
+const MAX_TITLE: usize = 200;
+const MAX_BODY: usize = 5000;
+
+/// Opens an incident (or announces maintenance), audited.
+#[allow(clippy::too_many_arguments)]
+pub async fn open_incident(
+    db: &dyn Catalog,
+    who: &User,
+    title: &str,
+    impact: &str,
+    components: &[String],
+    known: &[String],
+    window: Option<(i64, i64)>,
+    body: &str,
+) -> Result<i64, ConsoleError> {
+    let title = title.trim();
+    let body = body.trim();
+    if title.is_empty() || title.chars().count() > MAX_TITLE {
+        return Err(ConsoleError::Invalid(
+            "a title of 1 to 200 characters is needed",
+        ));
+    }
+    if body.is_empty() || body.chars().count() > MAX_BODY {
+        return Err(ConsoleError::Invalid(
+            "a first update of 1 to 5000 characters is needed",
+        ));
+    }
+    if !IMPACTS.contains(&impact) {
+        return Err(ConsoleError::Invalid(
+            "impact is minor, major or maintenance",
+        ));
+    }
+    if components.is_empty() || components.iter().any(|c| !known.contains(c)) {
+        return Err(ConsoleError::Invalid(
+            "name at least one component the status page shows",
+        ));
+    }
+    if let Some((s, e)) = window {
+        if e <= s {
+            return Err(ConsoleError::Invalid(
+                "maintenance must end after it starts",
+            ));
+        }
+    }
+    let at = catalog::now();
+    let status = match (impact, window) {
+        ("maintenance", Some((s, _))) if s > at => "scheduled",
+        ("maintenance", _) => "in_progress",
+        _ => "investigating",
+    };
+    let comps = components.join(",");
+    let id = db
+        .create_incident(&crate::catalog::NewIncident {
+            title,
+            impact,
+            components: &comps,
+            starts_at: window.map(|w| w.0),
+            ends_at: window.map(|w| w.1),
+            status,
+            body,
+            author: &who.email,
+            at,
+        })
+        .await?;
+    audit(
+        db,
+        who,
+        "incident_open",
+        &format!("incident:{id}"),
+        &format!("{impact} on {comps}: {title:?}"),
+    )
+    .await;
+    Ok(id)
+}
+
+/// Adds an update to an open incident; `resolved` and `completed` close it.
+pub async fn update_incident(
+    db: &dyn Catalog,
+    who: &User,
+    id: i64,
+    status: &str,
+    body: &str,
+) -> Result<(), ConsoleError> {
+    let body = body.trim();
+    if !INCIDENT_STATUSES.contains(&status) {
+        return Err(ConsoleError::Invalid("unknown status"));
+    }
+    if body.is_empty() || body.chars().count() > MAX_BODY {
+        return Err(ConsoleError::Invalid(
+            "an update of 1 to 5000 characters is needed",
+        ));
+    }
+    let closes = matches!(status, "resolved" | "completed");
+    let done = db
+        .add_incident_update(
+            &crate::catalog::IncidentUpdate {
+                incident_id: id,
+                at: catalog::now(),
+                status: status.to_string(),
+                body: body.to_string(),
+                author: who.email.clone(),
+            },
+            closes,
+        )
+        .await?;
+    audit(
+        db,
+        who,
+        "incident_update",
+        &format!("incident:{id}"),
+        &if done {
+            format!("{status}")
+        } else {
+            "refused: no open incident".into()
+        },
+    )
+    .await;
+    if done {
+        Ok(())
+    } else {
+        Err(ConsoleError::NoSuchIncident(id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

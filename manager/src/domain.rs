@@ -190,6 +190,56 @@ impl fmt::Display for Price {
     }
 }
 
+/// What a monitor check found (migrations/0009_monitor.sql). Ordered from
+/// best to worst, so a component's state is the `max` of its checks'.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    sqlx::Type,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[sqlx(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Ok,
+    /// Working, but not as it should (slower, fewer copies, one node down).
+    Degraded,
+    /// Not working.
+    Down,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Degraded => "degraded",
+            Health::Down => "down",
+        }
+    }
+
+    /// How the status page says it.
+    pub fn words(self) -> &'static str {
+        match self {
+            Health::Ok => "Operational",
+            Health::Degraded => "Degraded",
+            Health::Down => "Outage",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

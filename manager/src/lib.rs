@@ -10,8 +10,8 @@
 //! |---|---|
 //! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share) |
 //! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, operators' worker and alert lists, and the one error → status mapping ([`http::error`]) |
-//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`console`] (what the operators' admin shows and does, audited), [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
-//! | foundations | [`catalog`] (the `Catalog` trait and its SQLite backend: every SQL statement), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), `shared` |
+//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`console`] (what the operators' admin shows and does, audited), [`monitor`] (every check on a schedule, stored, announced), [`status`] (the public status page's content), [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
+//! | foundations | [`catalog`] (the `Catalog` trait and its SQLite backend: every SQL statement), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), [`notify`] (alert channels and their delivery log), `shared` |
 
 // Assembly and HTTP.
 pub mod app;
@@ -24,10 +24,12 @@ pub mod backup;
 pub mod console;
 pub mod ledger;
 pub mod limits;
+pub mod monitor;
 pub mod pipeline;
 pub mod prices;
 pub mod reconcile;
 pub mod redirect;
+pub mod status;
 
 // Foundations.
 pub mod alerts;
@@ -38,6 +40,7 @@ pub mod geo;
 pub use ::media;
 pub mod nodecall;
 pub mod nodes;
+pub mod notify;
 pub mod workers;
 
 use std::{sync::Arc, time::Duration};
@@ -76,6 +79,17 @@ pub async fn run(
         state.cfg.credits.clone(),
         stop_rx.clone(),
     ));
+    let base = state.public_url.clone();
+    let checker = Arc::new(monitor::Monitor::new(
+        state.db.clone(),
+        state.cfg.clone(),
+        state.nodes.clone(),
+        state.minter.clone(),
+        state.notifier.clone(),
+        Arc::new(move |p: &status::Page| http::status::render_snapshot(p, &base)),
+    )?);
+    let checks = tokio::spawn(checker.run(stop_rx.clone()));
+    let heartbeat = tokio::spawn(state.notifier.clone().heartbeat(stop_rx.clone()));
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -102,6 +116,8 @@ pub async fn run(
     reconciler.abort();
     backups.abort();
     refunds.abort();
+    checks.abort();
+    heartbeat.abort();
     Ok(())
 }
 

@@ -25,6 +25,9 @@ pub struct Node {
     pub cfg: NodeConfig,
     secret: Vec<u8>,
     healthy: AtomicBool,
+    /// Out of rotation by an operator: no new viewers sent, no new copies
+    /// pushed (see [`crate::console::drain`]).
+    drained: AtomicBool,
     last_probe: std::sync::Mutex<Option<Probe>>,
 }
 
@@ -37,11 +40,22 @@ pub struct Probe {
     pub detail: String,
     /// The node's `/healthz` body when it sent one (version, checks, disk).
     pub report: Option<serde_json::Value>,
+    /// The node's clock minus ours, milliseconds (from its report's
+    /// `time_ms` against the middle of the request).
+    pub skew_ms: Option<i64>,
 }
 
 impl Node {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    pub fn set_drained(&self, drained: bool) {
+        self.drained.store(drained, Ordering::Relaxed)
     }
 
     /// `None` until the monitor's first probe.
@@ -115,6 +129,7 @@ impl Nodes {
                     // Optimistic until the first probe says otherwise, so a
                     // fresh manager can redirect at once.
                     healthy: AtomicBool::new(true),
+                    drained: AtomicBool::new(false),
                     last_probe: std::sync::Mutex::new(None),
                 })
             })
@@ -317,10 +332,32 @@ impl Nodes {
         Err(Self::refused(status, &body))
     }
 
+    /// Gives `node` the rendered status page to serve while the manager
+    /// is down (signed like every call; the node keeps the newest).
+    pub async fn put_status(&self, node: &Node, body: Vec<u8>) -> Result<(), PushError> {
+        let sha = shared::content_sha256_hex(&body);
+        let mut call = self.signed(node, reqwest::Method::PUT, "/internal/v1/status", &sha);
+        call.request = call
+            .request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let (status, body) = call
+            .send_checked(&node.secret, Duration::from_secs(10))
+            .await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(Self::refused(status, &body))
+    }
+
     /// One `GET /healthz`: `Ok` on a success status, with the node's
     /// report when its body is JSON of a sane size.
-    async fn probe(&self, node: &Node) -> (Result<(), String>, Option<serde_json::Value>) {
+    async fn probe(
+        &self,
+        node: &Node,
+    ) -> (Result<(), String>, Option<serde_json::Value>, Option<i64>) {
         let url = format!("{}/healthz", node.cfg.url.trim_end_matches('/'));
+        let sent_ms = shared::runtime::unix_now_ms();
         let r = match self
             .http
             .get(url)
@@ -329,16 +366,22 @@ impl Nodes {
             .await
         {
             Ok(r) => r,
-            Err(e) => return (Err(crate::nodecall::explain(&e)), None),
+            Err(e) => return (Err(crate::nodecall::explain(&e)), None, None),
         };
         let status = r.status();
-        let report = read_bounded(r, MAX_HEALTH_REPORT)
+        let report: Option<serde_json::Value> = read_bounded(r, MAX_HEALTH_REPORT)
             .await
             .and_then(|b| serde_json::from_slice(&b).ok());
+        let middle = (sent_ms + shared::runtime::unix_now_ms()) / 2;
+        let skew = report
+            .as_ref()
+            .and_then(|r| r.get("time_ms"))
+            .and_then(|t| t.as_i64())
+            .map(|t| t - middle);
         if status.is_success() {
-            (Ok(()), report)
+            (Ok(()), report, skew)
         } else {
-            (Err(format!("/healthz answered {status}")), report)
+            (Err(format!("/healthz answered {status}")), report, skew)
         }
     }
 
@@ -350,7 +393,7 @@ impl Nodes {
         loop {
             worker.started();
             for node in self.list.iter() {
-                let (probed, report) = self.probe(node).await;
+                let (probed, report, skew_ms) = self.probe(node).await;
                 let ok = probed.is_ok();
                 node.healthy.store(ok, Ordering::Relaxed);
                 *node.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(Probe {
@@ -362,6 +405,7 @@ impl Nodes {
                         .cloned()
                         .unwrap_or_else(|| "ok".into()),
                     report,
+                    skew_ms,
                 });
                 metrics::gauge!("manager_node_healthy", "node" => node.cfg.name.clone(), "site" => node.cfg.site().to_string())
                     .set(if ok { 1.0 } else { 0.0 });

@@ -484,6 +484,9 @@ enum Source<'a> {
 
 /// Pushes the asset's blob to every node that lacks a verified copy, all at
 /// once, then publishes if enough copies are verified.
+/// How often a copy meant for a drained node is looked at again.
+const DRAINED_RETRY_SECS: i64 = 60;
+
 pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()> {
     let Some(asset) = st.db.asset(asset_id).await? else {
         return Ok(());
@@ -497,7 +500,7 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
     };
     let file = outbox_path(st, &blob);
     let replicas = st.db.replicas(asset_id).await?;
-    let pending: Vec<&catalog::Replica> = replicas
+    let mut pending: Vec<&catalog::Replica> = replicas
         .iter()
         .filter(|r| {
             matches!(
@@ -506,6 +509,24 @@ pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()
             )
         })
         .collect();
+    // A drained node takes no new copies until it is brought back; its
+    // copy waits (and the outbox keeps the sealed file for it).
+    let drained: Vec<&catalog::Replica> = pending
+        .extract_if(.., |r| {
+            st.nodes.get(&r.node).is_some_and(|n| n.is_drained())
+        })
+        .collect();
+    for r in drained {
+        let next = catalog::now() + DRAINED_RETRY_SECS;
+        st.db
+            .replica_failed(
+                asset_id,
+                &r.node,
+                "the node is drained by an operator",
+                next,
+            )
+            .await?;
+    }
     let source = if pending.is_empty() {
         None
     } else if tokio::fs::try_exists(&file).await.unwrap_or(false) {

@@ -219,6 +219,18 @@ pub fn choose_node<'a>(
             .map(|n| (n, "forced"))
             .ok_or(RedirectError::NoMirror);
     }
+    // Nodes an operator drained get no new viewers while another node can
+    // serve; a movie only a drained node holds still plays from it.
+    let undrained: Vec<&nodes::Node> = candidates
+        .iter()
+        .copied()
+        .filter(|n| !n.is_drained())
+        .collect();
+    let candidates = if undrained.is_empty() {
+        candidates
+    } else {
+        undrained
+    };
     let ranked: Vec<geo::Candidate<'_>> = candidates
         .iter()
         .map(|n| geo::Candidate {

@@ -40,6 +40,14 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch (clock skew between machines).
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// The client's address: `peer`, unless `peer` is one of the `trusted`
 /// proxies, in which case the right-most address in `X-Forwarded-For` (its
 /// `values`) that is not itself a trusted proxy. Everyone else's header is

@@ -164,7 +164,8 @@ async fn init_cluster_tls_writes_a_cluster_that_talks_over_tls() {
     .await;
     let log = manager.log_text();
     assert!(
-        !log.lines().any(|l| l.contains("node_tls_refused") && l.contains("utah")),
+        !log.lines()
+            .any(|l| l.contains("node_tls_refused") && l.contains("utah")),
         "{log}"
     );
 }

@@ -30,6 +30,9 @@ pub enum NodeError {
     /// A grant-less token minted before the movie got a price.
     #[error("this movie now has a price: buy a view for a new media URL")]
     PaymentRequired,
+    /// A manager call's body that does not read as what it should be.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 impl NodeError {
@@ -45,6 +48,7 @@ impl NodeError {
             NodeError::Damaged => "blob_damaged",
             NodeError::Storage(_) => "storage_error",
             NodeError::PaymentRequired => "payment_required",
+            NodeError::BadRequest(_) => "bad_request",
         }
     }
 
@@ -60,6 +64,7 @@ impl NodeError {
             NodeError::KeyUnavailable | NodeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             NodeError::Damaged => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
+            NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }
 }

@@ -39,6 +39,11 @@ pub fn router() -> Router<SharedState> {
                 .delete(delete_blob)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route(
+            "/internal/v1/status",
+            axum::routing::put(crate::status::put)
+                .layer(DefaultBodyLimit::max(crate::status::MAX_PAGE)),
+        )
 }
 
 /// Largest answer body MACed here (an inventory of ~100,000 blobs).
@@ -93,7 +98,7 @@ pub async fn mac_answers(
     Response::from_parts(parts, Body::from(bytes))
 }
 
-fn authenticate(
+pub(crate) fn authenticate(
     st: &SharedState,
     headers: &HeaderMap,
     method: &str,
@@ -286,7 +291,12 @@ pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_j
     let body = json!({
         "status": if ok { "ok" } else { "failing" },
         "node": st.cfg.name,
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": shared::protocol::build_version(),
+        // The manager's console compares these with its own (drift) and
+        // its clock with ours (skew).
+        "config_fingerprint": shared::protocol::config_fingerprint(&st.cfg.token_public_key, st.cfg.master_key_id),
+        "manager_url": st.cfg.manager_url,
+        "time_ms": shared::runtime::unix_now_ms(),
         "checks": { "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() } },
         "journal": if journal_ok { "ok" } else { "write_failing" },
         "price_list_age_secs": st.prices.age_secs(),

@@ -25,6 +25,7 @@ mod play;
 mod playcache;
 mod prices;
 mod scrub;
+mod status;
 pub mod store;
 mod telemetry;
 mod tls;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub journal: Arc<journal::Journal>,
     /// Paid movies' price epochs, from the manager ([`prices`]).
     pub prices: prices::PaidEpochs,
+    /// The manager's status page, served while the manager is down.
+    pub status: status::StatusCopy,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -162,6 +165,7 @@ impl AppState {
         let manager_secret = hex::decode(cfg.manager_secret.expose())
             .map_err(|e| anyhow::anyhow!("configuration field `manager_secret`: {e}"))?;
         let prices = prices::PaidEpochs::open(&cfg.storage_dir);
+        let status = status::StatusCopy::open(&cfg.storage_dir);
         Ok(Self {
             cfg,
             store,
@@ -174,6 +178,7 @@ impl AppState {
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
             prices,
+            status,
             journal: Arc::new(journal),
         })
     }
@@ -213,6 +218,7 @@ fn viewer_routes() -> Router<SharedState> {
         .route("/healthz", get(internal::healthz))
         .route("/metrics", get(telemetry::metrics))
         .route("/play/{token}/{name}", get(play::play))
+        .route("/status", get(status::get))
 }
 
 /// The TLS listener for the manager's calls and its rustls configuration.

@@ -20,7 +20,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 use serde::Serialize;
 use sqlx::FromRow;
 
-use crate::domain::{AssetState, ReplicaState, Role};
+use crate::domain::{AssetState, Health, ReplicaState, Role};
 
 pub mod sqlite;
 
@@ -425,6 +425,112 @@ pub struct ReplicationSummary {
     pub jobs_failed: i64,
 }
 
+// ---- the monitor, alert deliveries, incidents, drains ----
+
+/// One check's result as the monitor hands it to the catalog.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    /// Stable id: `manager.database`, `node.utah`, `playback.utah`, …
+    pub check_id: String,
+    /// The status page's component it counts towards (`web`, `playback:eu`).
+    pub component: String,
+    pub state: Health,
+    /// What was found, in words (what failed and how).
+    pub detail: String,
+}
+
+/// A check's latest result and what the channels were last told.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct CheckState {
+    pub check_id: String,
+    pub component: String,
+    pub state: Health,
+    pub detail: String,
+    pub since: i64,
+    pub checked_at: i64,
+    pub notified_state: Option<Health>,
+    pub notified_at: Option<i64>,
+}
+
+/// Seconds a check spent in each state on one UTC day (`day` = unix
+/// seconds / 86400).
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct CheckDay {
+    pub check_id: String,
+    pub component: String,
+    pub day: i64,
+    pub ok_secs: i64,
+    pub degraded_secs: i64,
+    pub down_secs: i64,
+}
+
+/// A change of a check's state.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct CheckEvent {
+    pub check_id: String,
+    pub component: String,
+    pub at: i64,
+    pub state: Health,
+    pub detail: String,
+}
+
+/// One attempt to reach an operator through a channel.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Delivery {
+    pub at: i64,
+    pub channel: String,
+    /// The check or alert code, `test` or `heartbeat`.
+    pub subject: String,
+    /// `firing`, `resolved`, `test`, `heartbeat`.
+    pub kind: String,
+    pub attempt: i64,
+    pub ok: bool,
+    /// The receiving end's answer, or the error.
+    pub answer: String,
+}
+
+/// An incident or a maintenance window as the status page shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Incident {
+    pub id: i64,
+    pub title: String,
+    /// `minor`, `major`, `maintenance`.
+    pub impact: String,
+    /// Comma-separated component ids.
+    pub components: String,
+    pub created_at: i64,
+    pub starts_at: Option<i64>,
+    pub ends_at: Option<i64>,
+    pub resolved_at: Option<i64>,
+    pub created_by: String,
+    #[sqlx(skip)]
+    pub updates: Vec<IncidentUpdate>,
+}
+
+/// One entry of an incident's timeline.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct IncidentUpdate {
+    pub incident_id: i64,
+    pub at: i64,
+    pub status: String,
+    pub body: String,
+    pub author: String,
+}
+
+/// What an operator writes to open an incident (its first update included).
+#[derive(Debug, Clone)]
+pub struct NewIncident<'a> {
+    pub title: &'a str,
+    pub impact: &'a str,
+    pub components: &'a str,
+    pub starts_at: Option<i64>,
+    pub ends_at: Option<i64>,
+    pub status: &'a str,
+    pub body: &'a str,
+    pub author: &'a str,
+    pub at: i64,
+}
+
 // ---- the trait ------------------------------------------------------------------
 
 /// Everything the manager keeps, one method per operation (module docs).
@@ -824,6 +930,65 @@ pub trait Catalog: Send + Sync + 'static {
         min_replicas: i64,
         now: i64,
     ) -> sqlx::Result<ReplicationSummary>;
+
+    // ---- the monitor, alert deliveries, incidents, drains ----
+
+    /// Stores one result at `at`: the check's latest state, a history row
+    /// when its state changed, and the seconds since its previous result
+    /// (at most `max_gap`: a manager that was down observed nothing) added
+    /// to that day's count of the state it was in. Returns the check's row
+    /// as it was before, `None` for a check never seen.
+    async fn record_check(
+        &self,
+        r: &CheckResult,
+        at: i64,
+        max_gap: i64,
+    ) -> sqlx::Result<Option<CheckState>>;
+
+    /// Every check's latest result, by id.
+    async fn check_states(&self) -> sqlx::Result<Vec<CheckState>>;
+
+    /// Records that `state` was announced for `check_id` at `at`.
+    async fn mark_notified(&self, check_id: &str, state: Health, at: i64) -> sqlx::Result<()>;
+
+    /// Per-check daily seconds from `from_day` on.
+    async fn check_days(&self, from_day: i64) -> sqlx::Result<Vec<CheckDay>>;
+
+    /// The newest `limit` changes of state, newest first.
+    async fn check_history(&self, limit: i64) -> sqlx::Result<Vec<CheckEvent>>;
+
+    /// Forgets history, daily counts and deliveries older than `before`.
+    async fn prune_monitor(&self, before: i64) -> sqlx::Result<()>;
+
+    async fn record_delivery(&self, d: &Delivery) -> sqlx::Result<()>;
+
+    /// The newest `limit` deliveries, newest first.
+    async fn deliveries(&self, limit: i64) -> sqlx::Result<Vec<Delivery>>;
+
+    /// Opens an incident with its first update; returns its id.
+    async fn create_incident(&self, i: &NewIncident<'_>) -> sqlx::Result<i64>;
+
+    /// Adds to an incident's timeline; `resolves` closes it at `at`.
+    /// `false` when there is no such incident or it is closed.
+    async fn add_incident_update(&self, u: &IncidentUpdate, resolves: bool) -> sqlx::Result<bool>;
+
+    /// Incidents open now, or closed or created since `since`, newest
+    /// first, each with its timeline (oldest update first).
+    async fn incidents(&self, since: i64) -> sqlx::Result<Vec<Incident>>;
+
+    /// Takes `node` out of rotation (`drained`) or brings it back; `false`
+    /// when it already was so.
+    async fn set_drained(&self, node: &str, drained: bool, by: &str, at: i64)
+        -> sqlx::Result<bool>;
+
+    /// Nodes out of rotation.
+    async fn drained_nodes(&self) -> sqlx::Result<Vec<String>>;
+
+    /// The live database's own integrity check (SQLite's `quick_check`).
+    async fn integrity_check(&self) -> Result<(), String>;
+
+    /// The monitor's canary: the smallest published movie.
+    async fn canary_asset(&self) -> sqlx::Result<Option<Asset>>;
 
     // ---- backups ----
 

@@ -1891,6 +1891,299 @@ impl Catalog for SqliteCatalog {
         })
     }
 
+    // ---- the monitor, alert deliveries, incidents, drains ----
+
+    async fn record_check(
+        &self,
+        r: &CheckResult,
+        at: i64,
+        max_gap: i64,
+    ) -> sqlx::Result<Option<CheckState>> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let before: Option<CheckState> = sqlx::query_as(
+            "SELECT check_id, component, state, detail, since, checked_at, notified_state, notified_at
+             FROM check_state WHERE check_id = ?",
+        )
+        .bind(&r.check_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(b) = &before {
+            // The time since the last look counts for the state it was in.
+            let secs = (at - b.checked_at).clamp(0, max_gap.max(0));
+            let column = match b.state {
+                Health::Ok => "ok_secs",
+                Health::Degraded => "degraded_secs",
+                Health::Down => "down_secs",
+            };
+            sqlx::query(&format!(
+                "INSERT INTO check_days (check_id, component, day, {column}) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (check_id, day) DO UPDATE SET {column} = {column} + ?4, component = ?2"
+            ))
+            .bind(&r.check_id)
+            .bind(&r.component)
+            .bind(at.div_euclid(86_400))
+            .bind(secs)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let changed = before.as_ref().is_none_or(|b| b.state != r.state);
+        if changed {
+            sqlx::query(
+                "INSERT INTO check_history (check_id, component, at, state, detail) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&r.check_id)
+            .bind(&r.component)
+            .bind(at)
+            .bind(r.state)
+            .bind(&r.detail)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO check_state (check_id, component, state, detail, since, checked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (check_id) DO UPDATE SET component = ?2, state = ?3, detail = ?4,
+               since = CASE WHEN state = ?3 THEN since ELSE ?5 END, checked_at = ?5",
+        )
+        .bind(&r.check_id)
+        .bind(&r.component)
+        .bind(r.state)
+        .bind(&r.detail)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(before)
+    }
+
+    async fn check_states(&self) -> sqlx::Result<Vec<CheckState>> {
+        sqlx::query_as(
+            "SELECT check_id, component, state, detail, since, checked_at, notified_state, notified_at
+             FROM check_state ORDER BY check_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn mark_notified(&self, check_id: &str, state: Health, at: i64) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE check_state SET notified_state = ?, notified_at = ? WHERE check_id = ?",
+        )
+        .bind(state)
+        .bind(at)
+        .bind(check_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn check_days(&self, from_day: i64) -> sqlx::Result<Vec<CheckDay>> {
+        sqlx::query_as(
+            "SELECT check_id, component, day, ok_secs, degraded_secs, down_secs
+             FROM check_days WHERE day >= ? ORDER BY day, check_id",
+        )
+        .bind(from_day)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn check_history(&self, limit: i64) -> sqlx::Result<Vec<CheckEvent>> {
+        sqlx::query_as(
+            "SELECT check_id, component, at, state, detail FROM check_history ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn prune_monitor(&self, before: i64) -> sqlx::Result<()> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM check_history WHERE at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM check_days WHERE day < ?")
+            .bind(before.div_euclid(86_400))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM alert_deliveries WHERE at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    async fn record_delivery(&self, d: &Delivery) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO alert_deliveries (at, channel, subject, kind, attempt, ok, answer)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(d.at)
+        .bind(&d.channel)
+        .bind(&d.subject)
+        .bind(&d.kind)
+        .bind(d.attempt)
+        .bind(d.ok)
+        .bind(&d.answer)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, limit: i64) -> sqlx::Result<Vec<Delivery>> {
+        sqlx::query_as(
+            "SELECT at, channel, subject, kind, attempt, ok, answer FROM alert_deliveries
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn create_incident(&self, i: &NewIncident<'_>) -> sqlx::Result<i64> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO incidents (title, impact, components, created_at, starts_at, ends_at, created_by)
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(i.title)
+        .bind(i.impact)
+        .bind(i.components)
+        .bind(i.at)
+        .bind(i.starts_at)
+        .bind(i.ends_at)
+        .bind(i.author)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO incident_updates (incident_id, at, status, body, author) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(i.at)
+        .bind(i.status)
+        .bind(i.body)
+        .bind(i.author)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn add_incident_update(&self, u: &IncidentUpdate, resolves: bool) -> sqlx::Result<bool> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let open: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM incidents WHERE id = ? AND resolved_at IS NULL")
+                .bind(u.incident_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if open.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO incident_updates (incident_id, at, status, body, author) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(u.incident_id)
+        .bind(u.at)
+        .bind(&u.status)
+        .bind(&u.body)
+        .bind(&u.author)
+        .execute(&mut *tx)
+        .await?;
+        if resolves {
+            sqlx::query("UPDATE incidents SET resolved_at = ? WHERE id = ?")
+                .bind(u.at)
+                .bind(u.incident_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn incidents(&self, since: i64) -> sqlx::Result<Vec<Incident>> {
+        let mut list: Vec<Incident> = sqlx::query_as(
+            "SELECT id, title, impact, components, created_at, starts_at, ends_at, resolved_at, created_by
+             FROM incidents
+             WHERE resolved_at IS NULL OR resolved_at >= ?1 OR created_at >= ?1
+             ORDER BY created_at DESC, id DESC LIMIT 200",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let updates: Vec<IncidentUpdate> = sqlx::query_as(
+            "SELECT u.incident_id, u.at, u.status, u.body, u.author FROM incident_updates u
+             JOIN incidents i ON i.id = u.incident_id
+             WHERE i.resolved_at IS NULL OR i.resolved_at >= ?1 OR i.created_at >= ?1
+             ORDER BY u.at, u.id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        for u in updates {
+            if let Some(i) = list.iter_mut().find(|i| i.id == u.incident_id) {
+                i.updates.push(u);
+            }
+        }
+        Ok(list)
+    }
+
+    async fn set_drained(
+        &self,
+        node: &str,
+        drained: bool,
+        by: &str,
+        at: i64,
+    ) -> sqlx::Result<bool> {
+        let r = if drained {
+            sqlx::query("INSERT OR IGNORE INTO node_drains (node, at, by_whom) VALUES (?, ?, ?)")
+                .bind(node)
+                .bind(at)
+                .bind(by)
+                .execute(&self.pool)
+                .await?
+        } else {
+            sqlx::query("DELETE FROM node_drains WHERE node = ?")
+                .bind(node)
+                .execute(&self.pool)
+                .await?
+        };
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn drained_nodes(&self) -> sqlx::Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT node FROM node_drains ORDER BY node")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(n,)| n).collect())
+    }
+
+    async fn integrity_check(&self) -> Result<(), String> {
+        let rows: Vec<(String,)> = sqlx::query_as("PRAGMA quick_check")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| format!("the quick check could not run: {e}"))?;
+        match rows.as_slice() {
+            [(ok,)] if ok == "ok" => Ok(()),
+            rows => Err(format!(
+                "the quick check found damage: {}",
+                rows.iter()
+                    .take(3)
+                    .map(|(r,)| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        }
+    }
+
+    async fn canary_asset(&self) -> sqlx::Result<Option<Asset>> {
+        sqlx::query_as(&format!(
+            "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' AND plain_len IS NOT NULL
+             ORDER BY plain_len, id LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await
+    }
+
     // ---- backups ----
 
     async fn close(&self) {

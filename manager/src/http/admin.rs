@@ -45,7 +45,7 @@ pub async fn alerts(c: Caller) -> Result<Json<serde_json::Value>, ApiError> {
 /// Admin pages exist for operators only. Someone not logged in is sent to
 /// log in; a logged-in non-operator gets the site's plain 404, so the area
 /// is not even confirmed to exist.
-fn operator_page(c: MaybeCaller) -> Result<Caller, PageError> {
+pub(super) fn operator_page(c: MaybeCaller) -> Result<Caller, PageError> {
     match c.0 {
         None => Err(PageError(ApiError::Unauthenticated)),
         Some(c) if c.user.is_operator() => Ok(c),
@@ -53,7 +53,7 @@ fn operator_page(c: MaybeCaller) -> Result<Caller, PageError> {
     }
 }
 
-fn disk_text(d: Option<shared::runtime::DiskSpace>) -> String {
+pub(super) fn disk_text(d: Option<shared::runtime::DiskSpace>) -> String {
     d.map_or_else(
         || "unknown".into(),
         |d| {

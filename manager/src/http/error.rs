@@ -218,6 +218,20 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::console::ConsoleError> for ApiError {
+    fn from(e: crate::console::ConsoleError) -> Self {
+        match e {
+            crate::console::ConsoleError::NoSuchNode(_) => ApiError::NotFound("node"),
+            crate::console::ConsoleError::NoSuchIncident(_) => ApiError::NotFound("incident"),
+            crate::console::ConsoleError::Invalid(m) => ApiError::BadRequest {
+                code: "invalid_input",
+                message: m.into(),
+            },
+            crate::console::ConsoleError::Db(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

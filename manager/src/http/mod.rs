@@ -10,6 +10,7 @@ pub mod error;
 pub mod media;
 pub mod nodes;
 pub mod session;
+pub mod status;
 pub mod telemetry;
 pub mod terminal;
 pub mod web;
@@ -77,6 +78,22 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/admin/audit", get(admin::audit))
         .route("/admin/jobs", get(admin::jobs))
         .route("/admin/jobs/{id}/{action}", post(admin::job_action))
+        .route("/admin/alerts", get(status::admin_alerts))
+        .route("/admin/alerts/test", post(status::test_channel))
+        .route(
+            "/admin/incidents",
+            get(status::admin_incidents).post(status::open_incident),
+        )
+        .route(
+            "/admin/incidents/{id}/update",
+            post(status::update_incident),
+        )
+        .route("/admin/nodes", get(status::admin_nodes))
+        .route("/admin/nodes/{name}/{action}", post(status::node_action))
+        .route("/status", get(status::page))
+        .route("/status/feed.atom", get(status::atom))
+        .route("/status/feed.json", get(status::json_feed))
+        .route("/status/badge.svg", get(status::badge))
         .route("/api/v1/admin/workers", get(admin::workers))
         .route("/api/v1/admin/alerts", get(admin::alerts))
         .route(
@@ -153,7 +170,7 @@ async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json:
     }
     let body = serde_json::json!({
         "status": if ok { "ok" } else { "failing" },
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": shared::protocol::build_version(),
         "checks": { "database": show(&db), "storage": show(&disk) },
         "nodes": nodes,
         // Reported, not failed on: an old backup is an alert, not an outage.

@@ -1,0 +1,672 @@
+//! The public status page (`/status`, its Atom and JSON feeds and an SVG
+//! badge, each with an `ETag`) and the operators' pages behind it: checks
+//! and alert channels (`/admin/alerts`, with a "send test" per channel),
+//! incidents (`/admin/incidents`) and nodes (`/admin/nodes`, drain and
+//! return). Content comes from `crate::status`, `crate::monitor`'s stored
+//! results and `crate::console`.
+
+use askama::Template;
+use axum::{
+    extract::{Path, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Form,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{
+    error::ApiError,
+    session::{Caller, MaybeCaller},
+    web::{render, PageError},
+};
+use crate::{
+    backup::format_utc,
+    catalog::{self, Incident},
+    console::{self, ConsoleError},
+    domain::Health,
+    notify, status, SharedState,
+};
+
+#[derive(Template)]
+#[template(path = "status.html")]
+pub struct StatusPage<'a> {
+    pub page: &'a status::Page,
+    /// The manager's public URL: the nodes' copy links back to it.
+    pub base: &'a str,
+}
+
+impl StatusPage<'_> {
+    fn utc(&self, t: impl std::borrow::Borrow<i64>) -> String {
+        format_utc(*t.borrow())
+    }
+
+    fn window(&self, i: &Incident) -> String {
+        window(i)
+    }
+}
+
+/// ` · from … to …` for announced maintenance, else nothing.
+fn window(i: &Incident) -> String {
+    match (i.starts_at, i.ends_at) {
+        (Some(s), Some(e)) => format!(" · from {} to {}", format_utc(s), format_utc(e)),
+        _ => String::new(),
+    }
+}
+
+/// Renders the page as the nodes' copy must read (links to the manager).
+pub fn render_snapshot(page: &status::Page, base: &str) -> String {
+    StatusPage { page, base }
+        .render()
+        .unwrap_or_else(|e| format!("<p>status page could not be rendered: {e}</p>"))
+}
+
+/// Answers `body` with a strong `ETag`, or `304` when the client has it.
+fn with_etag(headers: &HeaderMap, content_type: &'static str, body: String) -> Response {
+    let tag = format!(
+        "\"{}\"",
+        hex::encode(&Sha256::digest(body.as_bytes())[..12])
+    );
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    let etag = HeaderValue::from_str(&tag).expect("hex");
+    let cache = HeaderValue::from_static("public, max-age=30");
+    if matches {
+        return (
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag), (header::CACHE_CONTROL, cache)],
+        )
+            .into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, cache),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn current(st: &SharedState) -> Result<status::Page, ApiError> {
+    status::page(&*st.db, &st.cfg, catalog::now())
+        .await
+        .map_err(ApiError::Internal)
+}
+
+/// `GET /status`.
+pub async fn page(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let p = current(&st).await?;
+    Ok(with_etag(
+        &headers,
+        "text/html; charset=utf-8",
+        render_snapshot(&p, &st.public_url),
+    ))
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn entry_text(i: &Incident) -> String {
+    i.updates
+        .iter()
+        .rev()
+        .map(|u| format!("{} ({}): {}", u.status, format_utc(u.at), u.body))
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// `GET /status/feed.atom`: incidents of the last 90 days.
+pub async fn atom(State(st): State<SharedState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let list = status::feed(&*st.db, catalog::now())
+        .await
+        .map_err(ApiError::Internal)?;
+    let base = &st.public_url;
+    let updated = list.iter().map(|i| status::latest(i).2).max().unwrap_or(0);
+    let mut x = format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<feed xmlns=\"http://www.w3.org/2005/Atom\">\n<title>slmedia status</title>\n<id>{0}/status</id>\n<link rel=\"alternate\" href=\"{0}/status\"/>\n<link rel=\"self\" href=\"{0}/status/feed.atom\"/>\n<updated>{1}</updated>\n",
+        xml_escape(base),
+        notify::rfc3339(updated)
+    );
+    for i in &list {
+        let (state, _, at) = status::latest(i);
+        x.push_str(&format!(
+            "<entry>\n<id>{base}/status#incident-{id}</id>\n<title>{title} ({state})</title>\n<link href=\"{base}/status\"/>\n<published>{published}</published>\n<updated>{updated}</updated>\n<author><name>slmedia operators</name></author>\n<content type=\"text\">{content}</content>\n</entry>\n",
+            base = xml_escape(base),
+            id = i.id,
+            title = xml_escape(&i.title),
+            state = xml_escape(state),
+            published = notify::rfc3339(i.created_at),
+            updated = notify::rfc3339(at),
+            content = xml_escape(&entry_text(i)),
+        ));
+    }
+    x.push_str("</feed>\n");
+    Ok(with_etag(
+        &headers,
+        "application/atom+xml; charset=utf-8",
+        x,
+    ))
+}
+
+/// `GET /status/feed.json`: the same as JSON Feed 1.1.
+pub async fn json_feed(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let list = status::feed(&*st.db, catalog::now())
+        .await
+        .map_err(ApiError::Internal)?;
+    let base = &st.public_url;
+    let items: Vec<serde_json::Value> = list
+        .iter()
+        .map(|i| {
+            let (state, _, at) = status::latest(i);
+            serde_json::json!({
+                "id": format!("{base}/status#incident-{}", i.id),
+                "url": format!("{base}/status"),
+                "title": format!("{} ({state})", i.title),
+                "content_text": entry_text(i),
+                "date_published": notify::rfc3339(i.created_at),
+                "date_modified": notify::rfc3339(at),
+                "tags": [i.impact.clone()],
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "version": "https://jsonfeed.org/version/1.1",
+        "title": "slmedia status",
+        "home_page_url": format!("{base}/status"),
+        "feed_url": format!("{base}/status/feed.json"),
+        "items": items,
+    });
+    Ok(with_etag(
+        &headers,
+        "application/feed+json",
+        body.to_string(),
+    ))
+}
+
+/// `GET /status/badge.svg`: "status | operational" in the state's colour.
+pub async fn badge(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = current(&st).await?;
+    let (word, colour) = match p.overall {
+        Health::Ok => ("operational", "#2da44e"),
+        Health::Degraded => ("degraded", "#d4a72c"),
+        Health::Down => ("outage", "#cf222e"),
+    };
+    // Widths from a 7 px average glyph: plenty for these fixed words.
+    let (lw, rw) = (50, 12 + 7 * word.len());
+    let svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"20\" role=\"img\" aria-label=\"status: {word}\"><title>status: {word}</title><rect width=\"{lw}\" height=\"20\" fill=\"#555\"/><rect x=\"{lw}\" width=\"{rw}\" height=\"20\" fill=\"{colour}\"/><g fill=\"#fff\" font-family=\"Verdana,DejaVu Sans,sans-serif\" font-size=\"11\" text-anchor=\"middle\"><text x=\"{lx}\" y=\"14\">status</text><text x=\"{rx}\" y=\"14\">{word}</text></g></svg>",
+        w = lw + rw,
+        lx = lw / 2,
+        rx = lw + rw / 2,
+    );
+    Ok(with_etag(&headers, "image/svg+xml", svg))
+}
+
+// ---- the operators' pages ------------------------------------------------------
+
+fn operator_page(c: MaybeCaller) -> Result<Caller, PageError> {
+    super::admin::operator_page(c)
+}
+
+struct CheckLine {
+    id: String,
+    component: String,
+    state: Health,
+    since: String,
+    detail: String,
+    told: String,
+}
+
+struct DeliveryLine {
+    at: String,
+    channel: String,
+    subject: String,
+    kind: String,
+    attempt: i64,
+    ok: bool,
+    answer: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin_alerts.html")]
+struct AlertsPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    checks: Vec<CheckLine>,
+    channels: Vec<String>,
+    heartbeat: String,
+    deliveries: Vec<DeliveryLine>,
+    history: Vec<(String, String, Health, String)>,
+    message: Option<String>,
+    failed: bool,
+}
+
+async fn alerts_page(
+    st: &SharedState,
+    c: &Caller,
+    message: Option<(String, bool)>,
+) -> Result<Response, PageError> {
+    let mut checks: Vec<CheckLine> = st
+        .db
+        .check_states()
+        .await?
+        .into_iter()
+        .map(|s| CheckLine {
+            told: match (s.notified_state, s.notified_at) {
+                (Some(h), Some(t)) => format!("{h} at {}", format_utc(t)),
+                _ => "never".into(),
+            },
+            since: format_utc(s.since),
+            id: s.check_id,
+            component: s.component,
+            state: s.state,
+            detail: s.detail,
+        })
+        .collect();
+    // The worst first; within a state, by name.
+    checks.sort_by(|a, b| b.state.cmp(&a.state).then(a.id.cmp(&b.id)));
+    let deliveries = st
+        .db
+        .deliveries(100)
+        .await?
+        .into_iter()
+        .map(|d| DeliveryLine {
+            at: format_utc(d.at),
+            channel: d.channel,
+            subject: d.subject,
+            kind: d.kind,
+            attempt: d.attempt,
+            ok: d.ok,
+            answer: d.answer,
+        })
+        .collect();
+    let history = st
+        .db
+        .check_history(100)
+        .await?
+        .into_iter()
+        .map(|e| (format_utc(e.at), e.check_id, e.state, e.detail))
+        .collect();
+    let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
+    Ok(render(&AlertsPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        checks,
+        channels: st.notifier.channels(),
+        heartbeat: if st.cfg.alerts.heartbeat_url.is_empty() {
+            "off".into()
+        } else {
+            format!("every {} s", st.cfg.alerts.heartbeat_secs)
+        },
+        deliveries,
+        history,
+        message,
+        failed,
+    }))
+}
+
+/// `GET /admin/alerts`: every check's state, the channels, the deliveries.
+pub async fn admin_alerts(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    alerts_page(&st, &c, None).await
+}
+
+#[derive(Deserialize)]
+pub struct TestForm {
+    csrf: String,
+    channel: String,
+}
+
+/// `POST /admin/alerts/test`: one test message; the page shows the
+/// receiving end's answer.
+pub async fn test_channel(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    Form(f): Form<TestForm>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let r = st
+        .notifier
+        .test(&f.channel, &c.user.email)
+        .await
+        .ok_or(PageError(ApiError::NotFound("channel")))?;
+    let outcome = match &r {
+        Ok(a) => format!("delivered: {a}"),
+        Err(e) => format!("failed: {e}"),
+    };
+    console::audit(&*st.db, &c.user, "alert_test", &f.channel, &outcome).await;
+    let message = match r {
+        Ok(a) => (
+            format!("Test sent through {}. The answer: {a}", f.channel),
+            false,
+        ),
+        Err(e) => (format!("The test through {} failed: {e}", f.channel), true),
+    };
+    alerts_page(&st, &c, Some(message)).await
+}
+
+#[derive(Template)]
+#[template(path = "admin_incidents.html")]
+struct IncidentsPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    page: status::Page,
+    components: Vec<(String, String)>,
+    statuses: &'static [&'static str],
+    message: Option<String>,
+    failed: bool,
+}
+
+impl IncidentsPage<'_> {
+    fn utc(&self, t: impl std::borrow::Borrow<i64>) -> String {
+        format_utc(*t.borrow())
+    }
+
+    fn window(&self, i: &Incident) -> String {
+        window(i)
+    }
+}
+
+async fn incidents_page(
+    st: &SharedState,
+    c: &Caller,
+    message: Option<(String, bool)>,
+) -> Result<Response, PageError> {
+    let page = current(st).await?;
+    let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
+    let mut r = render(&IncidentsPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        page,
+        components: status::components(&st.cfg),
+        statuses: &console::INCIDENT_STATUSES,
+        message,
+        failed,
+    });
+    if failed {
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    Ok(r)
+}
+
+/// `GET /admin/incidents`.
+pub async fn admin_incidents(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    incidents_page(&st, &c, None).await
+}
+
+/// `2026-11-30T14:00` (a `datetime-local` field, read as UTC).
+fn parse_local_utc(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let full = if s.len() == 16 {
+        format!("{s}:00Z")
+    } else {
+        format!("{s}Z")
+    };
+    humantime::parse_rfc3339(&full)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64)
+}
+
+/// `POST /admin/incidents`: the form's fields, components repeated.
+pub async fn open_incident(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    body: String,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&body).map_err(|_| {
+        PageError(ApiError::BadRequest {
+            code: "invalid_input",
+            message: "an unreadable form".into(),
+        })
+    })?;
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    c.check_csrf(Some(get("csrf")))?;
+    let components: Vec<String> = pairs
+        .iter()
+        .filter(|(n, _)| n == "component")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let known: Vec<String> = status::components(&st.cfg)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let window = match (
+        parse_local_utc(get("starts_at")),
+        parse_local_utc(get("ends_at")),
+    ) {
+        (Some(s), Some(e)) => Some((s, e)),
+        _ => None,
+    };
+    let r = console::open_incident(
+        &*st.db,
+        &c.user,
+        get("title"),
+        get("impact"),
+        &components,
+        &known,
+        window,
+        get("body"),
+    )
+    .await;
+    let message = match r {
+        Ok(id) => (format!("Incident {id} is on the status page."), false),
+        Err(ConsoleError::Db(e)) => return Err(PageError(ApiError::Internal(e.into()))),
+        Err(e) => (format!("Not opened: {e}"), true),
+    };
+    incidents_page(&st, &c, Some(message)).await
+}
+
+#[derive(Deserialize)]
+pub struct UpdateForm {
+    csrf: String,
+    status: String,
+    body: String,
+}
+
+/// `POST /admin/incidents/{id}/update`.
+pub async fn update_incident(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    Path(id): Path<i64>,
+    Form(f): Form<UpdateForm>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let message = match console::update_incident(&*st.db, &c.user, id, &f.status, &f.body).await {
+        Ok(()) => (format!("Incident {id} updated ({}).", f.status), false),
+        Err(ConsoleError::Db(e)) => return Err(PageError(ApiError::Internal(e.into()))),
+        Err(e) => (format!("Not updated: {e}"), true),
+    };
+    incidents_page(&st, &c, Some(message)).await
+}
+
+struct NodeLine {
+    name: String,
+    site: String,
+    url: String,
+    state: &'static str,
+    drained: bool,
+    detail: String,
+    version: String,
+    fingerprint: String,
+    disk: String,
+    skew: String,
+    journal: String,
+    checked: String,
+    checks: Vec<(String, Health, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "admin_nodes.html")]
+struct NodesPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    nodes: Vec<NodeLine>,
+    fingerprint: String,
+    version: String,
+    message: Option<String>,
+    failed: bool,
+}
+
+async fn nodes_page(
+    st: &SharedState,
+    c: &Caller,
+    message: Option<(String, bool)>,
+) -> Result<Response, PageError> {
+    let states = st.db.check_states().await?;
+    let marks = st.db.journal_watermarks().await?;
+    let now = catalog::now();
+    let nodes = st
+        .nodes
+        .list
+        .iter()
+        .map(|n| {
+            let p = n.last_probe();
+            let report = p
+                .as_ref()
+                .and_then(|p| p.report.clone())
+                .unwrap_or_default();
+            let text = |k: &str| {
+                report
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let name = n.cfg.name.clone();
+            let checks = states
+                .iter()
+                .filter(|s| {
+                    s.check_id
+                        .split_once('.')
+                        .is_some_and(|(_, who)| who == name)
+                })
+                .map(|s| (s.check_id.clone(), s.state, s.detail.clone()))
+                .collect();
+            NodeLine {
+                state: match (&p, n.is_healthy()) {
+                    (None, _) => "not probed yet",
+                    (Some(_), true) => "ok",
+                    (Some(_), false) => "down",
+                },
+                drained: n.is_drained(),
+                detail: p.as_ref().map(|p| p.detail.clone()).unwrap_or_default(),
+                version: text("version"),
+                fingerprint: text("config_fingerprint"),
+                disk: super::admin::disk_text(
+                    report
+                        .get("disk")
+                        .and_then(|d| serde_json::from_value(d.clone()).ok()),
+                ),
+                skew: p
+                    .as_ref()
+                    .and_then(|p| p.skew_ms)
+                    .map(|s| format!("{:+.1} s", s as f64 / 1000.0))
+                    .unwrap_or_default(),
+                journal: marks
+                    .iter()
+                    .find(|(m, _)| *m == name)
+                    .map(|(_, w)| format!("{} behind", console::human_age((now - w).max(0))))
+                    .unwrap_or_else(|| "nothing delivered yet".into()),
+                checked: p.as_ref().map(|p| format_utc(p.at)).unwrap_or_default(),
+                site: n.cfg.site().to_string(),
+                url: n.cfg.url.clone(),
+                checks,
+                name,
+            }
+        })
+        .collect();
+    let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
+    let mut r = render(&NodesPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        nodes,
+        fingerprint: shared::protocol::config_fingerprint(
+            &st.minter.signer.public_hex(),
+            st.cfg.master_key_id,
+        ),
+        version: shared::protocol::build_version(),
+        message,
+        failed,
+    });
+    if failed {
+        *r.status_mut() = StatusCode::NOT_FOUND;
+    }
+    Ok(r)
+}
+
+/// `GET /admin/nodes`.
+pub async fn admin_nodes(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    nodes_page(&st, &c, None).await
+}
+
+#[derive(Deserialize)]
+pub struct CsrfOnly {
+    csrf: String,
+}
+
+/// `POST /admin/nodes/{name}/drain` and `/return`.
+pub async fn node_action(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    Path((name, action)): Path<(String, String)>,
+    Form(f): Form<CsrfOnly>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let drained = match action.as_str() {
+        "drain" => true,
+        "return" => false,
+        _ => return Err(PageError(ApiError::NotFound("page"))),
+    };
+    let message = match console::drain(&*st.db, &st.nodes, &c.user, &name, drained).await {
+        Ok(_) if drained => (
+            format!("{name} is drained: no new viewers or copies go to it."),
+            false,
+        ),
+        Ok(_) => (format!("{name} is back in rotation."), false),
+        Err(ConsoleError::Db(e)) => return Err(PageError(ApiError::Internal(e.into()))),
+        Err(e) => (format!("Not changed: {e}"), true),
+    };
+    nodes_page(&st, &c, Some(message)).await
+}

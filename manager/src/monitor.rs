@@ -1,0 +1,909 @@
+//! The monitor: every check on a schedule, the results kept in the catalog
+//! (so history and "was the operator told?" survive a restart), alerts sent
+//! when a check goes bad, again while it stays bad, and when it recovers,
+//! and the public status page's copy pushed to every node.
+//!
+//! The checks look at what a user would feel, not only at processes being
+//! up: the database written and read back, the staging disk, the viewer's
+//! path as Second Life's viewer takes it (a fresh media URL's `HEAD`, then a
+//! `Range` request on every node, compared byte for byte), each node's own
+//! health report, its disk and its clock, the code and shared configuration
+//! each node runs (drift), backups, the queues, the books.
+//!
+//! Each result belongs to a component of the status page (`web`,
+//! `playback:<site>`, `transcoding`, `backups`), or to `internal` for what
+//! only the operator sees. docs/operations.md has a runbook per check.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    alerts,
+    catalog::{self, CheckResult, CheckState, SharedCatalog},
+    config::Config,
+    domain::Health,
+    nodes::Nodes,
+    notify::{Kind, Message, Notifier},
+    redirect::Minter,
+    workers,
+};
+
+/// Bytes the viewer's-path check reads from each node.
+const CANARY_BYTES: u64 = 64 * 1024;
+/// The live database's integrity is checked this often.
+const INTEGRITY_EVERY: i64 = 86_400;
+/// Every balance is compared with its ledger this often.
+const BOOKS_EVERY: i64 = 600;
+/// The status page's copy on the nodes is refreshed at least this often.
+const SNAPSHOT_EVERY: i64 = 60;
+/// Below this share of free space a disk is degraded; below 2 % it is down.
+pub const LOW_DISK_PERCENT: u64 = 10;
+
+/// Renders the public status page (the HTTP layer's template) for the
+/// copies the nodes serve when the manager is down.
+pub type RenderStatus = Arc<dyn Fn(&crate::status::Page) -> String + Send + Sync>;
+
+pub struct Monitor {
+    pub db: SharedCatalog,
+    pub cfg: Config,
+    pub nodes: Nodes,
+    pub minter: Arc<Minter>,
+    pub notifier: Notifier,
+    pub render_status: RenderStatus,
+    /// No redirects followed: the viewer's path is checked step by step.
+    http: reqwest::Client,
+}
+
+/// What the monitor remembers between runs; what it told the channels is
+/// also in the catalog, but must hold when the catalog is what failed.
+#[derive(Default)]
+struct Memory {
+    /// Per check: the state last announced, and when.
+    told: HashMap<String, (Health, i64)>,
+    integrity: Option<(i64, CheckResult)>,
+    books: Option<(i64, CheckResult)>,
+    /// Alerts raised after this were not yet sent.
+    alerts_seen_at: i64,
+    /// Per alert code: when it was last sent.
+    alert_told: HashMap<&'static str, i64>,
+    snapshot_at: i64,
+    snapshot_hash: Vec<u8>,
+    pruned_at: i64,
+}
+
+fn result(
+    check_id: &str,
+    component: &str,
+    state: Health,
+    detail: impl Into<String>,
+) -> CheckResult {
+    CheckResult {
+        check_id: check_id.to_string(),
+        component: component.to_string(),
+        state,
+        detail: detail.into(),
+    }
+}
+
+fn ok(check_id: &str, component: &str, detail: impl Into<String>) -> CheckResult {
+    result(check_id, component, Health::Ok, detail)
+}
+
+/// Degraded below [`LOW_DISK_PERCENT`] free, down below 2 %.
+fn disk_state(free_percent: u64) -> Health {
+    match free_percent {
+        p if p < 2 => Health::Down,
+        p if p < LOW_DISK_PERCENT => Health::Degraded,
+        _ => Health::Ok,
+    }
+}
+
+impl Monitor {
+    pub fn new(
+        db: SharedCatalog,
+        cfg: Config,
+        nodes: Nodes,
+        minter: Arc<Minter>,
+        notifier: Notifier,
+        render_status: RenderStatus,
+    ) -> anyhow::Result<Self> {
+        let http = crate::nodecall::client(&cfg.node_ca_cert)?;
+        Ok(Self {
+            db,
+            cfg,
+            nodes,
+            minter,
+            notifier,
+            render_status,
+            http,
+        })
+    }
+
+    /// Runs every check every `monitor.interval_secs` until `stop`.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let worker = workers::Worker::register("monitor");
+        let mut mem = Memory {
+            alerts_seen_at: catalog::now() - 1,
+            ..Memory::default()
+        };
+        if let Ok(states) = self.db.check_states().await {
+            for s in states {
+                if let (Some(state), Some(at)) = (s.notified_state, s.notified_at) {
+                    mem.told.insert(s.check_id, (state, at));
+                }
+            }
+        }
+        let every = Duration::from_secs(self.cfg.monitor.interval_secs);
+        loop {
+            worker.started();
+            let r = self.run_once(&mut mem).await;
+            worker.finished(r.map_err(|e| format!("{e:#}")));
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => {
+                    worker.stopped();
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn run_once(&self, mem: &mut Memory) -> anyhow::Result<()> {
+        let at = catalog::now();
+        let results = self.checks(mem, at).await;
+        let max_gap = 2 * self.cfg.monitor.interval_secs as i64;
+        let mut stored = 0;
+        for r in &results {
+            match self.db.record_check(r, at, max_gap).await {
+                Ok(_) => stored += 1,
+                Err(e) => tracing::warn!(check = %r.check_id, "check result not stored: {e}"),
+            }
+            self.announce(mem, r, at).await;
+            if r.state != Health::Ok {
+                metrics::gauge!("manager_check_failing", "check" => r.check_id.clone()).set(1.0);
+            } else {
+                metrics::gauge!("manager_check_failing", "check" => r.check_id.clone()).set(0.0);
+            }
+        }
+        self.send_raised_alerts(mem, at);
+        if let Err(e) = self.push_snapshot(mem, at).await {
+            tracing::warn!("status page copy not pushed: {e:#}");
+        }
+        if at - mem.pruned_at > 86_400 {
+            let keep = self.cfg.monitor.keep_days as i64 * 86_400;
+            if self.db.prune_monitor(at - keep).await.is_ok() {
+                mem.pruned_at = at;
+            }
+        }
+        anyhow::ensure!(
+            stored == results.len(),
+            "{} of {} check results could not be stored",
+            results.len() - stored,
+            results.len()
+        );
+        Ok(())
+    }
+
+    /// Decides whether `r` is news for the channels, and sends it.
+    async fn announce(&self, mem: &mut Memory, r: &CheckResult, at: i64) {
+        let a = &self.cfg.alerts;
+        let told = mem.told.get(&r.check_id).copied();
+        let since_told = told.map_or(i64::MAX, |(_, t)| at - t);
+        let kind = match (r.state, told) {
+            (Health::Ok, Some((s, _))) if s != Health::Ok => Kind::Resolved,
+            (Health::Ok, _) => return,
+            (bad, Some((s, _))) if s == bad => {
+                if a.repeat_secs == 0 || since_told < a.repeat_secs as i64 {
+                    return;
+                }
+                Kind::Firing
+            }
+            _ => Kind::Firing,
+        };
+        // A flapping check: at most one message per check per gap. The
+        // state differs from what was told, so the next run catches up.
+        if since_told < a.min_gap_secs as i64 {
+            return;
+        }
+        let since = self
+            .db
+            .check_states()
+            .await
+            .ok()
+            .and_then(|l| l.into_iter().find(|s| s.check_id == r.check_id))
+            .map_or(at, |s: CheckState| s.since);
+        self.notifier.send(Message {
+            subject: r.check_id.clone(),
+            kind,
+            state: r.state,
+            component: r.component.clone(),
+            summary: summary(&r.check_id, r.state),
+            detail: r.detail.clone(),
+            starts_at: since,
+            ends_at: (kind == Kind::Resolved).then_some(at),
+        });
+        mem.told.insert(r.check_id.clone(), (r.state, at));
+        if let Err(e) = self.db.mark_notified(&r.check_id, r.state, at).await {
+            tracing::warn!(check = %r.check_id, "announcement not recorded: {e}");
+        }
+    }
+
+    /// One-off alerts (a refunded view served, a movie damaged) raised
+    /// since the last run, at most one message per code per gap.
+    fn send_raised_alerts(&self, mem: &mut Memory, at: i64) {
+        let gap = self.cfg.alerts.min_gap_secs as i64;
+        for al in alerts::recent() {
+            if al.at <= mem.alerts_seen_at {
+                continue;
+            }
+            if mem.alert_told.get(al.alert).is_some_and(|t| at - t < gap) {
+                continue;
+            }
+            mem.alert_told.insert(al.alert, at);
+            self.notifier.send(Message {
+                subject: al.alert.to_string(),
+                kind: Kind::Firing,
+                state: Health::Down,
+                component: "internal".into(),
+                summary: al.message.clone(),
+                detail: format!(
+                    "{} (raised {} time(s) since {})",
+                    al.detail,
+                    al.count,
+                    crate::notify::rfc3339(al.first_at)
+                ),
+                starts_at: al.at,
+                // An event, not a state: it stops counting by itself.
+                ends_at: Some(al.at + 3600),
+            });
+        }
+        mem.alerts_seen_at = at;
+    }
+
+    /// Every check once.
+    async fn checks(&self, mem: &mut Memory, at: i64) -> Vec<CheckResult> {
+        let mut out = Vec::new();
+        out.push(match self.db.health_check().await {
+            Ok(()) => ok("manager.database", "web", "written, read back and deleted"),
+            Err(e) => result("manager.database", "web", Health::Down, format!("{e:#}")),
+        });
+        out.push(match staging_check(&self.cfg.staging_dir()).await {
+            Ok(()) => ok(
+                "manager.storage",
+                "web",
+                "staging written, read back and deleted",
+            ),
+            Err(e) => result(
+                "manager.storage",
+                "web",
+                Health::Down,
+                format!("staging: {e}"),
+            ),
+        });
+        out.push(match shared::runtime::disk_space(&self.cfg.data_dir) {
+            Ok(d) => result(
+                "manager.disk",
+                "web",
+                disk_state(d.free_percent()),
+                format!(
+                    "{} % free of {}",
+                    d.free_percent(),
+                    media::human_bytes(d.total_bytes)
+                ),
+            ),
+            Err(e) => result(
+                "manager.disk",
+                "web",
+                Health::Down,
+                format!("cannot read: {e}"),
+            ),
+        });
+        if mem
+            .integrity
+            .as_ref()
+            .is_none_or(|(t, _)| at - t >= INTEGRITY_EVERY)
+        {
+            let r = match self.db.integrity_check().await {
+                Ok(()) => ok(
+                    "manager.integrity",
+                    "internal",
+                    "the database's quick check is ok",
+                ),
+                Err(e) => result("manager.integrity", "internal", Health::Down, e),
+            };
+            mem.integrity = Some((at, r));
+        }
+        out.extend(mem.integrity.as_ref().map(|(_, r)| r.clone()));
+        out.extend(self.viewer_path(at).await);
+        out.extend(self.node_checks());
+        out.extend(self.library_checks(at).await);
+        if mem
+            .books
+            .as_ref()
+            .is_none_or(|(t, _)| at - t >= BOOKS_EVERY)
+        {
+            let r = match self.db.verify_balances().await {
+                Ok(off) if off.is_empty() => ok("books", "internal", "every balance equals its ledger sum"),
+                Ok(off) => result(
+                    "books",
+                    "internal",
+                    Health::Down,
+                    format!(
+                        "{} account(s) hold a balance that differs from their ledger, e.g. account {} holds {} but its ledger sums to {}",
+                        off.len(), off[0].0, off[0].1, off[0].2
+                    ),
+                ),
+                Err(e) => result("books", "internal", Health::Down, format!("cannot check: {e}")),
+            };
+            mem.books = Some((at, r));
+        }
+        out.extend(mem.books.as_ref().map(|(_, r)| r.clone()));
+        out.push(self.workers_check());
+        out
+    }
+
+    /// Each node's own report, as the node monitor last probed it, and
+    /// what it says of its disk, journal, clock, code and configuration.
+    fn node_checks(&self) -> Vec<CheckResult> {
+        let my_fingerprint = shared::protocol::config_fingerprint(
+            &self.minter.signer.public_hex(),
+            self.cfg.master_key_id,
+        );
+        let my_version = shared::protocol::build_version();
+        let max_skew = self.cfg.monitor.max_clock_skew_secs as i64 * 1000;
+        let mut out = Vec::new();
+        for n in self.nodes.list.iter() {
+            let name = &n.cfg.name;
+            let component = format!("playback:{}", n.cfg.site());
+            let id = format!("node.{name}");
+            let drained = if n.is_drained() { " (drained)" } else { "" };
+            let Some(p) = n.last_probe() else {
+                out.push(ok(&id, &component, format!("not probed yet{drained}")));
+                continue;
+            };
+            let report = p.report.clone().unwrap_or_default();
+            if !p.ok {
+                out.push(result(
+                    &id,
+                    &component,
+                    Health::Down,
+                    format!("{}{drained}", p.detail),
+                ));
+            } else {
+                let mut state = Health::Ok;
+                let mut notes = vec![format!("healthy{drained}")];
+                if let Some(d) = report.get("disk").and_then(|d| {
+                    serde_json::from_value::<shared::runtime::DiskSpace>(d.clone()).ok()
+                }) {
+                    state = state.max(disk_state(d.free_percent()));
+                    notes.push(format!("disk {} % free", d.free_percent()));
+                }
+                if report.get("journal").and_then(|j| j.as_str()) == Some("write_failing") {
+                    state = state.max(Health::Degraded);
+                    notes.push("its view journal cannot be written (refunds wait)".into());
+                }
+                if let Some(skew) = p.skew_ms {
+                    if skew.abs() > max_skew {
+                        state = state.max(Health::Degraded);
+                        notes.push(format!(
+                            "its clock is {:+.1} s off the manager's",
+                            skew as f64 / 1000.0
+                        ));
+                    }
+                }
+                out.push(result(&id, &component, state, notes.join("; ")));
+            }
+            // Drift: other code, or other shared settings, than the manager's.
+            let id = format!("drift.{name}");
+            match (
+                report.get("version").and_then(|v| v.as_str()),
+                report.get("config_fingerprint").and_then(|v| v.as_str()),
+            ) {
+                (None, _) | (_, None) => out.push(ok(&id, "internal", "no report to compare yet")),
+                (Some(v), Some(f)) => {
+                    let mut diffs = Vec::new();
+                    if f != my_fingerprint {
+                        diffs.push(format!(
+                            "its shared configuration (token public key, master key id, protocol) has fingerprint {f}, the manager's is {my_fingerprint}"
+                        ));
+                    }
+                    if v != my_version {
+                        diffs.push(format!("it runs {v}, the manager {my_version}"));
+                    }
+                    out.push(if diffs.is_empty() {
+                        ok(
+                            &id,
+                            "internal",
+                            format!("same code and configuration as the manager ({v}, {f})"),
+                        )
+                    } else {
+                        result(&id, "internal", Health::Degraded, diffs.join("; "))
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The viewer's path for the canary movie: `HEAD` of a fresh media URL
+    /// at the manager (no redirects followed) answers `200 video/mp4`, and
+    /// on every node a `Range` request answers `206` with the same bytes,
+    /// an MP4's first box, and the movie's length.
+    async fn viewer_path(&self, at: i64) -> Vec<CheckResult> {
+        let canary = if self.cfg.monitor.canary_asset.is_empty() {
+            self.db.canary_asset().await
+        } else {
+            self.db.asset(&self.cfg.monitor.canary_asset).await
+        };
+        let nodes_ok = |detail: &str| {
+            self.nodes
+                .list
+                .iter()
+                .map(|n| {
+                    ok(
+                        &format!("playback.{}", n.cfg.name),
+                        &format!("playback:{}", n.cfg.site()),
+                        detail,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let a = match canary {
+            Ok(Some(a)) if a.state == crate::domain::AssetState::Published => a,
+            Ok(_) => {
+                let mut v = nodes_ok("no published movie to play yet");
+                v.push(ok(
+                    "media.redirect",
+                    "web",
+                    "no published movie to play yet",
+                ));
+                return v;
+            }
+            Err(e) => {
+                let mut v = nodes_ok("the canary movie could not be read (see manager.database)");
+                v.push(result(
+                    "media.redirect",
+                    "web",
+                    Health::Down,
+                    format!("cannot read the canary movie: {e}"),
+                ));
+                return v;
+            }
+        };
+        let Some(url) = self.minter.media_url_until(&a, None, at + 600) else {
+            return vec![result(
+                "media.redirect",
+                "web",
+                Health::Down,
+                "the canary movie has no blob",
+            )];
+        };
+        let mut out = Vec::new();
+        let head = self
+            .http
+            .head(&url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        out.push(match head {
+            Ok(r)
+                if r.status() == reqwest::StatusCode::OK
+                    && r.headers()
+                        .get(reqwest::header::CONTENT_TYPE)
+                        .is_some_and(|t| t == "video/mp4") =>
+            {
+                ok(
+                    "media.redirect",
+                    "web",
+                    format!("HEAD of a media URL for {} answers 200 video/mp4", a.id),
+                )
+            }
+            Ok(r) => result(
+                "media.redirect",
+                "web",
+                Health::Down,
+                format!(
+                    "HEAD of a media URL for {} answered {} {:?}",
+                    a.id,
+                    r.status(),
+                    r.headers().get(reqwest::header::CONTENT_TYPE)
+                ),
+            ),
+            Err(e) => result(
+                "media.redirect",
+                "web",
+                Health::Down,
+                format!("HEAD of a media URL: {}", crate::nodecall::explain(&e)),
+            ),
+        });
+        let len = a.plain_len.unwrap_or(0).max(0) as u64;
+        let want = CANARY_BYTES.min(len);
+        let mut first: Option<(String, Vec<u8>)> = None;
+        for n in self.nodes.list.iter() {
+            let id = format!("playback.{}", n.cfg.name);
+            let component = format!("playback:{}", n.cfg.site());
+            let r = self.range_on(&url, &n.cfg.name, want, len).await;
+            out.push(match r {
+                Ok((bytes, ttfb)) => {
+                    let same = match &first {
+                        None => {
+                            first = Some((n.cfg.name.clone(), bytes));
+                            None
+                        }
+                        Some((other, b)) => (b != &bytes).then(|| other.clone()),
+                    };
+                    match same {
+                        Some(other) => result(
+                            &id,
+                            &component,
+                            Health::Down,
+                            format!("its bytes differ from {other}'s for {}", a.id),
+                        ),
+                        None => ok(
+                            &id,
+                            &component,
+                            format!(
+                                "206 with {want} right bytes of {} in {} ms",
+                                a.id,
+                                ttfb.as_millis()
+                            ),
+                        ),
+                    }
+                }
+                Err(e) if !n.is_healthy() => {
+                    result(&id, &component, Health::Down, format!("node down: {e}"))
+                }
+                Err(e) => result(&id, &component, Health::Down, e),
+            });
+        }
+        out
+    }
+
+    /// A viewer's `Range: bytes=0-(want-1)` on node `name`, through the
+    /// redirect the manager gives for it.
+    async fn range_on(
+        &self,
+        url: &str,
+        name: &str,
+        want: u64,
+        len: u64,
+    ) -> Result<(Vec<u8>, Duration), String> {
+        let r = self
+            .http
+            .get(format!("{url}?node={name}"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| crate::nodecall::explain(&e))?;
+        if r.status() != reqwest::StatusCode::FOUND {
+            return Err(format!(
+                "the media URL answered {} for this node",
+                r.status()
+            ));
+        }
+        let loc = r
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or("a redirect without a location")?
+            .to_string();
+        let started = Instant::now();
+        let r = self
+            .http
+            .get(&loc)
+            .header(
+                reqwest::header::RANGE,
+                format!("bytes=0-{}", want.saturating_sub(1)),
+            )
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .map_err(|e| crate::nodecall::explain(&e))?;
+        let ttfb = started.elapsed();
+        let status = r.status();
+        let range = r
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if status != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(format!("a range request answered {status}"));
+        }
+        let expect = format!("bytes 0-{}/{len}", want.saturating_sub(1));
+        if range != expect {
+            return Err(format!("Content-Range {range:?}, expected {expect:?}"));
+        }
+        let bytes = r
+            .bytes()
+            .await
+            .map_err(|e| format!("reading the range: {e}"))?;
+        if bytes.len() as u64 != want || bytes.get(4..8) != Some(b"ftyp".as_slice()) {
+            return Err(format!("{} bytes that do not start an MP4", bytes.len()));
+        }
+        Ok((bytes.to_vec(), ttfb))
+    }
+
+    /// Backups, the queues, the outbox, the journal and the movies.
+    async fn library_checks(&self, at: i64) -> Vec<CheckResult> {
+        let m = &self.cfg.monitor;
+        let mut out = Vec::new();
+        let dir = crate::backup::backups_dir(&self.cfg);
+        let newest = tokio::task::spawn_blocking(move || crate::backup::list_local(&dir))
+            .await
+            .ok()
+            .and_then(|l| l.into_iter().next());
+        let max_age = self.cfg.backup.max_age_secs as i64;
+        out.push(match newest {
+            None => result(
+                "backup.age",
+                "backups",
+                Health::Degraded,
+                "there is no local backup",
+            ),
+            Some(b) => {
+                let age = (at - b.created_at).max(0);
+                let state = match age {
+                    a if a > 2 * max_age => Health::Down,
+                    a if a > max_age => Health::Degraded,
+                    _ => Health::Ok,
+                };
+                result(
+                    "backup.age",
+                    "backups",
+                    state,
+                    format!(
+                        "the newest backup is {} old",
+                        crate::console::human_age(age)
+                    ),
+                )
+            }
+        });
+        match self
+            .db
+            .replication_summary(self.cfg.min_replicas as i64, at)
+            .await
+        {
+            Ok(s) => {
+                let mut state = Health::Ok;
+                let mut notes = vec![format!("{} waiting", s.jobs_waiting)];
+                if s.oldest_job_secs > m.max_queue_age_secs as i64 {
+                    state = Health::Degraded;
+                    notes.push(format!(
+                        "the oldest has waited {}",
+                        crate::console::human_age(s.oldest_job_secs)
+                    ));
+                }
+                if s.jobs_failed > 0 {
+                    state = Health::Degraded;
+                    notes.push(format!(
+                        "{} failed processing and wait for a retry",
+                        s.jobs_failed
+                    ));
+                }
+                if let Some(w) = workers::statuses()
+                    .into_iter()
+                    .find(|w| w.name == "transcode" && w.last_run_failed)
+                {
+                    state = Health::Degraded;
+                    notes.push(format!(
+                        "the transcode worker's last run failed: {}",
+                        w.last_error.unwrap_or_default()
+                    ));
+                }
+                out.push(result("jobs", "transcoding", state, notes.join("; ")));
+                out.push(if s.damaged > 0 {
+                    result(
+                        "movies",
+                        "internal",
+                        Health::Down,
+                        format!("{} movie(s) damaged: every copy lost", s.damaged),
+                    )
+                } else if s.under_replicated > 0 {
+                    result(
+                        "movies",
+                        "internal",
+                        Health::Degraded,
+                        format!(
+                            "{} published movie(s) have fewer than {} verified copies",
+                            s.under_replicated, self.cfg.min_replicas
+                        ),
+                    )
+                } else {
+                    ok("movies", "internal", "every published movie has its copies")
+                });
+            }
+            Err(e) => out.push(result(
+                "jobs",
+                "transcoding",
+                Health::Down,
+                format!("cannot count jobs: {e}"),
+            )),
+        }
+        let outbox = self.cfg.outbox_dir();
+        let oldest = tokio::task::spawn_blocking(move || oldest_file_age(&outbox))
+            .await
+            .ok()
+            .flatten();
+        out.push(match oldest {
+            Some(age) if age > m.max_outbox_age_secs as i64 => result(
+                "outbox",
+                "internal",
+                Health::Degraded,
+                format!(
+                    "a sealed file has waited {} for a node to take it",
+                    crate::console::human_age(age)
+                ),
+            ),
+            _ => ok("outbox", "internal", "nothing waits long"),
+        });
+        match self.db.journal_watermarks().await {
+            Ok(marks) => {
+                for n in self.nodes.list.iter() {
+                    let id = format!("journal.{}", n.cfg.name);
+                    let mark = marks
+                        .iter()
+                        .find(|(node, _)| node == &n.cfg.name)
+                        .map(|(_, w)| *w);
+                    out.push(match mark {
+                        None => ok(&id, "internal", "no journal delivered yet"),
+                        Some(w) if at - w > m.max_journal_lag_secs as i64 => result(
+                            &id,
+                            "internal",
+                            Health::Degraded,
+                            format!(
+                                "its journal is {} behind: refunds wait for it",
+                                crate::console::human_age(at - w)
+                            ),
+                        ),
+                        Some(w) => ok(
+                            &id,
+                            "internal",
+                            format!(
+                                "journal {} behind",
+                                crate::console::human_age((at - w).max(0))
+                            ),
+                        ),
+                    });
+                }
+            }
+            Err(e) => out.push(result(
+                "journal",
+                "internal",
+                Health::Down,
+                format!("cannot read: {e}"),
+            )),
+        }
+        out
+    }
+
+    fn workers_check(&self) -> CheckResult {
+        let bad: Vec<String> = workers::statuses()
+            .into_iter()
+            .filter(|w| w.name != "monitor" && (w.last_run_failed || w.state == "stopped"))
+            .map(|w| match w.last_error {
+                Some(e) if w.last_run_failed => format!("{}: {e}", w.name),
+                _ => format!("{} is {}", w.name, w.state),
+            })
+            .collect();
+        if bad.is_empty() {
+            ok("workers", "internal", "every worker's last run succeeded")
+        } else {
+            result("workers", "internal", Health::Degraded, bad.join("; "))
+        }
+    }
+
+    /// Pushes the rendered status page to every node when it changed, or
+    /// at least every [`SNAPSHOT_EVERY`] (the nodes judge from its age
+    /// whether the manager is reachable).
+    async fn push_snapshot(&self, mem: &mut Memory, at: i64) -> anyhow::Result<()> {
+        let page = crate::status::page(&*self.db, &self.cfg, at).await?;
+        let html = (self.render_status)(&page);
+        let hash = <sha2::Sha256 as sha2::Digest>::digest(html.as_bytes()).to_vec();
+        if hash == mem.snapshot_hash && at - mem.snapshot_at < SNAPSHOT_EVERY {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "generated_at": at, "html": html }))?;
+        let pushes = self
+            .nodes
+            .list
+            .iter()
+            .map(|n| self.nodes.put_status(n, body.clone()));
+        let mut failed = Vec::new();
+        for (n, r) in self
+            .nodes
+            .list
+            .iter()
+            .zip(futures::future::join_all(pushes).await)
+        {
+            if let Err(e) = r {
+                failed.push(format!("{}: {e}", n.cfg.name));
+            }
+        }
+        mem.snapshot_hash = hash;
+        mem.snapshot_at = at;
+        if !failed.is_empty() {
+            tracing::debug!("status page copy not taken by {}", failed.join("; "));
+        }
+        Ok(())
+    }
+}
+
+/// The line an alert leads with.
+fn summary(check_id: &str, state: Health) -> String {
+    let (family, rest) = check_id.split_once('.').unwrap_or((check_id, ""));
+    let what = match family {
+        "manager" => format!("the manager's {rest}"),
+        "node" => format!("node {rest}"),
+        "playback" => format!("playback from node {rest}"),
+        "drift" => format!("node {rest}'s code or configuration"),
+        "journal" => format!("node {rest}'s view journal"),
+        "media" => "media URLs".to_string(),
+        "backup" => "backups".to_string(),
+        "jobs" => "transcoding".to_string(),
+        other => other.to_string(),
+    };
+    match state {
+        Health::Ok => format!("{what}: fine again"),
+        Health::Degraded => format!("{what}: degraded"),
+        Health::Down => format!("{what}: failing"),
+    }
+}
+
+/// Writes, reads back and deletes a file in the staging folder.
+async fn staging_check(dir: &Path) -> Result<(), String> {
+    let p = dir.join(format!("monitor.{}.part", uuid::Uuid::new_v4()));
+    let probe = uuid::Uuid::new_v4().to_string();
+    let r = async {
+        tokio::fs::write(&p, &probe)
+            .await
+            .map_err(|e| e.to_string())?;
+        let back = tokio::fs::read_to_string(&p)
+            .await
+            .map_err(|e| e.to_string())?;
+        (back == probe)
+            .then_some(())
+            .ok_or_else(|| "read back differs".to_string())
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&p).await;
+    r
+}
+
+/// Seconds since the oldest file in `dir` was modified.
+fn oldest_file_age(dir: &Path) -> Option<i64> {
+    let now = std::time::SystemTime::now();
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .filter_map(|m| now.duration_since(m).ok())
+        .map(|d| d.as_secs() as i64)
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_degrade_then_go_down() {
+        assert_eq!(disk_state(50), Health::Ok);
+        assert_eq!(disk_state(9), Health::Degraded);
+        assert_eq!(disk_state(1), Health::Down);
+    }
+
+    #[test]
+    fn summaries_name_the_part() {
+        assert_eq!(summary("node.utah", Health::Down), "node utah: failing");
+        assert_eq!(
+            summary("manager.database", Health::Ok),
+            "the manager's database: fine again"
+        );
+        assert_eq!(summary("backup.age", Health::Degraded), "backups: degraded");
+    }
+}
