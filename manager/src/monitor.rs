@@ -54,7 +54,9 @@ pub struct Monitor {
     pub minter: Arc<Minter>,
     pub notifier: Notifier,
     pub render_status: RenderStatus,
-    /// No redirects followed: the viewer's path is checked step by step.
+    /// When this process started: a new site has no backup yet.
+    started_at: i64,
+    /// The viewer's path is checked step by step (no redirects followed).
     http: reqwest::Client,
 }
 
@@ -111,7 +113,12 @@ impl Monitor {
         notifier: Notifier,
         render_status: RenderStatus,
     ) -> anyhow::Result<Self> {
-        let http = crate::nodecall::client(&cfg.node_ca_cert)?;
+        // As a viewer's player: the public trust store, and each redirect
+        // looked at rather than followed.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
         Ok(Self {
             db,
             cfg,
@@ -119,6 +126,7 @@ impl Monitor {
             minter,
             notifier,
             render_status,
+            started_at: catalog::now(),
             http,
         })
     }
@@ -639,6 +647,11 @@ impl Monitor {
             .and_then(|l| l.into_iter().next());
         let max_age = self.cfg.backup.max_age_secs as i64;
         out.push(match newest {
+            None if at - self.started_at <= max_age => ok(
+                "backup.age",
+                "backups",
+                "no backup yet; the first is due within the backup interval",
+            ),
             None => result(
                 "backup.age",
                 "backups",

@@ -79,6 +79,10 @@ pub struct Config {
     /// before it is deleted, checked after each scrub pass. 0 keeps them
     /// until an operator removes them. At most 3650.
     pub quarantine_keep_days: u64,
+    /// The status page this node serves says the manager is unreachable
+    /// once no copy of it has arrived for this many seconds (the manager
+    /// pushes one at least every minute). Between 5 and 86400.
+    pub status_stale_secs: u64,
 }
 
 impl Default for Config {
@@ -109,6 +113,7 @@ impl Default for Config {
             // A month to look at what went wrong; a disk that keeps
             // corrupting copies does not fill up with their carcasses.
             quarantine_keep_days: 30,
+            status_stale_secs: 300,
         }
     }
 }
@@ -204,6 +209,9 @@ impl Config {
         }
         if !(1..=60).contains(&self.price_poll_secs) {
             return Err(field("price_poll_secs", "must be between 1 and 60"));
+        }
+        if !(5..=86_400).contains(&self.status_stale_secs) {
+            return Err(field("status_stale_secs", "must be between 5 and 86400"));
         }
         if self.quarantine_keep_days > 3650 {
             return Err(field(

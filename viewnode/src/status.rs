@@ -3,7 +3,7 @@
 //! manager pushes its rendered page here (`PUT /internal/v1/status`, signed
 //! like every manager call) about once a minute; the node keeps the newest
 //! on disk and answers `GET /status` with it, stamped with its age, and
-//! with a banner once no copy has arrived for [`MANAGER_SILENT_SECS`]: then
+//! with a banner once no copy has arrived for `status_stale_secs`: then
 //! the manager cannot reach us, or is down, and the page says so rather
 //! than show a stale "all operational".
 
@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{error::NodeError, SharedState};
 
-/// With no copy for this long, the page says the manager is unreachable.
-pub const MANAGER_SILENT_SECS: i64 = 300;
 /// Largest page taken (a page with 90 days of bars is ~60 KiB).
 pub const MAX_PAGE: usize = 1 << 20;
 /// Where the manager's rendered page leaves room for our stamp.
@@ -123,7 +121,7 @@ pub async fn get(State(st): State<SharedState>) -> Response {
         node = html_escape(&st.cfg.name),
         age_words = words((now - c.generated_at).max(0)),
     );
-    if silent > MANAGER_SILENT_SECS {
+    if silent > st.cfg.status_stale_secs as i64 {
         stamp = format!(
             "<p class=\"stale\" id=\"manager-unreachable\">The manager has not been reachable for {} (as seen from node {}). Movies already playing keep playing; uploads, purchases and new media URLs may fail. The states below are from before.</p>{stamp}",
             words(silent),

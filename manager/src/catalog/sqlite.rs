@@ -44,6 +44,12 @@ impl SqliteCatalog {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // A COMMIT that fails (the disk full: SQLITE_FULL) leaves its
+            // connection inside the transaction, holding the write lock;
+            // back in the pool it would answer every writer "database is
+            // locked" until the process restarts. Such a connection is
+            // closed on release instead (closing rolls back).
+            .after_release(|conn, _| Box::pin(async move { Ok(!in_transaction(conn).await) }))
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
@@ -66,6 +72,19 @@ impl SqliteCatalog {
         let guard = WRITERS.lock().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
+    }
+}
+
+/// Whether `conn` is inside a transaction (SQLite's autocommit is off).
+async fn in_transaction(conn: &mut SqliteConnection) -> bool {
+    match conn.lock_handle().await {
+        // SAFETY: the handle is locked for this call, so no statement runs
+        // on it meanwhile; sqlite3_get_autocommit only reads a flag.
+        Ok(mut h) => unsafe {
+            libsqlite3_sys::sqlite3_get_autocommit(h.as_raw_handle().as_ptr()) == 0
+        },
+        // A connection we cannot look at is not worth keeping.
+        Err(_) => true,
     }
 }
 

@@ -94,6 +94,8 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/status/feed.atom", get(status::atom))
         .route("/status/feed.json", get(status::json_feed))
         .route("/status/badge.svg", get(status::badge))
+        .route("/api/v1/admin/checks", get(status::checks_api))
+        .route("/api/v1/admin/alerts/test", post(status::test_channel_api))
         .route("/api/v1/admin/workers", get(admin::workers))
         .route("/api/v1/admin/alerts", get(admin::alerts))
         .route(

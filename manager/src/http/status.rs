@@ -670,3 +670,58 @@ pub async fn node_action(
     };
     nodes_page(&st, &c, Some(message)).await
 }
+
+/// `GET /api/v1/admin/checks`: every check's latest result (operators).
+pub async fn checks_api(
+    State(st): State<SharedState>,
+    c: Caller,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if !c.user.is_operator() {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(axum::Json(
+        serde_json::json!({ "checks": st.db.check_states().await? }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct TestRequest {
+    channel: String,
+}
+
+/// `POST /api/v1/admin/alerts/test {"channel": …}`: one test message,
+/// answered with the receiving end's answer (operators).
+pub async fn test_channel_api(
+    State(st): State<SharedState>,
+    c: Caller,
+    headers: HeaderMap,
+    axum::Json(t): axum::Json<TestRequest>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if !c.user.is_operator() {
+        return Err(ApiError::Forbidden);
+    }
+    c.check_csrf_header(&headers)?;
+    let r = st
+        .notifier
+        .test(&t.channel, &c.user.email)
+        .await
+        .ok_or(ApiError::NotFound("channel"))?;
+    let (delivered, answer) = match r {
+        Ok(a) => (true, a),
+        Err(e) => (false, e),
+    };
+    console::audit(
+        &*st.db,
+        &c.user,
+        "alert_test",
+        &t.channel,
+        &format!(
+            "{}: {answer}",
+            if delivered { "delivered" } else { "failed" }
+        ),
+    )
+    .await;
+    Ok(axum::Json(
+        serde_json::json!({ "channel": t.channel, "delivered": delivered, "answer": answer }),
+    ))
+}
