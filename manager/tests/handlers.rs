@@ -718,6 +718,25 @@ fn admin_routes(cookie: Option<&str>, csrf: &str) -> Vec<Request<Body>> {
             cookie,
             &format!("csrf={csrf}&email=u%40example.com&created_before=&amount=5&reason=x&key=k"),
         ),
+        page("/admin/alerts", cookie),
+        form(
+            "/admin/alerts/test",
+            cookie,
+            &format!("csrf={csrf}&channel=email"),
+        ),
+        page("/admin/incidents", cookie),
+        form(
+            "/admin/incidents",
+            cookie,
+            &format!("csrf={csrf}&title=t&impact=minor&component=web&body=b"),
+        ),
+        form(
+            "/admin/incidents/1/update",
+            cookie,
+            &format!("csrf={csrf}&status=resolved&body=b"),
+        ),
+        page("/admin/nodes", cookie),
+        form("/admin/nodes/utah/drain", cookie, &format!("csrf={csrf}")),
     ]
 }
 
@@ -765,6 +784,204 @@ async fn the_admin_area_is_for_operators_only_route_by_route() {
         manager::domain::AssetState::Queued,
         "not cancelled through the admin by a non-operator"
     );
+    assert!(
+        f.db.incidents(0).await.unwrap().is_empty(),
+        "no incident opened"
+    );
+    assert!(
+        f.db.drained_nodes().await.unwrap().is_empty(),
+        "no node drained"
+    );
+    // The JSON side: 401 without credentials; the checks are the operators'.
+    let (s, _, _) = send(&f, page("/api/v1/admin/checks", None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = send(&f, page("/api/v1/admin/checks", Some(&uploader))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn incidents_and_drains_reach_the_status_page_and_the_audit_log() {
+    let f = fixture().await;
+    let (op, csrf) = session_for(&f, "op@example.com", "operator").await;
+    // The public page before anything: every component operational.
+    let (s, h, body) = send(&f, page("/status", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("All systems operational"), "{body}");
+    for c in [
+        "web",
+        "playback:utah",
+        "playback:toronto",
+        "transcoding",
+        "backups",
+    ] {
+        assert!(
+            body.contains(&format!("data-component=\"{c}\"")),
+            "{c}: {body}"
+        );
+    }
+    let etag = h[header::ETAG].to_str().unwrap().to_string();
+    let again = Request::get("/status")
+        .header(header::IF_NONE_MATCH, &etag)
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, _) = send(&f, again).await;
+    assert_eq!(s, StatusCode::NOT_MODIFIED, "the same page, the same tag");
+
+    // A forged token changes nothing; a bad form is refused with a reason.
+    let (s, _, _) = send(
+        &f,
+        form(
+            "/admin/incidents",
+            Some(&op),
+            "csrf=forged&title=t&impact=minor&component=web&body=b",
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, body) = send(
+        &f,
+        form(
+            "/admin/incidents",
+            Some(&op),
+            &format!("csrf={csrf}&title=t&impact=minor&component=moon&body=b"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("component"), "{body}");
+    assert!(f.db.incidents(0).await.unwrap().is_empty());
+
+    // An incident: on the page (the component degraded, the title shown,
+    // escaped), in both feeds, then resolved with a closing note.
+    let (s, _, body) = send(
+        &f,
+        form(
+            "/admin/incidents",
+            Some(&op),
+            &format!("csrf={csrf}&title=Slow+%3Cb%3Eplayback%3C%2Fb%3E&impact=minor&component=playback%3Autah&body=We+are+looking"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (_, _, body) = send(&f, page("/status", None)).await;
+    assert!(
+        body.contains("Slow &lt;b&gt;playback&lt;/b&gt;"),
+        "escaped: {body}"
+    );
+    assert!(body.contains("We are looking"));
+    assert!(
+        body.contains("data-component=\"playback:utah\" data-state=\"degraded\""),
+        "{body}"
+    );
+    let (_, h, atom) = send(&f, page("/status/feed.atom", None)).await;
+    assert_eq!(
+        h[header::CONTENT_TYPE],
+        "application/atom+xml; charset=utf-8"
+    );
+    assert!(
+        atom.contains("<title>Slow &lt;b&gt;playback&lt;/b&gt; (investigating)</title>"),
+        "{atom}"
+    );
+    let (_, _, json) = send(&f, page("/status/feed.json", None)).await;
+    let feed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(feed["version"], "https://jsonfeed.org/version/1.1");
+    assert_eq!(
+        feed["items"][0]["title"],
+        "Slow <b>playback</b> (investigating)"
+    );
+    let (_, h, badge) = send(&f, page("/status/badge.svg", None)).await;
+    assert_eq!(h[header::CONTENT_TYPE], "image/svg+xml");
+    assert!(badge.contains("degraded"), "{badge}");
+    let id = f.db.incidents(0).await.unwrap()[0].id;
+    let (s, _, _) = send(
+        &f,
+        form(
+            &format!("/admin/incidents/{id}/update"),
+            Some(&op),
+            &format!("csrf={csrf}&status=resolved&body=Fixed"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, _, body) = send(&f, page("/status", None)).await;
+    assert!(
+        body.contains("All systems operational") && body.contains("Fixed"),
+        "{body}"
+    );
+    let (s, _, _) = send(
+        &f,
+        form(
+            &format!("/admin/incidents/{id}/update"),
+            Some(&op),
+            &format!("csrf={csrf}&status=monitoring&body=Again"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a closed incident takes no update"
+    );
+
+    // Drain and return a node; an unknown node is refused.
+    let (s, _, body) = send(
+        &f,
+        form(
+            "/admin/nodes/utah/drain",
+            Some(&op),
+            &format!("csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("data-node=\"utah\" data-state=\"not probed yet\" data-drained=\"true\""),
+        "{body}"
+    );
+    assert_eq!(
+        f.db.drained_nodes().await.unwrap(),
+        vec!["utah".to_string()]
+    );
+    let (s, _, _) = send(
+        &f,
+        form(
+            "/admin/nodes/moon/drain",
+            Some(&op),
+            &format!("csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, _, body) = send(
+        &f,
+        form(
+            "/admin/nodes/utah/return",
+            Some(&op),
+            &format!("csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert!(body.contains("data-drained=\"false\""), "{body}");
+    assert!(f.db.drained_nodes().await.unwrap().is_empty());
+    let log: Vec<(String, String)> =
+        f.db.audit_entries(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.action, e.target))
+            .collect();
+    for want in [
+        ("incident_open", format!("incident:{id}")),
+        ("incident_update", format!("incident:{id}")),
+        ("node_drain", "node:utah".to_string()),
+        ("node_drain", "node:moon".to_string()),
+        ("node_return", "node:utah".to_string()),
+    ] {
+        assert!(
+            log.contains(&(want.0.to_string(), want.1.clone())),
+            "{want:?} in {log:?}"
+        );
+    }
 }
 
 #[tokio::test]

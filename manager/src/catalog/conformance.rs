@@ -33,7 +33,9 @@ macro_rules! suite {
             a_restore_freezes_refunds_that_could_depend_on_lost_views,
             terminals_nonces_and_avatar_links,
             a_snapshot_holds_what_the_catalog_held,
-            the_console_reads_accounts_counts_and_an_append_only_audit_log);
+            the_console_reads_accounts_counts_and_an_append_only_audit_log,
+            the_monitor_keeps_states_days_and_changes,
+            incidents_deliveries_and_drains);
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(
@@ -823,4 +825,153 @@ mod sqlite_backend {
         )
     }
     crate::catalog::conformance::suite!(fresh());
+}
+
+pub async fn the_monitor_keeps_states_days_and_changes(c: &SharedCatalog) {
+    use crate::domain::Health;
+    let r = |state: Health| CheckResult {
+        check_id: "node.utah".into(),
+        component: "playback:utah".into(),
+        state,
+        detail: format!("{state}"),
+    };
+    let day = 20_000 * 86_400;
+    // First sight: no time counted yet, one change recorded.
+    assert!(c
+        .record_check(&r(Health::Ok), day + 100, 60)
+        .await
+        .unwrap()
+        .is_none());
+    // 30 s later, still ok: 30 s of ok.
+    let before = c
+        .record_check(&r(Health::Ok), day + 130, 60)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((before.state, before.since), (Health::Ok, day + 100));
+    // Down: the 30 s before it still count as ok (the state it was in).
+    c.record_check(&r(Health::Down), day + 160, 60)
+        .await
+        .unwrap();
+    // After a gap of 1000 s (the manager was down), only `max_gap` counts.
+    c.record_check(&r(Health::Down), day + 1160, 60)
+        .await
+        .unwrap();
+    let days = c.check_days(20_000).await.unwrap();
+    assert_eq!(days.len(), 1);
+    let d = &days[0];
+    assert_eq!(
+        (d.day, d.ok_secs, d.degraded_secs, d.down_secs),
+        (20_000, 60, 0, 60)
+    );
+    let s = c.check_states().await.unwrap();
+    assert_eq!(s.len(), 1);
+    assert_eq!(
+        (s[0].state, s[0].since, s[0].checked_at),
+        (Health::Down, day + 160, day + 1160)
+    );
+    assert_eq!(s[0].notified_state, None);
+    c.mark_notified("node.utah", Health::Down, day + 161)
+        .await
+        .unwrap();
+    let s = &c.check_states().await.unwrap()[0];
+    assert_eq!(
+        (s.notified_state, s.notified_at),
+        (Some(Health::Down), Some(day + 161))
+    );
+    // Two changes (ok, down), newest first; a repeat is not a change.
+    let h = c.check_history(10).await.unwrap();
+    assert_eq!(
+        h.iter().map(|e| e.state).collect::<Vec<_>>(),
+        vec![Health::Down, Health::Ok]
+    );
+    // The next day's seconds are that day's; pruning keeps only recent days.
+    c.record_check(&r(Health::Ok), day + 86_400 + 10, 60)
+        .await
+        .unwrap();
+    assert_eq!(c.check_days(20_001).await.unwrap()[0].down_secs, 60);
+    c.prune_monitor(day + 86_400).await.unwrap();
+    assert_eq!(c.check_days(0).await.unwrap().len(), 1);
+    assert_eq!(
+        c.check_history(10).await.unwrap().len(),
+        1,
+        "changes before the cut are gone"
+    );
+}
+
+pub async fn incidents_deliveries_and_drains(c: &SharedCatalog) {
+    let id = c
+        .create_incident(&NewIncident {
+            title: "Slow",
+            impact: "minor",
+            components: "web",
+            starts_at: None,
+            ends_at: None,
+            status: "investigating",
+            body: "looking",
+            author: "op@x",
+            at: 1000,
+        })
+        .await
+        .unwrap();
+    let u = |status: &str, at: i64| IncidentUpdate {
+        incident_id: id,
+        at,
+        status: status.into(),
+        body: status.into(),
+        author: "op@x".into(),
+    };
+    assert!(c
+        .add_incident_update(&u("identified", 1100), false)
+        .await
+        .unwrap());
+    assert!(c
+        .add_incident_update(&u("resolved", 1200), true)
+        .await
+        .unwrap());
+    assert!(
+        !c.add_incident_update(&u("monitoring", 1300), false)
+            .await
+            .unwrap(),
+        "closed"
+    );
+    let all = c.incidents(0).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].resolved_at, Some(1200));
+    assert_eq!(
+        all[0]
+            .updates
+            .iter()
+            .map(|u| u.status.as_str())
+            .collect::<Vec<_>>(),
+        vec!["investigating", "identified", "resolved"]
+    );
+    assert!(
+        c.incidents(5000).await.unwrap().is_empty(),
+        "closed before the window"
+    );
+    c.record_delivery(&Delivery {
+        at: 10,
+        channel: "email".into(),
+        subject: "node.utah".into(),
+        kind: "firing".into(),
+        attempt: 1,
+        ok: false,
+        answer: "refused".into(),
+    })
+    .await
+    .unwrap();
+    let d = c.deliveries(10).await.unwrap();
+    assert_eq!(
+        (d.len(), d[0].ok, d[0].answer.as_str()),
+        (1, false, "refused")
+    );
+    assert!(c.set_drained("utah", true, "op@x", 1).await.unwrap());
+    assert!(
+        !c.set_drained("utah", true, "op@x", 2).await.unwrap(),
+        "already"
+    );
+    assert_eq!(c.drained_nodes().await.unwrap(), vec!["utah".to_string()]);
+    assert!(c.set_drained("utah", false, "op@x", 3).await.unwrap());
+    assert!(c.drained_nodes().await.unwrap().is_empty());
 }
