@@ -471,3 +471,178 @@ async fn a_new_viewer_signs_up_buys_a_view_watches_it_and_sees_the_ledger_in_chr
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(v.to_string().contains("\"sale\""), "{v}");
 }
+
+/// Logs `c` in through the form as `email`.
+async fn log_in(c: &fantoccini::Client, base: &str, email: &str, password: &str) {
+    c.goto(&format!("{base}/login")).await.unwrap();
+    text_of(c, "input[name=email]").await;
+    fill(c, "input[name=email]", email).await;
+    fill(c, "input[name=password]", password).await;
+    c.find(Locator::Css("main form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("header form[action='/logout']"))
+        .await
+        .expect("logged in");
+}
+
+/// Clicks the button of the form posting to `action`, and waits for the
+/// page it answers with (every admin action answers with its `#message`).
+async fn submit(c: &fantoccini::Client, action: &str) -> String {
+    c.find(Locator::Css(&format!("form[action='{action}'] button")))
+        .await
+        .unwrap_or_else(|_| panic!("a form posting to {action}"))
+        .click()
+        .await
+        .unwrap();
+    text_of(c, "#message").await
+}
+
+/// Writes a screenshot of the current page next to the binaries.
+async fn screenshot(c: &fantoccini::Client, name: &str) {
+    let shot = c.screenshot().await.unwrap();
+    assert!(
+        shot.starts_with(b"\x89PNG") && shot.len() > 10_000,
+        "{name}: a real picture"
+    );
+    let out = e2e::bin_dir().join(name);
+    std::fs::write(&out, shot).unwrap();
+    eprintln!("screenshot: {}", out.display());
+}
+
+async fn attr(c: &fantoccini::Client, css: &str, name: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("no {css} on the page"))
+        .attr(name)
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
+/// The operator's night, in a real browser: the overview, a node drained
+/// and brought back, credits granted by rule, an incident written; the
+/// public status page shows it. A screenshot of each page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_the_site_from_the_admin_in_chromium() {
+    let mut o = e2e::ClusterOpts::new(&["utah", "toronto"]);
+    o.manager_extra = "[monitor]\ninterval_secs = 5\n".into();
+    let cluster = Cluster::start_with(&o);
+    let base = &cluster.manager.url;
+    let (_driver, driver_url) = start_chromedriver().await;
+    let c = chromium(&cluster.dir.path().join("operator-profile"), &driver_url).await;
+    log_in(
+        &c,
+        base,
+        &cluster.operator_email,
+        &cluster.operator_password,
+    )
+    .await;
+
+    c.goto(&format!("{base}/admin")).await.unwrap();
+    assert!(text_of(&c, "h1").await.contains("Is everything fine?"));
+    text_of(&c, "[data-node='utah']").await;
+    screenshot(&c, "admin-overview.png").await;
+
+    // Drain utah, then bring it back.
+    c.goto(&format!("{base}/admin/nodes")).await.unwrap();
+    let m = submit(&c, "/admin/nodes/utah/drain").await;
+    assert!(m.contains("utah is drained"), "{m}");
+    assert_eq!(
+        attr(&c, "section[data-node='utah']", "data-drained").await,
+        "true"
+    );
+    screenshot(&c, "admin-nodes.png").await;
+    let m = submit(&c, "/admin/nodes/utah/return").await;
+    assert!(m.contains("back in rotation"), "{m}");
+    assert_eq!(
+        attr(&c, "section[data-node='utah']", "data-drained").await,
+        "false"
+    );
+
+    // Compensation after an outage: everyone with an account before tomorrow.
+    c.goto(&format!("{base}/admin/accounts")).await.unwrap();
+    let tomorrow = {
+        let t = std::time::SystemTime::now() + Duration::from_secs(86_400);
+        let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let days = secs / 86_400;
+        // Civil date from days since 1970 (Howard Hinnant's algorithm).
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(mo <= 2);
+        format!("{y:04}-{mo:02}-{d:02}")
+    };
+    fill(&c, "input[name=created_before]", &tomorrow).await;
+    fill(&c, "input[name=amount]", "25").await;
+    fill(&c, "input[name=reason]", "sorry for the outage").await;
+    let m = submit(&c, "/admin/accounts/grant").await;
+    assert!(m.contains("25 credits granted to 1 account(s)"), "{m}");
+
+    // An incident on utah's playback, written in the admin.
+    c.goto(&format!("{base}/admin/incidents")).await.unwrap();
+    fill(&c, "input[name=title]", "Utah playback stalls").await;
+    c.find(Locator::Css("select[name=impact] option[value=major]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Css("input[name=component][value='playback:utah']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    fill(
+        &c,
+        "#new-incident textarea[name=body]",
+        "We are looking into it.",
+    )
+    .await;
+    let m = submit(&c, "/admin/incidents").await;
+    assert!(m.contains("is on the status page"), "{m}");
+    screenshot(&c, "admin-incidents.png").await;
+
+    // What users see.
+    c.goto(&format!("{base}/status")).await.unwrap();
+    assert_eq!(attr(&c, "#overall", "data-state").await, "down");
+    assert_eq!(
+        attr(&c, "[data-component='playback:utah']", "data-state").await,
+        "down"
+    );
+    assert!(text_of(&c, ".incident h2")
+        .await
+        .contains("Utah playback stalls"));
+    assert_eq!(
+        c.find_all(Locator::Css("[data-component='web'] .bars span"))
+            .await
+            .unwrap()
+            .len(),
+        90,
+        "90 daily bars"
+    );
+    screenshot(&c, "status-page.png").await;
+
+    // Each action is in the audit log.
+    c.goto(&format!("{base}/admin/audit")).await.unwrap();
+    let log = text_of(&c, "main").await;
+    for action in [
+        "node_drain",
+        "node_return",
+        "grant_credits",
+        "incident_open",
+    ] {
+        assert!(log.contains(action), "{action} in {log}");
+    }
+}
