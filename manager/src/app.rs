@@ -14,6 +14,8 @@ pub struct AppState {
     pub minter: Arc<redirect::Minter>,
     /// Alert channels (webhooks, e-mail) and their delivery log.
     pub notifier: crate::notify::Notifier,
+    /// The public status page as last gathered, and when.
+    pub status_cache: std::sync::Mutex<Option<(i64, Arc<crate::status::Page>)>>,
     /// What ingest, replication and repair work with; its `wake` is what an
     /// upload pokes so a job loop starts at once.
     pub pipeline: crate::pipeline::Ctx,
@@ -106,6 +108,7 @@ impl AppState {
             master,
             minter,
             notifier,
+            status_cache: Default::default(),
             pipeline,
             metrics: shared::runtime::metrics_handle(),
             geo,

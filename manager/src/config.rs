@@ -125,7 +125,9 @@ impl Default for BackupConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MonitorConfig {
-    /// Seconds between two runs of every check (5 to 600).
+    /// Seconds between two runs of every check (5 to 120). Each run also
+    /// pushes the status page to the nodes, whose `status_stale_secs`
+    /// (300) must stay above twice this.
     pub interval_secs: u64,
     /// The movie the viewer's-path check plays (its id). Empty: the
     /// smallest published movie.
@@ -133,6 +135,9 @@ pub struct MonitorConfig {
     /// A node whose clock differs from the manager's by more than this,
     /// seconds, is degraded: media URLs and terminal requests carry times.
     pub max_clock_skew_secs: u64,
+    /// A disk (the manager's, a node's) with less free space than this
+    /// percentage is degraded, under a fifth of it down (1 to 50).
+    pub low_disk_percent: u64,
     /// Transcoding is degraded when a job has waited longer than this, seconds.
     pub max_queue_age_secs: u64,
     /// A sealed file waiting in the outbox longer than this, seconds, is a
@@ -151,6 +156,7 @@ impl Default for MonitorConfig {
             interval_secs: 30,
             canary_asset: String::new(),
             max_clock_skew_secs: 5,
+            low_disk_percent: 10,
             max_queue_age_secs: 3600,
             max_outbox_age_secs: 3600,
             max_journal_lag_secs: 900,
@@ -231,14 +237,26 @@ impl Default for EmailConfig {
     }
 }
 
+/// The signing key of a Standard Webhooks secret (`whsec_` + base64 of 24
+/// to 64 bytes), or `None` when it is not one.
+pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b64 = secret.strip_prefix("whsec_")?;
+    let key = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    (24..=64).contains(&key.len()).then_some(key)
+}
+
 fn is_http(u: &str) -> bool {
     u.starts_with("http://") || u.starts_with("https://")
 }
 
 impl MonitorConfig {
     fn validate(&self) -> Result<(), (&'static str, &'static str)> {
-        if !(5..=600).contains(&self.interval_secs) {
-            return Err(("interval_secs", "must be between 5 and 600"));
+        if !(5..=120).contains(&self.interval_secs) {
+            return Err(("interval_secs", "must be between 5 and 120"));
+        }
+        if !(1..=50).contains(&self.low_disk_percent) {
+            return Err(("low_disk_percent", "must be between 1 and 50"));
         }
         if self.keep_days < 90 {
             return Err((
@@ -264,9 +282,7 @@ impl AlertsConfig {
             if !is_http(&w.url) {
                 return Err((f("url"), "must start with http:// or https://".into()));
             }
-            if !w.secret.expose().is_empty()
-                && crate::notify::webhook_key(w.secret.expose()).is_none()
-            {
+            if !w.secret.expose().is_empty() && webhook_key(w.secret.expose()).is_none() {
                 return Err((
                     f("secret"),
                     "must be whsec_ followed by base64 of 24 to 64 bytes".into(),
@@ -291,6 +307,13 @@ impl AlertsConfig {
                     "must list at least one e-mail address".into(),
                 ));
             }
+        }
+        let loopback = ["localhost", "127.0.0.1", "::1", "[::1]"].contains(&e.smtp_host.as_str());
+        if !e.smtp_host.is_empty() && e.tls == "none" && !e.username.is_empty() && !loopback {
+            return Err((
+                "email.tls".into(),
+                "must be starttls or tls when a username is set: the password would cross the network in clear".into(),
+            ));
         }
         if !self.heartbeat_url.is_empty() && !is_http(&self.heartbeat_url) {
             return Err((

@@ -20,9 +20,6 @@ use crate::{
     workers,
 };
 
-/// Below this share of free space a disk is a problem on the overview.
-pub const LOW_DISK_PERCENT: u64 = 10;
-
 #[derive(Debug, Serialize)]
 pub struct NodeView {
     pub name: String,
@@ -74,7 +71,7 @@ pub async fn overview(db: &dyn Catalog, nodes: &Nodes, cfg: &Config) -> Overview
     };
     let manager_disk = disk(&cfg.data_dir);
     match manager_disk {
-        Some(d) if d.free_percent() < LOW_DISK_PERCENT => {
+        Some(d) if d.free_percent() < cfg.monitor.low_disk_percent => {
             problems.push(format!("the manager's disk is {}% free", d.free_percent()))
         }
         None => problems.push("the manager's disk space cannot be read".into()),
@@ -108,7 +105,10 @@ pub async fn overview(db: &dyn Catalog, nodes: &Nodes, cfg: &Config) -> Overview
             Some(p) if !p.ok => problems.push(format!("node {} is down: {}", n.name, p.detail)),
             _ => {}
         }
-        if let Some(d) = n.disk.filter(|d| d.free_percent() < LOW_DISK_PERCENT) {
+        if let Some(d) = n
+            .disk
+            .filter(|d| d.free_percent() < cfg.monitor.low_disk_percent)
+        {
             problems.push(format!(
                 "node {}'s disk is {}% free",
                 n.name,
@@ -167,6 +167,16 @@ pub async fn overview(db: &dyn Catalog, nodes: &Nodes, cfg: &Config) -> Overview
             problems.push(format!("the last backup is {} old", human_age(b.age_secs)))
         }
         _ => {}
+    }
+    // What the monitor found failing lately, with its words.
+    if let Ok(states) = db.check_states().await {
+        let fresh = at - 3 * cfg.monitor.interval_secs as i64;
+        for s in states
+            .iter()
+            .filter(|s| s.state != crate::domain::Health::Ok && s.checked_at >= fresh)
+        {
+            problems.push(format!("check {} is {}: {}", s.check_id, s.state, s.detail));
+        }
     }
     let books_off = db.verify_balances().await.unwrap_or_else(|e| {
         problems.push(format!("the books could not be checked: {e}"));
@@ -450,7 +460,7 @@ pub async fn update_incident(
         "incident_update",
         &format!("incident:{id}"),
         &if done {
-            format!("{status}")
+            status.to_string()
         } else {
             "refused: no open incident".into()
         },

@@ -89,7 +89,6 @@ pub async fn run(
         Arc::new(move |p: &status::Page| http::status::render_snapshot(p, &base)),
     )?);
     let checks = tokio::spawn(checker.run(stop_rx.clone()));
-    let heartbeat = tokio::spawn(state.notifier.clone().heartbeat(stop_rx.clone()));
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -117,7 +116,6 @@ pub async fn run(
     backups.abort();
     refunds.abort();
     checks.abort();
-    heartbeat.abort();
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use std::{
 
 use crate::{
     alerts,
-    catalog::{self, CheckResult, CheckState, SharedCatalog},
+    catalog::{self, CheckResult, SharedCatalog},
     config::Config,
     domain::Health,
     nodes::Nodes,
@@ -40,8 +40,6 @@ const INTEGRITY_EVERY: i64 = 86_400;
 const BOOKS_EVERY: i64 = 600;
 /// The status page's copy on the nodes is refreshed at least this often.
 const SNAPSHOT_EVERY: i64 = 60;
-/// Below this share of free space a disk is degraded; below 2 % it is down.
-pub const LOW_DISK_PERCENT: u64 = 10;
 
 /// Renders the public status page (the HTTP layer's template) for the
 /// copies the nodes serve when the manager is down.
@@ -62,15 +60,24 @@ pub struct Monitor {
 
 /// What the monitor remembers between runs; what it told the channels is
 /// also in the catalog, but must hold when the catalog is what failed.
+/// What the channels were last told about a check.
+#[derive(Clone, Copy)]
+struct Told {
+    state: Health,
+    at: i64,
+    /// When the state announced began (a resolved message's `startsAt`).
+    began: i64,
+}
+
 #[derive(Default)]
 struct Memory {
-    /// Per check: the state last announced, and when.
-    told: HashMap<String, (Health, i64)>,
+    /// Per check: what was last announced.
+    told: HashMap<String, Told>,
     integrity: Option<(i64, CheckResult)>,
     books: Option<(i64, CheckResult)>,
-    /// Alerts raised after this were not yet sent.
-    alerts_seen_at: i64,
-    /// Per alert code: when it was last sent.
+    /// Per one-off alert (code, detail): the raise last sent.
+    alerts_sent: HashMap<(&'static str, String), i64>,
+    /// Per alert code: when a message about it was last sent.
     alert_told: HashMap<&'static str, i64>,
     snapshot_at: i64,
     snapshot_hash: Vec<u8>,
@@ -95,11 +102,22 @@ fn ok(check_id: &str, component: &str, detail: impl Into<String>) -> CheckResult
     result(check_id, component, Health::Ok, detail)
 }
 
-/// Degraded below [`LOW_DISK_PERCENT`] free, down below 2 %.
-fn disk_state(free_percent: u64) -> Health {
+/// The status page's component a node's checks count towards: its site's
+/// playback, unless an operator drained it (then users are not sent there,
+/// and its state is the operator's business only).
+fn node_component(n: &crate::nodes::Node) -> String {
+    if n.is_drained() {
+        "internal".into()
+    } else {
+        format!("playback:{}", n.cfg.site())
+    }
+}
+
+/// Degraded below `low` percent free, down below a fifth of that.
+fn disk_state(free_percent: u64, low: u64) -> Health {
     match free_percent {
-        p if p < 2 => Health::Down,
-        p if p < LOW_DISK_PERCENT => Health::Degraded,
+        p if p < low / 5 => Health::Down,
+        p if p < low => Health::Degraded,
         _ => Health::Ok,
     }
 }
@@ -134,14 +152,12 @@ impl Monitor {
     /// Runs every check every `monitor.interval_secs` until `stop`.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let worker = workers::Worker::register("monitor");
-        let mut mem = Memory {
-            alerts_seen_at: catalog::now() - 1,
-            ..Memory::default()
-        };
+        let mut mem = Memory::default();
         if let Ok(states) = self.db.check_states().await {
             for s in states {
                 if let (Some(state), Some(at)) = (s.notified_state, s.notified_at) {
-                    mem.told.insert(s.check_id, (state, at));
+                    let began = if s.state == state { s.since } else { at };
+                    mem.told.insert(s.check_id, Told { state, at, began });
                 }
             }
         }
@@ -166,11 +182,23 @@ impl Monitor {
         let max_gap = 2 * self.cfg.monitor.interval_secs as i64;
         let mut stored = 0;
         for r in &results {
-            match self.db.record_check(r, at, max_gap).await {
-                Ok(_) => stored += 1,
-                Err(e) => tracing::warn!(check = %r.check_id, "check result not stored: {e}"),
-            }
-            self.announce(mem, r, at).await;
+            // When the state it is in began.
+            let began = match self.db.record_check(r, at, max_gap).await {
+                Ok(before) => {
+                    stored += 1;
+                    before
+                        .filter(|b| b.state == r.state)
+                        .map_or(at, |b| b.since)
+                }
+                Err(e) => {
+                    tracing::warn!(check = %r.check_id, "check result not stored: {e}");
+                    mem.told
+                        .get(&r.check_id)
+                        .filter(|t| t.state == r.state)
+                        .map_or(at, |t| t.began)
+                }
+            };
+            self.announce(mem, r, at, began);
             if r.state != Health::Ok {
                 metrics::gauge!("manager_check_failing", "check" => r.check_id.clone()).set(1.0);
             } else {
@@ -178,6 +206,8 @@ impl Monitor {
             }
         }
         self.send_raised_alerts(mem, at);
+        // The pings stop when this loop does, not only when the process dies.
+        self.notifier.heartbeat();
         if let Err(e) = self.push_snapshot(mem, at).await {
             tracing::warn!("status page copy not pushed: {e:#}");
         }
@@ -197,14 +227,15 @@ impl Monitor {
     }
 
     /// Decides whether `r` is news for the channels, and sends it.
-    async fn announce(&self, mem: &mut Memory, r: &CheckResult, at: i64) {
+    /// `began`: when the state `r` reports began.
+    fn announce(&self, mem: &mut Memory, r: &CheckResult, at: i64, began: i64) {
         let a = &self.cfg.alerts;
         let told = mem.told.get(&r.check_id).copied();
-        let since_told = told.map_or(i64::MAX, |(_, t)| at - t);
+        let since_told = told.map_or(i64::MAX, |t| at - t.at);
         let kind = match (r.state, told) {
-            (Health::Ok, Some((s, _))) if s != Health::Ok => Kind::Resolved,
+            (Health::Ok, Some(t)) if t.state != Health::Ok => Kind::Resolved,
             (Health::Ok, _) => return,
-            (bad, Some((s, _))) if s == bad => {
+            (bad, Some(t)) if t.state == bad => {
                 if a.repeat_secs == 0 || since_told < a.repeat_secs as i64 {
                     return;
                 }
@@ -217,59 +248,94 @@ impl Monitor {
         if since_told < a.min_gap_secs as i64 {
             return;
         }
-        let since = self
-            .db
-            .check_states()
-            .await
-            .ok()
-            .and_then(|l| l.into_iter().find(|s| s.check_id == r.check_id))
-            .map_or(at, |s: CheckState| s.since);
+        // A resolved message names what it resolves: the state and start
+        // of the firing, so receivers match it with its alert.
+        let (state, starts_at) = match (kind, told) {
+            (Kind::Resolved, Some(t)) => (t.state, t.began),
+            _ => (r.state, began),
+        };
         self.notifier.send(Message {
             subject: r.check_id.clone(),
             kind,
-            state: r.state,
+            state,
             component: r.component.clone(),
             summary: summary(&r.check_id, r.state),
             detail: r.detail.clone(),
-            starts_at: since,
+            starts_at,
             ends_at: (kind == Kind::Resolved).then_some(at),
         });
-        mem.told.insert(r.check_id.clone(), (r.state, at));
-        if let Err(e) = self.db.mark_notified(&r.check_id, r.state, at).await {
-            tracing::warn!(check = %r.check_id, "announcement not recorded: {e}");
-        }
+        mem.told.insert(
+            r.check_id.clone(),
+            Told {
+                state: r.state,
+                at,
+                began,
+            },
+        );
+        let (db, id, state) = (self.db.clone(), r.check_id.clone(), r.state);
+        tokio::spawn(async move {
+            if let Err(e) = db.mark_notified(&id, state, at).await {
+                tracing::warn!(check = %id, "announcement not recorded: {e}");
+            }
+        });
     }
 
     /// One-off alerts (a refunded view served, a movie damaged) raised
-    /// since the last run, at most one message per code per gap.
+    /// since they were last sent: one message per code listing every
+    /// pending one, at most one per code per gap (the rest wait, never
+    /// dropped).
     fn send_raised_alerts(&self, mem: &mut Memory, at: i64) {
         let gap = self.cfg.alerts.min_gap_secs as i64;
-        for al in alerts::recent() {
-            if al.at <= mem.alerts_seen_at {
+        let recent = alerts::recent();
+        let mut pending: HashMap<&'static str, Vec<&alerts::Alert>> = HashMap::new();
+        for al in &recent {
+            let key = (al.alert, al.detail.clone());
+            if mem.alerts_sent.get(&key).is_none_or(|sent| al.at > *sent) {
+                pending.entry(al.alert).or_default().push(al);
+            }
+        }
+        for (code, list) in pending {
+            if mem.alert_told.get(code).is_some_and(|t| at - t < gap) {
                 continue;
             }
-            if mem.alert_told.get(al.alert).is_some_and(|t| at - t < gap) {
-                continue;
+            mem.alert_told.insert(code, at);
+            let first = list[0];
+            let mut detail: Vec<String> = list
+                .iter()
+                .take(20)
+                .map(|al| {
+                    format!(
+                        "{} (raised {} time(s) since {})",
+                        al.detail,
+                        al.count,
+                        crate::notify::rfc3339(al.first_at)
+                    )
+                })
+                .collect();
+            if list.len() > 20 {
+                detail.push(format!("and {} more", list.len() - 20));
             }
-            mem.alert_told.insert(al.alert, at);
             self.notifier.send(Message {
-                subject: al.alert.to_string(),
+                subject: code.to_string(),
                 kind: Kind::Firing,
                 state: Health::Down,
                 component: "internal".into(),
-                summary: al.message.clone(),
-                detail: format!(
-                    "{} (raised {} time(s) since {})",
-                    al.detail,
-                    al.count,
-                    crate::notify::rfc3339(al.first_at)
-                ),
-                starts_at: al.at,
+                summary: first.message.clone(),
+                detail: detail.join("\n"),
+                starts_at: list.iter().map(|a| a.at).min().unwrap_or(at),
                 // An event, not a state: it stops counting by itself.
-                ends_at: Some(al.at + 3600),
+                ends_at: Some(at + 3600),
             });
+            for al in list {
+                mem.alerts_sent.insert((al.alert, al.detail.clone()), al.at);
+            }
         }
-        mem.alerts_seen_at = at;
+        // Forget what the alert list no longer holds (it keeps 200).
+        mem.alerts_sent.retain(|(code, detail), _| {
+            recent
+                .iter()
+                .any(|a| a.alert == *code && a.detail == *detail)
+        });
     }
 
     /// Every check once.
@@ -296,7 +362,7 @@ impl Monitor {
             Ok(d) => result(
                 "manager.disk",
                 "web",
-                disk_state(d.free_percent()),
+                disk_state(d.free_percent(), self.cfg.monitor.low_disk_percent),
                 format!(
                     "{} % free of {}",
                     d.free_percent(),
@@ -366,7 +432,7 @@ impl Monitor {
         let mut out = Vec::new();
         for n in self.nodes.list.iter() {
             let name = &n.cfg.name;
-            let component = format!("playback:{}", n.cfg.site());
+            let component = node_component(n);
             let id = format!("node.{name}");
             let drained = if n.is_drained() { " (drained)" } else { "" };
             let Some(p) = n.last_probe() else {
@@ -387,7 +453,10 @@ impl Monitor {
                 if let Some(d) = report.get("disk").and_then(|d| {
                     serde_json::from_value::<shared::runtime::DiskSpace>(d.clone()).ok()
                 }) {
-                    state = state.max(disk_state(d.free_percent()));
+                    state = state.max(disk_state(
+                        d.free_percent(),
+                        self.cfg.monitor.low_disk_percent,
+                    ));
                     notes.push(format!("disk {} % free", d.free_percent()));
                 }
                 if report.get("journal").and_then(|j| j.as_str()) == Some("write_failing") {
@@ -454,7 +523,7 @@ impl Monitor {
                 .map(|n| {
                     ok(
                         &format!("playback.{}", n.cfg.name),
-                        &format!("playback:{}", n.cfg.site()),
+                        &node_component(n),
                         detail,
                     )
                 })
@@ -533,7 +602,7 @@ impl Monitor {
         let mut first: Option<(String, Vec<u8>)> = None;
         for n in self.nodes.list.iter() {
             let id = format!("playback.{}", n.cfg.name);
-            let component = format!("playback:{}", n.cfg.site());
+            let component = node_component(n);
             let r = self.range_on(&url, &n.cfg.name, want, len).await;
             out.push(match r {
                 Ok((bytes, ttfb)) => {
@@ -784,12 +853,16 @@ impl Monitor {
                     });
                 }
             }
-            Err(e) => out.push(result(
-                "journal",
-                "internal",
-                Health::Down,
-                format!("cannot read: {e}"),
-            )),
+            Err(e) => {
+                for n in self.nodes.list.iter() {
+                    out.push(result(
+                        &format!("journal.{}", n.cfg.name),
+                        "internal",
+                        Health::Down,
+                        format!("the watermarks cannot be read: {e}"),
+                    ));
+                }
+            }
         }
         out
     }
@@ -905,9 +978,10 @@ mod tests {
 
     #[test]
     fn disks_degrade_then_go_down() {
-        assert_eq!(disk_state(50), Health::Ok);
-        assert_eq!(disk_state(9), Health::Degraded);
-        assert_eq!(disk_state(1), Health::Down);
+        assert_eq!(disk_state(50, 10), Health::Ok);
+        assert_eq!(disk_state(9, 10), Health::Degraded);
+        assert_eq!(disk_state(1, 10), Health::Down);
+        assert_eq!(disk_state(1, 1), Health::Ok);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     catalog::{Delivery, SharedCatalog},
-    config::{AlertsConfig, EmailConfig, WebhookConfig},
+    config::{webhook_key, AlertsConfig, EmailConfig, WebhookConfig},
     domain::Health,
 };
 
@@ -90,14 +90,6 @@ impl Message {
             Kind::Test => format!("[TEST] {}", self.summary),
         }
     }
-}
-
-/// The signing key of a Standard Webhooks secret (`whsec_` + base64), or
-/// `None` when it is not one.
-pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
-    let b64 = secret.strip_prefix("whsec_")?;
-    let key = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-    (24..=64).contains(&key.len()).then_some(key)
 }
 
 /// `webhook-signature`'s value for `body` sent as message `id` at `ts`.
@@ -179,6 +171,10 @@ struct Inner {
     db: SharedCatalog,
     http: reqwest::Client,
     public_url: String,
+    /// Per subject, the newest message's number: a retry of an older one
+    /// (a late "firing" after its "resolved") is dropped.
+    newest: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    heartbeat_failing: std::sync::atomic::AtomicBool,
 }
 
 impl Notifier {
@@ -193,6 +189,8 @@ impl Notifier {
                 db,
                 http,
                 public_url,
+                newest: Default::default(),
+                heartbeat_failing: Default::default(),
             }),
         })
     }
@@ -214,11 +212,20 @@ impl Notifier {
 
     /// Sends `m` to every channel in the background, each with its retries.
     pub fn send(&self, m: Message) {
+        let seq = {
+            let mut newest = self.inner.newest.lock().unwrap_or_else(|e| e.into_inner());
+            let n = newest.entry(m.subject.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
         for channel in self.channels() {
             let me = self.clone();
             let m = m.clone();
             tokio::spawn(async move {
                 for attempt in 1..=RETRY_AFTER.len() + 1 {
+                    if attempt > 1 && !me.is_newest(&m.subject, seq) {
+                        return;
+                    }
                     if me.attempt(&channel, &m, attempt).await.is_ok() {
                         return;
                     }
@@ -229,6 +236,15 @@ impl Notifier {
                 tracing::error!(%channel, subject = %m.subject, "an alert could not be delivered after every retry");
             });
         }
+    }
+
+    fn is_newest(&self, subject: &str, seq: u64) -> bool {
+        self.inner
+            .newest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(subject)
+            .is_none_or(|n| *n == seq)
     }
 
     /// One test message to `channel`, answered with the receiving end's
@@ -305,13 +321,26 @@ impl Notifier {
                 .header("webhook-id", id)
                 .header("webhook-timestamp", ts.to_string());
         }
-        let resp = req
+        // Without the URL: webhook URLs often carry their token.
+        let mut resp = req
             .body(body)
             .send()
             .await
-            .map_err(|e| crate::nodecall::explain(&e))?;
+            .map_err(|e| crate::nodecall::explain(&e.without_url()))?;
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        // Read no more of the answer than the log keeps.
+        let cap = ANSWER_KEEP * 4;
+        let mut text = Vec::new();
+        while text.len() < cap {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = cap - text.len();
+                    text.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                _ => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
         let answer = format!("HTTP {}: {}", status.as_u16(), text.trim());
         if status.is_success() {
             Ok(answer)
@@ -320,23 +349,27 @@ impl Notifier {
         }
     }
 
-    /// Fetches the heartbeat URL every `heartbeat_secs` until `stop`. Only
-    /// failures, and the first success after one, go to the delivery log:
-    /// a minute's "ok" would bury everything else.
-    pub async fn heartbeat(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let cfg = &self.inner.cfg;
-        if cfg.heartbeat_url.is_empty() {
+    /// Pings the heartbeat URL (in the background). The monitor calls it
+    /// after each run, so the pings stop when the monitor does, not only
+    /// when the process dies. Only failures, and the first success after
+    /// one, go to the delivery log: a minute's "ok" would bury the rest.
+    pub fn heartbeat(&self) {
+        if self.inner.cfg.heartbeat_url.is_empty() {
             return;
         }
-        let mut failing = false;
-        loop {
-            let r = match self.inner.http.get(&cfg.heartbeat_url).send().await {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = match me.inner.http.get(&me.inner.cfg.heartbeat_url).send().await {
                 Ok(r) if r.status().is_success() => Ok(format!("HTTP {}", r.status().as_u16())),
                 Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-                Err(e) => Err(crate::nodecall::explain(&e)),
+                Err(e) => Err(crate::nodecall::explain(&e.without_url())),
             };
-            if r.is_err() || failing {
-                self.log(Delivery {
+            let was_failing = me
+                .inner
+                .heartbeat_failing
+                .swap(r.is_err(), std::sync::atomic::Ordering::Relaxed);
+            if r.is_err() || was_failing {
+                me.log(Delivery {
                     at: crate::catalog::now(),
                     channel: "heartbeat".into(),
                     subject: "heartbeat".into(),
@@ -349,12 +382,7 @@ impl Notifier {
                 })
                 .await;
             }
-            failing = r.is_err();
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(cfg.heartbeat_secs)) => {}
-                _ = stop.changed() => return,
-            }
-        }
+        });
     }
 }
 

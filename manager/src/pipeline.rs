@@ -482,11 +482,13 @@ enum Source<'a> {
     Node(&'a crate::nodes::Node),
 }
 
-/// Pushes the asset's blob to every node that lacks a verified copy, all at
-/// once, then publishes if enough copies are verified.
 /// How often a copy meant for a drained node is looked at again.
 const DRAINED_RETRY_SECS: i64 = 60;
 
+/// Pushes the asset's blob to every node that lacks a verified copy, all at
+/// once, then publishes if enough copies are verified. A drained node is
+/// left out (its copy waits); it may still be the source of a repair, which
+/// only reads from it.
 pub async fn replicate_asset(st: &Pipeline, asset_id: &str) -> anyhow::Result<()> {
     let Some(asset) = st.db.asset(asset_id).await? else {
         return Ok(());

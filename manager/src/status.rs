@@ -45,6 +45,9 @@ pub struct Component {
 #[derive(Debug, Clone, Serialize)]
 pub struct Page {
     pub generated_at: i64,
+    /// The monitor's newest stored result is old: the states shown may
+    /// not be current (the monitor stopped, or cannot write its results).
+    pub stale: bool,
     pub overall: Health,
     pub components: Vec<Component>,
     /// Open incidents and maintenance in progress.
@@ -110,14 +113,37 @@ pub async fn page(db: &dyn Catalog, cfg: &Config, now: i64) -> anyhow::Result<Pa
             recent.push(i);
         }
     }
+    let stale = states
+        .iter()
+        .map(|s| s.checked_at)
+        .max()
+        .is_some_and(|t| t < fresh);
     let mut shown = Vec::new();
     for (id, name) in components(cfg) {
-        let mut state = states
-            .iter()
-            .filter(|s| s.component == id && s.checked_at >= fresh)
-            .map(|s| s.state)
-            .max()
-            .unwrap_or(Health::Ok);
+        let mine: Vec<_> = states.iter().filter(|s| s.component == id).collect();
+        let current: Vec<_> = mine.iter().filter(|s| s.checked_at >= fresh).collect();
+        let mut state = if id.starts_with("playback:") {
+            // A region is out only when every node in it is; one node of
+            // several down is degraded (viewers go to the others).
+            let mut per_node: std::collections::BTreeMap<&str, Health> = Default::default();
+            for s in &current {
+                let node = s.check_id.split_once('.').map_or("", |(_, n)| n);
+                let e = per_node.entry(node).or_insert(Health::Ok);
+                *e = (*e).max(s.state);
+            }
+            let worst = per_node.values().copied().max().unwrap_or(Health::Ok);
+            if per_node.values().all(|h| *h == Health::Down) {
+                worst
+            } else {
+                worst.min(Health::Degraded)
+            }
+        } else {
+            current.iter().map(|s| s.state).max().unwrap_or(Health::Ok)
+        };
+        // Results there were, but none lately: not known to be fine.
+        if current.is_empty() && !mine.is_empty() {
+            state = state.max(Health::Degraded);
+        }
         for i in &active {
             if i.components.split(',').any(|c| c == id) {
                 state = state.max(impact_state(&i.impact));
@@ -170,6 +196,7 @@ pub async fn page(db: &dyn Catalog, cfg: &Config, now: i64) -> anyhow::Result<Pa
     }
     Ok(Page {
         generated_at: now,
+        stale,
         overall: shown.iter().map(|c| c.state).max().unwrap_or(Health::Ok),
         components: shown,
         active,

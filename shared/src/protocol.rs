@@ -108,6 +108,31 @@ pub struct InventoryCounts {
     pub quarantined: u64,
 }
 
+/// The git commit this code was built from (12 hex digits), or `unknown`.
+pub const GIT_COMMIT: &str = env!("SLMEDIA_GIT_COMMIT");
+
+/// The version a process reports: crate version and commit.
+pub fn build_version() -> String {
+    format!("{} ({GIT_COMMIT})", env!("CARGO_PKG_VERSION"))
+}
+
+/// Changes when what a node and the manager must agree on changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A fingerprint of the configuration a node shares with the manager: the
+/// public key that signs playback tokens, the master key's id, and the
+/// wire protocol. Both sides compute it from their own settings; a node
+/// whose fingerprint differs from the manager's will refuse good tokens or
+/// fail to open blobs, and the operator's console says so before viewers do.
+pub fn config_fingerprint(token_public_key_hex: &str, master_key_id: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!(
+        "slmedia shared config v1\npublic_key={}\nmaster_key_id={master_key_id}\nprotocol={PROTOCOL_VERSION}\n",
+        token_public_key_hex.trim().to_ascii_lowercase()
+    ));
+    hex::encode(&d[..8])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,29 +174,4 @@ mod tests {
         let back: Inventory = serde_json::from_value(serde_json::to_value(&i).unwrap()).unwrap();
         assert_eq!(back, i);
     }
-}
-
-/// The git commit this code was built from (12 hex digits), or `unknown`.
-pub const GIT_COMMIT: &str = env!("SLMEDIA_GIT_COMMIT");
-
-/// The version a process reports: crate version and commit.
-pub fn build_version() -> String {
-    format!("{} ({GIT_COMMIT})", env!("CARGO_PKG_VERSION"))
-}
-
-/// Changes when what a node and the manager must agree on changes.
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// A fingerprint of the configuration a node shares with the manager: the
-/// public key that signs playback tokens, the master key's id, and the
-/// wire protocol. Both sides compute it from their own settings; a node
-/// whose fingerprint differs from the manager's will refuse good tokens or
-/// fail to open blobs, and the operator's console says so before viewers do.
-pub fn config_fingerprint(token_public_key_hex: &str, master_key_id: u32) -> String {
-    use sha2::{Digest, Sha256};
-    let d = Sha256::digest(format!(
-        "slmedia shared config v1\npublic_key={}\nmaster_key_id={master_key_id}\nprotocol={PROTOCOL_VERSION}\n",
-        token_public_key_hex.trim().to_ascii_lowercase()
-    ));
-    hex::encode(&d[..8])
 }

@@ -531,7 +531,7 @@ async fn attr(c: &fantoccini::Client, css: &str, name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_the_site_from_the_admin_in_chromium() {
     let mut o = e2e::ClusterOpts::new(&["utah", "toronto"]);
-    o.manager_extra = "[monitor]\ninterval_secs = 5\n".into();
+    o.manager_extra = "[monitor]\ninterval_secs = 5\nlow_disk_percent = 1\n".into();
     let cluster = Cluster::start_with(&o);
     let base = &cluster.manager.url;
     let (_driver, driver_url) = start_chromedriver().await;

@@ -205,7 +205,7 @@ async fn the_operator_is_told_first_and_the_status_page_tells_users() {
     o.fixed_ports = true;
     o.node_extra = "status_stale_secs = 8\n".into();
     o.manager_extra = format!(
-        "[monitor]\ninterval_secs = 5\n\
+        "[monitor]\ninterval_secs = 5\nlow_disk_percent = 1\n\
          [alerts]\nmin_gap_secs = 1\nrepeat_secs = 0\n\
          [[alerts.webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{hook_port}/hook\"\nsecret = \"whsec_{SECRET_B64}\"\n\
          [alerts.email]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {smtp_port}\ntls = \"none\"\n\

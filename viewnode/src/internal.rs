@@ -295,7 +295,6 @@ pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_j
         // The manager's console compares these with its own (drift) and
         // its clock with ours (skew).
         "config_fingerprint": shared::protocol::config_fingerprint(&st.cfg.token_public_key, st.cfg.master_key_id),
-        "manager_url": st.cfg.manager_url,
         "time_ms": shared::runtime::unix_now_ms(),
         "checks": { "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() } },
         "journal": if journal_ok { "ok" } else { "write_failing" },

@@ -38,6 +38,8 @@ struct Copy {
 pub struct StatusCopy {
     path: PathBuf,
     copy: RwLock<Option<Copy>>,
+    /// One push at a time: the file and memory then hold the same copy.
+    write: tokio::sync::Mutex<()>,
 }
 
 impl StatusCopy {
@@ -50,6 +52,7 @@ impl StatusCopy {
         StatusCopy {
             path,
             copy: RwLock::new(copy),
+            write: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -80,17 +83,10 @@ pub async fn put(
         received_at: shared::runtime::unix_now(),
         html: p.html,
     };
-    // An older render arriving late never replaces a newer one.
-    if st
-        .status
-        .copy
-        .read()
-        .expect("not poisoned")
-        .as_ref()
-        .is_some_and(|c| c.generated_at > copy.generated_at)
-    {
-        return Ok(Json(serde_json::json!({ "kept": "newer" })));
-    }
+    // The newest push wins, whatever its render time says: the manager's
+    // clock may step back (NTP, a restore on another machine), and each
+    // push is also what tells us the manager reaches us.
+    let _one = st.status.write.lock().await;
     let bytes = serde_json::to_vec(&copy).map_err(|e| NodeError::Storage(e.to_string()))?;
     let path = st.status.path.clone();
     tokio::task::spawn_blocking(move || shared::runtime::write_file_durably(&path, &bytes))

@@ -75,8 +75,15 @@ impl SqliteCatalog {
     }
 }
 
-/// Whether `conn` is inside a transaction (SQLite's autocommit is off).
+/// Whether `conn` is inside a transaction: SQLite's autocommit is off, or
+/// sqlx still counts one open (SQLite rolled it back by itself on
+/// SQLITE_FULL and sqlx's own ROLLBACK then failed).
 async fn in_transaction(conn: &mut SqliteConnection) -> bool {
+    use sqlx::{Database, TransactionManager};
+    if <Sqlite as Database>::TransactionManager::get_transaction_depth(conn) > 0 {
+        tracing::warn!("a database connection left inside a transaction is closed");
+        return true;
+    }
     match conn.lock_handle().await {
         // SAFETY: the handle is locked for this call, so no statement runs
         // on it meanwhile; sqlite3_get_autocommit only reads a flag.

@@ -61,12 +61,20 @@ pub fn render_snapshot(page: &status::Page, base: &str) -> String {
         .unwrap_or_else(|e| format!("<p>status page could not be rendered: {e}</p>"))
 }
 
-/// Answers `body` with a strong `ETag`, or `304` when the client has it.
-fn with_etag(headers: &HeaderMap, content_type: &'static str, body: String) -> Response {
-    let tag = format!(
-        "\"{}\"",
-        hex::encode(&Sha256::digest(body.as_bytes())[..12])
-    );
+/// Answers `body` with an `ETag` made from `body` (or from `about`, the
+/// content without its render time: then a weak tag), or `304` when the
+/// client has it.
+fn with_etag(
+    headers: &HeaderMap,
+    content_type: &'static str,
+    body: String,
+    about: Option<&[u8]>,
+) -> Response {
+    let hash = hex::encode(&Sha256::digest(about.unwrap_or(body.as_bytes()))[..12]);
+    let tag = match about {
+        Some(_) => format!("W/\"{hash}\""),
+        None => format!("\"{hash}\""),
+    };
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -91,10 +99,31 @@ fn with_etag(headers: &HeaderMap, content_type: &'static str, body: String) -> R
         .into_response()
 }
 
-async fn current(st: &SharedState) -> Result<status::Page, ApiError> {
-    status::page(&*st.db, &st.cfg, catalog::now())
-        .await
-        .map_err(ApiError::Internal)
+/// How long one gathering of the page serves every visitor: the page is
+/// public, and a crowd arrives exactly when something is wrong.
+const PAGE_CACHE_SECS: i64 = 5;
+
+async fn current(st: &SharedState) -> Result<std::sync::Arc<status::Page>, ApiError> {
+    let now = catalog::now();
+    if let Some((at, p)) = st.status_cache.lock().expect("not poisoned").as_ref() {
+        if now - at < PAGE_CACHE_SECS {
+            return Ok(p.clone());
+        }
+    }
+    let p = std::sync::Arc::new(
+        status::page(&*st.db, &st.cfg, now)
+            .await
+            .map_err(ApiError::Internal)?,
+    );
+    *st.status_cache.lock().expect("not poisoned") = Some((now, p.clone()));
+    Ok(p)
+}
+
+/// What a page's tag is made of: its content without the render time.
+fn page_tag(p: &status::Page) -> Vec<u8> {
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    v["generated_at"] = 0.into();
+    v.to_string().into_bytes()
 }
 
 /// `GET /status`.
@@ -107,11 +136,17 @@ pub async fn page(
         &headers,
         "text/html; charset=utf-8",
         render_snapshot(&p, &st.public_url),
+        Some(&page_tag(&p)),
     ))
 }
 
+/// Escaped for XML text and attributes, without the control characters
+/// XML 1.0 forbids (one pasted into an incident would break the feed).
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
+    s.chars()
+        .filter(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
+        .collect::<String>()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
@@ -156,6 +191,7 @@ pub async fn atom(State(st): State<SharedState>, headers: HeaderMap) -> Result<R
         &headers,
         "application/atom+xml; charset=utf-8",
         x,
+        None,
     ))
 }
 
@@ -194,6 +230,7 @@ pub async fn json_feed(
         &headers,
         "application/feed+json",
         body.to_string(),
+        None,
     ))
 }
 
@@ -216,7 +253,7 @@ pub async fn badge(
         lx = lw / 2,
         rx = lw + rw / 2,
     );
-    Ok(with_etag(&headers, "image/svg+xml", svg))
+    Ok(with_etag(&headers, "image/svg+xml", svg, None))
 }
 
 // ---- the operators' pages ------------------------------------------------------
@@ -371,7 +408,7 @@ pub async fn test_channel(
 struct IncidentsPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
-    page: status::Page,
+    page: std::sync::Arc<status::Page>,
     components: Vec<(String, String)>,
     statuses: &'static [&'static str],
     message: Option<String>,
@@ -393,6 +430,8 @@ async fn incidents_page(
     c: &Caller,
     message: Option<(String, bool)>,
 ) -> Result<Response, PageError> {
+    // Fresh, not the public cache: the operator just changed it.
+    *st.status_cache.lock().expect("not poisoned") = None;
     let page = current(st).await?;
     let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
     let mut r = render(&IncidentsPage {
