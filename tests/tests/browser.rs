@@ -74,33 +74,13 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
     let c = chromium(&profile, &driver_url).await;
     let base = &cluster.manager.url;
 
-    // Log in through the form.
-    c.goto(&format!("{base}/login")).await.unwrap();
-    c.find(Locator::Css("input[name=email]"))
-        .await
-        .unwrap()
-        .send_keys(&cluster.operator_email)
-        .await
-        .unwrap();
-    c.find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys(&cluster.operator_password)
-        .await
-        .unwrap();
-    c.find(Locator::Css("main form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    // Wait for the next page, not the one being left: only a logged-in
-    // page has the log-out form.
-    c.wait()
-        .at_most(Duration::from_secs(30))
-        .for_element(Locator::Css("header form[action='/logout']"))
-        .await
-        .expect("logged in");
+    log_in(
+        &c,
+        base,
+        &cluster.operator_email,
+        &cluster.operator_password,
+    )
+    .await;
     let body = c
         .find(Locator::Css("header"))
         .await
@@ -472,7 +452,8 @@ async fn a_new_viewer_signs_up_buys_a_view_watches_it_and_sees_the_ledger_in_chr
     assert!(v.to_string().contains("\"sale\""), "{v}");
 }
 
-/// Logs `c` in through the form as `email`.
+/// Logs `c` in through the form as `email`, and waits for the next page,
+/// not the one being left: only a logged-in page has the log-out form.
 async fn log_in(c: &fantoccini::Client, base: &str, email: &str, password: &str) {
     c.goto(&format!("{base}/login")).await.unwrap();
     text_of(c, "input[name=email]").await;

@@ -95,6 +95,28 @@ async fn in_transaction(conn: &mut SqliteConnection) -> bool {
     }
 }
 
+/// One entry of an incident's timeline, inside the caller's transaction.
+async fn insert_incident_update(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: i64,
+    at: i64,
+    status: &str,
+    body: &str,
+    author: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO incident_updates (incident_id, at, status, body, author) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(status)
+    .bind(body)
+    .bind(author)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// `PRAGMA quick_check` on an existing database before anything migrates
 /// or writes to it. A missing file is a fresh start, not damage.
 pub async fn quick_check(url: &str) -> anyhow::Result<()> {
@@ -2081,16 +2103,7 @@ impl Catalog for SqliteCatalog {
         .bind(i.author)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO incident_updates (incident_id, at, status, body, author) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(i.at)
-        .bind(i.status)
-        .bind(i.body)
-        .bind(i.author)
-        .execute(&mut *tx)
-        .await?;
+        insert_incident_update(&mut tx, id, i.at, i.status, i.body, i.author).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -2105,16 +2118,7 @@ impl Catalog for SqliteCatalog {
         if open.is_none() {
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO incident_updates (incident_id, at, status, body, author) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(u.incident_id)
-        .bind(u.at)
-        .bind(&u.status)
-        .bind(&u.body)
-        .bind(&u.author)
-        .execute(&mut *tx)
-        .await?;
+        insert_incident_update(&mut tx, u.incident_id, u.at, &u.status, &u.body, &u.author).await?;
         if resolves {
             sqlx::query("UPDATE incidents SET resolved_at = ? WHERE id = ?")
                 .bind(u.at)
