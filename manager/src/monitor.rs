@@ -940,9 +940,10 @@ fn summary(check_id: &str, state: Health) -> String {
     }
 }
 
-/// Writes, reads back and deletes a file in the staging folder.
-async fn staging_check(dir: &Path) -> Result<(), String> {
-    let p = dir.join(format!("monitor.{}.part", uuid::Uuid::new_v4()));
+/// Writes, reads back and deletes a file in the staging folder; a failed
+/// delete fails too. `/healthz` and the monitor both take this look.
+pub async fn staging_check(dir: &Path) -> Result<(), String> {
+    let p = dir.join(format!("health.{}.part", uuid::Uuid::new_v4()));
     let probe = uuid::Uuid::new_v4().to_string();
     let r = async {
         tokio::fs::write(&p, &probe)
@@ -956,8 +957,8 @@ async fn staging_check(dir: &Path) -> Result<(), String> {
             .ok_or_else(|| "read back differs".to_string())
     }
     .await;
-    let _ = tokio::fs::remove_file(&p).await;
-    r
+    let removed = tokio::fs::remove_file(&p).await.map_err(|e| e.to_string());
+    r.and(removed)
 }
 
 /// Seconds since the oldest file in `dir` was modified.

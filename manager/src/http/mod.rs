@@ -138,19 +138,9 @@ async fn no_framing(
 /// a file; both are read back and removed.
 async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
     let db = st.db.health_check().await;
-    let disk = async {
-        let p = st
-            .cfg
-            .staging_dir()
-            .join(format!("health.{}.part", uuid::Uuid::new_v4()));
-        let probe = uuid::Uuid::new_v4().to_string();
-        tokio::fs::write(&p, &probe).await?;
-        let back = tokio::fs::read_to_string(&p).await;
-        tokio::fs::remove_file(&p).await?;
-        anyhow::ensure!(back? == probe, "read back differs");
-        Ok::<(), anyhow::Error>(())
-    }
-    .await;
+    let disk = crate::monitor::staging_check(&st.cfg.staging_dir())
+        .await
+        .map_err(anyhow::Error::msg);
     let nodes: serde_json::Map<String, serde_json::Value> = st
         .nodes
         .list
