@@ -474,14 +474,26 @@ async fn log_in(c: &fantoccini::Client, base: &str, email: &str, password: &str)
 
 /// Clicks the button of the form posting to `action`, and waits for the
 /// page it answers with (every admin action answers with its `#message`).
+/// The page being left is marked first, so its own `#message` (from the
+/// previous action) is never taken for the answer.
 async fn submit(c: &fantoccini::Client, action: &str) -> String {
+    c.execute("document.documentElement.dataset.left = '1'", vec![])
+        .await
+        .unwrap();
     c.find(Locator::Css(&format!("form[action='{action}'] button")))
         .await
         .unwrap_or_else(|_| panic!("a form posting to {action}"))
         .click()
         .await
         .unwrap();
-    text_of(c, "#message").await
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("html:not([data-left]) #message"))
+        .await
+        .unwrap_or_else(|_| panic!("the answer to {action}"))
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Writes a screenshot of the current page next to the binaries.
