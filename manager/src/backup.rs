@@ -245,7 +245,7 @@ impl BackupConfig {
         }
     }
 
-    fn target_nodes<'a>(&self, all: &'a [NodeConfig]) -> Vec<&'a NodeConfig> {
+    pub fn target_nodes<'a>(&self, all: &'a [NodeConfig]) -> Vec<&'a NodeConfig> {
         match &self.nodes {
             BackupNodes::All => all.iter().collect(),
             BackupNodes::Named(names) => all.iter().filter(|n| names.contains(&n.name)).collect(),
@@ -1457,15 +1457,60 @@ async fn list(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
 }
 
 async fn verify(cfg: &Config, dir: &Path, remote: bool) -> anyhow::Result<()> {
+    let checks = verify_copies(cfg, dir, remote).await?;
     let mut failures = 0;
-    for m in list_local(dir) {
-        match verify_db(&dir.join(format!("{}.db", m.id)), &m).await {
-            Ok(()) => println!("OK {} local", m.id),
-            Err(e) => {
-                failures += 1;
-                println!("FAILED {} local: {}: {e}", m.id, e.code());
-            }
+    for c in &checks {
+        if c.ok {
+            println!("OK {} {}", c.name, c.location);
+        } else {
+            failures += 1;
+            println!("FAILED {} {}: {}", c.name, c.location, c.detail);
         }
+    }
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} backup copies failed verification"
+    );
+    Ok(())
+}
+
+/// What a verification found of one copy of a backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyCheck {
+    /// `local`, or the node's name (`node` when the node itself failed).
+    pub location: String,
+    /// The local backup id, or the node's name for the sealed copy.
+    pub name: String,
+    pub at: i64,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Re-checks every local backup (hash, integrity, row counts) and, with
+/// `remote`, downloads, authenticates, decrypts and checks every copy on the
+/// backup nodes. The results are also kept in `checks.json` beside the
+/// backups, for the console's "verified when".
+pub async fn verify_copies(
+    cfg: &Config,
+    dir: &Path,
+    remote: bool,
+) -> Result<Vec<CopyCheck>, BackupError> {
+    let mut out = Vec::new();
+    let check = |location: &str, name: &str, r: Result<String, BackupError>| CopyCheck {
+        location: location.to_string(),
+        name: name.to_string(),
+        at: shared::runtime::unix_now(),
+        ok: r.is_ok(),
+        detail: match r {
+            Ok(d) => d,
+            Err(e) => format!("{}: {e}", e.code()),
+        },
+    };
+    for m in list_local(dir) {
+        let r = verify_db(&dir.join(format!("{}.db", m.id)), &m)
+            .await
+            .map(|()| "hash, integrity and row counts match".to_string());
+        out.push(check("local", &m.id, r));
     }
     if remote {
         let key = RecoveryKey::parse(cfg.backup.recovery_key.expose())
@@ -1477,30 +1522,199 @@ async fn verify(cfg: &Config, dir: &Path, remote: bool) -> anyhow::Result<()> {
             let listing = match client.list().await {
                 Ok(l) => l,
                 Err(e) => {
-                    failures += 1;
-                    println!("FAILED node {}: {}: {e}", n.name, e.code());
+                    out.push(check(&n.name, "(listing)", Err(e)));
                     continue;
                 }
             };
             for b in listing.backups {
-                match fetch_and_open(&client, &b.name, &key, &work).await {
-                    Ok((m, _, db)) => {
+                let r = fetch_and_open(&client, &b.name, &key, &work)
+                    .await
+                    .map(|(m, _, db)| {
                         let _ = std::fs::remove_file(db);
-                        println!("OK {} on {} (backup {})", b.name, n.name, m.id);
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        println!("FAILED {} on {}: {}: {e}", b.name, n.name, e.code());
-                    }
-                }
+                        format!("opens with the recovery key; holds backup {}", m.id)
+                    });
+                out.push(check(&n.name, &b.name, r));
             }
         }
     }
-    anyhow::ensure!(
-        failures == 0,
-        "{failures} backup copies failed verification"
-    );
+    let mut kept = read_checks(dir);
+    for c in &out {
+        kept.insert(format!("{}/{}", c.location, c.name), c.clone());
+    }
+    if let Err(e) = write_checks(dir, &kept) {
+        tracing::warn!("cannot keep the verification results: {e}");
+    }
+    Ok(out)
+}
+
+const CHECKS_FILE: &str = "checks.json";
+
+/// The last verification of each copy, by `location/name`.
+pub fn read_checks(dir: &Path) -> BTreeMap<String, CopyCheck> {
+    std::fs::read(dir.join(CHECKS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_checks(dir: &Path, checks: &BTreeMap<String, CopyCheck>) -> std::io::Result<()> {
+    // Copies no longer listed anywhere are dropped when the file passes a
+    // few thousand entries: it is a convenience, not a record.
+    let mut checks = checks.clone();
+    while checks.len() > 5000 {
+        let oldest = checks
+            .iter()
+            .min_by_key(|(_, c)| c.at)
+            .map(|(k, _)| k.clone())
+            .expect("not empty");
+        checks.remove(&oldest);
+    }
+    ensure_dirs(dir)?;
+    let tmp = dir.join("tmp").join(format!("{CHECKS_FILE}.{}", uuid::Uuid::new_v4()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&checks).expect("serializes"))?;
+    std::fs::rename(&tmp, dir.join(CHECKS_FILE))
+}
+
+/// Every backup node's listing, or why it could not be read.
+pub async fn node_listings(cfg: &Config) -> Vec<(String, Result<Vec<RemoteBackup>, String>)> {
+    let mut out = Vec::new();
+    for n in &cfg.backup.target_nodes(&cfg.nodes) {
+        let r = match NodeClient::as_manager(n, &cfg.node_ca_cert) {
+            Ok(c) => c
+                .list()
+                .await
+                .map(|l| l.backups)
+                .map_err(|e| format!("{}: {e}", e.code())),
+            Err(e) => Err(format!("{}: {e}", e.code())),
+        };
+        out.push((n.name.clone(), r));
+    }
+    out
+}
+
+/// A backup task an operator started from the console, and how it went.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManualRun {
+    /// `backup` or `verify`.
+    pub what: &'static str,
+    pub by: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    /// One line per step or copy; the first says whether it all went well.
+    pub lines: Vec<String>,
+    pub ok: Option<bool>,
+}
+
+static MANUAL: std::sync::Mutex<Option<ManualRun>> = std::sync::Mutex::new(None);
+
+/// The last (or running) console task.
+pub fn manual_run() -> Option<ManualRun> {
+    MANUAL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Starts "back up now" (`what = "backup"`: a verified backup, pruned, then
+/// pushed to the backup nodes) or "verify copies" (`"verify"`: every local
+/// copy and every copy on the nodes) in the background. `Err` with the
+/// running task when one is still going: one at a time.
+pub fn start_manual(
+    db: SharedCatalog,
+    cfg: Config,
+    what: &'static str,
+    by: &str,
+) -> Result<(), ManualRun> {
+    {
+        let mut m = MANUAL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = m.as_ref().filter(|r| r.finished_at.is_none()) {
+            return Err(r.clone());
+        }
+        *m = Some(ManualRun {
+            what,
+            by: by.to_string(),
+            started_at: shared::runtime::unix_now(),
+            finished_at: None,
+            lines: Vec::new(),
+            ok: None,
+        });
+    }
+    tokio::spawn(async move {
+        let dir = backups_dir(&cfg);
+        let (ok, lines) = match what {
+            "backup" => manual_backup(&*db, &cfg, &dir).await,
+            _ => match verify_copies(&cfg, &dir, !cfg.backup.recovery_key.is_empty()).await {
+                Ok(checks) => (
+                    checks.iter().all(|c| c.ok),
+                    checks
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{} {} {}: {}",
+                                if c.ok { "OK" } else { "FAILED" },
+                                c.location,
+                                c.name,
+                                c.detail
+                            )
+                        })
+                        .collect(),
+                ),
+                Err(e) => (false, vec![format!("{}: {e}", e.code())]),
+            },
+        };
+        if !ok {
+            tracing::warn!(what, "a backup task started from the console failed: {lines:?}");
+        }
+        let mut m = MANUAL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = m.as_mut() {
+            r.finished_at = Some(shared::runtime::unix_now());
+            r.lines = lines;
+            r.ok = Some(ok);
+        }
+    });
     Ok(())
+}
+
+async fn manual_backup(db: &dyn Catalog, cfg: &Config, dir: &Path) -> (bool, Vec<String>) {
+    let m = match take(db, dir).await {
+        Ok(m) => m,
+        Err(e) => return (false, vec![format!("backup failed: {}: {e}", e.code())]),
+    };
+    let mut lines = vec![format!(
+        "backup {} taken and verified: {} tables, {} rows, {} bytes",
+        m.id,
+        m.tables.len(),
+        m.tables.values().sum::<i64>(),
+        m.size
+    )];
+    if let Err(e) = prune_local(dir, &cfg.backup.retention()).await {
+        lines.push(format!("pruning local backups failed: {e}"));
+    }
+    let off = match Offsite::from_config(cfg) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            lines.push("no backup.recovery_key: this backup stays on this machine".into());
+            return (true, lines);
+        }
+        Err(e) => {
+            lines.push(format!("cannot reach the backup nodes: {}: {e}", e.code()));
+            return (false, lines);
+        }
+    };
+    let mut ok = true;
+    for (node, r) in off.sync_all(dir).await {
+        match r {
+            Ok(held) if held.contains(&m.created_at) => {
+                lines.push(format!("node {node}: stored"))
+            }
+            Ok(_) => {
+                ok = false;
+                lines.push(format!("node {node}: not stored (retried by the scheduler)"))
+            }
+            Err(e) => {
+                ok = false;
+                lines.push(format!("node {node}: {}: {e} (retried by the scheduler)", e.code()))
+            }
+        }
+    }
+    (ok, lines)
 }
 
 /// Downloads, authenticates, decrypts and checks one remote backup; the

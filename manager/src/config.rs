@@ -148,6 +148,10 @@ pub struct MonitorConfig {
     pub max_journal_lag_secs: u64,
     /// Days of check history and deliveries kept (the status page shows 90).
     pub keep_days: u64,
+    /// A certificate in use (a node's, the manager's public one, the
+    /// cluster CA) that expires within this many days is degraded; within
+    /// a fifth of it, or expired, down (1 to 90).
+    pub cert_warn_days: u64,
 }
 
 impl Default for MonitorConfig {
@@ -161,6 +165,7 @@ impl Default for MonitorConfig {
             max_outbox_age_secs: 3600,
             max_journal_lag_secs: 900,
             keep_days: 100,
+            cert_warn_days: 14,
         }
     }
 }
@@ -257,6 +262,9 @@ impl MonitorConfig {
         }
         if !(1..=50).contains(&self.low_disk_percent) {
             return Err(("low_disk_percent", "must be between 1 and 50"));
+        }
+        if !(1..=90).contains(&self.cert_warn_days) {
+            return Err(("cert_warn_days", "must be between 1 and 90"));
         }
         if self.keep_days < 90 {
             return Err((

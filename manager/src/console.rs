@@ -281,6 +281,13 @@ pub enum ConsoleError {
     Invalid(&'static str),
     #[error("no open incident {0}")]
     NoSuchIncident(i64),
+    #[error("no movie {0:?}")]
+    NoSuchMovie(String),
+    #[error("no account {0}")]
+    NoSuchAccount(i64),
+    /// The action does not apply to the thing as it is now (words say why).
+    #[error("{0}")]
+    NotNow(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -334,6 +341,234 @@ pub async fn load_drains(db: &dyn Catalog, nodes: &Nodes) -> sqlx::Result<()> {
         }
     }
     Ok(())
+}
+
+// ---- movies, jobs and accounts ---------------------------------------------------
+
+/// Longest reason an operator gives for withdrawing a movie.
+const MAX_REASON: usize = 500;
+
+/// Takes a finished movie down (`Some(reason)`: media URLs, purchases and
+/// listings refuse it at once) or puts it back (`None`), audited. Its
+/// copies stay on the nodes, so reinstating is instant.
+pub async fn withdraw(
+    db: &dyn Catalog,
+    who: &User,
+    asset_id: &str,
+    reason: Option<&str>,
+) -> Result<(), ConsoleError> {
+    let action = if reason.is_some() {
+        "movie_withdraw"
+    } else {
+        "movie_reinstate"
+    };
+    let target = format!("movie:{asset_id}");
+    let reason = reason.map(str::trim);
+    let r = async {
+        let a = db
+            .asset(asset_id)
+            .await?
+            .ok_or_else(|| ConsoleError::NoSuchMovie(asset_id.to_string()))?;
+        if let Some(why) = reason {
+            if why.is_empty() || why.chars().count() > MAX_REASON {
+                return Err(ConsoleError::Invalid(
+                    "a reason of 1 to 500 characters is needed",
+                ));
+            }
+            if a.state == crate::domain::AssetState::Withdrawn {
+                return Err(ConsoleError::NotNow("it is already withdrawn".into()));
+            }
+            if !matches!(
+                a.state,
+                crate::domain::AssetState::Replicating
+                    | crate::domain::AssetState::Published
+                    | crate::domain::AssetState::Damaged
+            ) {
+                return Err(ConsoleError::NotNow(format!(
+                    "it is {}: only a processed movie is withdrawn (cancel a job instead)",
+                    a.state
+                )));
+            }
+        } else if a.state != crate::domain::AssetState::Withdrawn {
+            return Err(ConsoleError::NotNow("it is not withdrawn".into()));
+        }
+        if !db.set_withdrawn(asset_id, reason, catalog::now()).await? {
+            return Err(ConsoleError::NotNow(
+                "it changed meanwhile; look again".into(),
+            ));
+        }
+        Ok(())
+    }
+    .await;
+    let detail = match (&r, reason) {
+        (Ok(()), Some(why)) => format!("done: {why:?}"),
+        (Ok(()), None) => "done".into(),
+        (Err(e), _) => format!("refused: {e}"),
+    };
+    audit(db, who, action, &target, &detail).await;
+    if r.is_ok() {
+        tracing::warn!(asset = asset_id, action, by = %who.email, "movie availability changed by an operator");
+    }
+    r
+}
+
+/// Every waiting copy of the movie is pushed or refilled now instead of
+/// at the end of its back-off. Returns how many copies were waiting.
+pub async fn repair_now(db: &dyn Catalog, who: &User, asset_id: &str) -> Result<u64, ConsoleError> {
+    let target = format!("movie:{asset_id}");
+    let r = async {
+        db.asset(asset_id)
+            .await?
+            .ok_or_else(|| ConsoleError::NoSuchMovie(asset_id.to_string()))?;
+        Ok(db.asset_replicas_due_now(asset_id).await?)
+    }
+    .await;
+    let detail = match &r {
+        Ok(n) => format!("{n} waiting copies due now"),
+        Err(e) => format!("refused: {e}"),
+    };
+    audit(db, who, "movie_repair", &target, &detail).await;
+    r
+}
+
+/// What one node said when asked to re-hash its copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reverified {
+    pub node: String,
+    /// `verified`, `quarantined`, `missing`, or the error in words.
+    pub outcome: String,
+}
+
+/// Asks every node that should hold the movie to re-hash its copy now and
+/// records what each found: a good copy's proof time moves to now; a bad
+/// or missing one is refilled from a verified copy elsewhere. Audited.
+pub async fn reverify(
+    db: &dyn Catalog,
+    nodes: &Nodes,
+    who: &User,
+    asset_id: &str,
+) -> Result<Vec<Reverified>, ConsoleError> {
+    let target = format!("movie:{asset_id}");
+    let r = async {
+        let a = db
+            .asset(asset_id)
+            .await?
+            .ok_or_else(|| ConsoleError::NoSuchMovie(asset_id.to_string()))?;
+        let Some(blob) = a.blob_id.as_deref().and_then(|b| b.parse::<shared::BlobId>().ok()) else {
+            return Err(ConsoleError::NotNow(format!(
+                "it is {} and has no sealed file to verify",
+                a.state
+            )));
+        };
+        let mut out = Vec::new();
+        for rep in db.replicas(asset_id).await? {
+            if rep.state == crate::domain::ReplicaState::Retired {
+                continue;
+            }
+            let Some(node) = nodes.get(&rep.node) else { continue };
+            let observed = catalog::now();
+            let outcome = match nodes.verify_blob(node, &blob).await {
+                Ok((state, at)) => {
+                    match state.as_str() {
+                        "verified" => {
+                            db.replica_seen_good(asset_id, &rep.node, at.or(Some(observed)))
+                                .await?;
+                        }
+                        other => {
+                            db.replica_lost(
+                                asset_id,
+                                &rep.node,
+                                &format!("re-verification found it {other}"),
+                                observed,
+                            )
+                            .await?;
+                        }
+                    }
+                    state
+                }
+                Err(e) => format!("not checked: {e}"),
+            };
+            out.push(Reverified {
+                node: rep.node.clone(),
+                outcome,
+            });
+        }
+        Ok(out)
+    }
+    .await;
+    let detail = match &r {
+        Ok(v) => v
+            .iter()
+            .map(|x| format!("{}: {}", x.node, x.outcome))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => format!("refused: {e}"),
+    };
+    audit(db, who, "movie_reverify", &target, &detail).await;
+    r
+}
+
+/// Moves a queued job ahead of the queue, audited.
+pub async fn raise_priority(db: &dyn Catalog, who: &User, asset_id: &str) -> Result<i64, ConsoleError> {
+    let r = match db.raise_priority(asset_id).await? {
+        Some(p) => Ok(p),
+        None => Err(match db.asset(asset_id).await? {
+            None => ConsoleError::NoSuchMovie(asset_id.to_string()),
+            Some(a) => ConsoleError::NotNow(format!(
+                "it is {}: only a queued job is moved ahead",
+                a.state
+            )),
+        }),
+    };
+    let detail = match &r {
+        Ok(p) => format!("priority {p}"),
+        Err(e) => format!("refused: {e}"),
+    };
+    audit(db, who, "job_raise", &format!("movie:{asset_id}"), &detail).await;
+    r
+}
+
+/// Disables an account (it cannot log in; its sessions end and its API
+/// tokens stop working at once) or enables it again, audited. Movies,
+/// balance and ledger are kept. An operator cannot disable themselves.
+pub async fn set_disabled(
+    db: &dyn Catalog,
+    who: &User,
+    account: i64,
+    disabled: bool,
+) -> Result<(), ConsoleError> {
+    let action = if disabled {
+        "account_disable"
+    } else {
+        "account_enable"
+    };
+    let r = async {
+        if disabled && account == who.id {
+            return Err(ConsoleError::Invalid(
+                "you cannot disable your own account",
+            ));
+        }
+        let a = db
+            .account(account)
+            .await?
+            .ok_or(ConsoleError::NoSuchAccount(account))?;
+        if a.disabled_at.is_some() == disabled {
+            return Err(ConsoleError::NotNow(format!(
+                "{} is already {}",
+                a.email,
+                if disabled { "disabled" } else { "enabled" }
+            )));
+        }
+        db.set_disabled(account, disabled, catalog::now()).await?;
+        Ok(a.email)
+    }
+    .await;
+    let detail = match &r {
+        Ok(email) => format!("done: {email}"),
+        Err(e) => format!("refused: {e}"),
+    };
+    audit(db, who, action, &format!("account:{account}"), &detail).await;
+    r.map(|_| ())
 }
 
 /// Impacts an incident may have.

@@ -25,6 +25,9 @@ pub enum AssetState {
     Rejected,
     /// Every stored copy lost or corrupt; plays again once one is back.
     Damaged,
+    /// Taken down by an operator (migrations/0010_console.sql); its copies
+    /// are kept so that reinstating it is instant.
+    Withdrawn,
 }
 
 impl AssetState {
@@ -38,6 +41,7 @@ impl AssetState {
             AssetState::Published => "published",
             AssetState::Rejected => "rejected",
             AssetState::Damaged => "damaged",
+            AssetState::Withdrawn => "withdrawn",
         }
     }
 
@@ -45,7 +49,10 @@ impl AssetState {
     pub fn is_settled(self) -> bool {
         matches!(
             self,
-            AssetState::Published | AssetState::Rejected | AssetState::Damaged
+            AssetState::Published
+                | AssetState::Rejected
+                | AssetState::Damaged
+                | AssetState::Withdrawn
         )
     }
 }

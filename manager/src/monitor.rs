@@ -69,6 +69,14 @@ struct Told {
     began: i64,
 }
 
+/// A certificate an answer came with during this run.
+struct CertSeen {
+    /// A node's name, or `manager`.
+    who: String,
+    what: &'static str,
+    expires_at: i64,
+}
+
 #[derive(Default)]
 struct Memory {
     /// Per check: what was last announced.
@@ -136,6 +144,8 @@ impl Monitor {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
+            // Certificates' expiry is read off the answers.
+            .tls_info(true)
             .build()?;
         Ok(Self {
             db,
@@ -392,8 +402,10 @@ impl Monitor {
             mem.integrity = Some((at, r));
         }
         out.extend(mem.integrity.as_ref().map(|(_, r)| r.clone()));
-        out.extend(self.viewer_path(at).await);
+        let mut certs = Vec::new();
+        out.extend(self.viewer_path(at, &mut certs).await);
         out.extend(self.node_checks());
+        out.extend(self.cert_checks(at, &certs));
         out.extend(self.library_checks(at).await);
         if mem
             .books
@@ -417,6 +429,60 @@ impl Monitor {
         }
         out.extend(mem.books.as_ref().map(|(_, r)| r.clone()));
         out.push(self.workers_check());
+        out
+    }
+
+    /// Every certificate in use and when it expires: per node, the one its
+    /// manager-facing address answered the probe with and the one its
+    /// viewers' address answered the playback check with; for the manager,
+    /// its public address's and the cluster CA's. Plain HTTP has none.
+    fn cert_checks(&self, at: i64, seen: &[CertSeen]) -> Vec<CheckResult> {
+        let warn = self.cfg.monitor.cert_warn_days as i64 * 86_400;
+        let judge = |id: &str, mut certs: Vec<(String, i64)>| {
+            certs.sort_by_key(|c| c.1);
+            let Some((what, soonest)) = certs.first() else {
+                return ok(id, "internal", "no certificate in use (plain HTTP)");
+            };
+            let left = soonest - at;
+            let state = if left < warn / 5 {
+                Health::Down
+            } else if left < warn {
+                Health::Degraded
+            } else {
+                Health::Ok
+            };
+            let when = crate::backup::format_utc(*soonest);
+            let detail = if left <= 0 {
+                format!("the certificate of {what} expired {when}")
+            } else {
+                format!(
+                    "the certificate of {what} expires soonest: {when}, in {}",
+                    crate::console::human_age(left)
+                )
+            };
+            result(id, "internal", state, detail)
+        };
+        let mut out = Vec::new();
+        for n in self.nodes.list.iter() {
+            let mut certs: Vec<(String, i64)> = seen
+                .iter()
+                .filter(|c| c.who == n.cfg.name)
+                .map(|c| (c.what.to_string(), c.expires_at))
+                .collect();
+            if let Some(t) = n.last_probe().and_then(|p| p.cert_expires_at) {
+                certs.push(("its address for the manager".into(), t));
+            }
+            out.push(judge(&format!("cert.{}", n.cfg.name), certs));
+        }
+        let mut certs: Vec<(String, i64)> = seen
+            .iter()
+            .filter(|c| c.who == "manager")
+            .map(|c| (c.what.to_string(), c.expires_at))
+            .collect();
+        if let Some(t) = crate::nodecall::pem_expiry(&self.cfg.node_ca_cert) {
+            certs.push(("the cluster CA (node_ca_cert)".into(), t));
+        }
+        out.push(judge("cert.manager", certs));
         out
     }
 
@@ -510,7 +576,7 @@ impl Monitor {
     /// at the manager (no redirects followed) answers `200 video/mp4`, and
     /// on every node a `Range` request answers `206` with the same bytes,
     /// an MP4's first box, and the movie's length.
-    async fn viewer_path(&self, at: i64) -> Vec<CheckResult> {
+    async fn viewer_path(&self, at: i64, certs: &mut Vec<CertSeen>) -> Vec<CheckResult> {
         let canary = if self.cfg.monitor.canary_asset.is_empty() {
             self.db.canary_asset().await
         } else {
@@ -566,6 +632,13 @@ impl Monitor {
             .timeout(Duration::from_secs(10))
             .send()
             .await;
+        if let Some(t) = head.as_ref().ok().and_then(crate::nodecall::cert_expiry) {
+            certs.push(CertSeen {
+                who: "manager".into(),
+                what: "the manager's public address",
+                expires_at: t,
+            });
+        }
         out.push(match head {
             Ok(r)
                 if r.status() == reqwest::StatusCode::OK
@@ -605,7 +678,14 @@ impl Monitor {
             let component = node_component(n);
             let r = self.range_on(&url, &n.cfg.name, want, len).await;
             out.push(match r {
-                Ok((bytes, ttfb)) => {
+                Ok((bytes, ttfb, cert)) => {
+                    if let Some(t) = cert {
+                        certs.push(CertSeen {
+                            who: n.cfg.name.clone(),
+                            what: "its viewers' address",
+                            expires_at: t,
+                        });
+                    }
                     let same = match &first {
                         None => {
                             first = Some((n.cfg.name.clone(), bytes));
@@ -648,7 +728,7 @@ impl Monitor {
         name: &str,
         want: u64,
         len: u64,
-    ) -> Result<(Vec<u8>, Duration), String> {
+    ) -> Result<(Vec<u8>, Duration, Option<i64>), String> {
         let r = self
             .http
             .get(format!("{url}?node={name}"))
@@ -681,6 +761,7 @@ impl Monitor {
             .await
             .map_err(|e| crate::nodecall::explain(&e))?;
         let ttfb = started.elapsed();
+        let cert = crate::nodecall::cert_expiry(&r);
         let status = r.status();
         let range = r
             .headers()
@@ -702,7 +783,7 @@ impl Monitor {
         if bytes.len() as u64 != want || bytes.get(4..8) != Some(b"ftyp".as_slice()) {
             return Err(format!("{} bytes that do not start an MP4", bytes.len()));
         }
-        Ok((bytes.to_vec(), ttfb))
+        Ok((bytes.to_vec(), ttfb, cert))
     }
 
     /// Backups, the queues, the outbox, the journal and the movies.
@@ -928,6 +1009,8 @@ fn summary(check_id: &str, state: Health) -> String {
         "playback" => format!("playback from node {rest}"),
         "drift" => format!("node {rest}'s code or configuration"),
         "journal" => format!("node {rest}'s view journal"),
+        "cert" if rest == "manager" => "the manager's certificates".to_string(),
+        "cert" => format!("node {rest}'s certificates"),
         "media" => "media URLs".to_string(),
         "backup" => "backups".to_string(),
         "jobs" => "transcoding".to_string(),

@@ -16,13 +16,33 @@ use std::time::Duration;
 pub fn client(ca_pem: &str) -> anyhow::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(30));
+        .pool_idle_timeout(Duration::from_secs(30))
+        // The monitor reads each node's certificate expiry off its answers.
+        .tls_info(true);
     if !ca_pem.trim().is_empty() {
         b = b
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?);
     }
     Ok(b.build()?)
+}
+
+/// When the certificate the server answered `resp` with expires (unix
+/// seconds); `None` over plain HTTP or from a client without `tls_info`.
+pub fn cert_expiry(resp: &reqwest::Response) -> Option<i64> {
+    let der = resp
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()?
+        .peer_certificate()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// When the first certificate in `pem` expires (unix seconds).
+pub fn pem_expiry(pem: &str) -> Option<i64> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = p.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// For `manager backup restore` on an empty machine without the old

@@ -29,6 +29,18 @@ pub struct Node {
     /// pushed (see [`crate::console::drain`]).
     drained: AtomicBool,
     last_probe: std::sync::Mutex<Option<Probe>>,
+    /// What the last reconciliation's inventory said, for the console.
+    last_inventory: std::sync::Mutex<Option<InventorySeen>>,
+    /// Viewers sent here since the manager started.
+    redirects: std::sync::atomic::AtomicU64,
+}
+
+/// The counts and scrub status of a node's last inventory, and when.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InventorySeen {
+    pub at: i64,
+    pub counts: shared::protocol::InventoryCounts,
+    pub scrub: serde_json::Value,
 }
 
 /// The monitor's last look at a node, for the operator's console.
@@ -43,6 +55,9 @@ pub struct Probe {
     /// The node's clock minus ours, milliseconds (from its report's
     /// `time_ms` against the middle of the request).
     pub skew_ms: Option<i64>,
+    /// When the certificate the node answered with expires (unix seconds);
+    /// `None` over plain HTTP.
+    pub cert_expires_at: Option<i64>,
 }
 
 impl Node {
@@ -56,6 +71,33 @@ impl Node {
 
     pub fn set_drained(&self, drained: bool) {
         self.drained.store(drained, Ordering::Relaxed)
+    }
+
+    pub fn last_inventory(&self) -> Option<InventorySeen> {
+        self.last_inventory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_last_inventory(&self, inv: &Inventory, at: i64) {
+        *self
+            .last_inventory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(InventorySeen {
+            at,
+            counts: inv.counts.clone(),
+            scrub: inv.scrub.clone(),
+        });
+    }
+
+    /// Counts a viewer sent here.
+    pub fn count_redirect(&self) {
+        self.redirects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn redirects(&self) -> u64 {
+        self.redirects.load(Ordering::Relaxed)
     }
 
     /// `None` until the monitor's first probe.
@@ -131,6 +173,8 @@ impl Nodes {
                     healthy: AtomicBool::new(true),
                     drained: AtomicBool::new(false),
                     last_probe: std::sync::Mutex::new(None),
+                    last_inventory: std::sync::Mutex::new(None),
+                    redirects: std::sync::atomic::AtomicU64::new(0),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -282,6 +326,36 @@ impl Nodes {
         .await
     }
 
+    /// Asks `node` to re-hash its copy of `blob` now: `verified`,
+    /// `quarantined` (it did not match; reported and repaired like a failed
+    /// scrub) or `missing`, with the node's last-verified time.
+    pub async fn verify_blob(
+        &self,
+        node: &Node,
+        blob: &BlobId,
+    ) -> Result<(String, Option<i64>), PushError> {
+        let path = format!("/internal/v1/blobs/{blob}/verify");
+        let (status, body) = self
+            .signed(node, reqwest::Method::POST, &path, EMPTY_SHA256)
+            // A whole movie read at disk speed, behind any other re-check.
+            .send_checked(&node.secret, Duration::from_secs(600))
+            .await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(("missing".into(), None));
+        }
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            state: String,
+            verified_at: Option<i64>,
+        }
+        let a: Answer = serde_json::from_slice(&body)
+            .map_err(|e| PushError::Unreachable(format!("unreadable answer: {e}")))?;
+        Ok((a.state, a.verified_at))
+    }
+
     /// Deletes `blob` from `node` (unreferenced past its grace period).
     pub async fn delete_blob(&self, node: &Node, blob: &BlobId) -> Result<(), PushError> {
         let path = format!("/internal/v1/blobs/{blob}");
@@ -355,7 +429,12 @@ impl Nodes {
     async fn probe(
         &self,
         node: &Node,
-    ) -> (Result<(), String>, Option<serde_json::Value>, Option<i64>) {
+    ) -> (
+        Result<(), String>,
+        Option<serde_json::Value>,
+        Option<i64>,
+        Option<i64>,
+    ) {
         let url = format!("{}/healthz", node.cfg.url.trim_end_matches('/'));
         let sent_ms = shared::runtime::unix_now_ms();
         let r = match self
@@ -366,9 +445,10 @@ impl Nodes {
             .await
         {
             Ok(r) => r,
-            Err(e) => return (Err(crate::nodecall::explain(&e)), None, None),
+            Err(e) => return (Err(crate::nodecall::explain(&e)), None, None, None),
         };
         let status = r.status();
+        let cert = crate::nodecall::cert_expiry(&r);
         let report: Option<serde_json::Value> = read_bounded(r, MAX_HEALTH_REPORT)
             .await
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -379,9 +459,14 @@ impl Nodes {
             .and_then(|t| t.as_i64())
             .map(|t| t - middle);
         if status.is_success() {
-            (Ok(()), report, skew)
+            (Ok(()), report, skew, cert)
         } else {
-            (Err(format!("/healthz answered {status}")), report, skew)
+            (
+                Err(format!("/healthz answered {status}")),
+                report,
+                skew,
+                cert,
+            )
         }
     }
 
@@ -393,7 +478,7 @@ impl Nodes {
         loop {
             worker.started();
             for node in self.list.iter() {
-                let (probed, report, skew_ms) = self.probe(node).await;
+                let (probed, report, skew_ms, cert_expires_at) = self.probe(node).await;
                 let ok = probed.is_ok();
                 node.healthy.store(ok, Ordering::Relaxed);
                 *node.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(Probe {
@@ -406,6 +491,7 @@ impl Nodes {
                         .unwrap_or_else(|| "ok".into()),
                     report,
                     skew_ms,
+                    cert_expires_at,
                 });
                 metrics::gauge!("manager_node_healthy", "node" => node.cfg.name.clone(), "site" => node.cfg.site().to_string())
                     .set(if ok { 1.0 } else { 0.0 });

@@ -103,8 +103,13 @@ pub async fn run(st: Ctx, stop: watch::Receiver<bool>) {
         tracing::error!("cannot check the outbox for orphaned blobs: {e:#}");
     }
     let mut tasks = Vec::new();
-    for _ in 0..st.cfg.transcode.workers {
-        tasks.push(tokio::spawn(job_loop(st.clone(), stop.clone())));
+    // Named host/transcode-N, as the console's queue shows the claimer.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "manager".into());
+    for i in 0..st.cfg.transcode.workers {
+        let name = format!("{host}/transcode-{}", i + 1);
+        tasks.push(tokio::spawn(job_loop(st.clone(), stop.clone(), name)));
     }
     tasks.push(tokio::spawn(replication_loop(st.clone(), stop)));
     for t in tasks {
@@ -112,7 +117,7 @@ pub async fn run(st: Ctx, stop: watch::Receiver<bool>) {
     }
 }
 
-async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
+async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
     // The transcode loops are one worker; a job's own failure is the job's
     // (its state and error), not the worker's.
     let worker = crate::workers::Worker::register("transcode");
@@ -121,7 +126,7 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
             worker.stopped();
             return;
         }
-        match st.db.claim_next(LEASE_SECS).await {
+        match st.db.claim_next(LEASE_SECS, &name).await {
             Ok(Some(asset)) => {
                 worker.started();
                 worker.progress(format!("processing {}", asset.id));
@@ -664,7 +669,7 @@ mod tests {
         db.insert_asset("j", owner, "J", "j.mp4", 1).await.unwrap();
         // Claimed with a lease that has already run out, as a long step
         // (sealing a big file) would leave it without renewal.
-        db.claim_next(-1).await.unwrap().unwrap();
+        db.claim_next(-1, "test").await.unwrap().unwrap();
         let lease = |cat: catalog::sqlite::SqliteCatalog| async move {
             let (t,): (i64,) = sqlx::query_as("SELECT lease_until FROM assets WHERE id = 'j'")
                 .fetch_one(cat.pool())
@@ -677,7 +682,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(lease(cat.clone()).await >= catalog::now() + LEASE_SECS - 2);
         assert!(
-            db.claim_next(30).await.unwrap().is_none(),
+            db.claim_next(30, "test").await.unwrap().is_none(),
             "nobody else takes a job whose lease is kept"
         );
         drop(keeper);

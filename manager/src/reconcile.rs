@@ -100,6 +100,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             }
         };
         metrics::gauge!("manager_node_inventory_ok", "node" => name.clone()).set(1.0);
+        node.set_last_inventory(&inv, observed);
         if reachable.insert(name.clone(), true) != Some(true) {
             let n = st.db.replicas_due_now(&name).await?;
             if n > 0 {

@@ -40,6 +40,10 @@ pub fn router() -> Router<SharedState> {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route(
+            "/internal/v1/blobs/{id}/verify",
+            axum::routing::post(verify_blob),
+        )
+        .route(
             "/internal/v1/status",
             axum::routing::put(crate::status::put)
                 .layer(DefaultBodyLimit::max(crate::status::MAX_PAGE)),
@@ -212,6 +216,32 @@ async fn get_blob(
         .header(header::CONTENT_LENGTH, len)
         .body(Body::from_stream(body.chain(tail)))
         .expect("valid response"))
+}
+
+/// Re-hashes one copy now (an operator's "re-verify" in the manager's
+/// console). A mismatch is quarantined and reported like a failed scrub.
+async fn verify_blob(
+    State(st): State<SharedState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
+    authenticate(
+        &st,
+        &headers,
+        "POST",
+        &format!("/internal/v1/blobs/{id}/verify"),
+        EMPTY_SHA256,
+    )?;
+    let checked = crate::scrub::verify_now(&st, id)
+        .await
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    tracing::info!(blob = %id, ?checked, "copy re-verified at the manager's request");
+    Ok(Json(json!({
+        "blob": id,
+        "state": checked,
+        "verified_at": st.store.verified_at(&id),
+    })))
 }
 
 /// Removes a good copy no asset references (the manager's call, after its

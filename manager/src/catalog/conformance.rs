@@ -158,7 +158,7 @@ pub async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out(c: &S
     let claims: Vec<_> = (0..4)
         .map(|_| {
             let c = c.clone();
-            tokio::spawn(async move { c.claim_next(30).await.unwrap().map(|a| a.id) })
+            tokio::spawn(async move { c.claim_next(30, "test").await.unwrap().map(|a| a.id) })
         })
         .collect();
     let mut got = Vec::new();
@@ -171,14 +171,14 @@ pub async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out(c: &S
         vec!["one", "two"],
         "two workers never get the same job"
     );
-    assert!(c.claim_next(30).await.unwrap().is_none());
+    assert!(c.claim_next(30, "test").await.unwrap().is_none());
     // A worker that died: a job claimed with a lease already run out is
     // taken again.
     c.insert_asset("three", owner, "Three", "t.mp4", 10)
         .await
         .unwrap();
-    assert_eq!(c.claim_next(-1).await.unwrap().unwrap().id, "three");
-    assert_eq!(c.claim_next(30).await.unwrap().unwrap().id, "three");
+    assert_eq!(c.claim_next(-1, "test").await.unwrap().unwrap().id, "three");
+    assert_eq!(c.claim_next(30, "test").await.unwrap().unwrap().id, "three");
     assert!(
         !c.renew_lease("three", 30).await.unwrap(),
         "no cancel asked"
@@ -188,7 +188,7 @@ pub async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out(c: &S
 pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
     let owner = account(c, "a@example.com", 0).await;
     c.insert_asset("s", owner, "S", "s.mp4", 10).await.unwrap();
-    c.claim_next(30).await.unwrap().unwrap();
+    c.claim_next(30, "test").await.unwrap().unwrap();
     c.set_state("s", AssetState::Transcoding).await.unwrap();
     // The worker's last look finds no cancel; the uploader's cancel lands
     // right after and is told "requested".
@@ -205,7 +205,7 @@ pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
     );
     // Without a cancel it does, and a cancel after it is too late.
     c.insert_asset("t", owner, "T", "t.mp4", 10).await.unwrap();
-    assert_eq!(c.claim_next(30).await.unwrap().unwrap().id, "t");
+    assert_eq!(c.claim_next(30, "test").await.unwrap().unwrap().id, "t");
     c.set_state("t", AssetState::Transcoding).await.unwrap();
     assert!(c.start_sealing("t").await.unwrap());
     assert_eq!(c.request_cancel("t").await.unwrap(), CancelOutcome::TooLate);
@@ -214,10 +214,10 @@ pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
 pub async fn failed_jobs_back_off_and_cancel_and_retry_follow_the_state(c: &SharedCatalog) {
     let owner = account(c, "a@example.com", 0).await;
     c.insert_asset("j", owner, "J", "j.mp4", 10).await.unwrap();
-    c.claim_next(30).await.unwrap().unwrap();
+    c.claim_next(30, "test").await.unwrap().unwrap();
     assert_eq!(c.retry_later("j", 60).await.unwrap(), 1);
     assert!(
-        c.claim_next(30).await.unwrap().is_none(),
+        c.claim_next(30, "test").await.unwrap().is_none(),
         "not due for a minute"
     );
     // Queued: cancelled at once. Running: a request the worker sees.
@@ -232,7 +232,7 @@ pub async fn failed_jobs_back_off_and_cancel_and_retry_follow_the_state(c: &Shar
         (AssetState::Rejected, Some("cancelled"))
     );
     c.insert_asset("r", owner, "R", "r.mp4", 10).await.unwrap();
-    assert_eq!(c.claim_next(30).await.unwrap().unwrap().id, "r");
+    assert_eq!(c.claim_next(30, "test").await.unwrap().unwrap().id, "r");
     assert_eq!(
         c.request_cancel("r").await.unwrap(),
         CancelOutcome::Requested

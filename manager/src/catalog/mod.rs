@@ -78,6 +78,10 @@ pub struct User {
     pub email: String,
     pub password_hash: String,
     pub role: Role,
+    /// Disabled by an operator: cannot log in (sessions and tokens of a
+    /// disabled account are never read back at all).
+    #[sqlx(default)]
+    pub disabled: bool,
 }
 
 impl User {
@@ -390,6 +394,36 @@ pub struct AccountRow {
     pub role: Role,
     pub balance: i64,
     pub created_at: i64,
+    /// When an operator disabled it; `None`: it may log in.
+    #[sqlx(default)]
+    pub disabled_at: Option<i64>,
+}
+
+/// A movie as the console's list shows it, with its copies counted.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct AssetLine {
+    pub id: String,
+    pub title: String,
+    pub owner_id: i64,
+    pub owner_email: String,
+    pub state: AssetState,
+    pub created_at: i64,
+    pub sealed_len: Option<i64>,
+    pub verified_copies: i64,
+    /// Copies it should have (every configured node: not retired).
+    pub copies: i64,
+    pub withdrawn_at: Option<i64>,
+    pub withdrawn_reason: Option<String>,
+}
+
+/// Which movies the console lists.
+#[derive(Debug, Clone, Default)]
+pub struct AssetFilter<'a> {
+    /// Part of the title or the owner's email, or a whole movie id; "" for all.
+    pub search: &'a str,
+    pub state: Option<AssetState>,
+    /// Only published movies with fewer verified copies than this.
+    pub under_replicated_below: Option<i64>,
 }
 
 /// A job as the admin's queue shows it: a movie on its way (queued or in
@@ -408,6 +442,10 @@ pub struct JobRow {
     /// When a queued job is due again (after a failed attempt's back-off).
     pub next_try: i64,
     pub cancel_requested: bool,
+    /// Claimed highest first (an operator raises it).
+    pub priority: i64,
+    /// The worker that holds (or last held) it.
+    pub worker: Option<String>,
 }
 
 /// Movies the console counts on its overview.
@@ -582,7 +620,8 @@ pub trait Catalog: Send + Sync + 'static {
     /// Takes the oldest due job under a lease of `lease_secs`, in one statement
     /// so two workers (or two managers on one database) never take the same
     /// job. A job whose lease ran out (its worker died) is taken up again.
-    async fn claim_next(&self, lease_secs: i64) -> sqlx::Result<Option<Asset>>;
+    /// `worker` names the claimer for the console's queue.
+    async fn claim_next(&self, lease_secs: i64, worker: &str) -> sqlx::Result<Option<Asset>>;
 
     /// Extends a job's lease; returns whether its cancel was requested.
     async fn renew_lease(&self, id: &str, lease_secs: i64) -> sqlx::Result<bool>;
@@ -923,6 +962,36 @@ pub trait Catalog: Send + Sync + 'static {
     /// The queue, oldest first: jobs queued or in a step, then those that
     /// failed with `processing_failed` (an operator may retry them).
     async fn jobs(&self, limit: i64) -> sqlx::Result<Vec<JobRow>>;
+
+    /// Moves a queued job ahead of every other job; returns its new
+    /// priority, `None` when it is not queued.
+    async fn raise_priority(&self, asset_id: &str) -> sqlx::Result<Option<i64>>;
+
+    /// Movies matching `f`, newest first.
+    async fn search_assets(&self, f: &AssetFilter<'_>, limit: i64)
+        -> sqlx::Result<Vec<AssetLine>>;
+
+    /// One movie as [`Catalog::search_assets`] lists it.
+    async fn asset_line(&self, asset_id: &str) -> sqlx::Result<Option<AssetLine>>;
+
+    /// Withdraws (`Some(reason)`) a movie that finished processing, or
+    /// reinstates (`None`) a withdrawn one. Returns whether it changed.
+    async fn set_withdrawn(
+        &self,
+        asset_id: &str,
+        reason: Option<&str>,
+        at: i64,
+    ) -> sqlx::Result<bool>;
+
+    /// Every copy of `asset_id` still waiting (pending, failed, repairing)
+    /// is due now instead of at the end of its back-off.
+    async fn asset_replicas_due_now(&self, asset_id: &str) -> sqlx::Result<u64>;
+
+    async fn account(&self, id: i64) -> sqlx::Result<Option<AccountRow>>;
+
+    /// Disables (its sessions end at once) or enables an account. Returns
+    /// whether it changed.
+    async fn set_disabled(&self, user_id: i64, disabled: bool, at: i64) -> sqlx::Result<bool>;
 
     /// What the overview counts about movies, copies and jobs.
     async fn replication_summary(

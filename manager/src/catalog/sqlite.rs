@@ -207,9 +207,18 @@ const APPROVALS: &str = "SELECT a.owner_id, a.daily_cap, a.via_terminal, a.creat
         AND g.created_at > ? AND g.state = 'active') AS spent_24h
      FROM terminal_approvals a WHERE a.user_id = ?";
 
-const ASSET_COLS: &str = "id, owner_id, title, state, progress, error_code, error_message, source_name,
+/// `state` reads `withdrawn` while an operator has the movie withdrawn
+/// (migrations/0010_console.sql), so every check of "published" refuses it.
+const ASSET_COLS: &str = "id, owner_id, title,
+    CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END AS state, progress, error_code, error_message, source_name,
     source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at, attempts,
     price, price_epoch";
+
+const ASSET_LINE_COLS: &str = "a.id, a.title, a.owner_id, u.email AS owner_email,
+    CASE WHEN a.withdrawn_at IS NULL THEN a.state ELSE 'withdrawn' END AS state, a.created_at, a.sealed_len,
+    (SELECT count(*) FROM replicas r WHERE r.asset_id = a.id AND r.state = 'verified') AS verified_copies,
+    (SELECT count(*) FROM replicas r WHERE r.asset_id = a.id AND r.state <> 'retired') AS copies,
+    a.withdrawn_at, a.withdrawn_reason";
 
 // ---- snapshots ------------------------------------------------------------------
 
@@ -358,7 +367,10 @@ impl Catalog for SqliteCatalog {
 
     async fn user_by_email(&self, email: &str) -> sqlx::Result<Option<User>> {
         let db = &self.pool;
-        sqlx::query_as("SELECT id, email, password_hash, role FROM users WHERE email = ?")
+        sqlx::query_as(
+            "SELECT id, email, password_hash, role, disabled_at IS NOT NULL AS disabled
+             FROM users WHERE email = ?",
+        )
             .bind(email)
             .fetch_optional(db)
             .await
@@ -397,7 +409,8 @@ impl Catalog for SqliteCatalog {
         let db = &self.pool;
         let row: Option<(i64, String, String, Role, String)> = sqlx::query_as(
             "SELECT u.id, u.email, u.password_hash, u.role, s.csrf FROM sessions s
-             JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
+             JOIN users u ON u.id = s.user_id
+             WHERE s.token_hash = ? AND s.expires_at > ? AND u.disabled_at IS NULL",
         )
         .bind(token_hash)
         .bind(now())
@@ -410,6 +423,7 @@ impl Catalog for SqliteCatalog {
                     email,
                     password_hash,
                     role,
+                    disabled: false,
                 },
                 csrf,
             )
@@ -439,7 +453,7 @@ impl Catalog for SqliteCatalog {
         let db = &self.pool;
         sqlx::query_as(
             "SELECT u.id, u.email, u.password_hash, u.role FROM api_tokens t
-             JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+             JOIN users u ON u.id = t.user_id WHERE t.token_hash = ? AND u.disabled_at IS NULL",
         )
         .bind(token_hash)
         .fetch_optional(db)
@@ -483,7 +497,8 @@ impl Catalog for SqliteCatalog {
     async fn published_assets(&self, limit: i64) -> sqlx::Result<Vec<Asset>> {
         let db = &self.pool;
         sqlx::query_as(&format!(
-            "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' ORDER BY created_at DESC LIMIT ?"
+            "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' AND withdrawn_at IS NULL
+             ORDER BY created_at DESC LIMIT ?"
         ))
         .bind(limit)
         .fetch_all(db)
@@ -501,19 +516,21 @@ impl Catalog for SqliteCatalog {
         .await
     }
 
-    async fn claim_next(&self, lease_secs: i64) -> sqlx::Result<Option<Asset>> {
+    async fn claim_next(&self, lease_secs: i64, worker: &str) -> sqlx::Result<Option<Asset>> {
         let db = &self.pool;
         let t = now();
         sqlx::query_as(&format!(
-            "UPDATE assets SET state = 'probing', progress = 0, lease_until = ?, updated_at = ?
+            "UPDATE assets SET state = 'probing', progress = 0, lease_until = ?, updated_at = ?,
+                               worker = ?
              WHERE id = (SELECT id FROM assets
                          WHERE (state = 'queued' AND next_try <= ?)
                             OR (state IN ('probing', 'transcoding', 'sealing') AND lease_until < ?)
-                         ORDER BY created_at, id LIMIT 1)
+                         ORDER BY priority DESC, created_at, id LIMIT 1)
              RETURNING {ASSET_COLS}"
         ))
         .bind(t + lease_secs)
         .bind(t)
+        .bind(worker)
         .bind(t)
         .bind(t)
         .fetch_optional(db)
@@ -1411,7 +1428,11 @@ impl Catalog for SqliteCatalog {
         // the grant's UNIQUE request key then refuses our insert below and
         // the whole transaction rolls back.
         let Some((price, seller, state)): Option<(i64, i64, AssetState)> =
-            sqlx::query_as("SELECT price, owner_id, state FROM assets WHERE id = ?")
+            sqlx::query_as(
+                "SELECT price, owner_id,
+                        CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END
+                 FROM assets WHERE id = ?",
+            )
                 .bind(o.asset_id)
                 .fetch_optional(&mut *tx)
                 .await?
@@ -1882,7 +1903,7 @@ impl Catalog for SqliteCatalog {
     async fn accounts(&self, search: &str, limit: i64) -> sqlx::Result<Vec<AccountRow>> {
         // instr, not LIKE: a search for "%" or "_" means those characters.
         sqlx::query_as(
-            "SELECT id, email, role, balance, created_at FROM users
+            "SELECT id, email, role, balance, created_at, disabled_at FROM users
              WHERE ?1 = '' OR instr(email, lower(?1)) > 0 ORDER BY id DESC LIMIT ?2",
         )
         .bind(search)
@@ -1895,15 +1916,137 @@ impl Catalog for SqliteCatalog {
         sqlx::query_as(
             "SELECT a.id, a.title, u.email AS owner_email, a.state, a.progress, a.attempts,
                     a.error_code, a.error_message, a.created_at, a.next_try,
-                    a.cancel_requested <> 0 AS cancel_requested
+                    a.cancel_requested <> 0 AS cancel_requested, a.priority, a.worker
              FROM assets a JOIN users u ON u.id = a.owner_id
              WHERE a.state IN ('queued', 'probing', 'transcoding', 'sealing')
                 OR (a.state = 'rejected' AND a.error_code = 'processing_failed')
-             ORDER BY a.state = 'rejected', a.created_at, a.id LIMIT ?",
+             ORDER BY a.state = 'rejected', a.priority DESC, a.created_at, a.id LIMIT ?",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await
+    }
+
+    async fn raise_priority(&self, asset_id: &str) -> sqlx::Result<Option<i64>> {
+        let r: Option<(i64,)> = sqlx::query_as(
+            "UPDATE assets SET priority = 1 + (SELECT COALESCE(MAX(priority), 0) FROM assets
+                                               WHERE state IN ('queued', 'probing', 'transcoding', 'sealing'))
+             WHERE id = ? AND state = 'queued' RETURNING priority",
+        )
+        .bind(asset_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|(p,)| p))
+    }
+
+    async fn search_assets(
+        &self,
+        f: &AssetFilter<'_>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<AssetLine>> {
+        // instr, not LIKE: a search for "%" or "_" means those characters.
+        sqlx::query_as(&format!(
+            "SELECT {ASSET_LINE_COLS} FROM assets a JOIN users u ON u.id = a.owner_id
+             WHERE (?1 = '' OR a.id = ?1 OR instr(lower(a.title), lower(?1)) > 0
+                    OR instr(u.email, lower(?1)) > 0)
+               AND (?2 IS NULL OR CASE WHEN a.withdrawn_at IS NULL THEN a.state ELSE 'withdrawn' END = ?2)
+               AND (?3 IS NULL OR (a.state = 'published' AND a.withdrawn_at IS NULL AND
+                    (SELECT count(*) FROM replicas r WHERE r.asset_id = a.id AND r.state = 'verified') < ?3))
+             ORDER BY a.created_at DESC, a.id LIMIT ?4"
+        ))
+        .bind(f.search)
+        .bind(f.state.map(|s| s.as_str()))
+        .bind(f.under_replicated_below)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn asset_line(&self, asset_id: &str) -> sqlx::Result<Option<AssetLine>> {
+        sqlx::query_as(&format!(
+            "SELECT {ASSET_LINE_COLS} FROM assets a JOIN users u ON u.id = a.owner_id WHERE a.id = ?"
+        ))
+        .bind(asset_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn set_withdrawn(
+        &self,
+        asset_id: &str,
+        reason: Option<&str>,
+        at: i64,
+    ) -> sqlx::Result<bool> {
+        let r = match reason {
+            Some(reason) => {
+                sqlx::query(
+                    "UPDATE assets SET withdrawn_at = ?, withdrawn_reason = ?, updated_at = ?
+                     WHERE id = ? AND withdrawn_at IS NULL
+                       AND state IN ('replicating', 'published', 'damaged')",
+                )
+                .bind(at)
+                .bind(reason)
+                .bind(at)
+                .bind(asset_id)
+                .execute(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE assets SET withdrawn_at = NULL, withdrawn_reason = NULL, updated_at = ?
+                     WHERE id = ? AND withdrawn_at IS NOT NULL",
+                )
+                .bind(at)
+                .bind(asset_id)
+                .execute(&self.pool)
+                .await?
+            }
+        };
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn asset_replicas_due_now(&self, asset_id: &str) -> sqlx::Result<u64> {
+        let r = sqlx::query(
+            "UPDATE replicas SET next_try = 0
+             WHERE asset_id = ? AND state IN ('pending', 'failed', 'repairing') AND next_try > 0",
+        )
+        .bind(asset_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn account(&self, id: i64) -> sqlx::Result<Option<AccountRow>> {
+        sqlx::query_as(
+            "SELECT id, email, role, balance, created_at, disabled_at FROM users WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn set_disabled(&self, user_id: i64, disabled: bool, at: i64) -> sqlx::Result<bool> {
+        let (_writer, mut tx) = self.begin_write().await?;
+        let r = if disabled {
+            sqlx::query("UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL")
+                .bind(at)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+        } else {
+            sqlx::query("UPDATE users SET disabled_at = NULL WHERE id = ? AND disabled_at IS NOT NULL")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+        };
+        if disabled {
+            sqlx::query("DELETE FROM sessions WHERE user_id = ?")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn replication_summary(
@@ -2207,7 +2350,8 @@ impl Catalog for SqliteCatalog {
 
     async fn canary_asset(&self) -> sqlx::Result<Option<Asset>> {
         sqlx::query_as(&format!(
-            "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' AND plain_len IS NOT NULL
+            "SELECT {ASSET_COLS} FROM assets
+             WHERE state = 'published' AND withdrawn_at IS NULL AND plain_len IS NOT NULL
              ORDER BY plain_len, id LIMIT 1"
         ))
         .fetch_optional(&self.pool)

@@ -190,6 +190,7 @@ struct AccountLine {
     role: crate::domain::Role,
     balance: i64,
     since: String,
+    disabled: bool,
 }
 
 #[derive(Template)]
@@ -231,6 +232,7 @@ async fn accounts_page(
             role: a.role,
             balance: a.balance,
             since: format_utc(a.created_at),
+            disabled: a.disabled_at.is_some(),
         })
         .collect();
     let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
@@ -298,6 +300,143 @@ pub async fn grant(
     accounts_page(&st, &c, "", Some(message)).await
 }
 
+struct LedgerLine {
+    when: String,
+    kind: String,
+    amount: i64,
+    balance: i64,
+    reference: String,
+    actor: String,
+    reason: String,
+}
+
+struct OwnMovie {
+    id: String,
+    title: String,
+    state: crate::domain::AssetState,
+}
+
+#[derive(Template)]
+#[template(path = "admin_account.html")]
+struct AccountPage<'a> {
+    user: Option<&'a str>,
+    csrf: &'a str,
+    a: crate::catalog::AccountRow,
+    since: String,
+    disabled: String,
+    /// `None` when the balance equals the ledger's sum.
+    books: Option<i64>,
+    ledger: Vec<LedgerLine>,
+    movies: Vec<OwnMovie>,
+    grant_key: String,
+    message: Option<String>,
+    failed: bool,
+}
+
+/// Ledger entries and movies an account page shows; the API export has all.
+const ACCOUNT_ROWS: i64 = 200;
+
+async fn account_page(
+    st: &SharedState,
+    c: &Caller,
+    id: i64,
+    message: Option<(String, bool)>,
+) -> Result<Response, PageError> {
+    let Some(a) = st.db.account(id).await? else {
+        return Err(PageError(ApiError::NotFound("account")));
+    };
+    let ledger = st
+        .db
+        .history(id, ACCOUNT_ROWS)
+        .await?
+        .into_iter()
+        .map(|e| LedgerLine {
+            when: format_utc(e.created_at),
+            kind: e.kind,
+            amount: e.amount,
+            balance: e.balance_after,
+            reference: e.reference,
+            actor: e.actor,
+            reason: e.reason,
+        })
+        .collect();
+    let movies = st
+        .db
+        .assets_of(id, ACCOUNT_ROWS)
+        .await?
+        .into_iter()
+        .map(|m| OwnMovie {
+            id: m.id,
+            title: m.title,
+            state: m.state,
+        })
+        .collect();
+    let books = st
+        .db
+        .verify_balances()
+        .await?
+        .into_iter()
+        .find(|(acct, _, _)| *acct == id)
+        .map(|(_, _, sum)| sum);
+    let (message, failed) = message.map_or((None, false), |(m, f)| (Some(m), f));
+    let mut r = render(&AccountPage {
+        user: Some(&c.user.email),
+        csrf: c.csrf.as_deref().unwrap_or(""),
+        since: format_utc(a.created_at),
+        disabled: a.disabled_at.map(format_utc).unwrap_or_default(),
+        a,
+        books,
+        ledger,
+        movies,
+        grant_key: uuid::Uuid::new_v4().simple().to_string(),
+        message,
+        failed,
+    });
+    if failed {
+        *r.status_mut() = axum::http::StatusCode::CONFLICT;
+    }
+    Ok(r)
+}
+
+/// `GET /admin/accounts/{id}`: balance, ledger, movies; disable or enable.
+pub async fn account(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    axum::extract::Path(id): axum::extract::Path<i64>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    account_page(&st, &c, id, None).await
+}
+
+/// `POST /admin/accounts/{id}/disable` and `/enable`, audited.
+pub async fn account_action(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    axum::extract::Path((id, action)): axum::extract::Path<(i64, String)>,
+    Form(f): Form<CsrfOnly>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let disabled = match action.as_str() {
+        "disable" => true,
+        "enable" => false,
+        _ => return Err(PageError(ApiError::NotFound("page"))),
+    };
+    let message = match console::set_disabled(&*st.db, &c.user, id, disabled).await {
+        Ok(()) if disabled => (
+            "Disabled: it cannot log in, and its sessions and API tokens stopped working.".to_string(),
+            false,
+        ),
+        Ok(()) => ("Enabled: it may log in again.".to_string(), false),
+        Err(console::ConsoleError::Db(e)) => return Err(PageError(ApiError::Internal(e.into()))),
+        Err(console::ConsoleError::NoSuchAccount(_)) => {
+            return Err(PageError(ApiError::NotFound("account")))
+        }
+        Err(e) => (format!("Not changed: {e}"), true),
+    };
+    account_page(&st, &c, id, Some(message)).await
+}
+
 struct AuditLine {
     when: String,
     actor: String,
@@ -348,6 +487,9 @@ struct JobLine {
     error: String,
     cancel_requested: bool,
     retryable: bool,
+    queued: bool,
+    priority: i64,
+    worker: String,
 }
 
 #[derive(Template)]
@@ -373,6 +515,9 @@ async fn jobs_page(
         .into_iter()
         .map(|j| JobLine {
             retryable: j.state == crate::domain::AssetState::Rejected,
+            queued: j.state == crate::domain::AssetState::Queued,
+            priority: j.priority,
+            worker: j.worker.unwrap_or_default(),
             percent: (j.progress.clamp(0.0, 1.0) * 100.0) as u32,
             age: console::human_age((now - j.created_at).max(0)),
             error: match (j.error_code, j.error_message) {
@@ -426,6 +571,17 @@ pub async fn job_action(
     let (verb, r) = match action.as_str() {
         "retry" => ("job_retry", super::api::retry_as(&st, &c, &id).await),
         "cancel" => ("job_cancel", super::api::cancel_as(&st, &c, &id).await),
+        "raise" => {
+            // Audited by the console itself.
+            let message = match console::raise_priority(&*st.db, &c.user, &id).await {
+                Ok(p) => (format!("{id} is next in the queue (priority {p})."), false),
+                Err(console::ConsoleError::Db(e)) => {
+                    return Err(PageError(ApiError::Internal(e.into())))
+                }
+                Err(e) => (format!("{id}: not moved: {e}"), true),
+            };
+            return jobs_page(&st, &c, Some(message)).await;
+        }
         _ => return Err(PageError(ApiError::NotFound("page"))),
     };
     let outcome = match &r {

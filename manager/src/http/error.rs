@@ -223,6 +223,12 @@ impl From<crate::console::ConsoleError> for ApiError {
         match e {
             crate::console::ConsoleError::NoSuchNode(_) => ApiError::NotFound("node"),
             crate::console::ConsoleError::NoSuchIncident(_) => ApiError::NotFound("incident"),
+            crate::console::ConsoleError::NoSuchMovie(_) => ApiError::NotFound("asset"),
+            crate::console::ConsoleError::NoSuchAccount(_) => ApiError::NotFound("account"),
+            crate::console::ConsoleError::NotNow(m) => ApiError::Conflict {
+                code: "not_now",
+                message: m,
+            },
             crate::console::ConsoleError::Invalid(m) => ApiError::BadRequest {
                 code: "invalid_input",
                 message: m.into(),

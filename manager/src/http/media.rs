@@ -156,6 +156,7 @@ async fn answer(
         node.cfg.viewer_url().trim_end_matches('/')
     );
     metrics::counter!("manager_redirects_total", "node" => node.cfg.name.clone(), "reason" => reason).increment(1);
+    node.count_redirect();
     tracing::debug!(asset = %id, node = %node.cfg.name, reason, "redirect");
     Ok((
         StatusCode::FOUND,

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod admin_library;
 pub mod api;
 pub mod error;
 pub mod media;
@@ -75,6 +76,16 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/admin", get(admin::overview_page))
         .route("/admin/accounts", get(admin::accounts))
         .route("/admin/accounts/grant", post(admin::grant))
+        .route("/admin/accounts/{id}", get(admin::account))
+        .route("/admin/accounts/{id}/{action}", post(admin::account_action))
+        .route("/admin/movies", get(admin_library::movies))
+        .route("/admin/movies/{id}", get(admin_library::movie))
+        .route(
+            "/admin/movies/{id}/{action}",
+            post(admin_library::movie_action),
+        )
+        .route("/admin/backups", get(admin_library::backups))
+        .route("/admin/backups/{action}", post(admin_library::backup_action))
         .route("/admin/audit", get(admin::audit))
         .route("/admin/jobs", get(admin::jobs))
         .route("/admin/jobs/{id}/{action}", post(admin::job_action))

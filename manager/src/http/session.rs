@@ -125,6 +125,7 @@ mod tests {
             email: "a@b".into(),
             password_hash: String::new(),
             role: crate::domain::Role::Uploader,
+            disabled: false,
         };
         let browser = Caller {
             user: user.clone(),

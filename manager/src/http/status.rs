@@ -569,6 +569,46 @@ struct NodeLine {
     journal: String,
     checked: String,
     checks: Vec<(String, Health, String)>,
+    /// Blob count and bytes, quarantined copies, scrub progress, from the
+    /// last reconciliation's inventory; empty until one was read.
+    blobs: String,
+    quarantined: String,
+    scrub: String,
+    redirects: u64,
+    certificate: String,
+}
+
+/// The scrub's status as the node reported it, in words.
+fn scrub_text(s: &serde_json::Value, now: i64) -> String {
+    let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let t = |k: &str| s.get(k).and_then(|v| v.as_i64());
+    let mut out = Vec::new();
+    if s.get("pass_running").and_then(|v| v.as_bool()) == Some(true) {
+        let total = n("pass_bytes_total");
+        let pct = if total == 0 {
+            0
+        } else {
+            n("pass_bytes_done") * 100 / total
+        };
+        out.push(format!(
+            "pass {pct} % done ({} of {})",
+            media::human_bytes(n("pass_bytes_done")),
+            media::human_bytes(total)
+        ));
+    } else {
+        out.push("idle".into());
+    }
+    match t("last_pass_completed_at") {
+        Some(at) => out.push(format!(
+            "last full pass {} ago ({} in {:.0} s)",
+            console::human_age((now - at).max(0)),
+            media::human_bytes(n("last_pass_bytes")),
+            s.get("last_pass_secs").and_then(|v| v.as_f64()).unwrap_or(0.0)
+        )),
+        None => out.push("no full pass yet".into()),
+    }
+    out.push(format!("{} passes since start", n("passes_completed")));
+    out.join(" · ")
 }
 
 #[derive(Template)]
@@ -644,6 +684,37 @@ async fn nodes_page(
                     .map(|(_, w)| format!("{} behind", console::human_age((now - w).max(0))))
                     .unwrap_or_else(|| "nothing delivered yet".into()),
                 checked: p.as_ref().map(|p| format_utc(p.at)).unwrap_or_default(),
+                blobs: n
+                    .last_inventory()
+                    .map(|i| {
+                        format!(
+                            "{} copies, {} · as of {}",
+                            i.counts.good,
+                            media::human_bytes(i.counts.good_bytes),
+                            format_utc(i.at)
+                        )
+                    })
+                    .unwrap_or_else(|| "no inventory read yet".into()),
+                quarantined: n
+                    .last_inventory()
+                    .map(|i| i.counts.quarantined.to_string())
+                    .unwrap_or_default(),
+                scrub: n
+                    .last_inventory()
+                    .map(|i| scrub_text(&i.scrub, now))
+                    .unwrap_or_default(),
+                redirects: n.redirects(),
+                certificate: p
+                    .as_ref()
+                    .and_then(|p| p.cert_expires_at)
+                    .map(|t| {
+                        format!(
+                            "expires {} (in {})",
+                            format_utc(t),
+                            console::human_age(t - now)
+                        )
+                    })
+                    .unwrap_or_else(|| "none (plain HTTP)".into()),
                 site: n.cfg.site().to_string(),
                 url: n.cfg.url.clone(),
                 checks,

@@ -250,6 +250,18 @@ pub async fn login(
         return Ok((StatusCode::UNAUTHORIZED, render(&page)).into_response());
     };
     drop(attempt);
+    if user.disabled {
+        // Said only after the password proved right: it tells nothing to
+        // someone guessing.
+        tracing::info!(user = user.id, "log-in refused: account disabled");
+        let page = LoginPage {
+            user: None,
+            csrf: &f.csrf,
+            error: Some("This account is disabled (account_disabled). Write to the site's operator."),
+            email: &email,
+        };
+        return Ok((StatusCode::FORBIDDEN, render(&page)).into_response());
+    }
     tracing::info!(user = user.id, "logged in");
     Ok(super::account::start_session(&st, user.id, "/").await?)
 }
