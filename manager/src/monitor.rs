@@ -69,6 +69,33 @@ struct Told {
     began: i64,
 }
 
+/// `certs` (what, expires at) judged at `at`: the soonest to expire
+/// decides; degraded within `warn` seconds, down within a fifth of it.
+fn cert_state(id: &str, mut certs: Vec<(String, i64)>, at: i64, warn: i64) -> CheckResult {
+    certs.sort_by_key(|c| c.1);
+    let Some((what, soonest)) = certs.first() else {
+        return ok(id, "internal", "no certificate in use (plain HTTP)");
+    };
+    let left = soonest - at;
+    let state = if left < warn / 5 {
+        Health::Down
+    } else if left < warn {
+        Health::Degraded
+    } else {
+        Health::Ok
+    };
+    let when = crate::backup::format_utc(*soonest);
+    let detail = if left <= 0 {
+        format!("the certificate of {what} expired {when}")
+    } else {
+        format!(
+            "the certificate of {what} expires soonest: {when}, in {}",
+            crate::console::human_age(left)
+        )
+    };
+    result(id, "internal", state, detail)
+}
+
 /// A certificate an answer came with during this run.
 struct CertSeen {
     /// A node's name, or `manager`.
@@ -438,30 +465,7 @@ impl Monitor {
     /// its public address's and the cluster CA's. Plain HTTP has none.
     fn cert_checks(&self, at: i64, seen: &[CertSeen]) -> Vec<CheckResult> {
         let warn = self.cfg.monitor.cert_warn_days as i64 * 86_400;
-        let judge = |id: &str, mut certs: Vec<(String, i64)>| {
-            certs.sort_by_key(|c| c.1);
-            let Some((what, soonest)) = certs.first() else {
-                return ok(id, "internal", "no certificate in use (plain HTTP)");
-            };
-            let left = soonest - at;
-            let state = if left < warn / 5 {
-                Health::Down
-            } else if left < warn {
-                Health::Degraded
-            } else {
-                Health::Ok
-            };
-            let when = crate::backup::format_utc(*soonest);
-            let detail = if left <= 0 {
-                format!("the certificate of {what} expired {when}")
-            } else {
-                format!(
-                    "the certificate of {what} expires soonest: {when}, in {}",
-                    crate::console::human_age(left)
-                )
-            };
-            result(id, "internal", state, detail)
-        };
+        let judge = |id: &str, certs: Vec<(String, i64)>| cert_state(id, certs, at, warn);
         let mut out = Vec::new();
         for n in self.nodes.list.iter() {
             let mut certs: Vec<(String, i64)> = seen
@@ -1059,6 +1063,33 @@ fn oldest_file_age(dir: &Path) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_degrade_as_they_near_expiry_and_the_soonest_decides() {
+        let day = 86_400;
+        let warn = 14 * day;
+        let at = 1_000_000_000;
+        let judge = |certs: &[(&str, i64)]| {
+            let r = cert_state(
+                "cert.utah",
+                certs.iter().map(|(w, t)| (w.to_string(), *t)).collect(),
+                at,
+                warn,
+            );
+            (r.state, r.detail)
+        };
+        assert_eq!(judge(&[]).0, Health::Ok);
+        assert!(judge(&[]).1.contains("plain HTTP"));
+        assert_eq!(judge(&[("a", at + 60 * day)]).0, Health::Ok);
+        let (state, detail) = judge(&[("a", at + 60 * day), ("b", at + 10 * day)]);
+        assert_eq!(state, Health::Degraded);
+        assert!(detail.contains("of b expires soonest") && detail.contains("in 10 d"), "{detail}");
+        assert_eq!(judge(&[("a", at + 2 * day)]).0, Health::Down);
+        let (state, detail) = judge(&[("a", at - 1)]);
+        assert_eq!(state, Health::Down);
+        assert!(detail.contains("expired"), "{detail}");
+        assert_eq!(summary("cert.utah", Health::Degraded), "node utah's certificates: degraded");
+    }
 
     #[test]
     fn disks_degrade_then_go_down() {

@@ -18,6 +18,7 @@ struct Fixture {
     app: Router,
     db: manager::catalog::SharedCatalog,
     password_checks: Arc<tokio::sync::Semaphore>,
+    minter: Arc<manager::redirect::Minter>,
 }
 
 async fn fixture() -> Fixture {
@@ -58,6 +59,7 @@ async fn fixture() -> Fixture {
     Fixture {
         db: state.db.clone(),
         password_checks: state.password_checks.clone(),
+        minter: state.minter.clone(),
         app: manager::build_router(Arc::new(state)),
         _dir: dir,
     }
@@ -737,6 +739,21 @@ fn admin_routes(cookie: Option<&str>, csrf: &str) -> Vec<Request<Body>> {
         ),
         page("/admin/nodes", cookie),
         form("/admin/nodes/utah/drain", cookie, &format!("csrf={csrf}")),
+        form("/admin/jobs/j1/raise", cookie, &format!("csrf={csrf}")),
+        page("/admin/movies?q=m", cookie),
+        page("/admin/movies/m1", cookie),
+        form(
+            "/admin/movies/m1/withdraw",
+            cookie,
+            &format!("csrf={csrf}&reason=x"),
+        ),
+        form("/admin/movies/m1/repair", cookie, &format!("csrf={csrf}")),
+        form("/admin/movies/m1/reverify", cookie, &format!("csrf={csrf}")),
+        page("/admin/accounts/1", cookie),
+        form("/admin/accounts/1/disable", cookie, &format!("csrf={csrf}")),
+        page("/admin/backups", cookie),
+        form("/admin/backups/now", cookie, &format!("csrf={csrf}")),
+        form("/admin/backups/verify", cookie, &format!("csrf={csrf}")),
     ]
 }
 
@@ -753,6 +770,7 @@ async fn the_admin_area_is_for_operators_only_route_by_route() {
     f.db.insert_asset("j1", u, "Mine", "m.mp4", 1)
         .await
         .unwrap();
+    published_movie(&f, "m1", u, 0).await;
     for r in admin_routes(None, "x") {
         let path = r.uri().to_string();
         let (s, h, _) = send(&f, r).await;
@@ -791,6 +809,20 @@ async fn the_admin_area_is_for_operators_only_route_by_route() {
     assert!(
         f.db.drained_nodes().await.unwrap().is_empty(),
         "no node drained"
+    );
+    assert_eq!(
+        f.db.asset("m1").await.unwrap().unwrap().state,
+        manager::domain::AssetState::Published,
+        "not withdrawn by a non-operator"
+    );
+    assert!(
+        f.db.account(u).await.unwrap().unwrap().disabled_at.is_none(),
+        "not disabled by a non-operator"
+    );
+    assert_eq!(
+        f.db.jobs(10).await.unwrap()[0].priority,
+        0,
+        "not moved ahead by a non-operator"
     );
     // The JSON side: 401 without credentials; the checks are the operators'.
     let (s, _, _) = send(&f, page("/api/v1/admin/checks", None)).await;
@@ -1154,4 +1186,345 @@ async fn the_job_queue_shows_jobs_and_its_actions_are_audited() {
             ("job_cancel", "movie:waiting", "done"),
         ]
     );
+}
+
+#[tokio::test]
+async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
+    let f = fixture().await;
+    let (op, csrf, u) = operator_and_uploader(&f).await;
+    published_movie(&f, "m1", u, 0).await;
+    f.db.insert_asset("other", u, "Something else", "o.mp4", 1)
+        .await
+        .unwrap();
+    // Search by title, owner and id; filter by state and by missing copies
+    // (one verified copy of the two the site wants).
+    let listed = |body: &str, id: &str| body.contains(&format!("data-movie=\"{id}\""));
+    let (s, _, body) = send(&f, page("/admin/movies?q=a+MOVIE", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(listed(&body, "m1") && !listed(&body, "other"), "{body}");
+    let (_, _, body) = send(&f, page("/admin/movies?q=u%40example", Some(&op))).await;
+    assert!(listed(&body, "m1") && listed(&body, "other"), "{body}");
+    let (_, _, body) = send(&f, page("/admin/movies?q=other", Some(&op))).await;
+    assert!(!listed(&body, "m1") && listed(&body, "other"), "{body}");
+    let (_, _, body) = send(&f, page("/admin/movies?state=queued", Some(&op))).await;
+    assert!(!listed(&body, "m1") && listed(&body, "other"), "{body}");
+    let (_, _, body) = send(
+        &f,
+        page("/admin/movies?only=under_replicated", Some(&op)),
+    )
+    .await;
+    assert!(listed(&body, "m1") && !listed(&body, "other"), "{body}");
+    assert!(body.contains("1 of 1 verified"), "{body}");
+    // Every copy with its state and proof time.
+    let (s, _, body) = send(&f, page("/admin/movies/m1", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("data-node=\"utah\""), "{body}");
+    assert!(!body.contains(">never<"), "utah's copy was proven: {body}");
+    let (s, _, _) = send(&f, page("/admin/movies/nope", Some(&op))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let act = |path: &str, body: &str| form(path, Some(&op), body);
+    // Withdrawing needs CSRF and a reason.
+    let (s, _, _) = send(&f, act("/admin/movies/m1/withdraw", "csrf=forged&reason=x")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, body) = send(
+        &f,
+        act("/admin/movies/m1/withdraw", &format!("csrf={csrf}&reason=+")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("a reason of 1 to 500 characters"), "{body}");
+    let (s, _, _) = send(
+        &f,
+        act("/admin/movies/other/withdraw", &format!("csrf={csrf}&reason=x")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "a job is cancelled, not withdrawn");
+    // A media URL handed out before: redirected now, refused after.
+    let a = f.db.asset("m1").await.unwrap().unwrap();
+    let url = f
+        .minter
+        .media_url_until(&a, None, shared::runtime::unix_now() + 600)
+        .unwrap();
+    let path = url.trim_start_matches("http://manager.test");
+    let (s, _, _) = send(&f, page(path, None)).await;
+    assert_eq!(s, StatusCode::FOUND, "playable before");
+    let (s, _, body) = send(
+        &f,
+        act(
+            "/admin/movies/m1/withdraw",
+            &format!("csrf={csrf}&reason=a+complaint+about+its+music"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("data-state=\"withdrawn\""), "{body}");
+    assert!(body.contains("a complaint about its music"), "{body}");
+    assert_eq!(
+        f.db.asset("m1").await.unwrap().unwrap().state,
+        manager::domain::AssetState::Withdrawn
+    );
+    let (s, _, _) = send(&f, page(path, None)).await;
+    assert_ne!(s, StatusCode::FOUND, "the media URL stops at once");
+    let (s, _, _) = send(&f, page("/assets/m1", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "its public page is gone");
+    let (_, _, body) = send(&f, page("/", None)).await;
+    assert!(!body.contains("/assets/m1"), "not listed: {body}");
+    let buyer = token_for(&f, "b@example.com", "uploader").await;
+    let (s, _, body) = send(
+        &f,
+        api(
+            "POST",
+            "/api/v1/assets/m1/purchase",
+            &buyer,
+            serde_json::json!({"request_id": "r1"}),
+        ),
+    )
+    .await;
+    assert_eq!(code(&body), "not_published", "{s} {body}");
+    // Lost copies change nothing of that; reinstating brings it back.
+    let (s, _, _) = send(
+        &f,
+        act("/admin/movies/m1/withdraw", &format!("csrf={csrf}&reason=x")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "already withdrawn");
+    let (s, _, body) = send(&f, act("/admin/movies/m1/reinstate", &format!("csrf={csrf}"))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        f.db.asset("m1").await.unwrap().unwrap().state,
+        manager::domain::AssetState::Published
+    );
+    let (s, _, _) = send(&f, page(path, None)).await;
+    assert_eq!(s, StatusCode::FOUND, "playable again");
+
+    // Repair now: a copy waiting out its back-off is due at once.
+    f.db.replica_failed("m1", "utah", "boom", shared::runtime::unix_now() + 3600)
+        .await
+        .unwrap();
+    let (s, _, body) = send(&f, act("/admin/movies/m1/repair", &format!("csrf={csrf}"))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("1 waiting copies are due now"), "{body}");
+    // Re-verify asks each node; this one is unreachable, and says so.
+    let (s, _, body) = send(&f, act("/admin/movies/m1/reverify", &format!("csrf={csrf}"))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("utah: not checked: node unreachable"), "{body}");
+    let (s, _, _) = send(&f, act("/admin/movies/m1/explode", &format!("csrf={csrf}"))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let log = f.db.audit_entries(20).await.unwrap();
+    let mut seen: Vec<(&str, &str)> = log
+        .iter()
+        .map(|e| (e.action.as_str(), e.detail.as_str()))
+        .collect();
+    seen.reverse();
+    assert_eq!(
+        seen[..6].iter().map(|x| x.0).collect::<Vec<_>>(),
+        [
+            "movie_withdraw",
+            "movie_withdraw",
+            "movie_withdraw",
+            "movie_withdraw",
+            "movie_reinstate",
+            "movie_repair"
+        ],
+        "{seen:?}"
+    );
+    assert!(seen[0].1.starts_with("refused: a reason"), "{seen:?}");
+    assert!(seen[2].1.contains("a complaint about its music"), "{seen:?}");
+    assert_eq!(seen[6].0, "movie_reverify");
+}
+
+#[tokio::test]
+async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger() {
+    let f = fixture().await;
+    let (op, csrf) = session_for(&f, "op@example.com", "operator").await;
+    let (u_cookie, _) = session_for(&f, "u@example.com", "uploader").await;
+    let u = account_id(&f, "u@example.com").await;
+    let token = token_for(&f, "t@example.com", "uploader").await;
+    let t = account_id(&f, "t@example.com").await;
+    let op_id = account_id(&f, "op@example.com").await;
+    manager::ledger::grant(
+        &*f.db,
+        &manager::ledger::Recipients::Account(u),
+        manager::domain::Credits::new(7).unwrap(),
+        "operator:op@example.com",
+        "welcome back",
+        "k1",
+    )
+    .await
+    .unwrap();
+    let (s, _, body) = send(&f, page(&format!("/admin/accounts/{u}"), Some(&op))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    for expected in ["7 credits", "equals its ledger", "welcome back", "data-disabled=\"false\""] {
+        assert!(body.contains(expected), "{expected:?}: {body}");
+    }
+    let act = |path: String, csrf: &str| form(&path, Some(&op), &format!("csrf={csrf}"));
+    let (s, _, _) = send(&f, act(format!("/admin/accounts/{u}/disable"), "forged")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = send(&f, page("/account", Some(&u_cookie))).await;
+    assert_eq!(s, StatusCode::OK, "still in");
+    for id in [u, t] {
+        let (s, _, body) = send(&f, act(format!("/admin/accounts/{id}/disable"), &csrf)).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(body.contains("data-disabled=\"true\""), "{body}");
+    }
+    // Its session and its API token stop at once; log-in is refused with
+    // its own word once the password is right.
+    let (s, _, _) = send(&f, page("/account", Some(&u_cookie))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "as if never logged in");
+    let (s, _, _) = send(&f, api("GET", "/api/v1/account", &token, serde_json::json!({}))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let hash = manager::auth::hash_password("correct horse").unwrap();
+    f.db.set_password("u@example.com", &hash).await.unwrap();
+    let (s, h, _) = send(&f, page("/login", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    let login_csrf = set_cookie(&h, "slm_login_csrf").unwrap();
+    let login_csrf = login_csrf.split_once('=').unwrap().1.to_string();
+    let try_login = |password: &str| {
+        Request::post("/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("slm_login_csrf={login_csrf}"))
+            .body(Body::from(format!(
+                "csrf={login_csrf}&email=u%40example.com&password={password}"
+            )))
+            .unwrap()
+    };
+    let (s, _, body) = send(&f, try_login("wrong")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a wrong password learns nothing: {body}");
+    assert!(!body.contains("account_disabled"));
+    let (s, h, body) = send(&f, try_login("correct+horse")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("account_disabled"), "{body}");
+    assert!(set_cookie(&h, "slm_session").is_none(), "no session");
+    // Refusals: twice, oneself, nobody.
+    let (s, _, body) = send(&f, act(format!("/admin/accounts/{u}/disable"), &csrf)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let (s, _, body) = send(&f, act(format!("/admin/accounts/{op_id}/disable"), &csrf)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("your own account"), "{body}");
+    let (s, _, _) = send(&f, act("/admin/accounts/999999/disable".into(), &csrf)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Enabled again: its token works again; its ledger was never touched.
+    let (s, _, _) = send(&f, act(format!("/admin/accounts/{t}/enable"), &csrf)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = send(&f, api("GET", "/api/v1/account", &token, serde_json::json!({}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(f.db.balance(u).await.unwrap(), 7);
+    let (_, _, body) = send(&f, page("/admin/accounts?q=u%40", Some(&op))).await;
+    assert!(body.contains("disabled</span>"), "the list marks it: {body}");
+    let log: Vec<String> = f
+        .db
+        .audit_entries(20)
+        .await
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
+        .collect();
+    assert_eq!(log.len(), 6, "{log:?}");
+    assert!(log[0].starts_with(&format!("account_disable account:{u} done")), "{log:?}");
+    assert!(log[2].contains("refused: u@example.com is already disabled"), "{log:?}");
+    assert!(log[3].contains("refused: you cannot disable your own account"), "{log:?}");
+    assert!(log[4].contains("refused: no account 999999"), "{log:?}");
+    assert!(log[5].starts_with(&format!("account_enable account:{t} done")), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_queued_job_moves_ahead_and_the_queue_names_its_worker() {
+    let f = fixture().await;
+    let (op, csrf, u) = operator_and_uploader(&f).await;
+    for id in ["first", "second", "third"] {
+        f.db.insert_asset(id, u, id, "m.mp4", 1).await.unwrap();
+    }
+    let act = |path: &str| form(path, Some(&op), &format!("csrf={csrf}"));
+    let (s, _, body) = send(&f, act("/admin/jobs/third/raise")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("third is next in the queue"), "{body}");
+    let order: Vec<String> = f.db.jobs(10).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(order, ["third", "first", "second"]);
+    let claimed = f.db.claim_next(30, "host/transcode-1").await.unwrap().unwrap();
+    assert_eq!(claimed.id, "third", "claimed first");
+    let (_, _, body) = send(&f, page("/admin/jobs", Some(&op))).await;
+    assert!(body.contains("host/transcode-1"), "{body}");
+    // A job already in a step is not moved; nor is a movie that is no job.
+    let (s, _, body) = send(&f, act("/admin/jobs/third/raise")).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("only a queued job"), "{body}");
+    let (s, _, _) = send(&f, act("/admin/jobs/second/raise")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = send(&f, act("/admin/jobs/nope/raise")).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let order: Vec<String> = f.db.jobs(10).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(order, ["second", "third", "first"], "the latest raised goes first");
+    assert_eq!(
+        f.db.claim_next(30, "w").await.unwrap().unwrap().id,
+        "second"
+    );
+    let log: Vec<String> = f
+        .db
+        .audit_entries(10)
+        .await
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
+        .collect();
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log[0].starts_with("job_raise movie:third priority"), "{log:?}");
+    assert!(log[1].contains("refused"), "{log:?}");
+}
+
+#[tokio::test]
+async fn backups_are_listed_taken_and_verified_from_the_admin() {
+    let f = fixture().await;
+    let (op, csrf) = session_for(&f, "op@example.com", "operator").await;
+    let (s, _, body) = send(&f, page("/admin/backups", Some(&op))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("There is no local backup"), "{body}");
+    assert!(body.contains("manager backup restore"), "{body}");
+    assert!(body.contains("backup.recovery_key"), "no key configured: {body}");
+    let act = |path: &str, csrf: &str| form(path, Some(&op), &format!("csrf={csrf}"));
+    let (s, _, _) = send(&f, act("/admin/backups/now", "forged")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, body) = send(&f, act("/admin/backups/now", &csrf)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body.contains("A backup started"), "{body}");
+    // It runs in the background; the page follows it.
+    let mut body = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        body = send(&f, page("/admin/backups", Some(&op))).await.2;
+        if body.contains("data-done=\"true\"") {
+            break;
+        }
+    }
+    assert!(body.contains("data-done=\"true\" data-ok=\"true\""), "{body}");
+    assert!(body.contains("taken and verified"), "{body}");
+    assert!(!body.contains("There is no local backup"), "{body}");
+    assert!(body.contains("when taken"), "verified when it was taken: {body}");
+    let (s, _, answer) = send(&f, act("/admin/backups/verify", &csrf)).await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        body = send(&f, page("/admin/backups", Some(&op))).await.2;
+        if body.contains("data-done=\"true\"") {
+            break;
+        }
+    }
+    assert!(body.contains("OK local"), "{body}");
+    assert!(body.contains(" ago</td>"), "verified just now: {body}");
+    assert!(!body.contains("when taken"), "{body}");
+    let (s, _, _) = send(&f, act("/admin/backups/explode", &csrf)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let log: Vec<String> = f
+        .db
+        .audit_entries(10)
+        .await
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| format!("{} {}", e.action, e.detail))
+        .collect();
+    assert_eq!(log, ["backup_now started", "backup_verify started"]);
 }

@@ -120,6 +120,23 @@ async fn init_cluster_tls_writes_a_cluster_that_talks_over_tls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Checks every 5 s, and an operator to read them.
+    let mcfg = dir.path().join("manager.toml");
+    let mut text = std::fs::read_to_string(&mcfg).unwrap();
+    text.push_str("\n[monitor]\ninterval_secs = 5\n");
+    std::fs::write(&mcfg, text).unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("manager"))
+            .arg("--config")
+            .arg(&mcfg)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    cli(&["create-user", "--email", "op@example.com", "--role", "operator", "--generate-password"]);
+    let token = cli(&["create-token", "--email", "op@example.com"]);
     let node = Proc::spawn(
         "utah",
         &bin("viewnode"),
@@ -168,6 +185,33 @@ async fn init_cluster_tls_writes_a_cluster_that_talks_over_tls() {
             .any(|l| l.contains("node_tls_refused") && l.contains("utah")),
         "{log}"
     );
+    // The monitor read the certificate utah answered with, and the CA's.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..60 {
+        let r = reqwest::Client::new()
+            .get(format!("{}/api/v1/admin/checks", manager.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        last = r.json().await.unwrap();
+        let detail = |id: &str| {
+            last["checks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["check_id"] == id))
+                .map(|c| (c["state"].clone(), c["detail"].as_str().unwrap_or("").to_string()))
+        };
+        if let (Some((s1, d1)), Some((s2, d2))) = (detail("cert.utah"), detail("cert.manager")) {
+            if d1.contains("its address for the manager expires soonest") {
+                assert_eq!(s1, "ok", "{d1}");
+                assert_eq!(s2, "ok", "{d2}");
+                assert!(d2.contains("the cluster CA"), "{d2}");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("no certificate check for utah: {last}");
 }
 
 /// A fake "node" on the path: answers every request with `201` and a

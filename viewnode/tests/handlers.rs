@@ -295,3 +295,52 @@ async fn a_copy_corrupted_on_disk_is_quarantined_not_served() {
     assert_eq!(status, 404);
     assert_eq!(code(&body), "blob_missing");
 }
+
+#[tokio::test]
+async fn a_copy_is_re_verified_on_the_managers_signed_request() {
+    let f = fixture();
+    let (blob, _) = f.publish("asset-v", &vec![7u8; 5000]).await;
+    let verify = |blob: &BlobId, secret: &[u8]| {
+        let path = format!("/internal/v1/blobs/{blob}/verify");
+        let t = shared::runtime::unix_now();
+        let auth = shared::sign_request(secret, "manager", "POST", &path, t, EMPTY_SHA256);
+        Request::post(path)
+            .header(shared::AUTH_HEADER, auth)
+            .header(shared::DATE_HEADER, t.to_string())
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, _, body) = f.call(verify(&blob, &[9u8; 32])).await;
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+    f.state.store.set_verified(&blob, Some(1));
+    let (status, h, body) = f.call(verify(&blob, &f.secret)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(h.contains_key(shared::ANSWER_MAC_HEADER), "the answer is MACed");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["state"], "verified");
+    let at = v["verified_at"].as_i64().unwrap();
+    assert!(at > 1, "the proof time moved to now: {v}");
+    // Bytes gone bad on disk: quarantined, as a scrub would.
+    let hex = blob.to_string();
+    let file = f.storage.join("blobs").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let (status, _, body) = f.call(verify(&blob, &f.secret)).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["state"], "quarantined", "{v}");
+    assert_eq!(f.state.store.size(&blob).await.unwrap(), None);
+    let (status, _, body) = f.call(verify(&blob, &f.secret)).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["state"], "missing", "{v}");
+    let (status, _, body) = f
+        .call(
+            Request::post("/internal/v1/blobs/not-a-blob/verify")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+}

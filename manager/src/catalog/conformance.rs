@@ -35,7 +35,8 @@ macro_rules! suite {
             a_snapshot_holds_what_the_catalog_held,
             the_console_reads_accounts_counts_and_an_append_only_audit_log,
             the_monitor_keeps_states_days_and_changes,
-            incidents_deliveries_and_drains);
+            incidents_deliveries_and_drains,
+            withdrawals_priorities_and_disabled_accounts);
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(
@@ -974,4 +975,130 @@ pub async fn incidents_deliveries_and_drains(c: &SharedCatalog) {
     assert_eq!(c.drained_nodes().await.unwrap(), vec!["utah".to_string()]);
     assert!(c.set_drained("utah", false, "op@x", 3).await.unwrap());
     assert!(c.drained_nodes().await.unwrap().is_empty());
+}
+
+pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
+    let owner = c
+        .create_account("owner@example.com", "hash", Role::Uploader, 0)
+        .await
+        .unwrap();
+    let buyer = account(c, "buyer@example.com", 50).await;
+    published(c, "m", owner, 5).await;
+    c.insert_asset("q1", owner, "Queued One", "a.mp4", 1)
+        .await
+        .unwrap();
+    c.insert_asset("q2", owner, "Queued Two", "b.mp4", 1)
+        .await
+        .unwrap();
+    let ids = |v: Vec<AssetLine>| v.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let find = |search: &'static str, state: Option<AssetState>, under: Option<i64>| {
+        let c = c.clone();
+        async move {
+            ids(c
+                .search_assets(
+                    &AssetFilter {
+                        search,
+                        state,
+                        under_replicated_below: under,
+                    },
+                    10,
+                )
+                .await
+                .unwrap())
+        }
+    };
+    // Title (any case), owner's email, whole id; "%" means itself.
+    let mut queued = find("queued", None, None).await;
+    queued.sort();
+    assert_eq!(queued, ["q1", "q2"]);
+    assert_eq!(find("owner@", None, None).await.len(), 3);
+    assert_eq!(find("m", Some(AssetState::Published), None).await, ["m"]);
+    assert!(find("%", None, None).await.is_empty());
+    assert_eq!(find("", None, Some(2)).await, ["m"], "one copy of two");
+    assert!(find("", None, Some(1)).await.is_empty());
+    let line = c.asset_line("m").await.unwrap().unwrap();
+    assert_eq!((line.verified_copies, line.copies), (1, 1));
+    assert_eq!(line.owner_email, "owner@example.com");
+
+    // Withdrawn: every reader sees it so, purchases refuse it, the
+    // pipeline's own moves do not bring it back; only a finished movie.
+    assert!(!c.set_withdrawn("q1", Some("x"), 10).await.unwrap());
+    assert!(c.set_withdrawn("m", Some("complaint"), 10).await.unwrap());
+    assert!(!c.set_withdrawn("m", Some("again"), 11).await.unwrap());
+    assert_eq!(c.asset("m").await.unwrap().unwrap().state, AssetState::Withdrawn);
+    assert_eq!(
+        find("", Some(AssetState::Withdrawn), None).await,
+        ["m"]
+    );
+    assert!(find("", None, Some(2)).await.is_empty(), "not counted short");
+    assert!(c.published_assets(10).await.unwrap().is_empty());
+    assert!(c.canary_asset().await.unwrap().is_none());
+    assert_eq!(
+        refused(c.purchase(&order(buyer, "m", "r1", "g1", None)).await),
+        Refused::NotPublished
+    );
+    assert_eq!(c.balance(buyer).await.unwrap(), 50);
+    c.replica_lost("m", "utah", "gone", i64::MAX).await.unwrap();
+    c.mark_damaged("m").await.unwrap();
+    c.replica_seen_good("m", "utah", Some(now())).await.unwrap();
+    assert!(c.undamage("m").await.unwrap());
+    assert_eq!(c.asset("m").await.unwrap().unwrap().state, AssetState::Withdrawn);
+    let line = c.asset_line("m").await.unwrap().unwrap();
+    assert_eq!(line.withdrawn_reason.as_deref(), Some("complaint"));
+    assert!(c.set_withdrawn("m", None, 12).await.unwrap());
+    assert!(!c.set_withdrawn("m", None, 13).await.unwrap());
+    assert!(c.publish_if_replicated("m", 1).await.unwrap());
+    assert_eq!(c.asset("m").await.unwrap().unwrap().state, AssetState::Published);
+    assert_eq!(c.published_assets(10).await.unwrap().len(), 1);
+
+    // Repair now: only copies still waiting, once.
+    c.replica_failed("m", "utah", "boom", now() + 3600)
+        .await
+        .unwrap();
+    assert_eq!(c.asset_replicas_due_now("m").await.unwrap(), 1);
+    assert_eq!(c.asset_replicas_due_now("m").await.unwrap(), 0);
+
+    // Priorities: a raised job is claimed first and names its worker.
+    assert_eq!(c.raise_priority("q2").await.unwrap(), Some(1));
+    assert_eq!(c.raise_priority("m").await.unwrap(), None, "not queued");
+    assert_eq!(c.raise_priority("nope").await.unwrap(), None);
+    let first = c.claim_next(30, "host/transcode-1").await.unwrap().unwrap();
+    assert_eq!(first.id, "q2");
+    assert_eq!(c.raise_priority("q2").await.unwrap(), None, "in a step");
+    assert_eq!(c.raise_priority("q1").await.unwrap(), Some(2));
+    let jobs = c.jobs(10).await.unwrap();
+    assert_eq!(
+        jobs.iter()
+            .map(|j| (j.id.as_str(), j.priority, j.worker.as_deref()))
+            .collect::<Vec<_>>(),
+        [("q1", 2, None), ("q2", 1, Some("host/transcode-1"))]
+    );
+
+    // Disabled: sessions end, tokens and sessions no longer resolve, the
+    // log-in lookup says so; enabled again, tokens work again.
+    c.insert_session("s", buyer, "csrf", now() + 3600)
+        .await
+        .unwrap();
+    c.insert_api_token("t", buyer, "script").await.unwrap();
+    assert!(c.set_disabled(buyer, true, 20).await.unwrap());
+    assert!(!c.set_disabled(buyer, true, 21).await.unwrap());
+    assert!(c.session_user("s").await.unwrap().is_none());
+    assert!(c.api_token_user("t").await.unwrap().is_none());
+    assert!(c
+        .user_by_email("buyer@example.com")
+        .await
+        .unwrap()
+        .unwrap()
+        .disabled);
+    assert_eq!(c.account(buyer).await.unwrap().unwrap().disabled_at, Some(20));
+    assert!(c.set_disabled(buyer, false, 22).await.unwrap());
+    assert!(c.api_token_user("t").await.unwrap().is_some());
+    assert!(c.session_user("s").await.unwrap().is_none(), "ended for good");
+    assert!(!c
+        .user_by_email("buyer@example.com")
+        .await
+        .unwrap()
+        .unwrap()
+        .disabled);
+    assert_eq!(c.balance(buyer).await.unwrap(), 50, "the books untouched");
 }
