@@ -1570,8 +1570,13 @@ fn write_checks(dir: &Path, checks: &BTreeMap<String, CopyCheck>) -> std::io::Re
         checks.remove(&oldest);
     }
     ensure_dirs(dir)?;
-    let tmp = dir.join("tmp").join(format!("{CHECKS_FILE}.{}", uuid::Uuid::new_v4()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&checks).expect("serializes"))?;
+    let tmp = dir
+        .join("tmp")
+        .join(format!("{CHECKS_FILE}.{}", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&checks).expect("serializes"),
+    )?;
     std::fs::rename(&tmp, dir.join(CHECKS_FILE))
 }
 
@@ -1660,7 +1665,10 @@ pub fn start_manual(
             },
         };
         if !ok {
-            tracing::warn!(what, "a backup task started from the console failed: {lines:?}");
+            tracing::warn!(
+                what,
+                "a backup task started from the console failed: {lines:?}"
+            );
         }
         let mut m = MANUAL.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = m.as_mut() {
@@ -1701,16 +1709,19 @@ async fn manual_backup(db: &dyn Catalog, cfg: &Config, dir: &Path) -> (bool, Vec
     let mut ok = true;
     for (node, r) in off.sync_all(dir).await {
         match r {
-            Ok(held) if held.contains(&m.created_at) => {
-                lines.push(format!("node {node}: stored"))
-            }
+            Ok(held) if held.contains(&m.created_at) => lines.push(format!("node {node}: stored")),
             Ok(_) => {
                 ok = false;
-                lines.push(format!("node {node}: not stored (retried by the scheduler)"))
+                lines.push(format!(
+                    "node {node}: not stored (retried by the scheduler)"
+                ))
             }
             Err(e) => {
                 ok = false;
-                lines.push(format!("node {node}: {}: {e} (retried by the scheduler)", e.code()))
+                lines.push(format!(
+                    "node {node}: {}: {e} (retried by the scheduler)",
+                    e.code()
+                ))
             }
         }
     }

@@ -454,7 +454,11 @@ pub async fn reverify(
             .asset(asset_id)
             .await?
             .ok_or_else(|| ConsoleError::NoSuchMovie(asset_id.to_string()))?;
-        let Some(blob) = a.blob_id.as_deref().and_then(|b| b.parse::<shared::BlobId>().ok()) else {
+        let Some(blob) = a
+            .blob_id
+            .as_deref()
+            .and_then(|b| b.parse::<shared::BlobId>().ok())
+        else {
             return Err(ConsoleError::NotNow(format!(
                 "it is {} and has no sealed file to verify",
                 a.state
@@ -465,7 +469,9 @@ pub async fn reverify(
             if rep.state == crate::domain::ReplicaState::Retired {
                 continue;
             }
-            let Some(node) = nodes.get(&rep.node) else { continue };
+            let Some(node) = nodes.get(&rep.node) else {
+                continue;
+            };
             let observed = catalog::now();
             let outcome = match nodes.verify_blob(node, &blob).await {
                 Ok((state, at)) => {
@@ -509,7 +515,11 @@ pub async fn reverify(
 }
 
 /// Moves a queued job ahead of the queue, audited.
-pub async fn raise_priority(db: &dyn Catalog, who: &User, asset_id: &str) -> Result<i64, ConsoleError> {
+pub async fn raise_priority(
+    db: &dyn Catalog,
+    who: &User,
+    asset_id: &str,
+) -> Result<i64, ConsoleError> {
     let r = match db.raise_priority(asset_id).await? {
         Some(p) => Ok(p),
         None => Err(match db.asset(asset_id).await? {
@@ -544,9 +554,7 @@ pub async fn set_disabled(
     };
     let r = async {
         if disabled && account == who.id {
-            return Err(ConsoleError::Invalid(
-                "you cannot disable your own account",
-            ));
+            return Err(ConsoleError::Invalid("you cannot disable your own account"));
         }
         let a = db
             .account(account)

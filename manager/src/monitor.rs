@@ -1083,12 +1083,18 @@ mod tests {
         assert_eq!(judge(&[("a", at + 60 * day)]).0, Health::Ok);
         let (state, detail) = judge(&[("a", at + 60 * day), ("b", at + 10 * day)]);
         assert_eq!(state, Health::Degraded);
-        assert!(detail.contains("of b expires soonest") && detail.contains("in 10 d"), "{detail}");
+        assert!(
+            detail.contains("of b expires soonest") && detail.contains("in 10 d"),
+            "{detail}"
+        );
         assert_eq!(judge(&[("a", at + 2 * day)]).0, Health::Down);
         let (state, detail) = judge(&[("a", at - 1)]);
         assert_eq!(state, Health::Down);
         assert!(detail.contains("expired"), "{detail}");
-        assert_eq!(summary("cert.utah", Health::Degraded), "node utah's certificates: degraded");
+        assert_eq!(
+            summary("cert.utah", Health::Degraded),
+            "node utah's certificates: degraded"
+        );
     }
 
     #[test]

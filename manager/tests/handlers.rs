@@ -816,7 +816,12 @@ async fn the_admin_area_is_for_operators_only_route_by_route() {
         "not withdrawn by a non-operator"
     );
     assert!(
-        f.db.account(u).await.unwrap().unwrap().disabled_at.is_none(),
+        f.db.account(u)
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled_at
+            .is_none(),
         "not disabled by a non-operator"
     );
     assert_eq!(
@@ -1208,11 +1213,7 @@ async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
     assert!(!listed(&body, "m1") && listed(&body, "other"), "{body}");
     let (_, _, body) = send(&f, page("/admin/movies?state=queued", Some(&op))).await;
     assert!(!listed(&body, "m1") && listed(&body, "other"), "{body}");
-    let (_, _, body) = send(
-        &f,
-        page("/admin/movies?only=under_replicated", Some(&op)),
-    )
-    .await;
+    let (_, _, body) = send(&f, page("/admin/movies?only=under_replicated", Some(&op))).await;
     assert!(listed(&body, "m1") && !listed(&body, "other"), "{body}");
     assert!(body.contains("1 of 1 verified"), "{body}");
     // Every copy with its state and proof time.
@@ -1229,14 +1230,20 @@ async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, _, body) = send(
         &f,
-        act("/admin/movies/m1/withdraw", &format!("csrf={csrf}&reason=+")),
+        act(
+            "/admin/movies/m1/withdraw",
+            &format!("csrf={csrf}&reason=+"),
+        ),
     )
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "{body}");
     assert!(body.contains("a reason of 1 to 500 characters"), "{body}");
     let (s, _, _) = send(
         &f,
-        act("/admin/movies/other/withdraw", &format!("csrf={csrf}&reason=x")),
+        act(
+            "/admin/movies/other/withdraw",
+            &format!("csrf={csrf}&reason=x"),
+        ),
     )
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "a job is cancelled, not withdrawn");
@@ -1285,11 +1292,18 @@ async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
     // Lost copies change nothing of that; reinstating brings it back.
     let (s, _, _) = send(
         &f,
-        act("/admin/movies/m1/withdraw", &format!("csrf={csrf}&reason=x")),
+        act(
+            "/admin/movies/m1/withdraw",
+            &format!("csrf={csrf}&reason=x"),
+        ),
     )
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "already withdrawn");
-    let (s, _, body) = send(&f, act("/admin/movies/m1/reinstate", &format!("csrf={csrf}"))).await;
+    let (s, _, body) = send(
+        &f,
+        act("/admin/movies/m1/reinstate", &format!("csrf={csrf}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(
         f.db.asset("m1").await.unwrap().unwrap().state,
@@ -1306,9 +1320,16 @@ async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert!(body.contains("1 waiting copies are due now"), "{body}");
     // Re-verify asks each node; this one is unreachable, and says so.
-    let (s, _, body) = send(&f, act("/admin/movies/m1/reverify", &format!("csrf={csrf}"))).await;
+    let (s, _, body) = send(
+        &f,
+        act("/admin/movies/m1/reverify", &format!("csrf={csrf}")),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    assert!(body.contains("utah: not checked: node unreachable"), "{body}");
+    assert!(
+        body.contains("utah: not checked: node unreachable"),
+        "{body}"
+    );
     let (s, _, _) = send(&f, act("/admin/movies/m1/explode", &format!("csrf={csrf}"))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
@@ -1331,7 +1352,10 @@ async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
         "{seen:?}"
     );
     assert!(seen[0].1.starts_with("refused: a reason"), "{seen:?}");
-    assert!(seen[2].1.contains("a complaint about its music"), "{seen:?}");
+    assert!(
+        seen[2].1.contains("a complaint about its music"),
+        "{seen:?}"
+    );
     assert_eq!(seen[6].0, "movie_reverify");
 }
 
@@ -1356,7 +1380,12 @@ async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger(
     .unwrap();
     let (s, _, body) = send(&f, page(&format!("/admin/accounts/{u}"), Some(&op))).await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    for expected in ["7 credits", "equals its ledger", "welcome back", "data-disabled=\"false\""] {
+    for expected in [
+        "7 credits",
+        "equals its ledger",
+        "welcome back",
+        "data-disabled=\"false\"",
+    ] {
         assert!(body.contains(expected), "{expected:?}: {body}");
     }
     let act = |path: String, csrf: &str| form(&path, Some(&op), &format!("csrf={csrf}"));
@@ -1373,7 +1402,11 @@ async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger(
     // its own word once the password is right.
     let (s, _, _) = send(&f, page("/account", Some(&u_cookie))).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "as if never logged in");
-    let (s, _, _) = send(&f, api("GET", "/api/v1/account", &token, serde_json::json!({}))).await;
+    let (s, _, _) = send(
+        &f,
+        api("GET", "/api/v1/account", &token, serde_json::json!({})),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let hash = manager::auth::hash_password("correct horse").unwrap();
     f.db.set_password("u@example.com", &hash).await.unwrap();
@@ -1391,7 +1424,11 @@ async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger(
             .unwrap()
     };
     let (s, _, body) = send(&f, try_login("wrong")).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "a wrong password learns nothing: {body}");
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "a wrong password learns nothing: {body}"
+    );
     assert!(!body.contains("account_disabled"));
     let (s, h, body) = send(&f, try_login("correct+horse")).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
@@ -1408,26 +1445,44 @@ async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger(
     // Enabled again: its token works again; its ledger was never touched.
     let (s, _, _) = send(&f, act(format!("/admin/accounts/{t}/enable"), &csrf)).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, _) = send(&f, api("GET", "/api/v1/account", &token, serde_json::json!({}))).await;
+    let (s, _, _) = send(
+        &f,
+        api("GET", "/api/v1/account", &token, serde_json::json!({})),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(f.db.balance(u).await.unwrap(), 7);
     let (_, _, body) = send(&f, page("/admin/accounts?q=u%40", Some(&op))).await;
-    assert!(body.contains("disabled</span>"), "the list marks it: {body}");
-    let log: Vec<String> = f
-        .db
-        .audit_entries(20)
-        .await
-        .unwrap()
-        .iter()
-        .rev()
-        .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
-        .collect();
+    assert!(
+        body.contains("disabled</span>"),
+        "the list marks it: {body}"
+    );
+    let log: Vec<String> =
+        f.db.audit_entries(20)
+            .await
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
+            .collect();
     assert_eq!(log.len(), 6, "{log:?}");
-    assert!(log[0].starts_with(&format!("account_disable account:{u} done")), "{log:?}");
-    assert!(log[2].contains("refused: u@example.com is already disabled"), "{log:?}");
-    assert!(log[3].contains("refused: you cannot disable your own account"), "{log:?}");
+    assert!(
+        log[0].starts_with(&format!("account_disable account:{u} done")),
+        "{log:?}"
+    );
+    assert!(
+        log[2].contains("refused: u@example.com is already disabled"),
+        "{log:?}"
+    );
+    assert!(
+        log[3].contains("refused: you cannot disable your own account"),
+        "{log:?}"
+    );
     assert!(log[4].contains("refused: no account 999999"), "{log:?}");
-    assert!(log[5].starts_with(&format!("account_enable account:{t} done")), "{log:?}");
+    assert!(
+        log[5].starts_with(&format!("account_enable account:{t} done")),
+        "{log:?}"
+    );
 }
 
 #[tokio::test]
@@ -1441,9 +1496,19 @@ async fn a_queued_job_moves_ahead_and_the_queue_names_its_worker() {
     let (s, _, body) = send(&f, act("/admin/jobs/third/raise")).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert!(body.contains("third is next in the queue"), "{body}");
-    let order: Vec<String> = f.db.jobs(10).await.unwrap().into_iter().map(|j| j.id).collect();
+    let order: Vec<String> =
+        f.db.jobs(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
     assert_eq!(order, ["third", "first", "second"]);
-    let claimed = f.db.claim_next(30, "host/transcode-1").await.unwrap().unwrap();
+    let claimed =
+        f.db.claim_next(30, "host/transcode-1")
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(claimed.id, "third", "claimed first");
     let (_, _, body) = send(&f, page("/admin/jobs", Some(&op))).await;
     assert!(body.contains("host/transcode-1"), "{body}");
@@ -1455,23 +1520,35 @@ async fn a_queued_job_moves_ahead_and_the_queue_names_its_worker() {
     assert_eq!(s, StatusCode::OK);
     let (s, _, _) = send(&f, act("/admin/jobs/nope/raise")).await;
     assert_eq!(s, StatusCode::CONFLICT);
-    let order: Vec<String> = f.db.jobs(10).await.unwrap().into_iter().map(|j| j.id).collect();
-    assert_eq!(order, ["second", "third", "first"], "the latest raised goes first");
+    let order: Vec<String> =
+        f.db.jobs(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+    assert_eq!(
+        order,
+        ["second", "third", "first"],
+        "the latest raised goes first"
+    );
     assert_eq!(
         f.db.claim_next(30, "w").await.unwrap().unwrap().id,
         "second"
     );
-    let log: Vec<String> = f
-        .db
-        .audit_entries(10)
-        .await
-        .unwrap()
-        .iter()
-        .rev()
-        .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
-        .collect();
+    let log: Vec<String> =
+        f.db.audit_entries(10)
+            .await
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
+            .collect();
     assert_eq!(log.len(), 4, "{log:?}");
-    assert!(log[0].starts_with("job_raise movie:third priority"), "{log:?}");
+    assert!(
+        log[0].starts_with("job_raise movie:third priority"),
+        "{log:?}"
+    );
     assert!(log[1].contains("refused"), "{log:?}");
 }
 
@@ -1483,7 +1560,10 @@ async fn backups_are_listed_taken_and_verified_from_the_admin() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert!(body.contains("There is no local backup"), "{body}");
     assert!(body.contains("manager backup restore"), "{body}");
-    assert!(body.contains("backup.recovery_key"), "no key configured: {body}");
+    assert!(
+        body.contains("backup.recovery_key"),
+        "no key configured: {body}"
+    );
     let act = |path: &str, csrf: &str| form(path, Some(&op), &format!("csrf={csrf}"));
     let (s, _, _) = send(&f, act("/admin/backups/now", "forged")).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
@@ -1499,10 +1579,16 @@ async fn backups_are_listed_taken_and_verified_from_the_admin() {
             break;
         }
     }
-    assert!(body.contains("data-done=\"true\" data-ok=\"true\""), "{body}");
+    assert!(
+        body.contains("data-done=\"true\" data-ok=\"true\""),
+        "{body}"
+    );
     assert!(body.contains("taken and verified"), "{body}");
     assert!(!body.contains("There is no local backup"), "{body}");
-    assert!(body.contains("when taken"), "verified when it was taken: {body}");
+    assert!(
+        body.contains("when taken"),
+        "verified when it was taken: {body}"
+    );
     let (s, _, answer) = send(&f, act("/admin/backups/verify", &csrf)).await;
     assert_eq!(s, StatusCode::OK, "{answer}");
     for _ in 0..100 {
@@ -1517,14 +1603,13 @@ async fn backups_are_listed_taken_and_verified_from_the_admin() {
     assert!(!body.contains("when taken"), "{body}");
     let (s, _, _) = send(&f, act("/admin/backups/explode", &csrf)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let log: Vec<String> = f
-        .db
-        .audit_entries(10)
-        .await
-        .unwrap()
-        .iter()
-        .rev()
-        .map(|e| format!("{} {}", e.action, e.detail))
-        .collect();
+    let log: Vec<String> =
+        f.db.audit_entries(10)
+            .await
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|e| format!("{} {}", e.action, e.detail))
+            .collect();
     assert_eq!(log, ["backup_now started", "backup_verify started"]);
 }

@@ -627,6 +627,53 @@ async fn an_operator_runs_the_site_from_the_admin_in_chromium() {
     );
     screenshot(&c, "status-page.png").await;
 
+    // The account the grant reached, its ledger with the grant.
+    c.goto(&format!("{base}/admin/accounts")).await.unwrap();
+    c.find(Locator::Css("#accounts a[href^='/admin/accounts/']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css("#ledger"))
+        .await
+        .unwrap();
+    assert!(text_of(&c, "#ledger")
+        .await
+        .contains("sorry for the outage"));
+    screenshot(&c, "admin-account.png").await;
+
+    // Movies: the search form (this site has none yet).
+    c.goto(&format!("{base}/admin/movies?q=nothing"))
+        .await
+        .unwrap();
+    assert!(text_of(&c, "main").await.contains("No movie matches"));
+    text_of(&c, "#find").await;
+    screenshot(&c, "admin-movies.png").await;
+
+    // A backup taken from the admin, followed on the page.
+    c.goto(&format!("{base}/admin/backups")).await.unwrap();
+    let m = submit(&c, "/admin/backups/now").await;
+    assert!(m.contains("A backup started"), "{m}");
+    let mut done = String::new();
+    for _ in 0..60 {
+        c.goto(&format!("{base}/admin/backups")).await.unwrap();
+        done = attr(&c, "#task", "data-done").await;
+        if done == "true" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(done, "true", "the backup finished");
+    let task = text_of(&c, "#task").await;
+    assert!(task.contains("taken and verified"), "{task}");
+    assert!(text_of(&c, "#restore")
+        .await
+        .contains("manager backup restore"));
+    screenshot(&c, "admin-backups.png").await;
+
     // Each action is in the audit log.
     c.goto(&format!("{base}/admin/audit")).await.unwrap();
     let log = text_of(&c, "main").await;
@@ -635,6 +682,7 @@ async fn an_operator_runs_the_site_from_the_admin_in_chromium() {
         "node_return",
         "grant_credits",
         "incident_open",
+        "backup_now",
     ] {
         assert!(log.contains(action), "{action} in {log}");
     }

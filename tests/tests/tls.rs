@@ -132,10 +132,21 @@ async fn init_cluster_tls_writes_a_cluster_that_talks_over_tls() {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
-    cli(&["create-user", "--email", "op@example.com", "--role", "operator", "--generate-password"]);
+    cli(&[
+        "create-user",
+        "--email",
+        "op@example.com",
+        "--role",
+        "operator",
+        "--generate-password",
+    ]);
     let token = cli(&["create-token", "--email", "op@example.com"]);
     let node = Proc::spawn(
         "utah",
@@ -199,7 +210,12 @@ async fn init_cluster_tls_writes_a_cluster_that_talks_over_tls() {
             last["checks"]
                 .as_array()
                 .and_then(|a| a.iter().find(|c| c["check_id"] == id))
-                .map(|c| (c["state"].clone(), c["detail"].as_str().unwrap_or("").to_string()))
+                .map(|c| {
+                    (
+                        c["state"].clone(),
+                        c["detail"].as_str().unwrap_or("").to_string(),
+                    )
+                })
         };
         if let (Some((s1, d1)), Some((s2, d2))) = (detail("cert.utah"), detail("cert.manager")) {
             if d1.contains("its address for the manager expires soonest") {

@@ -247,10 +247,7 @@ async fn pass(st: &SharedState, cancel: &Arc<AtomicBool>) {
         let (throttle2, cancel2, id2) = (throttle.clone(), cancel.clone(), id);
         let verdict = tokio::task::spawn_blocking(move || {
             check_file(&path, &id2, chunk, &cancel2, |n| {
-                let wait = throttle2
-                    .lock()
-                    .expect("throttle")
-                    .take(n, Instant::now());
+                let wait = throttle2.lock().expect("throttle").take(n, Instant::now());
                 std::thread::sleep(wait);
                 metrics::counter!("viewnode_scrub_bytes_total").increment(n);
             })

@@ -315,7 +315,10 @@ async fn a_copy_is_re_verified_on_the_managers_signed_request() {
     f.state.store.set_verified(&blob, Some(1));
     let (status, h, body) = f.call(verify(&blob, &f.secret)).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert!(h.contains_key(shared::ANSWER_MAC_HEADER), "the answer is MACed");
+    assert!(
+        h.contains_key(shared::ANSWER_MAC_HEADER),
+        "the answer is MACed"
+    );
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["state"], "verified");
     let at = v["verified_at"].as_i64().unwrap();

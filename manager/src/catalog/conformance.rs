@@ -1025,12 +1025,15 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
     assert!(!c.set_withdrawn("q1", Some("x"), 10).await.unwrap());
     assert!(c.set_withdrawn("m", Some("complaint"), 10).await.unwrap());
     assert!(!c.set_withdrawn("m", Some("again"), 11).await.unwrap());
-    assert_eq!(c.asset("m").await.unwrap().unwrap().state, AssetState::Withdrawn);
     assert_eq!(
-        find("", Some(AssetState::Withdrawn), None).await,
-        ["m"]
+        c.asset("m").await.unwrap().unwrap().state,
+        AssetState::Withdrawn
     );
-    assert!(find("", None, Some(2)).await.is_empty(), "not counted short");
+    assert_eq!(find("", Some(AssetState::Withdrawn), None).await, ["m"]);
+    assert!(
+        find("", None, Some(2)).await.is_empty(),
+        "not counted short"
+    );
     assert!(c.published_assets(10).await.unwrap().is_empty());
     assert!(c.canary_asset().await.unwrap().is_none());
     assert_eq!(
@@ -1042,13 +1045,19 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
     c.mark_damaged("m").await.unwrap();
     c.replica_seen_good("m", "utah", Some(now())).await.unwrap();
     assert!(c.undamage("m").await.unwrap());
-    assert_eq!(c.asset("m").await.unwrap().unwrap().state, AssetState::Withdrawn);
+    assert_eq!(
+        c.asset("m").await.unwrap().unwrap().state,
+        AssetState::Withdrawn
+    );
     let line = c.asset_line("m").await.unwrap().unwrap();
     assert_eq!(line.withdrawn_reason.as_deref(), Some("complaint"));
     assert!(c.set_withdrawn("m", None, 12).await.unwrap());
     assert!(!c.set_withdrawn("m", None, 13).await.unwrap());
     assert!(c.publish_if_replicated("m", 1).await.unwrap());
-    assert_eq!(c.asset("m").await.unwrap().unwrap().state, AssetState::Published);
+    assert_eq!(
+        c.asset("m").await.unwrap().unwrap().state,
+        AssetState::Published
+    );
     assert_eq!(c.published_assets(10).await.unwrap().len(), 1);
 
     // Repair now: only copies still waiting, once.
@@ -1084,21 +1093,29 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
     assert!(!c.set_disabled(buyer, true, 21).await.unwrap());
     assert!(c.session_user("s").await.unwrap().is_none());
     assert!(c.api_token_user("t").await.unwrap().is_none());
-    assert!(c
-        .user_by_email("buyer@example.com")
-        .await
-        .unwrap()
-        .unwrap()
-        .disabled);
-    assert_eq!(c.account(buyer).await.unwrap().unwrap().disabled_at, Some(20));
+    assert!(
+        c.user_by_email("buyer@example.com")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
+    assert_eq!(
+        c.account(buyer).await.unwrap().unwrap().disabled_at,
+        Some(20)
+    );
     assert!(c.set_disabled(buyer, false, 22).await.unwrap());
     assert!(c.api_token_user("t").await.unwrap().is_some());
-    assert!(c.session_user("s").await.unwrap().is_none(), "ended for good");
-    assert!(!c
-        .user_by_email("buyer@example.com")
-        .await
-        .unwrap()
-        .unwrap()
-        .disabled);
+    assert!(
+        c.session_user("s").await.unwrap().is_none(),
+        "ended for good"
+    );
+    assert!(
+        !c.user_by_email("buyer@example.com")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
     assert_eq!(c.balance(buyer).await.unwrap(), 50, "the books untouched");
 }

@@ -968,8 +968,7 @@ pub trait Catalog: Send + Sync + 'static {
     async fn raise_priority(&self, asset_id: &str) -> sqlx::Result<Option<i64>>;
 
     /// Movies matching `f`, newest first.
-    async fn search_assets(&self, f: &AssetFilter<'_>, limit: i64)
-        -> sqlx::Result<Vec<AssetLine>>;
+    async fn search_assets(&self, f: &AssetFilter<'_>, limit: i64) -> sqlx::Result<Vec<AssetLine>>;
 
     /// One movie as [`Catalog::search_assets`] lists it.
     async fn asset_line(&self, asset_id: &str) -> sqlx::Result<Option<AssetLine>>;

@@ -371,9 +371,9 @@ impl Catalog for SqliteCatalog {
             "SELECT id, email, password_hash, role, disabled_at IS NOT NULL AS disabled
              FROM users WHERE email = ?",
         )
-            .bind(email)
-            .fetch_optional(db)
-            .await
+        .bind(email)
+        .fetch_optional(db)
+        .await
     }
 
     async fn insert_session(
@@ -1427,15 +1427,14 @@ impl Catalog for SqliteCatalog {
         // A concurrent retry of the same request may win the race to here:
         // the grant's UNIQUE request key then refuses our insert below and
         // the whole transaction rolls back.
-        let Some((price, seller, state)): Option<(i64, i64, AssetState)> =
-            sqlx::query_as(
-                "SELECT price, owner_id,
+        let Some((price, seller, state)): Option<(i64, i64, AssetState)> = sqlx::query_as(
+            "SELECT price, owner_id,
                         CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END
                  FROM assets WHERE id = ?",
-            )
-                .bind(o.asset_id)
-                .fetch_optional(&mut *tx)
-                .await?
+        )
+        .bind(o.asset_id)
+        .fetch_optional(&mut *tx)
+        .await?
         else {
             return Err(TxError::Refused(Refused::NoMovie));
         };
@@ -1939,11 +1938,7 @@ impl Catalog for SqliteCatalog {
         Ok(r.map(|(p,)| p))
     }
 
-    async fn search_assets(
-        &self,
-        f: &AssetFilter<'_>,
-        limit: i64,
-    ) -> sqlx::Result<Vec<AssetLine>> {
+    async fn search_assets(&self, f: &AssetFilter<'_>, limit: i64) -> sqlx::Result<Vec<AssetLine>> {
         // instr, not LIKE: a search for "%" or "_" means those characters.
         sqlx::query_as(&format!(
             "SELECT {ASSET_LINE_COLS} FROM assets a JOIN users u ON u.id = a.owner_id
@@ -1977,31 +1972,30 @@ impl Catalog for SqliteCatalog {
         reason: Option<&str>,
         at: i64,
     ) -> sqlx::Result<bool> {
-        let r = match reason {
-            Some(reason) => {
-                sqlx::query(
-                    "UPDATE assets SET withdrawn_at = ?, withdrawn_reason = ?, updated_at = ?
+        let r =
+            match reason {
+                Some(reason) => {
+                    sqlx::query(
+                        "UPDATE assets SET withdrawn_at = ?, withdrawn_reason = ?, updated_at = ?
                      WHERE id = ? AND withdrawn_at IS NULL
                        AND state IN ('replicating', 'published', 'damaged')",
-                )
-                .bind(at)
-                .bind(reason)
-                .bind(at)
-                .bind(asset_id)
-                .execute(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(
+                    )
+                    .bind(at)
+                    .bind(reason)
+                    .bind(at)
+                    .bind(asset_id)
+                    .execute(&self.pool)
+                    .await?
+                }
+                None => sqlx::query(
                     "UPDATE assets SET withdrawn_at = NULL, withdrawn_reason = NULL, updated_at = ?
                      WHERE id = ? AND withdrawn_at IS NOT NULL",
                 )
                 .bind(at)
                 .bind(asset_id)
                 .execute(&self.pool)
-                .await?
-            }
-        };
+                .await?,
+            };
         Ok(r.rows_affected() == 1)
     }
 
@@ -2034,10 +2028,12 @@ impl Catalog for SqliteCatalog {
                 .execute(&mut *tx)
                 .await?
         } else {
-            sqlx::query("UPDATE users SET disabled_at = NULL WHERE id = ? AND disabled_at IS NOT NULL")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?
+            sqlx::query(
+                "UPDATE users SET disabled_at = NULL WHERE id = ? AND disabled_at IS NOT NULL",
+            )
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
         };
         if disabled {
             sqlx::query("DELETE FROM sessions WHERE user_id = ?")
@@ -2056,7 +2052,7 @@ impl Catalog for SqliteCatalog {
     ) -> sqlx::Result<ReplicationSummary> {
         let (under_replicated, damaged, copies_pending): (i64, i64, i64) = sqlx::query_as(
             "SELECT
-               (SELECT count(*) FROM assets a WHERE a.state = 'published' AND
+               (SELECT count(*) FROM assets a WHERE a.state = 'published' AND a.withdrawn_at IS NULL AND
                   (SELECT count(*) FROM replicas r WHERE r.asset_id = a.id AND r.state = 'verified') < ?1),
                (SELECT count(*) FROM assets WHERE state = 'damaged'),
                (SELECT count(*) FROM replicas WHERE state <> 'verified')",

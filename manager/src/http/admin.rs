@@ -424,7 +424,8 @@ pub async fn account_action(
     };
     let message = match console::set_disabled(&*st.db, &c.user, id, disabled).await {
         Ok(()) if disabled => (
-            "Disabled: it cannot log in, and its sessions and API tokens stopped working.".to_string(),
+            "Disabled: it cannot log in, and its sessions and API tokens stopped working."
+                .to_string(),
             false,
         ),
         Ok(()) => ("Enabled: it may log in again.".to_string(), false),

@@ -129,7 +129,10 @@ pub async fn movies(
         } else {
             String::new()
         },
-        states: STATES.iter().map(|s| (s.as_str(), Some(*s) == state)).collect(),
+        states: STATES
+            .iter()
+            .map(|s| (s.as_str(), Some(*s) == state))
+            .collect(),
         movies,
         limit: LIST_LIMIT as usize,
     }))
@@ -251,12 +254,16 @@ pub async fn movie_action(
     let c = operator_page(c)?;
     c.check_csrf(Some(&f.csrf))?;
     let r: Result<String, ConsoleError> = match action.as_str() {
-        "repair" => console::repair_now(&*st.db, &c.user, &id)
-            .await
-            .map(|n| format!("{n} waiting copies are due now; the replication loop takes them within seconds.")),
+        "repair" => console::repair_now(&*st.db, &c.user, &id).await.map(|n| {
+            format!(
+                "{n} waiting copies are due now; the replication loop takes them within seconds."
+            )
+        }),
         "reverify" => {
-            let (db, nodes, user, id2) = (st.db.clone(), st.nodes.clone(), c.user.clone(), id.clone());
-            let task = tokio::spawn(async move { console::reverify(&*db, &nodes, &user, &id2).await });
+            let (db, nodes, user, id2) =
+                (st.db.clone(), st.nodes.clone(), c.user.clone(), id.clone());
+            let task =
+                tokio::spawn(async move { console::reverify(&*db, &nodes, &user, &id2).await });
             match tokio::time::timeout(REVERIFY_WAIT, task).await {
                 Ok(Ok(r)) => r.map(|v| {
                     let found: Vec<String> = v.iter().map(|x| format!("{}: {}", x.node, x.outcome)).collect();
@@ -268,7 +275,10 @@ pub async fn movie_action(
         }
         "withdraw" => console::withdraw(&*st.db, &c.user, &id, Some(&f.reason))
             .await
-            .map(|()| "Withdrawn: media URLs, purchases and listings refuse it now; its copies are kept.".into()),
+            .map(|()| {
+                "Withdrawn: media URLs, purchases and listings refuse it now; its copies are kept."
+                    .into()
+            }),
         "reinstate" => console::withdraw(&*st.db, &c.user, &id, None)
             .await
             .map(|()| "Reinstated.".into()),
@@ -478,7 +488,14 @@ pub async fn backup_action(
         Ok(()) => "started".to_string(),
         Err(running) => format!("refused: a {} task is running", running.what),
     };
-    console::audit(&*st.db, &c.user, &format!("backup_{action}"), "backups", &detail).await;
+    console::audit(
+        &*st.db,
+        &c.user,
+        &format!("backup_{action}"),
+        "backups",
+        &detail,
+    )
+    .await;
     let message = match r {
         Ok(()) => (
             format!(

@@ -85,7 +85,10 @@ pub fn build_router(state: SharedState) -> Router {
             post(admin_library::movie_action),
         )
         .route("/admin/backups", get(admin_library::backups))
-        .route("/admin/backups/{action}", post(admin_library::backup_action))
+        .route(
+            "/admin/backups/{action}",
+            post(admin_library::backup_action),
+        )
         .route("/admin/audit", get(admin::audit))
         .route("/admin/jobs", get(admin::jobs))
         .route("/admin/jobs/{id}/{action}", post(admin::job_action))

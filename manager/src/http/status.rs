@@ -603,7 +603,9 @@ fn scrub_text(s: &serde_json::Value, now: i64) -> String {
             "last full pass {} ago ({} in {:.0} s)",
             console::human_age((now - at).max(0)),
             media::human_bytes(n("last_pass_bytes")),
-            s.get("last_pass_secs").and_then(|v| v.as_f64()).unwrap_or(0.0)
+            s.get("last_pass_secs")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0)
         )),
         None => out.push("no full pass yet".into()),
     }

@@ -257,7 +257,9 @@ pub async fn login(
         let page = LoginPage {
             user: None,
             csrf: &f.csrf,
-            error: Some("This account is disabled (account_disabled). Write to the site's operator."),
+            error: Some(
+                "This account is disabled (account_disabled). Write to the site's operator.",
+            ),
             email: &email,
         };
         return Ok((StatusCode::FORBIDDEN, render(&page)).into_response());
