@@ -585,11 +585,10 @@ fn scrub_text(s: &serde_json::Value, now: i64) -> String {
     let mut out = Vec::new();
     if s.get("pass_running").and_then(|v| v.as_bool()) == Some(true) {
         let total = n("pass_bytes_total");
-        let pct = if total == 0 {
-            0
-        } else {
-            n("pass_bytes_done") * 100 / total
-        };
+        let pct = n("pass_bytes_done")
+            .saturating_mul(100)
+            .checked_div(total)
+            .unwrap_or(0);
         out.push(format!(
             "pass {pct} % done ({} of {})",
             media::human_bytes(n("pass_bytes_done")),
@@ -836,4 +835,34 @@ pub async fn test_channel_api(
     Ok(axum::Json(
         serde_json::json!({ "channel": t.channel, "delivered": delivered, "answer": answer }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nodes_scrub_reads_as_words() {
+        let now = 1_000_000;
+        let running = serde_json::json!({
+            "pass_running": true,
+            "pass_bytes_done": 250 << 20,
+            "pass_bytes_total": 1000 << 20,
+            "last_pass_completed_at": now - 7200,
+            "last_pass_bytes": 900 << 20,
+            "last_pass_secs": 60.0,
+            "passes_completed": 3,
+        });
+        let t = scrub_text(&running, now);
+        assert!(t.starts_with("pass 25 % done"), "{t}");
+        assert!(t.contains("last full pass 2 h ago"), "{t}");
+        assert!(t.contains("3 passes since start"), "{t}");
+        let fresh = serde_json::json!({"pass_running": true, "pass_bytes_total": 0});
+        let t = scrub_text(&fresh, now);
+        assert!(
+            t.starts_with("pass 0 % done") && t.contains("no full pass yet"),
+            "{t}"
+        );
+        assert!(scrub_text(&serde_json::json!({}), now).starts_with("idle"));
+    }
 }
