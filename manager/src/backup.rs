@@ -1460,11 +1460,20 @@ async fn verify(cfg: &Config, dir: &Path, remote: bool) -> anyhow::Result<()> {
     let checks = verify_copies(cfg, dir, remote).await?;
     let mut failures = 0;
     for c in &checks {
+        // The lines scripts (and the drills) read.
+        let place = match (c.location.as_str(), c.name.as_str()) {
+            ("local", _) => format!("{} local", c.name),
+            (node, "(listing)") => format!("node {node}"),
+            (node, name) => format!("{name} on {node}"),
+        };
         if c.ok {
-            println!("OK {} {}", c.name, c.location);
+            match &c.backup {
+                Some(id) if c.location != "local" => println!("OK {place} (backup {id})"),
+                _ => println!("OK {place}"),
+            }
         } else {
             failures += 1;
-            println!("FAILED {} {}: {}", c.name, c.location, c.detail);
+            println!("FAILED {place}: {}", c.detail);
         }
     }
     anyhow::ensure!(
@@ -1484,6 +1493,9 @@ pub struct CopyCheck {
     pub at: i64,
     pub ok: bool,
     pub detail: String,
+    /// The backup a good copy holds.
+    #[serde(default)]
+    pub backup: Option<String>,
 }
 
 /// Re-checks every local backup (hash, integrity, row counts) and, with
@@ -1501,15 +1513,16 @@ pub async fn verify_copies(
         name: name.to_string(),
         at: shared::runtime::unix_now(),
         ok: r.is_ok(),
+        backup: r.as_ref().ok().cloned(),
         detail: match r {
-            Ok(d) => d,
+            Ok(id) => format!("opens and matches its manifest (backup {id})"),
             Err(e) => format!("{}: {e}", e.code()),
         },
     };
     for m in list_local(dir) {
         let r = verify_db(&dir.join(format!("{}.db", m.id)), &m)
             .await
-            .map(|()| "hash, integrity and row counts match".to_string());
+            .map(|()| m.id.clone());
         out.push(check("local", &m.id, r));
     }
     if remote {
@@ -1531,7 +1544,7 @@ pub async fn verify_copies(
                     .await
                     .map(|(m, _, db)| {
                         let _ = std::fs::remove_file(db);
-                        format!("opens with the recovery key; holds backup {}", m.id)
+                        m.id
                     });
                 out.push(check(&n.name, &b.name, r));
             }
@@ -1573,28 +1586,41 @@ fn write_checks(dir: &Path, checks: &BTreeMap<String, CopyCheck>) -> std::io::Re
     let tmp = dir
         .join("tmp")
         .join(format!("{CHECKS_FILE}.{}", uuid::Uuid::new_v4()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&checks).expect("serializes"),
-    )?;
-    std::fs::rename(&tmp, dir.join(CHECKS_FILE))
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(
+            &mut f,
+            &serde_json::to_vec_pretty(&checks).expect("serializes"),
+        )?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(CHECKS_FILE))
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
-/// Every backup node's listing, or why it could not be read.
+/// Every backup node's listing, or why it could not be read. All nodes at
+/// once, each given 5 s: a page must not hang on one node.
 pub async fn node_listings(cfg: &Config) -> Vec<(String, Result<Vec<RemoteBackup>, String>)> {
-    let mut out = Vec::new();
-    for n in &cfg.backup.target_nodes(&cfg.nodes) {
-        let r = match NodeClient::as_manager(n, &cfg.node_ca_cert) {
-            Ok(c) => c
-                .list()
-                .await
-                .map(|l| l.backups)
-                .map_err(|e| format!("{}: {e}", e.code())),
-            Err(e) => Err(format!("{}: {e}", e.code())),
-        };
-        out.push((n.name.clone(), r));
-    }
-    out
+    let asks = cfg
+        .backup
+        .target_nodes(&cfg.nodes)
+        .into_iter()
+        .map(|n| async move {
+            let r = match NodeClient::as_manager(n, &cfg.node_ca_cert) {
+                Ok(c) => match tokio::time::timeout(Duration::from_secs(5), c.list()).await {
+                    Ok(r) => r
+                        .map(|l| l.backups)
+                        .map_err(|e| format!("{}: {e}", e.code())),
+                    Err(_) => Err("no answer within 5 s".to_string()),
+                },
+                Err(e) => Err(format!("{}: {e}", e.code())),
+            };
+            (n.name.clone(), r)
+        });
+    futures::future::join_all(asks).await
 }
 
 /// A backup task an operator started from the console, and how it went.
@@ -1625,7 +1651,7 @@ pub fn start_manual(
     db: SharedCatalog,
     cfg: Config,
     what: &'static str,
-    by: &str,
+    by: &crate::catalog::User,
 ) -> Result<(), ManualRun> {
     {
         let mut m = MANUAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1634,35 +1660,22 @@ pub fn start_manual(
         }
         *m = Some(ManualRun {
             what,
-            by: by.to_string(),
+            by: by.email.clone(),
             started_at: shared::runtime::unix_now(),
             finished_at: None,
             lines: Vec::new(),
             ok: None,
         });
     }
+    let who = by.clone();
     tokio::spawn(async move {
-        let dir = backups_dir(&cfg);
-        let (ok, lines) = match what {
-            "backup" => manual_backup(&*db, &cfg, &dir).await,
-            _ => match verify_copies(&cfg, &dir, !cfg.backup.recovery_key.is_empty()).await {
-                Ok(checks) => (
-                    checks.iter().all(|c| c.ok),
-                    checks
-                        .iter()
-                        .map(|c| {
-                            format!(
-                                "{} {} {}: {}",
-                                if c.ok { "OK" } else { "FAILED" },
-                                c.location,
-                                c.name,
-                                c.detail
-                            )
-                        })
-                        .collect(),
-                ),
-                Err(e) => (false, vec![format!("{}: {e}", e.code())]),
-            },
+        // The work in a task of its own: should it panic, the run is still
+        // marked finished (failed), or every later start would be refused.
+        let (db2, cfg2) = (db.clone(), cfg.clone());
+        let work = tokio::spawn(async move { manual_work(&*db2, &cfg2, what).await });
+        let (ok, lines) = match work.await {
+            Ok(r) => r,
+            Err(e) => (false, vec![format!("the task failed: {e}")]),
         };
         if !ok {
             tracing::warn!(
@@ -1670,14 +1683,60 @@ pub fn start_manual(
                 "a backup task started from the console failed: {lines:?}"
             );
         }
-        let mut m = MANUAL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = m.as_mut() {
-            r.finished_at = Some(shared::runtime::unix_now());
-            r.lines = lines;
-            r.ok = Some(ok);
+        let outcome = format!(
+            "{}: {}",
+            if ok { "done" } else { "failed" },
+            lines.first().map(String::as_str).unwrap_or("")
+        );
+        {
+            let mut m = MANUAL.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = m.as_mut() {
+                r.finished_at = Some(shared::runtime::unix_now());
+                r.lines = lines;
+                r.ok = Some(ok);
+            }
+        }
+        let entry = crate::catalog::AuditEntry {
+            actor_id: who.id,
+            actor: &who.email,
+            action: if what == "backup" {
+                "backup_now_finished"
+            } else {
+                "backup_verify_finished"
+            },
+            target: "backups",
+            detail: &outcome,
+        };
+        if let Err(e) = db.record_audit(&entry).await {
+            tracing::warn!("the end of a console backup task is not in the audit log: {e}");
         }
     });
     Ok(())
+}
+
+async fn manual_work(db: &dyn Catalog, cfg: &Config, what: &str) -> (bool, Vec<String>) {
+    let dir = backups_dir(cfg);
+    if what == "backup" {
+        return manual_backup(db, cfg, &dir).await;
+    }
+    match verify_copies(cfg, &dir, !cfg.backup.recovery_key.is_empty()).await {
+        Ok(checks) => (
+            checks.iter().all(|c| c.ok),
+            checks
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {} {}: {}",
+                        if c.ok { "OK" } else { "FAILED" },
+                        c.location,
+                        c.name,
+                        c.detail
+                    )
+                })
+                .collect(),
+        ),
+        Err(e) => (false, vec![format!("{}: {e}", e.code())]),
+    }
 }
 
 async fn manual_backup(db: &dyn Catalog, cfg: &Config, dir: &Path) -> (bool, Vec<String>) {

@@ -464,40 +464,42 @@ pub async fn reverify(
                 a.state
             )));
         };
+        // Every node at once: each reads its own disk.
+        let asks = db
+            .replicas(asset_id)
+            .await?
+            .into_iter()
+            .filter(|rep| rep.state != crate::domain::ReplicaState::Retired)
+            .filter_map(|rep| nodes.get(&rep.node).map(|n| (rep.node, n)))
+            .map(|(name, node)| async move {
+                let observed = catalog::now();
+                (name, observed, nodes.verify_blob(node, &blob).await)
+            });
         let mut out = Vec::new();
-        for rep in db.replicas(asset_id).await? {
-            if rep.state == crate::domain::ReplicaState::Retired {
-                continue;
-            }
-            let Some(node) = nodes.get(&rep.node) else {
-                continue;
-            };
-            let observed = catalog::now();
-            let outcome = match nodes.verify_blob(node, &blob).await {
+        for (node, observed, answer) in futures::future::join_all(asks).await {
+            let outcome = match answer {
                 Ok((state, at)) => {
                     match state.as_str() {
                         "verified" => {
-                            db.replica_seen_good(asset_id, &rep.node, at.or(Some(observed)))
+                            db.replica_seen_good(asset_id, &node, at.or(Some(observed)))
                                 .await?;
                         }
-                        other => {
+                        "quarantined" | "missing" => {
                             db.replica_lost(
                                 asset_id,
-                                &rep.node,
-                                &format!("re-verification found it {other}"),
+                                &node,
+                                &format!("re-verification found it {state}"),
                                 observed,
                             )
                             .await?;
                         }
+                        _ => {}
                     }
                     state
                 }
                 Err(e) => format!("not checked: {e}"),
             };
-            out.push(Reverified {
-                node: rep.node.clone(),
-                outcome,
-            });
+            out.push(Reverified { node, outcome });
         }
         Ok(out)
     }
@@ -567,7 +569,11 @@ pub async fn set_disabled(
                 if disabled { "disabled" } else { "enabled" }
             )));
         }
-        db.set_disabled(account, disabled, catalog::now()).await?;
+        if !db.set_disabled(account, disabled, catalog::now()).await? {
+            return Err(ConsoleError::NotNow(
+                "another operator changed it meanwhile; look again".into(),
+            ));
+        }
         Ok(a.email)
     }
     .await;

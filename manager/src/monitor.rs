@@ -106,6 +106,9 @@ struct CertSeen {
 
 #[derive(Default)]
 struct Memory {
+    /// Per (node or `manager`, which address): the last certificate
+    /// expiry read off an answer.
+    certs: HashMap<(String, &'static str), i64>,
     /// Per check: what was last announced.
     told: HashMap<String, Told>,
     integrity: Option<(i64, CheckResult)>,
@@ -432,7 +435,7 @@ impl Monitor {
         let mut certs = Vec::new();
         out.extend(self.viewer_path(at, &mut certs).await);
         out.extend(self.node_checks());
-        out.extend(self.cert_checks(at, &certs));
+        out.extend(self.cert_checks(at, mem, certs));
         out.extend(self.library_checks(at).await);
         if mem
             .books
@@ -463,30 +466,47 @@ impl Monitor {
     /// manager-facing address answered the probe with and the one its
     /// viewers' address answered the playback check with; for the manager,
     /// its public address's and the cluster CA's. Plain HTTP has none.
-    fn cert_checks(&self, at: i64, seen: &[CertSeen]) -> Vec<CheckResult> {
+    fn cert_checks(&self, at: i64, mem: &mut Memory, seen: Vec<CertSeen>) -> Vec<CheckResult> {
         let warn = self.cfg.monitor.cert_warn_days as i64 * 86_400;
-        let judge = |id: &str, certs: Vec<(String, i64)>| cert_state(id, certs, at, warn);
+        // The last expiry read from each address is kept: an expired
+        // certificate fails the handshake, and nothing is read off it then.
+        for c in seen {
+            mem.certs.insert((c.who, c.what), c.expires_at);
+        }
+        for n in self.nodes.list.iter() {
+            if let Some(t) = n.last_probe().and_then(|p| p.cert_expires_at) {
+                mem.certs
+                    .insert((n.cfg.name.clone(), "its address for the manager"), t);
+            }
+        }
+        let known = |who: &str| -> Vec<(String, i64)> {
+            mem.certs
+                .iter()
+                .filter(|((w, _), _)| w == who)
+                .map(|((_, what), t)| (what.to_string(), *t))
+                .collect()
+        };
         let mut out = Vec::new();
         for n in self.nodes.list.iter() {
-            let mut certs: Vec<(String, i64)> = seen
-                .iter()
-                .filter(|c| c.who == n.cfg.name)
-                .map(|c| (c.what.to_string(), c.expires_at))
-                .collect();
-            if let Some(t) = n.last_probe().and_then(|p| p.cert_expires_at) {
-                certs.push(("its address for the manager".into(), t));
+            let id = format!("cert.{}", n.cfg.name);
+            let certs = known(&n.cfg.name);
+            let https = n.cfg.url.starts_with("https://");
+            if certs.is_empty() && https && n.last_probe().is_some() {
+                out.push(result(
+                    &id,
+                    "internal",
+                    Health::Degraded,
+                    "its address for the manager is https but no certificate could be read (see node.*: the handshake fails?)",
+                ));
+                continue;
             }
-            out.push(judge(&format!("cert.{}", n.cfg.name), certs));
+            out.push(cert_state(&id, certs, at, warn));
         }
-        let mut certs: Vec<(String, i64)> = seen
-            .iter()
-            .filter(|c| c.who == "manager")
-            .map(|c| (c.what.to_string(), c.expires_at))
-            .collect();
+        let mut certs = known("manager");
         if let Some(t) = crate::nodecall::pem_expiry(&self.cfg.node_ca_cert) {
             certs.push(("the cluster CA (node_ca_cert)".into(), t));
         }
-        out.push(judge("cert.manager", certs));
+        out.push(cert_state("cert.manager", certs, at, warn));
         out
     }
 

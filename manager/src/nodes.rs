@@ -340,10 +340,9 @@ impl Nodes {
             // A whole movie read at disk speed, behind any other re-check.
             .send_checked(&node.secret, Duration::from_secs(600))
             .await?;
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(("missing".into(), None));
-        }
-        if !status.is_success() {
+        // Only a 200's `state` is acted on: a 404 is a node without this
+        // call (older code) or a proxy in the way, not a missing copy.
+        if status != reqwest::StatusCode::OK {
             return Err(Self::refused(status, &body));
         }
         #[derive(serde::Deserialize)]

@@ -1236,7 +1236,7 @@ async fn movies_are_found_withdrawn_reinstated_and_repaired_from_the_admin() {
         ),
     )
     .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.contains("a reason of 1 to 500 characters"), "{body}");
     let (s, _, _) = send(
         &f,
@@ -1438,7 +1438,7 @@ async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger(
     let (s, _, body) = send(&f, act(format!("/admin/accounts/{u}/disable"), &csrf)).await;
     assert_eq!(s, StatusCode::CONFLICT, "{body}");
     let (s, _, body) = send(&f, act(format!("/admin/accounts/{op_id}/disable"), &csrf)).await;
-    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.contains("your own account"), "{body}");
     let (s, _, _) = send(&f, act("/admin/accounts/999999/disable".into(), &csrf)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -1611,5 +1611,15 @@ async fn backups_are_listed_taken_and_verified_from_the_admin() {
             .rev()
             .map(|e| format!("{} {}", e.action, e.detail))
             .collect();
-    assert_eq!(log, ["backup_now started", "backup_verify started"]);
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert_eq!(log[0], "backup_now started");
+    assert!(
+        log[1].starts_with("backup_now_finished done: backup "),
+        "{log:?}"
+    );
+    assert_eq!(log[2], "backup_verify started");
+    assert!(
+        log[3].starts_with("backup_verify_finished done: OK local"),
+        "{log:?}"
+    );
 }

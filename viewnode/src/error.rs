@@ -33,6 +33,9 @@ pub enum NodeError {
     /// A manager call's body that does not read as what it should be.
     #[error("{0}")]
     BadRequest(String),
+    /// One such task at a time; try again when it is done.
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 impl NodeError {
@@ -49,6 +52,7 @@ impl NodeError {
             NodeError::Storage(_) => "storage_error",
             NodeError::PaymentRequired => "payment_required",
             NodeError::BadRequest(_) => "bad_request",
+            NodeError::Busy(_) => "busy",
         }
     }
 
@@ -65,6 +69,7 @@ impl NodeError {
             NodeError::Damaged => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
             NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NodeError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

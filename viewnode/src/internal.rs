@@ -235,7 +235,10 @@ async fn verify_blob(
     )?;
     let checked = crate::scrub::verify_now(&st, id)
         .await
-        .map_err(|e| NodeError::Storage(e.to_string()))?;
+        .map_err(|e| NodeError::Storage(e.to_string()))?
+        .ok_or(NodeError::Busy(
+            "another copy is being re-verified; try again when it is done",
+        ))?;
     tracing::info!(blob = %id, ?checked, "copy re-verified at the manager's request");
     Ok(Json(json!({
         "blob": id,

@@ -171,21 +171,28 @@ pub enum Checked {
     Missing,
 }
 
-/// Re-hashes one blob at once, at disk speed (the operator asked; one at a
-/// time per node, so repeated asks queue rather than pile on the disk).
-pub async fn verify_now(st: &SharedState, id: BlobId) -> std::io::Result<Checked> {
-    static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let _turn = ONE_AT_A_TIME
-        .acquire()
-        .await
-        .map_err(|_| std::io::Error::other("closed"))?;
+/// Re-hashes one blob at once, at disk speed. One at a time per node:
+/// `None` while another re-check runs (the caller answers `busy`). The turn
+/// is held by the read itself, so a caller that gives up does not free it
+/// while the disk is still being read.
+pub async fn verify_now(st: &SharedState, id: BlobId) -> std::io::Result<Option<Checked>> {
+    static ONE_AT_A_TIME: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    let Ok(turn) = ONE_AT_A_TIME
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(1)))
+        .clone()
+        .try_acquire_owned()
+    else {
+        return Ok(None);
+    };
     let path = st.store.blob_path(&id);
     let verdict = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         check_file(&path, &id, 1 << 20, &AtomicBool::new(false), |_| {})
     })
     .await
     .map_err(std::io::Error::other)??;
-    Ok(match verdict {
+    Ok(Some(match verdict {
         Verdict::Good => {
             st.store
                 .set_verified(&id, Some(shared::runtime::unix_now()));
@@ -206,7 +213,7 @@ pub async fn verify_now(st: &SharedState, id: BlobId) -> std::io::Result<Checked
                 Checked::Missing
             }
         }
-    })
+    }))
 }
 
 /// One full pass over the good blobs.

@@ -1118,4 +1118,34 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
             .disabled
     );
     assert_eq!(c.balance(buyer).await.unwrap(), 50, "the books untouched");
+
+    // In-world: a disabled account's avatar buys nothing and a disabled
+    // owner's terminal is unknown; both come back when it is enabled.
+    c.insert_terminal("t1", owner, "Lobby", b"wrapped")
+        .await
+        .unwrap();
+    c.replace_link_code(buyer, "code1", now() + 60)
+        .await
+        .unwrap();
+    c.link_avatar("code1", "avatar-b", "Lobby", owner)
+        .await
+        .unwrap();
+    assert_eq!(c.avatar_account("avatar-b").await.unwrap(), Some(buyer));
+    c.set_disabled(buyer, true, 30).await.unwrap();
+    c.set_disabled(owner, true, 30).await.unwrap();
+    assert_eq!(c.avatar_account("avatar-b").await.unwrap(), None);
+    assert!(c.terminal("t1").await.unwrap().is_none());
+    c.set_disabled(buyer, false, 31).await.unwrap();
+    c.set_disabled(owner, false, 31).await.unwrap();
+    assert_eq!(c.avatar_account("avatar-b").await.unwrap(), Some(buyer));
+    assert!(c.terminal("t1").await.unwrap().is_some());
+
+    // Moving a job ahead also ends its back-off.
+    assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q1");
+    c.insert_asset("q3", owner, "Q3", "c.mp4", 1).await.unwrap();
+    assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q3");
+    c.retry_later("q3", 3600).await.unwrap();
+    assert!(c.claim_next(30, "w").await.unwrap().is_none(), "waiting");
+    assert!(c.raise_priority("q3").await.unwrap().is_some());
+    assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q3");
 }

@@ -963,8 +963,9 @@ pub trait Catalog: Send + Sync + 'static {
     /// failed with `processing_failed` (an operator may retry them).
     async fn jobs(&self, limit: i64) -> sqlx::Result<Vec<JobRow>>;
 
-    /// Moves a queued job ahead of every other job; returns its new
-    /// priority, `None` when it is not queued.
+    /// Moves a queued job ahead of every other job, and due now if it was
+    /// waiting out a back-off; returns its new priority, `None` when it is
+    /// not queued.
     async fn raise_priority(&self, asset_id: &str) -> sqlx::Result<Option<i64>>;
 
     /// Movies matching `f`, newest first.

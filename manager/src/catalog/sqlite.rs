@@ -1060,9 +1060,12 @@ impl Catalog for SqliteCatalog {
 
     async fn asset_state_counts(&self) -> sqlx::Result<Vec<(String, i64)>> {
         let db = &self.pool;
-        sqlx::query_as("SELECT state, COUNT(*) FROM assets GROUP BY state")
-            .fetch_all(db)
-            .await
+        sqlx::query_as(
+            "SELECT CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END AS s, COUNT(*)
+             FROM assets GROUP BY s",
+        )
+        .fetch_all(db)
+        .await
     }
 
     async fn health_check(&self) -> anyhow::Result<()> {
@@ -1108,10 +1111,15 @@ impl Catalog for SqliteCatalog {
 
     async fn terminal(&self, id: &str) -> sqlx::Result<Option<Terminal>> {
         let db = &self.pool;
-        sqlx::query_as("SELECT id, owner_id, name, wrapped_secret, created_at, last_used_at FROM terminals WHERE id = ?")
-            .bind(id)
-            .fetch_optional(db)
-            .await
+        // A disabled owner's terminals stop selling (migrations/0010).
+        sqlx::query_as(
+            "SELECT t.id, t.owner_id, t.name, t.wrapped_secret, t.created_at, t.last_used_at
+             FROM terminals t JOIN users u ON u.id = t.owner_id
+             WHERE t.id = ? AND u.disabled_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
     }
 
     async fn terminals_of(&self, owner_id: i64) -> sqlx::Result<Vec<Terminal>> {
@@ -1283,7 +1291,11 @@ impl Catalog for SqliteCatalog {
     async fn avatar_account(&self, avatar: &str) -> sqlx::Result<Option<i64>> {
         let db = &self.pool;
         let r: Option<(i64,)> =
-            sqlx::query_as("SELECT user_id FROM avatar_links WHERE avatar_key = ?")
+            // A disabled account's avatar buys nothing (migrations/0010).
+            sqlx::query_as(
+                "SELECT l.user_id FROM avatar_links l JOIN users u ON u.id = l.user_id
+                 WHERE l.avatar_key = ? AND u.disabled_at IS NULL",
+            )
                 .bind(avatar)
                 .fetch_optional(db)
                 .await?;
@@ -1929,9 +1941,11 @@ impl Catalog for SqliteCatalog {
     async fn raise_priority(&self, asset_id: &str) -> sqlx::Result<Option<i64>> {
         let r: Option<(i64,)> = sqlx::query_as(
             "UPDATE assets SET priority = 1 + (SELECT COALESCE(MAX(priority), 0) FROM assets
-                                               WHERE state IN ('queued', 'probing', 'transcoding', 'sealing'))
+                                               WHERE state IN ('queued', 'probing', 'transcoding', 'sealing')),
+                               next_try = MIN(next_try, ?)
              WHERE id = ? AND state = 'queued' RETURNING priority",
         )
+        .bind(now())
         .bind(asset_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -2035,12 +2049,13 @@ impl Catalog for SqliteCatalog {
             .execute(&mut *tx)
             .await?
         };
-        if disabled {
-            sqlx::query("DELETE FROM sessions WHERE user_id = ?")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
-        }
+        // Both ways: a log-in whose password check was under way while the
+        // account was disabled may have added a session since; enabling
+        // must not bring it back.
+        sqlx::query("DELETE FROM sessions WHERE user_id = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(r.rows_affected() == 1)
     }
@@ -2054,7 +2069,7 @@ impl Catalog for SqliteCatalog {
             "SELECT
                (SELECT count(*) FROM assets a WHERE a.state = 'published' AND a.withdrawn_at IS NULL AND
                   (SELECT count(*) FROM replicas r WHERE r.asset_id = a.id AND r.state = 'verified') < ?1),
-               (SELECT count(*) FROM assets WHERE state = 'damaged'),
+               (SELECT count(*) FROM assets WHERE state = 'damaged' AND withdrawn_at IS NULL),
                (SELECT count(*) FROM replicas WHERE state <> 'verified')",
         )
         .bind(min_replicas)

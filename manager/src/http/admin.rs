@@ -422,7 +422,9 @@ pub async fn account_action(
         "enable" => false,
         _ => return Err(PageError(ApiError::NotFound("page"))),
     };
-    let message = match console::set_disabled(&*st.db, &c.user, id, disabled).await {
+    let r = console::set_disabled(&*st.db, &c.user, id, disabled).await;
+    let invalid = matches!(r, Err(console::ConsoleError::Invalid(_)));
+    let message = match r {
         Ok(()) if disabled => (
             "Disabled: it cannot log in, and its sessions and API tokens stopped working."
                 .to_string(),
@@ -435,7 +437,11 @@ pub async fn account_action(
         }
         Err(e) => (format!("Not changed: {e}"), true),
     };
-    account_page(&st, &c, id, Some(message)).await
+    let mut page = account_page(&st, &c, id, Some(message)).await?;
+    if invalid {
+        *page.status_mut() = axum::http::StatusCode::BAD_REQUEST;
+    }
+    Ok(page)
 }
 
 struct AuditLine {

@@ -293,13 +293,18 @@ pub async fn movie_action(
             let _ = st.db.publish_if_replicated(&id, st.cfg.min_replicas).await;
         }
     }
+    let invalid = matches!(r, Err(ConsoleError::Invalid(_)));
     let message = match r {
         Ok(m) => (m, false),
         Err(ConsoleError::Db(e)) => return Err(PageError(ApiError::Internal(e.into()))),
         Err(ConsoleError::NoSuchMovie(_)) => return Err(PageError(ApiError::NotFound("asset"))),
         Err(e) => (format!("Not done: {e}"), true),
     };
-    movie_page(&st, &c, &id, Some(message)).await
+    let mut page = movie_page(&st, &c, &id, Some(message)).await?;
+    if invalid {
+        *page.status_mut() = axum::http::StatusCode::BAD_REQUEST;
+    }
+    Ok(page)
 }
 
 // ---- backups -----------------------------------------------------------------------
@@ -483,7 +488,7 @@ pub async fn backup_action(
         "verify" => "verify",
         _ => return Err(PageError(ApiError::NotFound("page"))),
     };
-    let r = backup::start_manual(st.db.clone(), st.cfg.clone(), what, &c.user.email);
+    let r = backup::start_manual(st.db.clone(), st.cfg.clone(), what, &c.user);
     let detail = match &r {
         Ok(()) => "started".to_string(),
         Err(running) => format!("refused: a {} task is running", running.what),
