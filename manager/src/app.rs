@@ -36,6 +36,9 @@ pub struct AppState {
     pub limits: Arc<crate::limits::Limiter>,
     /// Bounds concurrent password hashing ([`auth::MAX_PASSWORD_CHECKS`]).
     pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// `/healthz`'s database and staging checks (both write), done at most
+    /// every 2 s however often it is asked: no free amplifier.
+    pub health: shared::server::Recent<(Result<(), String>, Result<(), String>)>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -99,6 +102,7 @@ impl AppState {
             crate::notify::Notifier::new(cfg.alerts.clone(), db.clone(), public_url.clone())?;
         crate::console::load_drains(&*db, &nodes).await?;
         Ok(Self {
+            health: shared::server::Recent::new(std::time::Duration::from_secs(2)),
             secure_cookies: public_url.starts_with("https://"),
             public_url,
             dummy_hash: auth::hash_password(&auth::random_token())?,

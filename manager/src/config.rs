@@ -71,6 +71,11 @@ pub struct Config {
     pub monitor: MonitorConfig,
     /// Where alerts go: webhooks, e-mail, a heartbeat.
     pub alerts: AlertsConfig,
+    /// Header and transfer timeouts, the connection cap (`shared::server`).
+    pub server: shared::server::ServerConfig,
+    /// Addresses (or CIDR ranges) `/metrics` answers; others get `403`.
+    /// Empty: everyone.
+    pub metrics_allow: Vec<ipnet::IpNet>,
     /// The settings as given (file, then environment), for the backup to
     /// carry so a restore can rebuild this configuration. Not a setting.
     #[serde(skip)]
@@ -529,6 +534,8 @@ impl Default for Config {
             backup: BackupConfig::default(),
             credits: CreditsConfig::default(),
             monitor: MonitorConfig::default(),
+            server: shared::server::ServerConfig::default(),
+            metrics_allow: Vec::new(),
             alerts: AlertsConfig::default(),
             effective: Default::default(),
         }
@@ -716,6 +723,9 @@ impl Config {
         self.alerts
             .validate()
             .map_err(|(name, why)| field(&format!("alerts.{name}"), &why))?;
+        self.server
+            .validate()
+            .map_err(|(name, why)| field(&format!("server.{name}"), why))?;
         Ok(())
     }
 

@@ -90,23 +90,36 @@ pub async fn run(
     )?);
     let checks = tokio::spawn(checker.run(stop_rx.clone()));
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
+    let server_cfg = state.cfg.server.clone();
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // Timeouts, transfer pace and the connection cap (shared::server).
+    let nofile = shared::server::raise_nofile();
+    let serving = shared::server::Serving {
+        max_connections: server_cfg.connection_cap(nofile),
+        cfg: server_cfg,
+        metrics: "manager",
+        tls: None,
+        grace,
+    };
+    tracing::info!(
+        max_connections = serving.max_connections,
+        nofile,
+        "connection limits"
+    );
+    let server = shared::server::serve(listener, app, serving, async move {
         shutdown.await;
         let _ = tx.send(());
     });
     let stop_tx2 = stop_tx.clone();
     tokio::select! {
-        r = server => r?,
+        () = server => {},
         _ = async {
             let _ = rx.await;
             let _ = stop_tx2.send(true);
-            tokio::time::sleep(grace).await;
+            // The server lets requests finish for `grace` itself; this
+            // bounds the whole stop should it not return.
+            tokio::time::sleep(grace + Duration::from_secs(1)).await;
         } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
     }
     let _ = stop_tx.send(true);

@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod runtime;
 mod seal;
 mod secret;
+pub mod server;
 pub mod tls;
 mod token;
 

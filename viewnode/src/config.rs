@@ -83,6 +83,12 @@ pub struct Config {
     /// once no copy of it has arrived for this many seconds (the manager
     /// pushes one at least every minute). Between 5 and 86400.
     pub status_stale_secs: u64,
+    /// Header and transfer timeouts, the connection cap (`shared::server`).
+    pub server: shared::server::ServerConfig,
+    /// Addresses (or CIDR ranges) `/metrics` answers; others get `403`.
+    /// Empty: everyone, as before (put the node's metrics behind your
+    /// firewall, or list your Prometheus here).
+    pub metrics_allow: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -114,6 +120,8 @@ impl Default for Config {
             // corrupting copies does not fill up with their carcasses.
             quarantine_keep_days: 30,
             status_stale_secs: 300,
+            server: shared::server::ServerConfig::default(),
+            metrics_allow: Vec::new(),
         }
     }
 }
@@ -212,6 +220,9 @@ impl Config {
         }
         if !(5..=86_400).contains(&self.status_stale_secs) {
             return Err(field("status_stale_secs", "must be between 5 and 86400"));
+        }
+        if let Err((name, why)) = self.server.validate() {
+            return Err(field(&format!("server.{name}"), why));
         }
         if self.quarantine_keep_days > 3650 {
             return Err(field(

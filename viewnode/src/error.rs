@@ -36,6 +36,8 @@ pub enum NodeError {
     /// One such task at a time; try again when it is done.
     #[error("{0}")]
     Busy(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
 }
 
 impl NodeError {
@@ -53,6 +55,7 @@ impl NodeError {
             NodeError::PaymentRequired => "payment_required",
             NodeError::BadRequest(_) => "bad_request",
             NodeError::Busy(_) => "busy",
+            NodeError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -70,6 +73,7 @@ impl NodeError {
             NodeError::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
             NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             NodeError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            NodeError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 }

@@ -312,7 +312,10 @@ async fn inventory(
 
 /// Health means working: the disk is written, read back and cleaned up.
 pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
-    let storage = st.store.health_check().await;
+    let storage = st
+        .health
+        .get_or(async { st.store.health_check().await.map_err(|e| e.to_string()) })
+        .await;
     let ok = storage.is_ok();
     // Reported, not failed on: viewers are still served (refunds wait for a
     // journal that cannot be written; a stale price list refuses what it

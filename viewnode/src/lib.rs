@@ -28,7 +28,6 @@ mod scrub;
 mod status;
 pub mod store;
 mod telemetry;
-mod tls;
 
 use std::{sync::Arc, time::Duration};
 
@@ -57,9 +56,17 @@ pub struct AppState {
     pub prices: prices::PaidEpochs,
     /// The manager's status page, served while the manager is down.
     pub status: status::StatusCopy,
+    /// The store's listing as `/metrics` last took it.
+    pub inventory: telemetry::InventoryCache,
+    /// `/healthz`'s storage check, done at most every few seconds.
+    pub health: shared::server::Recent<Result<(), String>>,
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// `/healthz` writes to the disk: concurrent and repeated calls within this
+/// time share one check, so it is no free amplifier.
+const HEALTH_TTL: Duration = Duration::from_secs(2);
 
 /// An authenticated answer from the manager ([`AppState::call_manager`]).
 pub struct ManagerAnswer {
@@ -180,6 +187,8 @@ impl AppState {
             prices,
             status,
             journal: Arc::new(journal),
+            inventory: Default::default(),
+            health: shared::server::Recent::new(HEALTH_TTL),
         })
     }
 }
@@ -244,13 +253,27 @@ pub async fn run_with_tls(
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Timeouts, transfer pace and the connection cap (shared::server).
+    let nofile = shared::server::raise_nofile();
+    let serving = shared::server::Serving {
+        max_connections: state.cfg.server.connection_cap(nofile),
+        cfg: state.cfg.server.clone(),
+        metrics: "viewnode",
+        tls: None,
+        grace,
+    };
     let tls_server = tls.map(|(l, config)| {
-        tokio::spawn(tls::serve(
+        let mut stop = stop_rx.clone();
+        tokio::spawn(shared::server::serve(
             l,
-            config,
             build_router(state.clone()),
-            stop_rx.clone(),
-            grace,
+            shared::server::Serving {
+                tls: Some(tokio_rustls::TlsAcceptor::from(config)),
+                ..serving.clone()
+            },
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
         ))
     });
     let scrubber = tokio::spawn(scrub::run(state.clone(), stop_rx.clone()));
@@ -263,24 +286,17 @@ pub async fn run_with_tls(
     } else {
         build_router(state)
     };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let stop_tls = stop_tx.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    tracing::info!(
+        max_connections = serving.max_connections,
+        nofile,
+        "connection limits"
+    );
+    shared::server::serve(listener, app, serving, async move {
         shutdown.await;
         let _ = stop_tls.send(true);
-        let _ = tx.send(());
-    });
-    tokio::select! {
-        r = server => r?,
-        _ = async {
-            let _ = rx.await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
-    }
+    })
+    .await;
     let _ = stop_tx.send(true);
     if let Some(t) = tls_server {
         let _ = tokio::time::timeout(grace, t).await;

@@ -65,6 +65,9 @@ pub struct BlobStore {
     /// Blob → unix time it was last proven to hash to its name; mirrored
     /// in `verified.json` (rewritten atomically on every change).
     verified: Arc<Mutex<BTreeMap<BlobId, i64>>>,
+    /// Bumped whenever a copy is stored, quarantined or deleted here, so a
+    /// cached listing (`/metrics`) knows it is out of date.
+    changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A copy taken out of service.
@@ -167,7 +170,18 @@ impl BlobStore {
             root: root.to_path_buf(),
             objects: Arc::new(objects),
             verified: Arc::new(Mutex::new(verified)),
+            changes: Default::default(),
         })
+    }
+
+    /// How many times copies were stored, quarantined or deleted since start.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Makes the folders again if they vanished (a wiped disk) so writes work.
@@ -185,6 +199,14 @@ impl BlobStore {
             .expect("verified map lock")
             .get(id)
             .copied()
+    }
+
+    /// The oldest proof time among `ids` (a copy never proven counts as 0).
+    pub fn oldest_verified(&self, ids: &[(BlobId, u64)]) -> Option<i64> {
+        let m = self.verified.lock().expect("verified map lock");
+        ids.iter()
+            .map(|(id, _)| m.get(id).copied().unwrap_or(0))
+            .min()
     }
 
     /// Records (`Some`) or forgets (`None`) the proof time of `id`.
@@ -282,6 +304,7 @@ impl BlobStore {
         // The temp name is removed whether we linked or found a copy.
         drop(guard.0.take().map(std::fs::remove_file));
         if outcome == PutOutcome::Stored {
+            self.changed();
             self.set_verified(id, Some(shared::runtime::unix_now()));
         }
         Ok(outcome)
@@ -355,6 +378,7 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
             Err(e) => return Err(e.into()),
         }
+        self.changed();
         self.set_verified(id, None);
         Ok(())
     }
@@ -433,6 +457,7 @@ impl BlobStore {
         if let Some(dir) = path.parent() {
             let _ = fsync_dir(dir);
         }
+        self.changed();
         self.set_verified(id, None);
         Ok(())
     }

@@ -7,29 +7,54 @@ use axum::{extract::State, http::Request, middleware::Next, response::Response};
 
 use crate::SharedState;
 
-/// Prometheus text. Inventory gauges are measured at scrape time, so they
-/// are true even right after a disk was wiped or a copy quarantined.
-pub async fn metrics(State(st): State<SharedState>) -> String {
-    match st.store.list().await {
-        Ok(good) => {
-            let bytes: u64 = good.iter().map(|(_, n)| n).sum();
-            metrics::gauge!("viewnode_blobs", "state" => "good").set(good.len() as f64);
-            metrics::gauge!("viewnode_blob_bytes", "state" => "good").set(bytes as f64);
-            let now = shared::runtime::unix_now();
-            // Age of the stalest proof that a held copy is intact; a copy
-            // never verified on this disk counts from the epoch, on purpose.
-            let oldest = good
-                .iter()
-                .map(|(id, _)| now - st.store.verified_at(id).unwrap_or(0))
-                .max()
-                .unwrap_or(0);
-            metrics::gauge!("viewnode_blob_oldest_verification_age_seconds").set(oldest as f64);
+/// The last listing of the store, for `/metrics`: (when, the store's
+/// change count then, good copies, quarantined count).
+pub type InventoryCache =
+    tokio::sync::Mutex<Option<(Instant, u64, Vec<(shared::BlobId, u64)>, usize)>>;
+
+/// A listing is reused for this long unless the node stored, quarantined
+/// or deleted a copy meanwhile; a disk changed under the node (wiped,
+/// swapped) shows within this time.
+const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Prometheus text. Scrapes are cheap: the store's listing is reused (see
+/// [`LISTING_TTL`]), redone at once after the node itself changed a copy.
+/// `metrics_allow` may restrict it to the operator's collectors.
+pub async fn metrics(
+    State(st): State<SharedState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if !shared::server::allowed(&st.cfg.metrics_allow, peer.ip()) {
+        return crate::error::NodeError::Forbidden("metrics are not served to this address")
+            .into_response();
+    }
+    let mut cache = st.inventory.lock().await;
+    let changes = st.store.changes();
+    let fresh = cache
+        .as_ref()
+        .is_some_and(|(at, seen, _, _)| *seen == changes && at.elapsed() < LISTING_TTL);
+    if !fresh {
+        match (st.store.list().await, st.store.quarantined().await) {
+            (Ok(good), Ok(q)) => *cache = Some((Instant::now(), changes, good, q.len())),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("cannot list blobs for metrics: {e}");
+                *cache = None;
+            }
         }
-        Err(e) => tracing::error!("cannot list blobs for metrics: {e}"),
     }
-    if let Ok(q) = st.store.quarantined().await {
-        metrics::gauge!("viewnode_blobs", "state" => "quarantined").set(q.len() as f64);
+    if let Some((_, _, good, quarantined)) = cache.as_ref() {
+        let bytes: u64 = good.iter().map(|(_, n)| n).sum();
+        metrics::gauge!("viewnode_blobs", "state" => "good").set(good.len() as f64);
+        metrics::gauge!("viewnode_blob_bytes", "state" => "good").set(bytes as f64);
+        metrics::gauge!("viewnode_blobs", "state" => "quarantined").set(*quarantined as f64);
+        // Age of the stalest proof that a held copy is intact; a copy
+        // never verified on this disk counts from the epoch, on purpose.
+        let now = shared::runtime::unix_now();
+        let oldest = st.store.oldest_verified(good).map_or(0, |t| now - t);
+        metrics::gauge!("viewnode_blob_oldest_verification_age_seconds").set(oldest as f64);
     }
+    drop(cache);
     let s = st.scrub.lock().expect("scrub status").clone();
     let progress = if s.pass_bytes_total == 0 {
         if s.pass_running {
@@ -42,7 +67,7 @@ pub async fn metrics(State(st): State<SharedState>) -> String {
     };
     metrics::gauge!("viewnode_scrub_pass_progress_ratio").set(progress);
     metrics::gauge!("viewnode_scrub_passes_completed").set(s.passes_completed as f64);
-    st.metrics.render()
+    st.metrics.render().into_response()
 }
 
 pub async fn access_log(

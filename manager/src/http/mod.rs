@@ -151,10 +151,15 @@ async fn no_framing(
 /// Health means working: the database takes a write, the staging disk takes
 /// a file; both are read back and removed.
 async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
-    let db = st.db.health_check().await;
-    let disk = crate::monitor::staging_check(&st.cfg.staging_dir())
-        .await
-        .map_err(anyhow::Error::msg);
+    let (db, disk) = st
+        .health
+        .get_or(async {
+            (
+                st.db.health_check().await.map_err(|e| format!("{e:#}")),
+                crate::monitor::staging_check(&st.cfg.staging_dir()).await,
+            )
+        })
+        .await;
     let nodes: serde_json::Map<String, serde_json::Value> = st
         .nodes
         .list
@@ -167,9 +172,9 @@ async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json:
         })
         .collect();
     let ok = db.is_ok() && disk.is_ok();
-    let show = |r: &anyhow::Result<()>| match r {
+    let show = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_string(),
-        Err(e) => format!("{e:#}"),
+        Err(e) => e.clone(),
     };
     if !ok {
         tracing::error!(db = %show(&db), storage = %show(&disk), "health check failed");

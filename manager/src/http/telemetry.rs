@@ -7,8 +7,17 @@ use axum::{extract::State, http::Request, middleware::Next, response::Response};
 
 use crate::SharedState;
 
-pub async fn metrics(State(st): State<SharedState>) -> String {
-    st.metrics.render()
+/// Prometheus text, for the addresses in `metrics_allow` (all when empty;
+/// behind a reverse proxy every request comes from the proxy: restrict
+/// `/metrics` there).
+pub async fn metrics(
+    State(st): State<SharedState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> Result<String, super::error::ApiError> {
+    if !shared::server::allowed(&st.cfg.metrics_allow, peer.ip()) {
+        return Err(super::error::ApiError::Forbidden);
+    }
+    Ok(st.metrics.render())
 }
 
 pub async fn access_log(req: Request<axum::body::Body>, next: Next) -> Response {

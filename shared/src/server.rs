@@ -1,0 +1,548 @@
+//! Serving HTTP/1.1 to the public with the limits such a server needs
+//! (docs/operations.md, "Connections and timeouts"). `axum::serve` gives
+//! hyper no timer, so no header timeout applies, and it has no idle,
+//! transfer or connection limit: a few thousand sockets that send half a
+//! request, or players that pause and never read again, would hold every
+//! file descriptor. Both binaries serve through [`serve`] instead:
+//!
+//! - **Headers and idle**: a client has `header_timeout_secs` to send a
+//!   request's headers; the same bound closes a kept-alive connection that
+//!   sends no next request (hyper starts the timer whenever it waits for a
+//!   request head).
+//! - **Transfers**: while a response waits for the client to take it (a
+//!   write blocks), at least `transfer_min_bytes` must go out in every
+//!   `transfer_window_secs`, or the connection is closed; the same holds for
+//!   a request body the handler waits for. A paused player is cut after one
+//!   window and simply asks again (with a `Range`) when it resumes, as it
+//!   does after any dropped connection. Only waiting counts: a handler that
+//!   works a long time before answering is not cut.
+//! - **Connections**: at most `max_connections` at once; at the cap the
+//!   listener stops accepting (the kernel's backlog holds newcomers) and
+//!   says so in the log, at most once a minute.
+//! - **File descriptors**: [`raise_nofile`] lifts the soft limit to the
+//!   hard one at start, so the cap, not the limit, is what binds.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{extract::ConnectInfo, Router};
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+    time::{Instant, Sleep},
+};
+
+/// The `[server]` section of both binaries' configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Seconds a client has to send a request's headers; also the longest
+    /// a kept-alive connection may sit idle (1 to 300).
+    pub header_timeout_secs: u64,
+    /// While a transfer waits on the client, at least `transfer_min_bytes`
+    /// must move in every window of this many seconds (5 to 3600).
+    pub transfer_window_secs: u64,
+    /// See `transfer_window_secs`; 0 turns the transfer limit off.
+    pub transfer_min_bytes: u64,
+    /// Connections at once; 0: derived from the file-descriptor limit
+    /// (half of it, less 256 for files and the database, at most 50,000).
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 20,
+            transfer_window_secs: 60,
+            // About 1 KB/s: far below any connection that can play a movie.
+            transfer_min_bytes: 64 * 1024,
+            max_connections: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// `Err((field, why))` for a value out of range.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        if !(1..=300).contains(&self.header_timeout_secs) {
+            return Err(("header_timeout_secs", "must be between 1 and 300"));
+        }
+        if !(5..=3600).contains(&self.transfer_window_secs) {
+            return Err(("transfer_window_secs", "must be between 5 and 3600"));
+        }
+        if self.max_connections != 0 && self.max_connections < 16 {
+            return Err(("max_connections", "must be 0 (derived) or at least 16"));
+        }
+        Ok(())
+    }
+
+    /// The connection cap: configured, or derived from `nofile`.
+    pub fn connection_cap(&self, nofile: u64) -> usize {
+        if self.max_connections != 0 {
+            return self.max_connections;
+        }
+        (nofile.saturating_sub(256) / 2).clamp(64, 50_000) as usize
+    }
+}
+
+/// Raises the soft file-descriptor limit to the hard one (at most 2^20);
+/// returns the soft limit in force afterwards.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct given.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 1024;
+        }
+        let want = r.rlim_max.min(1 << 20);
+        if r.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r.rlim_cur = want;
+            }
+        }
+        r.rlim_cur
+    }
+}
+
+/// Whether `ip` may read an endpoint restricted to `allow` (empty: all).
+pub fn allowed(allow: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
+}
+
+/// A check's result reused for `ttl`: callers within that time, and those
+/// arriving while it runs, share one run (health checks that write to disk
+/// must not be a free amplifier).
+pub struct Recent<T> {
+    slot: tokio::sync::Mutex<Option<(Instant, T)>>,
+    ttl: Duration,
+}
+
+impl<T: Clone> Recent<T> {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            slot: tokio::sync::Mutex::new(None),
+            ttl,
+        }
+    }
+
+    pub async fn get_or(&self, run: impl std::future::Future<Output = T>) -> T {
+        let mut slot = self.slot.lock().await;
+        if let Some((at, v)) = slot.as_ref() {
+            if at.elapsed() < self.ttl {
+                return v.clone();
+            }
+        }
+        let v = run.await;
+        *slot = Some((Instant::now(), v.clone()));
+        v
+    }
+}
+
+/// Everything [`serve`] needs besides the listener and the app.
+#[derive(Clone)]
+pub struct Serving {
+    pub cfg: ServerConfig,
+    /// Prefix of this server's metric names (`manager`, `viewnode`).
+    pub metrics: &'static str,
+    /// Set: the listener speaks TLS (handshake within 10 s).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Seconds requests in flight get to finish once `shutdown` fires.
+    pub grace: Duration,
+    /// The connection cap (see [`ServerConfig::connection_cap`]).
+    pub max_connections: usize,
+}
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets requests
+/// in flight finish for up to `grace`. Handlers see the peer's address as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    s: Serving,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
+    let last_cap_log = AtomicI64::new(0);
+    let open_gauge = format!("{}_http_connections_open", s.metrics);
+    let refused_counter = format!("{}_http_connection_cap_reached_total", s.metrics);
+    tokio::pin!(shutdown);
+    loop {
+        // A slot first: at the cap nothing more is accepted.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!(refused_counter.clone()).increment(1);
+                let now = crate::runtime::unix_now();
+                if now - last_cap_log.load(Ordering::Relaxed) >= 60 {
+                    last_cap_log.store(now, Ordering::Relaxed);
+                    tracing::warn!(
+                        code = "connection_cap_reached",
+                        max_connections = s.max_connections,
+                        "every connection slot is taken; new clients wait in the listen backlog (server.max_connections)"
+                    );
+                }
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => p.expect("never closed"),
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, most likely: do not spin.
+                    tracing::warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, s2, watcher) = (app.clone(), s.clone(), graceful.watcher());
+        let open_gauge = open_gauge.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            metrics::gauge!(open_gauge.clone()).increment(1.0);
+            let window = Duration::from_secs(s2.cfg.transfer_window_secs);
+            let min = s2.cfg.transfer_min_bytes;
+            let io = SlowClientGuard::new(tcp, window, min);
+            match &s2.tls {
+                None => connection(io, peer, app, &s2, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                        Ok(Ok(tls)) => connection(tls, peer, app, &s2, watcher).await,
+                        Ok(Err(e)) => handshake_failed(&s2, peer, &e.to_string()),
+                        Err(_) => handshake_failed(&s2, peer, "no handshake within 10 s"),
+                    }
+                }
+            }
+            metrics::gauge!(open_gauge).decrement(1.0);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(s.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after the grace period; stopping anyway");
+    }
+}
+
+fn handshake_failed(s: &Serving, peer: SocketAddr, why: &str) {
+    metrics::counter!(format!("{}_tls_handshake_failures_total", s.metrics)).increment(1);
+    tracing::warn!(%peer, code = "tls_handshake_failed", "TLS handshake failed: {why}");
+}
+
+async fn connection<I>(
+    io: I,
+    peer: SocketAddr,
+    app: Router,
+    s: &Serving,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let window = Duration::from_secs(s.cfg.transfer_window_secs);
+    let min = s.cfg.transfer_min_bytes;
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let req = req.map(|b| axum::body::Body::new(SlowBodyGuard::new(b, window, min)));
+        tower::ServiceExt::oneshot(app.clone(), req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(s.cfg.header_timeout_secs))
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
+}
+
+/// The transfer rule for one direction: once the peer makes us wait, it
+/// must move at least `min` bytes in every `window`.
+struct Pace {
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
+    moved: u64,
+    window: Duration,
+    min: u64,
+}
+
+impl Pace {
+    fn new(window: Duration, min: u64) -> Self {
+        Self {
+            timer: Box::pin(tokio::time::sleep(window)),
+            armed: false,
+            moved: 0,
+            window,
+            min,
+        }
+    }
+
+    fn progressed(&mut self, n: usize) {
+        self.moved += n as u64;
+        if self.armed && self.moved >= self.min {
+            // The window's due is paid: a fresh one starts at the next wait.
+            self.armed = false;
+        }
+    }
+
+    /// Called when the peer makes us wait: `Err` once a window went by
+    /// with less than `min` moved.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.min == 0 {
+            return Ok(());
+        }
+        if !self.armed {
+            self.armed = true;
+            self.moved = 0;
+            self.timer.as_mut().reset(Instant::now() + self.window);
+        }
+        while std::future::Future::poll(self.timer.as_mut(), cx).is_ready() {
+            if self.moved < self.min {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client moved too few bytes for too long",
+                ));
+            }
+            self.moved = 0;
+            self.timer.as_mut().reset(Instant::now() + self.window);
+        }
+        Ok(())
+    }
+}
+
+/// The socket with the transfer rule on writes (a client that does not
+/// take its response). Reads are left to hyper's header timeout and to
+/// [`SlowBodyGuard`]: hyper keeps a read pending while a handler works, and
+/// that wait is not the client's.
+pub struct SlowClientGuard<T> {
+    inner: T,
+    pace: Pace,
+}
+
+impl<T> SlowClientGuard<T> {
+    pub fn new(inner: T, window: Duration, min: u64) -> Self {
+        Self {
+            inner,
+            pace: Pace::new(window, min),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SlowClientGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> SlowClientGuard<T> {
+    fn paced(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                self.pace.progressed(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match self.pace.waiting(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SlowClientGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.paced(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.paced(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A request body with the transfer rule: only while the handler waits
+/// for the next bytes does the clock run.
+pub struct SlowBodyGuard<B> {
+    inner: B,
+    pace: Pace,
+}
+
+impl<B> SlowBodyGuard<B> {
+    pub fn new(inner: B, window: Duration, min: u64) -> Self {
+        Self {
+            inner,
+            pace: Pace::new(window, min),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for SlowBodyGuard<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.pace.progressed(d.len());
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.pace.waiting(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => {
+                    tracing::info!("request body too slow; connection closed");
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_follows_the_file_limit_unless_set() {
+        let c = ServerConfig::default();
+        assert_eq!(c.connection_cap(1024), 384);
+        assert_eq!(c.connection_cap(20_000), 9872);
+        assert_eq!(c.connection_cap(100), 64);
+        assert_eq!(c.connection_cap(1 << 20), 50_000);
+        let set = ServerConfig {
+            max_connections: 500,
+            ..ServerConfig::default()
+        };
+        assert_eq!(set.connection_cap(1024), 500);
+        assert!(ServerConfig {
+            max_connections: 3,
+            ..ServerConfig::default()
+        }
+        .validate()
+        .is_err());
+        assert!(ServerConfig::default().validate().is_ok());
+    }
+
+    /// A writer whose peer never reads is cut after one window; one whose
+    /// peer reads enough each window is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_after_one_window() {
+        use tokio::io::AsyncWriteExt;
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = SlowClientGuard::new(a, Duration::from_secs(60), 4096);
+        let chunk = vec![7u8; 1024];
+        // The peer takes 8 KiB a minute: enough.
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 8192];
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let mut got = 0;
+                while got < 4096 {
+                    got += b.read(&mut buf).await.unwrap();
+                }
+            }
+            b
+        });
+        for _ in 0..20 {
+            w.write_all(&chunk).await.unwrap();
+        }
+        let _b = reader.await.unwrap();
+        // Now nobody reads: the writer fails after one window, not before.
+        let started = Instant::now();
+        let mut err = None;
+        for _ in 0..10 {
+            if let Err(e) = w.write_all(&chunk).await {
+                err = Some(e);
+                break;
+            }
+        }
+        let e = err.expect("cut off");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(61),
+            "{waited:?}"
+        );
+    }
+}
