@@ -102,7 +102,11 @@ impl AppState {
             crate::notify::Notifier::new(cfg.alerts.clone(), db.clone(), public_url.clone())?;
         crate::console::load_drains(&*db, &nodes).await?;
         Ok(Self {
-            health: shared::server::Recent::new(std::time::Duration::from_secs(2)),
+            health: shared::server::Recent::new(
+                std::time::Duration::from_secs(2),
+                // A check that takes longer fails: hung is unhealthy.
+                std::time::Duration::from_secs(5),
+            ),
             secure_cookies: public_url.starts_with("https://"),
             public_url,
             dummy_hash: auth::hash_password(&auth::random_token())?,

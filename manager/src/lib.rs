@@ -95,13 +95,7 @@ pub async fn run(
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Timeouts, transfer pace and the connection cap (shared::server).
     let nofile = shared::server::raise_nofile();
-    let serving = shared::server::Serving {
-        max_connections: server_cfg.connection_cap(nofile),
-        cfg: server_cfg,
-        metrics: "manager",
-        tls: None,
-        grace,
-    };
+    let serving = shared::server::Serving::new(server_cfg, "manager", grace, nofile);
     tracing::info!(
         max_connections = serving.max_connections,
         nofile,

@@ -135,31 +135,55 @@ pub fn allowed(allow: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
 
 /// A check's result reused for `ttl`: callers within that time, and those
 /// arriving while it runs, share one run (health checks that write to disk
-/// must not be a free amplifier).
+/// must not be a free amplifier). The check runs in a task of its own, so
+/// a caller that hangs up does not cut it short (leaving its probe file
+/// behind), and is given `limit`: a hung disk or database answers
+/// "unhealthy" within it instead of holding every caller.
 pub struct Recent<T> {
     slot: tokio::sync::Mutex<Option<(Instant, T)>>,
     ttl: Duration,
+    limit: Duration,
 }
 
-impl<T: Clone> Recent<T> {
-    pub fn new(ttl: Duration) -> Self {
+impl<T: Clone + Send + 'static> Recent<T> {
+    pub fn new(ttl: Duration, limit: Duration) -> Self {
         Self {
             slot: tokio::sync::Mutex::new(None),
             ttl,
+            limit,
         }
     }
 
-    pub async fn get_or(&self, run: impl std::future::Future<Output = T>) -> T {
+    /// The last result if fresh, else `run`'s (or `timed_out()` past the limit).
+    pub async fn get_or(
+        &self,
+        run: impl std::future::Future<Output = T> + Send + 'static,
+        timed_out: impl FnOnce() -> T,
+    ) -> T {
         let mut slot = self.slot.lock().await;
         if let Some((at, v)) = slot.as_ref() {
             if at.elapsed() < self.ttl {
                 return v.clone();
             }
         }
-        let v = run.await;
+        let v = match tokio::time::timeout(self.limit, tokio::spawn(run)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(_)) | Err(_) => timed_out(),
+        };
         *slot = Some((Instant::now(), v.clone()));
         v
     }
+}
+
+/// True at most once a minute per `last`: log lines a client can provoke
+/// at will must not fill the disk.
+fn once_a_minute(last: &AtomicI64) -> bool {
+    let now = crate::runtime::unix_now();
+    let before = last.load(Ordering::Relaxed);
+    now - before >= 60
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Everything [`serve`] needs besides the listener and the app.
@@ -172,8 +196,33 @@ pub struct Serving {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Seconds requests in flight get to finish once `shutdown` fires.
     pub grace: Duration,
-    /// The connection cap (see [`ServerConfig::connection_cap`]).
+    /// The connection cap (see [`ServerConfig::connection_cap`]), shared by
+    /// every listener of the process (see [`Serving::new`]).
     pub max_connections: usize,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Serving {
+    /// One cap for all of a process's listeners: clones share it.
+    pub fn new(cfg: ServerConfig, metrics: &'static str, grace: Duration, nofile: u64) -> Self {
+        let max_connections = cfg.connection_cap(nofile);
+        Self {
+            cfg,
+            metrics,
+            tls: None,
+            grace,
+            max_connections,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        }
+    }
+
+    /// The same limits (and the same cap) for a TLS listener.
+    pub fn with_tls(&self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        Self {
+            tls: Some(acceptor),
+            ..self.clone()
+        }
+    }
 }
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -188,8 +237,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(s.max_connections));
+    let slots = s.slots.clone();
     let last_cap_log = AtomicI64::new(0);
+    let last_accept_log = AtomicI64::new(0);
     let open_gauge = format!("{}_http_connections_open", s.metrics);
     let refused_counter = format!("{}_http_connection_cap_reached_total", s.metrics);
     tokio::pin!(shutdown);
@@ -199,9 +249,7 @@ pub async fn serve(
             Ok(p) => p,
             Err(_) => {
                 metrics::counter!(refused_counter.clone()).increment(1);
-                let now = crate::runtime::unix_now();
-                if now - last_cap_log.load(Ordering::Relaxed) >= 60 {
-                    last_cap_log.store(now, Ordering::Relaxed);
+                if once_a_minute(&last_cap_log) {
                     tracing::warn!(
                         code = "connection_cap_reached",
                         max_connections = s.max_connections,
@@ -217,9 +265,16 @@ pub async fn serve(
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
+                // A client that gave up before we took it: nothing to do.
+                Err(e) if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) => continue,
                 Err(e) => {
                     // Out of descriptors, most likely: do not spin.
-                    tracing::warn!("cannot accept a connection: {e}");
+                    if once_a_minute(&last_accept_log) {
+                        tracing::warn!("cannot accept a connection (said once a minute): {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -231,7 +286,7 @@ pub async fn serve(
         let open_gauge = open_gauge.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            metrics::gauge!(open_gauge.clone()).increment(1.0);
+            let _open = OpenGauge::new(open_gauge);
             let window = Duration::from_secs(s2.cfg.transfer_window_secs);
             let min = s2.cfg.transfer_min_bytes;
             let io = SlowClientGuard::new(tcp, window, min);
@@ -245,7 +300,6 @@ pub async fn serve(
                     }
                 }
             }
-            metrics::gauge!(open_gauge).decrement(1.0);
         });
     }
     drop(listener);
@@ -257,9 +311,28 @@ pub async fn serve(
     }
 }
 
+/// Counts an open connection for as long as it lives, also through a panic.
+struct OpenGauge(String);
+
+impl OpenGauge {
+    fn new(name: String) -> Self {
+        metrics::gauge!(name.clone()).increment(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0.clone()).decrement(1.0);
+    }
+}
+
 fn handshake_failed(s: &Serving, peer: SocketAddr, why: &str) {
+    static LAST: AtomicI64 = AtomicI64::new(0);
     metrics::counter!(format!("{}_tls_handshake_failures_total", s.metrics)).increment(1);
-    tracing::warn!(%peer, code = "tls_handshake_failed", "TLS handshake failed: {why}");
+    if once_a_minute(&LAST) {
+        tracing::warn!(%peer, code = "tls_handshake_failed", "TLS handshake failed (said at most once a minute; see the metric): {why}");
+    }
 }
 
 async fn connection<I>(
@@ -287,11 +360,17 @@ async fn connection<I>(
     }
 }
 
-/// The transfer rule for one direction: once the peer makes us wait, it
-/// must move at least `min` bytes in every `window`.
+/// The transfer rule for one direction: while the peer makes us wait, it
+/// must move at least `min` bytes per `window` of waiting. Only time spent
+/// waiting on the peer counts (a handler's own work between writes, or
+/// between requests on a kept-alive connection, does not).
 struct Pace {
-    timer: Pin<Box<Sleep>>,
-    armed: bool,
+    /// Created at the first wait (most request bodies never wait).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When the current wait began.
+    waiting_since: Option<Instant>,
+    /// Waiting time in this window before the current wait.
+    waited: Duration,
     moved: u64,
     window: Duration,
     min: u64,
@@ -300,8 +379,9 @@ struct Pace {
 impl Pace {
     fn new(window: Duration, min: u64) -> Self {
         Self {
-            timer: Box::pin(tokio::time::sleep(window)),
-            armed: false,
+            timer: None,
+            waiting_since: None,
+            waited: Duration::ZERO,
             moved: 0,
             window,
             min,
@@ -309,35 +389,40 @@ impl Pace {
     }
 
     fn progressed(&mut self, n: usize) {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += since.elapsed();
+        }
         self.moved += n as u64;
-        if self.armed && self.moved >= self.min {
-            // The window's due is paid: a fresh one starts at the next wait.
-            self.armed = false;
+        if self.moved >= self.min {
+            // This window's due is paid: a fresh one starts.
+            self.moved = 0;
+            self.waited = Duration::ZERO;
         }
     }
 
-    /// Called when the peer makes us wait: `Err` once a window went by
-    /// with less than `min` moved.
+    /// Called when the peer makes us wait: `Err` once a window's worth of
+    /// waiting went by with less than `min` moved.
     fn waiting(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if self.min == 0 {
             return Ok(());
         }
-        if !self.armed {
-            self.armed = true;
-            self.moved = 0;
-            self.timer.as_mut().reset(Instant::now() + self.window);
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.window.saturating_sub(self.waited);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
         }
-        while std::future::Future::poll(self.timer.as_mut(), cx).is_ready() {
-            if self.moved < self.min {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client moved too few bytes for too long",
-                ));
-            }
-            self.moved = 0;
-            self.timer.as_mut().reset(Instant::now() + self.window);
+        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+            return Ok(());
         }
-        Ok(())
+        // A whole window of waiting: `moved` is below `min` here, since a
+        // paid window is reset as soon as it is paid (`progressed`).
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client moved too few bytes for too long",
+        ))
     }
 }
 
@@ -501,6 +586,95 @@ mod tests {
         .validate()
         .is_err());
         assert!(ServerConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn metrics_are_served_to_listed_addresses_only() {
+        let allow: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.7/32".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(allowed(&[], ip("203.0.113.1")), "empty: everyone");
+        assert!(allowed(&allow, ip("10.1.2.3")));
+        assert!(allowed(&allow, ip("192.0.2.7")));
+        assert!(allowed(&allow, ip("::ffff:10.1.2.3")), "IPv4-mapped");
+        assert!(!allowed(&allow, ip("192.0.2.8")));
+        assert!(!allowed(&allow, ip("2001:db8::1")));
+    }
+
+    /// Callers within the time share one run; a hung check answers its
+    /// fallback within the limit, and the next caller runs it again.
+    #[tokio::test(start_paused = true)]
+    async fn health_checks_are_shared_and_bounded() {
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let r: Arc<Recent<u32>> =
+            Arc::new(Recent::new(Duration::from_secs(2), Duration::from_secs(5)));
+        let run = |hang: bool| {
+            let runs = runs.clone();
+            async move {
+                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                if hang {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                n
+            }
+        };
+        let many: Vec<_> = (0..50)
+            .map(|_| {
+                let (r, f) = (r.clone(), run(false));
+                tokio::spawn(async move { r.get_or(f, || 0).await })
+            })
+            .collect();
+        for h in many {
+            assert_eq!(h.await.unwrap(), 1, "one run for all");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let started = Instant::now();
+        assert_eq!(r.get_or(run(true), || 99).await, 99, "hung: the fallback");
+        assert!(started.elapsed() <= Duration::from_secs(6));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            r.get_or(run(false), || 0).await,
+            3,
+            "run again after the time"
+        );
+    }
+
+    /// Time the server spends not writing (a handler working, a kept-alive
+    /// connection between requests) is not charged to the client.
+    #[tokio::test(start_paused = true)]
+    async fn only_time_spent_waiting_on_the_client_counts() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = SlowClientGuard::new(a, Duration::from_secs(60), 4096);
+        // A first response fills the pipe and waits 50 s for the client.
+        w.write_all(&[1u8; 1024]).await.unwrap();
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            let mut buf = vec![0u8; 2048];
+            let n = b.read(&mut buf).await.unwrap();
+            (b, n)
+        });
+        w.write_all(&[2u8; 512]).await.unwrap();
+        let (mut b, n) = reader.await.unwrap();
+        assert!(n > 0);
+        // The server thinks for 100 s (no write pending), then writes and
+        // waits again: 50 s of waiting is left in this window, not none.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let mut buf = vec![0u8; 4096];
+        let _ = b.read(&mut buf).await.unwrap();
+        w.write_all(&[3u8; 1024]).await.unwrap();
+        let started = Instant::now();
+        let r = w.write_all(&[4u8; 1024]).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(9) && waited <= Duration::from_secs(11),
+            "cut after the 10 s of waiting left in the window: {waited:?}"
+        );
+        drop(b);
     }
 
     /// A writer whose peer never reads is cut after one window; one whose

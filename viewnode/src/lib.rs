@@ -67,6 +67,8 @@ pub type SharedState = Arc<AppState>;
 /// `/healthz` writes to the disk: concurrent and repeated calls within this
 /// time share one check, so it is no free amplifier.
 const HEALTH_TTL: Duration = Duration::from_secs(2);
+/// A storage check that takes longer fails (a hung disk is unhealthy).
+const HEALTH_LIMIT: Duration = Duration::from_secs(5);
 
 /// An authenticated answer from the manager ([`AppState::call_manager`]).
 pub struct ManagerAnswer {
@@ -188,7 +190,7 @@ impl AppState {
             status,
             journal: Arc::new(journal),
             inventory: Default::default(),
-            health: shared::server::Recent::new(HEALTH_TTL),
+            health: shared::server::Recent::new(HEALTH_TTL, HEALTH_LIMIT),
         })
     }
 }
@@ -255,22 +257,14 @@ pub async fn run_with_tls(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Timeouts, transfer pace and the connection cap (shared::server).
     let nofile = shared::server::raise_nofile();
-    let serving = shared::server::Serving {
-        max_connections: state.cfg.server.connection_cap(nofile),
-        cfg: state.cfg.server.clone(),
-        metrics: "viewnode",
-        tls: None,
-        grace,
-    };
+    // One connection cap for both listeners.
+    let serving = shared::server::Serving::new(state.cfg.server.clone(), "viewnode", grace, nofile);
     let tls_server = tls.map(|(l, config)| {
         let mut stop = stop_rx.clone();
         tokio::spawn(shared::server::serve(
             l,
             build_router(state.clone()),
-            shared::server::Serving {
-                tls: Some(tokio_rustls::TlsAcceptor::from(config)),
-                ..serving.clone()
-            },
+            serving.with_tls(tokio_rustls::TlsAcceptor::from(config)),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

@@ -16,9 +16,11 @@ pub type InventoryCache =
 /// or deleted a copy meanwhile; a disk changed under the node (wiped,
 /// swapped) shows within this time.
 const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+const LISTING_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Prometheus text. Scrapes are cheap: the store's listing is reused (see
-/// [`LISTING_TTL`]), redone at once after the node itself changed a copy.
+/// [`LISTING_TTL`]), redone after the node itself changed a copy (at most
+/// every [`LISTING_MIN_AGE`]).
 /// `metrics_allow` may restrict it to the operator's collectors.
 pub async fn metrics(
     State(st): State<SharedState>,
@@ -31,9 +33,11 @@ pub async fn metrics(
     }
     let mut cache = st.inventory.lock().await;
     let changes = st.store.changes();
-    let fresh = cache
-        .as_ref()
-        .is_some_and(|(at, seen, _, _)| *seen == changes && at.elapsed() < LISTING_TTL);
+    // Reused while nothing changed, and for a few seconds even if something
+    // did: a node taking many copies must not relist per scrape.
+    let fresh = cache.as_ref().is_some_and(|(at, seen, _, _)| {
+        at.elapsed() < LISTING_MIN_AGE || (*seen == changes && at.elapsed() < LISTING_TTL)
+    });
     if !fresh {
         match (st.store.list().await, st.store.quarantined().await) {
             (Ok(good), Ok(q)) => *cache = Some((Instant::now(), changes, good, q.len())),

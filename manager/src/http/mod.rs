@@ -151,14 +151,21 @@ async fn no_framing(
 /// Health means working: the database takes a write, the staging disk takes
 /// a file; both are read back and removed.
 async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json::Value>) {
+    let (db2, staging) = (st.db.clone(), st.cfg.staging_dir());
     let (db, disk) = st
         .health
-        .get_or(async {
-            (
-                st.db.health_check().await.map_err(|e| format!("{e:#}")),
-                crate::monitor::staging_check(&st.cfg.staging_dir()).await,
-            )
-        })
+        .get_or(
+            async move {
+                (
+                    db2.health_check().await.map_err(|e| format!("{e:#}")),
+                    crate::monitor::staging_check(&staging).await,
+                )
+            },
+            || {
+                let slow = "the database and staging checks took over 5 s".to_string();
+                (Err(slow.clone()), Err(slow))
+            },
+        )
         .await;
     let nodes: serde_json::Map<String, serde_json::Value> = st
         .nodes
