@@ -39,6 +39,8 @@ pub struct AppState {
     /// `/healthz`'s database and staging checks (both write), done at most
     /// every 2 s however often it is asked: no free amplifier.
     pub health: shared::server::Recent<(Result<(), String>, Result<(), String>)>,
+    /// Uploads being received, per account (`crate::quotas`).
+    pub uploads: Arc<crate::quotas::InFlight>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -102,6 +104,7 @@ impl AppState {
             crate::notify::Notifier::new(cfg.alerts.clone(), db.clone(), public_url.clone())?;
         crate::console::load_drains(&*db, &nodes).await?;
         Ok(Self {
+            uploads: Default::default(),
             health: shared::server::Recent::new(
                 std::time::Duration::from_secs(2),
                 // A check that takes longer fails: hung is unhealthy.

@@ -66,6 +66,8 @@ pub struct Config {
     /// Credits: signup bonus, view prices' split, grant window, refunds
     /// (docs/credits.md).
     pub credits: CreditsConfig,
+    /// What one account may upload (docs/operations.md, "Per-account limits").
+    pub quotas: QuotasConfig,
     /// The monitor: what it checks and how often (docs/operations.md,
     /// "Monitoring and alerts").
     pub monitor: MonitorConfig,
@@ -347,6 +349,30 @@ impl AlertsConfig {
     }
 }
 
+/// Per-account upload limits, so one account cannot take the service from
+/// the others. Operators are not limited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotasConfig {
+    /// Uploads one account may be sending at once (`429 too_many_uploads`).
+    pub concurrent_uploads: u32,
+    /// Uploads one account may make in 24 hours (`429 too_many_uploads`).
+    pub uploads_per_day: u32,
+    /// Bytes of uploaded sources one account may keep (every movie not
+    /// rejected counts), `413 quota_exceeded`; 0: no limit.
+    pub bytes_per_account: u64,
+}
+
+impl Default for QuotasConfig {
+    fn default() -> Self {
+        Self {
+            concurrent_uploads: 3,
+            uploads_per_day: 100,
+            bytes_per_account: 100 * (1 << 30),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CreditsConfig {
@@ -533,6 +559,7 @@ impl Default for Config {
             reconcile: ReconcileConfig::default(),
             backup: BackupConfig::default(),
             credits: CreditsConfig::default(),
+            quotas: QuotasConfig::default(),
             monitor: MonitorConfig::default(),
             server: shared::server::ServerConfig::default(),
             metrics_allow: Vec::new(),
@@ -726,6 +753,12 @@ impl Config {
         self.server
             .validate()
             .map_err(|(name, why)| field(&format!("server.{name}"), why))?;
+        if self.quotas.concurrent_uploads == 0 || self.quotas.uploads_per_day == 0 {
+            return Err(field(
+                "quotas",
+                "concurrent_uploads and uploads_per_day must be at least 1",
+            ));
+        }
         Ok(())
     }
 

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod monitor;
 pub mod pipeline;
 pub mod prices;
+pub mod quotas;
 pub mod reconcile;
 pub mod redirect;
 pub mod status;

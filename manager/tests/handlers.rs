@@ -22,6 +22,11 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with("").await
+}
+
+/// The fixture with `extra` TOML tables appended to its configuration.
+async fn fixture_with(extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("manager.toml");
     std::fs::write(
@@ -43,6 +48,7 @@ async fn fixture() -> Fixture {
             lat = 43.65
             lon = -79.38
             secret = "{}"
+            {extra}
             "#,
             dir.path().join("data").display(),
             "11".repeat(32),
@@ -1622,4 +1628,116 @@ async fn backups_are_listed_taken_and_verified_from_the_admin() {
         log[3].starts_with("backup_verify_finished done: OK local"),
         "{log:?}"
     );
+}
+
+/// A multipart upload body: a `title` field and a `file` field with `file`.
+fn upload_body(boundary: &str, file: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nT\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.mp4\"\r\n\
+         Content-Type: video/mp4\r\n\r\n"
+    )
+    .into_bytes();
+    b.extend_from_slice(file);
+    b.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    b
+}
+
+fn upload_request(token: &str, body: Body) -> Request<Body> {
+    Request::post("/api/v1/uploads")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XyZ")
+        .body(body)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_account_cannot_take_the_uploads_from_the_others() {
+    use futures::StreamExt;
+    let f = fixture_with(
+        "[quotas]\nconcurrent_uploads = 1\nuploads_per_day = 3\nbytes_per_account = 5000\n",
+    )
+    .await;
+    let staging = f._dir.path().join("data").join("staging");
+    let a = token_for(&f, "a@example.com", "uploader").await;
+    let b = token_for(&f, "b@example.com", "uploader").await;
+    let op = token_for(&f, "op@example.com", "operator").await;
+    let junk = |n: usize| Body::from(upload_body("XyZ", &vec![7u8; n]));
+
+    // An upload that never finishes holds a's one slot...
+    let body = upload_body("XyZ", b"partial file");
+    let head = body[..body.len() - "\r\n--XyZ--\r\n".len()].to_vec();
+    let stalled = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(head))])
+        .chain(futures::stream::pending());
+    let app = f.app.clone();
+    let held_req = upload_request(&a, Body::from_stream(stalled));
+    let held = tokio::spawn(async move { app.oneshot(from_client(held_req)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (s, _, body) = send(&f, upload_request(&a, junk(10))).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
+        "{body}"
+    );
+    // ...but not b's, nor an operator's.
+    let (s, _, body) = send(&f, upload_request(&b, junk(10))).await;
+    assert_eq!(
+        s,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "probed, not a movie: {body}"
+    );
+    let (s, _, body) = send(&f, upload_request(&op, junk(10))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // The stalled upload gone (its client hung up), the slot is free again.
+    held.abort();
+    let _ = held.await;
+    let (s, _, body) = send(&f, upload_request(&a, junk(10))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // Bytes kept: an upload that would pass the quota is cut off as soon as
+    // it does, and leaves nothing behind.
+    let (s, _, body) = send(&f, upload_request(&b, junk(6000))).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
+        "{body}"
+    );
+    let b_id = account_id(&f, "b@example.com").await;
+    f.db.insert_asset("kept", b_id, "Kept", "k.mp4", 4000)
+        .await
+        .unwrap();
+    let (s, _, body) = send(&f, upload_request(&b, junk(1500))).await;
+    assert_eq!(code(&body), "quota_exceeded", "{s} {body}");
+    let (s, _, body) = send(&f, upload_request(&b, junk(900))).await;
+    assert_eq!(
+        s,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "within the quota: {body}"
+    );
+    // A rejected movie's bytes do not count.
+    f.db.reject("kept", "processing_failed", "x").await.unwrap();
+    let (s, _, body) = send(&f, upload_request(&b, junk(4500))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // Uploads per day: three made, the fourth waits.
+    let a_id = account_id(&f, "a@example.com").await;
+    for i in 0..3 {
+        f.db.insert_asset(&format!("a{i}"), a_id, "A", "a.mp4", 1)
+            .await
+            .unwrap();
+    }
+    let (s, _, body) = send(&f, upload_request(&a, junk(10))).await;
+    assert_eq!(
+        (s, code(&body).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
+        "{body}"
+    );
+    assert!(body.contains("24 hours"), "{body}");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".upload"))
+        .collect();
+    assert!(left.is_empty(), "no half-written upload left: {left:?}");
 }

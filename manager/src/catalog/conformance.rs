@@ -36,7 +36,8 @@ macro_rules! suite {
             the_console_reads_accounts_counts_and_an_append_only_audit_log,
             the_monitor_keeps_states_days_and_changes,
             incidents_deliveries_and_drains,
-            withdrawals_priorities_and_disabled_accounts);
+            withdrawals_priorities_and_disabled_accounts,
+            owners_take_turns_in_the_queue_and_usage_is_counted);
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(
@@ -1148,4 +1149,27 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
     assert!(c.claim_next(30, "w").await.unwrap().is_none(), "waiting");
     assert!(c.raise_priority("q3").await.unwrap().is_some());
     assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q3");
+}
+
+pub async fn owners_take_turns_in_the_queue_and_usage_is_counted(c: &SharedCatalog) {
+    let busy = account(c, "busy@example.com", 0).await;
+    let other = account(c, "other@example.com", 0).await;
+    // Fifty from one account, then one from another: the other's is second.
+    for i in 0..50 {
+        c.insert_asset(&format!("a{i:02}"), busy, "A", "a.mp4", 100)
+            .await
+            .unwrap();
+    }
+    c.insert_asset("b00", other, "B", "b.mp4", 7).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.push(c.claim_next(30, "w").await.unwrap().unwrap().id);
+    }
+    assert_eq!(order, ["a00", "b00", "a01", "a02"]);
+    // What an account keeps and made: rejected movies keep nothing.
+    assert_eq!(c.upload_usage(busy, 0).await.unwrap(), (5000, 50));
+    assert_eq!(c.upload_usage(other, 0).await.unwrap(), (7, 1));
+    c.reject("a49", "unsupported_codec", "x").await.unwrap();
+    assert_eq!(c.upload_usage(busy, 0).await.unwrap(), (4900, 50));
+    assert_eq!(c.upload_usage(busy, now() + 10).await.unwrap().1, 0);
 }

@@ -963,6 +963,10 @@ pub trait Catalog: Send + Sync + 'static {
     /// failed with `processing_failed` (an operator may retry them).
     async fn jobs(&self, limit: i64) -> sqlx::Result<Vec<JobRow>>;
 
+    /// What `owner` keeps and made: bytes of uploaded sources of movies not
+    /// rejected, and uploads since `since`.
+    async fn upload_usage(&self, owner: i64, since: i64) -> sqlx::Result<(i64, i64)>;
+
     /// Moves a queued job ahead of every other job, and due now if it was
     /// waiting out a back-off; returns its new priority, `None` when it is
     /// not queued.

@@ -522,10 +522,18 @@ impl Catalog for SqliteCatalog {
         sqlx::query_as(&format!(
             "UPDATE assets SET state = 'probing', progress = 0, lease_until = ?, updated_at = ?,
                                worker = ?
-             WHERE id = (SELECT id FROM assets
+             WHERE id = (SELECT id FROM (
+                           -- Each owner's jobs take turns: a job's turn is its
+                           -- place among its owner's waiting and running jobs,
+                           -- so one account's fifty uploads do not delay
+                           -- another's one.
+                           SELECT id, state, next_try, lease_until, priority, created_at,
+                                  ROW_NUMBER() OVER (PARTITION BY owner_id ORDER BY created_at, id) AS turn
+                           FROM assets
+                           WHERE state IN ('queued', 'probing', 'transcoding', 'sealing'))
                          WHERE (state = 'queued' AND next_try <= ?)
                             OR (state IN ('probing', 'transcoding', 'sealing') AND lease_until < ?)
-                         ORDER BY priority DESC, created_at, id LIMIT 1)
+                         ORDER BY priority DESC, turn, created_at, id LIMIT 1)
              RETURNING {ASSET_COLS}"
         ))
         .bind(t + lease_secs)
@@ -1935,6 +1943,18 @@ impl Catalog for SqliteCatalog {
         )
         .bind(limit)
         .fetch_all(&self.pool)
+        .await
+    }
+
+    async fn upload_usage(&self, owner: i64, since: i64) -> sqlx::Result<(i64, i64)> {
+        sqlx::query_as(
+            "SELECT
+               (SELECT COALESCE(SUM(source_bytes), 0) FROM assets WHERE owner_id = ?1 AND state <> 'rejected'),
+               (SELECT count(*) FROM assets WHERE owner_id = ?1 AND created_at >= ?2)",
+        )
+        .bind(owner)
+        .bind(since)
+        .fetch_one(&self.pool)
         .await
     }
 

@@ -217,6 +217,10 @@ pub async fn upload(
     let mut received: Option<(String, u64)> = None;
     let partial = st.cfg.staging_dir().join(format!("{asset_id}.upload"));
     let mut guard = StagingGuard(None);
+    // The account's limits, before a byte is written; the slot is given
+    // back when this request ends, however it ends.
+    let slot =
+        crate::quotas::begin_upload(&*st.db, &st.cfg.quotas, &st.uploads, &caller.user).await?;
 
     while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         match field.name().unwrap_or("") {
@@ -254,6 +258,11 @@ pub async fn upload(
                         return Err(ApiError::TooLarge {
                             limit: st.cfg.max_upload_bytes,
                         });
+                    }
+                    if let Err(e) = slot.check(size) {
+                        metrics::counter!("manager_uploads_total", "result" => "quota_exceeded")
+                            .increment(1);
+                        return Err(e.into());
                     }
                     out.write_all(&chunk)
                         .await
@@ -343,6 +352,7 @@ pub async fn upload(
     )
     .await?;
     guard.0 = None;
+    drop(slot);
     st.pipeline.wake.notify_one();
     metrics::counter!("manager_uploads_total", "result" => "accepted").increment(1);
     tracing::info!(asset = %asset_id, user = caller.user.id, bytes = size, "upload accepted");

@@ -30,6 +30,11 @@ pub enum ApiError {
     NoMirror,
     #[error("too many attempts; wait a minute and try again")]
     RateLimited,
+    /// A per-account upload limit (`crate::quotas`).
+    #[error("{0}")]
+    TooManyUploads(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// Too many password checks are running at once; nothing was checked.
     #[error("the site is busy; try again in a few seconds")]
     Busy,
@@ -164,6 +169,8 @@ impl ApiError {
             ApiError::NotPublished => "not_published",
             ApiError::NoMirror => "no_mirror_available",
             ApiError::RateLimited => "rate_limited",
+            ApiError::TooManyUploads(_) => "too_many_uploads",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Busy => "busy",
             ApiError::TerminalNotApproved => "terminal_not_approved",
             ApiError::Token(e) => e.code(),
@@ -187,7 +194,8 @@ impl ApiError {
             }
             ApiError::NotFound(_) | ApiError::NotPublished => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge { .. } | ApiError::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NoMirror => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited | ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
@@ -215,6 +223,24 @@ impl IntoResponse for ApiError {
             tracing::error!("internal error: {e:#}");
         }
         (self.status(), Json(self.body())).into_response()
+    }
+}
+
+impl From<crate::quotas::QuotaError> for ApiError {
+    fn from(e: crate::quotas::QuotaError) -> Self {
+        match e {
+            crate::quotas::QuotaError::Exceeded { .. } => ApiError::QuotaExceeded(e.to_string()),
+            _ => ApiError::TooManyUploads(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::quotas::BeginError> for ApiError {
+    fn from(e: crate::quotas::BeginError) -> Self {
+        match e {
+            crate::quotas::BeginError::Quota(q) => q.into(),
+            crate::quotas::BeginError::Db(e) => ApiError::Internal(e.into()),
+        }
     }
 }
 

@@ -1,0 +1,151 @@
+//! Per-account upload limits (`[quotas]`, docs/operations.md "Per-account
+//! limits"): uploads sent at once, uploads per 24 hours, and bytes kept. One
+//! account cannot fill the disk or the transcode queue for everyone else.
+//! Operators are not limited. The transcode queue's fairness between
+//! accounts is the catalog's claim order (each owner's jobs take turns).
+//!
+//! The slot for an upload in flight is taken before a byte is written and
+//! given back when the request ends, however it ends (its guard drops).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use crate::{catalog::Catalog, catalog::User, config::QuotasConfig};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuotaError {
+    #[error("this account is already sending {limit} uploads; wait for one to finish")]
+    TooManyAtOnce { limit: u32 },
+    #[error("this account made {limit} uploads in the last 24 hours; try again later")]
+    TooManyToday { limit: u32 },
+    #[error(
+        "this account keeps {used} bytes of {limit} allowed; delete a movie or ask the operator"
+    )]
+    Exceeded { used: u64, limit: u64 },
+}
+
+/// Uploads being received, per account.
+#[derive(Default)]
+pub struct InFlight(Mutex<HashMap<i64, u32>>);
+
+/// One upload's place: given back on drop. `remaining` is how many bytes
+/// this upload may still bring before the account's quota is exceeded.
+pub struct UploadSlot {
+    inflight: Option<(Arc<InFlight>, i64)>,
+    pub remaining: u64,
+    used: u64,
+    limit: u64,
+}
+
+impl UploadSlot {
+    /// `Err` once `size` bytes of this upload pass the account's quota.
+    pub fn check(&self, size: u64) -> Result<(), QuotaError> {
+        if size > self.remaining {
+            return Err(QuotaError::Exceeded {
+                used: self.used,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        if let Some((inflight, user)) = self.inflight.take() {
+            let mut m = inflight.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&user);
+                }
+            }
+        }
+    }
+}
+
+/// Takes an upload slot for `user`, or says which limit stands in the way.
+pub async fn begin_upload(
+    db: &dyn Catalog,
+    q: &QuotasConfig,
+    inflight: &Arc<InFlight>,
+    user: &User,
+) -> Result<UploadSlot, BeginError> {
+    if user.is_operator() {
+        return Ok(UploadSlot {
+            inflight: None,
+            remaining: u64::MAX,
+            used: 0,
+            limit: 0,
+        });
+    }
+    let (used, today) = db
+        .upload_usage(user.id, crate::catalog::now() - 86_400)
+        .await?;
+    let used = used.max(0) as u64;
+    if today >= q.uploads_per_day as i64 {
+        return Err(QuotaError::TooManyToday {
+            limit: q.uploads_per_day,
+        }
+        .into());
+    }
+    let remaining = match q.bytes_per_account {
+        0 => u64::MAX,
+        limit if used >= limit => return Err(QuotaError::Exceeded { used, limit }.into()),
+        limit => limit - used,
+    };
+    {
+        let mut m = inflight.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(user.id).or_insert(0);
+        if *n >= q.concurrent_uploads {
+            return Err(QuotaError::TooManyAtOnce {
+                limit: q.concurrent_uploads,
+            }
+            .into());
+        }
+        *n += 1;
+    }
+    Ok(UploadSlot {
+        inflight: Some((inflight.clone(), user.id)),
+        remaining,
+        used,
+        limit: q.bytes_per_account,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BeginError {
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_given_back_however_the_upload_ends() {
+        let inflight = Arc::new(InFlight::default());
+        inflight.0.lock().unwrap().insert(7, 2);
+        let slot = UploadSlot {
+            inflight: Some((inflight.clone(), 7)),
+            remaining: 10,
+            used: 90,
+            limit: 100,
+        };
+        assert!(slot.check(10).is_ok());
+        assert_eq!(
+            slot.check(11),
+            Err(QuotaError::Exceeded {
+                used: 90,
+                limit: 100
+            })
+        );
+        drop(slot);
+        assert_eq!(inflight.0.lock().unwrap().get(&7), Some(&1));
+    }
+}
