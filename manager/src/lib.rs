@@ -92,11 +92,13 @@ pub async fn run(
     let checks = tokio::spawn(checker.run(stop_rx.clone()));
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let server_cfg = state.cfg.server.clone();
+    let proxies = state.cfg.trusted_proxies.clone();
     let app = build_router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Timeouts, transfer pace and the connection cap (shared::server).
     let nofile = shared::server::raise_nofile();
-    let serving = shared::server::Serving::new(server_cfg, "manager", grace, nofile);
+    let serving =
+        shared::server::Serving::new(server_cfg, "manager", grace, nofile).exempt(&proxies);
     tracing::info!(
         max_connections = serving.max_connections,
         nofile,

@@ -60,6 +60,10 @@ pub struct ServerConfig {
     /// Connections at once; 0: derived from the file-descriptor limit
     /// (half of it, less 256 for files and the database, at most 50,000).
     pub max_connections: usize,
+    /// Connections at once from one client address (0: no limit), so one
+    /// address cannot take every slot. Addresses in the binary's
+    /// `trusted_proxies` (a reverse proxy speaks for many) are not limited.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             // About 1 KB/s: far below any connection that can play a movie.
             transfer_min_bytes: 64 * 1024,
             max_connections: 0,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -200,6 +205,40 @@ pub struct Serving {
     /// every listener of the process (see [`Serving::new`]).
     pub max_connections: usize,
     slots: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<PerAddress>,
+    /// Not limited per address (reverse proxies, see [`Serving::exempt`]).
+    exempt: Arc<Vec<ipnet::IpNet>>,
+}
+
+/// Connections open per client address.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted against its address; uncounted on drop.
+struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 impl Serving {
@@ -213,7 +252,15 @@ impl Serving {
             grace,
             max_connections,
             slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            per_address: Default::default(),
+            exempt: Default::default(),
         }
+    }
+
+    /// Addresses not limited per address (the binary's `trusted_proxies`).
+    pub fn exempt(mut self, proxies: &[ipnet::IpNet]) -> Self {
+        self.exempt = Arc::new(proxies.to_vec());
+        self
     }
 
     /// The same limits (and the same cap) for a TLS listener.
@@ -240,6 +287,8 @@ pub async fn serve(
     let slots = s.slots.clone();
     let last_cap_log = AtomicI64::new(0);
     let last_accept_log = AtomicI64::new(0);
+    let last_per_address_log = AtomicI64::new(0);
+    let per_address_counter = format!("{}_http_connection_cap_per_address_total", s.metrics);
     let open_gauge = format!("{}_http_connections_open", s.metrics);
     let refused_counter = format!("{}_http_connection_cap_reached_total", s.metrics);
     tokio::pin!(shutdown);
@@ -281,11 +330,37 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let address_slot = if s.cfg.max_connections_per_address == 0
+            || s.exempt.iter().any(|n| n.contains(&peer.ip()))
+        {
+            None
+        } else {
+            match s
+                .per_address
+                .take(peer.ip(), s.cfg.max_connections_per_address)
+            {
+                Some(a) => Some(a),
+                None => {
+                    // Closed at once: this address holds its share.
+                    metrics::counter!(per_address_counter.clone()).increment(1);
+                    if once_a_minute(&last_per_address_log) {
+                        tracing::warn!(
+                            code = "connection_cap_per_address_reached",
+                            peer = %peer.ip(),
+                            max = s.cfg.max_connections_per_address,
+                            "one address holds its whole share of connections; more from it are closed (server.max_connections_per_address; said once a minute)"
+                        );
+                    }
+                    continue;
+                }
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let (app, s2, watcher) = (app.clone(), s.clone(), graceful.watcher());
         let open_gauge = open_gauge.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let _address_slot = address_slot;
             let _open = OpenGauge::new(open_gauge);
             let window = Duration::from_secs(s2.cfg.transfer_window_secs);
             let min = s2.cfg.transfer_min_bytes;
@@ -586,6 +661,57 @@ mod tests {
         .validate()
         .is_err());
         assert!(ServerConfig::default().validate().is_ok());
+    }
+
+    /// One address gets its share and no more; a slot comes back when its
+    /// connection ends; an exempt address (a proxy) is not limited.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn start(exempt: &[ipnet::IpNet]) -> SocketAddr {
+            let cfg = ServerConfig {
+                max_connections_per_address: 2,
+                ..ServerConfig::default()
+            };
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let app = Router::new().route("/", axum::routing::get(|| async { "hi" }));
+            let s = Serving::new(cfg, "test", Duration::from_secs(1), 4096).exempt(exempt);
+            tokio::spawn(serve(l, app, s, std::future::pending()));
+            addr
+        }
+        async fn answers(addr: SocketAddr) -> bool {
+            let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else {
+                return false;
+            };
+            if c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).contains("hi")
+        }
+        let addr = start(&[]).await;
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !answers(addr).await,
+            "a third from the same address is closed"
+        );
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(answers(addr).await, "a slot came back");
+        drop(b);
+        let proxy = start(&["127.0.0.0/8".parse().unwrap()]).await;
+        let held: Vec<_> =
+            futures::future::join_all((0..5).map(|_| tokio::net::TcpStream::connect(proxy))).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(answers(proxy).await, "a proxy is not limited");
+        drop(held);
     }
 
     #[test]

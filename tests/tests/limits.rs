@@ -1,8 +1,9 @@
 //! Connections that misbehave, against the real binaries (issue 16, item
 //! 1; `shared::server`): a request whose headers never finish is closed
-//! within the header timeout, on the node and on the manager; and with
-//! 1,500 sockets held open doing nothing, a node still answers `/healthz`
-//! and a viewer's range request at once.
+//! within the header timeout, on the node and on the manager; with 1,500
+//! sockets held open doing nothing, a node still answers `/healthz` and a
+//! viewer's range request at once; one address gets its share of
+//! connections and no more.
 
 use std::time::{Duration, Instant};
 
@@ -62,11 +63,17 @@ async fn half_sent_headers_are_cut_and_idle_sockets_do_not_stop_viewers() {
         assert!(took >= Duration::from_millis(1500), "{url}: {took:?}");
     }
 
-    // 1,500 sockets that connect and say nothing more than half a request.
+    // 1,500 sockets that connect and say nothing more than half a request,
+    // from 12 addresses (127.0.0.2 to .13: loopback answers them all) as
+    // many viewers would, under the cap per address (256).
     let node = &cluster.nodes[0].proc.url;
+    let target: std::net::SocketAddr = host_port(node).parse().unwrap();
+    let from = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 2 + (i / 125) as u8], 0));
     let mut idle = Vec::new();
-    for _ in 0..1500 {
-        let mut s = TcpStream::connect(host_port(node)).await.unwrap();
+    for i in 0..1500 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(from(i)).unwrap();
+        let mut s = sock.connect(target).await.unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
         idle.push(s);
     }
@@ -110,6 +117,39 @@ async fn half_sent_headers_are_cut_and_idle_sockets_do_not_stop_viewers() {
         }
     }
     assert_eq!(closed, 1500, "every idle socket closed by the node");
+    drop(idle);
+
+    // One address alone gets its share (256) and no more: the rest are
+    // closed at once, and other addresses are still served.
+    let mut mine = Vec::new();
+    for _ in 0..300 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(([127, 0, 0, 50], 0).into()).unwrap();
+        mine.push(sock.connect(target).await.unwrap());
+    }
+    // All looked at together, well inside the 2 s header timeout that
+    // would close the rest too.
+    let mut looks = tokio::task::JoinSet::new();
+    for mut s in mine {
+        looks.spawn(async move {
+            let mut buf = [0u8; 16];
+            let closed = matches!(
+                tokio::time::timeout(Duration::from_millis(700), s.read(&mut buf)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            );
+            (closed, s)
+        });
+    }
+    let mut cut = 0;
+    let mut keep = Vec::new();
+    while let Some(r) = looks.join_next().await {
+        let (closed, s) = r.unwrap();
+        cut += usize::from(closed);
+        keep.push(s);
+    }
+    assert_eq!(cut, 300 - 256, "closed beyond the share of one address");
+    let h = client.get(format!("{node}/healthz")).send().await.unwrap();
+    assert_eq!(h.status(), 200, "others still served");
     let metrics = cluster.metrics(node).await;
     assert!(
         metrics.contains("viewnode_http_connections_open"),

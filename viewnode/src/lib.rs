@@ -258,7 +258,8 @@ pub async fn run_with_tls(
     // Timeouts, transfer pace and the connection cap (shared::server).
     let nofile = shared::server::raise_nofile();
     // One connection cap for both listeners.
-    let serving = shared::server::Serving::new(state.cfg.server.clone(), "viewnode", grace, nofile);
+    let serving = shared::server::Serving::new(state.cfg.server.clone(), "viewnode", grace, nofile)
+        .exempt(&state.cfg.trusted_proxies);
     let tls_server = tls.map(|(l, config)| {
         let mut stop = stop_rx.clone();
         tokio::spawn(shared::server::serve(
