@@ -127,20 +127,36 @@ pub(crate) fn authenticate(
     Ok(())
 }
 
+/// The blob a manager call names in its path (`/internal/v1/blobs/{id}`
+/// plus `suffix`), once the manager's signature over `method`, that path
+/// and `content_sha256` (the id itself, for a push) is checked.
+fn signed_blob(
+    st: &SharedState,
+    headers: &HeaderMap,
+    method: &str,
+    id: &str,
+    suffix: &str,
+    content_sha256: Option<&str>,
+) -> Result<BlobId, NodeError> {
+    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
+    let name = id.to_string();
+    authenticate(
+        st,
+        headers,
+        method,
+        &format!("/internal/v1/blobs/{id}{suffix}"),
+        content_sha256.unwrap_or(&name),
+    )?;
+    Ok(id)
+}
+
 async fn put_blob(
     State(st): State<SharedState>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), NodeError> {
-    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
-    authenticate(
-        &st,
-        &headers,
-        "PUT",
-        &format!("/internal/v1/blobs/{id}"),
-        &id.to_string(),
-    )?;
+    let id = signed_blob(&st, &headers, "PUT", &id, "", None)?;
     let outcome = st.store.put_verified(&id, body.into_data_stream()).await;
     let outcome = match outcome {
         Ok(o) => o,
@@ -173,14 +189,7 @@ async fn get_blob(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, NodeError> {
-    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
-    authenticate(
-        &st,
-        &headers,
-        "GET",
-        &format!("/internal/v1/blobs/{id}"),
-        EMPTY_SHA256,
-    )?;
+    let id = signed_blob(&st, &headers, "GET", &id, "", Some(EMPTY_SHA256))?;
     let (file, len) = st.store.open_file(&id).await?;
     // (hasher, bytes seen, read failed)
     let seen = Arc::new(Mutex::new((Sha256::new(), 0u64, false)));
@@ -225,14 +234,7 @@ async fn verify_blob(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, NodeError> {
-    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
-    authenticate(
-        &st,
-        &headers,
-        "POST",
-        &format!("/internal/v1/blobs/{id}/verify"),
-        EMPTY_SHA256,
-    )?;
+    let id = signed_blob(&st, &headers, "POST", &id, "/verify", Some(EMPTY_SHA256))?;
     let checked = crate::scrub::verify_now(&st, id)
         .await
         .map_err(|e| NodeError::Storage(e.to_string()))?
@@ -254,14 +256,7 @@ async fn delete_blob(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, NodeError> {
-    let id: BlobId = id.parse().map_err(|_| NodeError::BadBlobName)?;
-    authenticate(
-        &st,
-        &headers,
-        "DELETE",
-        &format!("/internal/v1/blobs/{id}"),
-        EMPTY_SHA256,
-    )?;
+    let id = signed_blob(&st, &headers, "DELETE", &id, "", Some(EMPTY_SHA256))?;
     st.store.delete(&id).await?;
     metrics::counter!("viewnode_blobs_deleted_total").increment(1);
     tracing::warn!(blob = %id, "unreferenced blob deleted at the manager's request");

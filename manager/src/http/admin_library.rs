@@ -67,20 +67,8 @@ pub struct MovieSearch {
     only: String,
 }
 
-const STATES: [AssetState; 9] = [
-    AssetState::Queued,
-    AssetState::Probing,
-    AssetState::Transcoding,
-    AssetState::Sealing,
-    AssetState::Replicating,
-    AssetState::Published,
-    AssetState::Rejected,
-    AssetState::Damaged,
-    AssetState::Withdrawn,
-];
-
 fn parse_state(s: &str) -> Option<AssetState> {
-    STATES.into_iter().find(|x| x.as_str() == s)
+    AssetState::ALL.into_iter().find(|x| x.as_str() == s)
 }
 
 /// `GET /admin/movies?q=&state=&only=under_replicated`: search and filter.
@@ -129,7 +117,7 @@ pub async fn movies(
         } else {
             String::new()
         },
-        states: STATES
+        states: AssetState::ALL
             .iter()
             .map(|s| (s.as_str(), Some(*s) == state))
             .collect(),
