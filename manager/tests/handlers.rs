@@ -1463,14 +1463,7 @@ async fn a_disabled_account_is_locked_out_at_once_and_its_page_shows_its_ledger(
         body.contains("disabled</span>"),
         "the list marks it: {body}"
     );
-    let log: Vec<String> =
-        f.db.audit_entries(20)
-            .await
-            .unwrap()
-            .iter()
-            .rev()
-            .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
-            .collect();
+    let log = audit_lines(&f, 20).await;
     assert_eq!(log.len(), 6, "{log:?}");
     assert!(
         log[0].starts_with(&format!("account_disable account:{u} done")),
@@ -1542,14 +1535,7 @@ async fn a_queued_job_moves_ahead_and_the_queue_names_its_worker() {
         f.db.claim_next(30, "w").await.unwrap().unwrap().id,
         "second"
     );
-    let log: Vec<String> =
-        f.db.audit_entries(10)
-            .await
-            .unwrap()
-            .iter()
-            .rev()
-            .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
-            .collect();
+    let log = audit_lines(&f, 10).await;
     assert_eq!(log.len(), 4, "{log:?}");
     assert!(
         log[0].starts_with("job_raise movie:third priority"),
@@ -1628,6 +1614,17 @@ async fn backups_are_listed_taken_and_verified_from_the_admin() {
         log[3].starts_with("backup_verify_finished done: OK local"),
         "{log:?}"
     );
+}
+
+/// The newest `limit` audit entries, oldest first, as "action target detail".
+async fn audit_lines(f: &Fixture, limit: i64) -> Vec<String> {
+    f.db.audit_entries(limit)
+        .await
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| format!("{} {} {}", e.action, e.target, e.detail))
+        .collect()
 }
 
 /// A multipart upload body: a `title` field and a `file` field with `file`.
