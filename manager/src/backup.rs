@@ -1995,13 +1995,23 @@ async fn freeze_refunds(db_path: &Path, backup_at: i64) -> anyhow::Result<()> {
     let mut wal = db_path.as_os_str().to_owned();
     wal.push("-wal");
     let wal = std::path::PathBuf::from(wal);
-    if wal.exists() {
-        anyhow::ensure!(
-            std::fs::metadata(&wal)?.len() == 0,
-            "{} still holds changes after the checkpoint",
-            wal.display()
-        );
-        std::fs::remove_file(&wal)?;
+    // SQLite may still be removing its own WAL as the pool's last
+    // connection closes on its worker thread: a file that vanishes between
+    // looking and removing is the good outcome, not an error.
+    match std::fs::metadata(&wal) {
+        Ok(meta) => {
+            anyhow::ensure!(
+                meta.len() == 0,
+                "{} still holds changes after the checkpoint",
+                wal.display()
+            );
+            match std::fs::remove_file(&wal) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
     let mut shm = db_path.as_os_str().to_owned();
     shm.push("-shm");
