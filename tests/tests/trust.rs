@@ -469,6 +469,14 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
         .unwrap();
     assert!(st.success(), "mount a small tmpfs (the tests run as root)");
     let _mount = Mount(journal.clone());
+    // One event may wait in memory for the disk; past that, paid views are
+    // refused rather than served unrecorded.
+    let cfg = std::fs::read_to_string(&cluster.nodes[1].config).unwrap();
+    std::fs::write(
+        &cluster.nodes[1].config,
+        format!("journal_max_unwritten = 1\n{cfg}"),
+    )
+    .unwrap();
     cluster.restart_node(1);
     let toronto = cluster.nodes[1].proc.url.clone();
     let filler = journal.join("filler");
@@ -488,6 +496,25 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
         .unwrap();
     assert_eq!(r.status(), 206);
     r.bytes().await.unwrap();
+    // The journal holds its one event in memory: the next paid view is
+    // refused with its code, and health says why, so the manager sends
+    // viewers elsewhere.
+    let refused = purchase(&cluster, &buyer, &asset, "full-disk-refused").await;
+    let refused_url = node_url(&toronto, refused["media_url"].as_str().unwrap());
+    let r = c
+        .get(&refused_url)
+        .header("range", "bytes=0-1023")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "journal_full", "{body}");
+    let h = c.get(format!("{toronto}/healthz")).send().await.unwrap();
+    assert_eq!(h.status(), 503);
+    let h: serde_json::Value = h.json().await.unwrap();
+    assert_eq!(h["journal"], "full", "{h}");
+    assert!(h["journal_unwritten"].as_u64() >= Some(1), "{h}");
     while shared::runtime::unix_now() < expires + 30 + 6 {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -515,5 +542,20 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
         assert!(Instant::now() < deadline, "{g}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // And paid views play there again (a new one: the refused grant has
+    // expired meanwhile).
+    let again = purchase(&cluster, &buyer, &asset, "full-disk-freed").await;
+    let r = c
+        .get(node_url(&toronto, again["media_url"].as_str().unwrap()))
+        .header("range", "bytes=0-1023")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    r.bytes().await.unwrap();
+    assert!(
+        cluster.nodes[1].proc.log_text().contains("journal_full"),
+        "the refusal is logged with its code"
+    );
     cluster.nodes[1].proc.stop();
 }

@@ -71,6 +71,10 @@ pub struct Config {
     /// A paid response still streaming journals what it served at least
     /// this often, seconds, not only when it ends. Between 1 and 60.
     pub journal_flush_secs: u64,
+    /// Paid-view events held in memory while the journal's disk cannot be
+    /// written (about 200 bytes each); past this, new paid views are
+    /// refused (`503 journal_full`) rather than served unrecorded.
+    pub journal_max_unwritten: u64,
     /// Seconds between two fetches of the paid movies' price epochs from
     /// `manager_url`: a free movie's media URL handed out before a price
     /// was set stops playing here within this time. Between 1 and 60.
@@ -115,6 +119,7 @@ impl Default for Config {
             scrub_interval_secs: 24 * 3600,
             journal_forward_secs: 5,
             journal_flush_secs: 10,
+            journal_max_unwritten: crate::journal::MAX_UNWRITTEN,
             price_poll_secs: 15,
             // A month to look at what went wrong; a disk that keeps
             // corrupting copies does not fill up with their carcasses.
@@ -197,6 +202,12 @@ impl Config {
         }
         if !(1..=300).contains(&self.journal_forward_secs) {
             return Err(field("journal_forward_secs", "must be between 1 and 300"));
+        }
+        if !(1..=10_000_000).contains(&self.journal_max_unwritten) {
+            return Err(field(
+                "journal_max_unwritten",
+                "must be between 1 and 10000000",
+            ));
         }
         if !(1..=60).contains(&self.journal_flush_secs) {
             return Err(field("journal_flush_secs", "must be between 1 and 60"));

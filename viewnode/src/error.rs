@@ -38,6 +38,8 @@ pub enum NodeError {
     Busy(&'static str),
     #[error("{0}")]
     Forbidden(&'static str),
+    #[error("this node cannot record paid views right now (its disk is failing); ask for a new media URL to be sent to another mirror")]
+    JournalFull,
 }
 
 impl NodeError {
@@ -56,6 +58,7 @@ impl NodeError {
             NodeError::BadRequest(_) => "bad_request",
             NodeError::Busy(_) => "busy",
             NodeError::Forbidden(_) => "forbidden",
+            NodeError::JournalFull => "journal_full",
         }
     }
 
@@ -74,6 +77,7 @@ impl NodeError {
             NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             NodeError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             NodeError::Forbidden(_) => StatusCode::FORBIDDEN,
+            NodeError::JournalFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

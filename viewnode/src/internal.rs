@@ -315,7 +315,10 @@ pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_j
             || Err("the storage check took over 5 s".into()),
         )
         .await;
-    let ok = storage.is_ok();
+    // A journal that refuses paid views fails health too, so the manager
+    // sends viewers to another mirror rather than to a 503.
+    let refusing = st.journal.refusing_views();
+    let ok = storage.is_ok() && !refusing;
     // Reported, not failed on: viewers are still served (refunds wait for a
     // journal that cannot be written; a stale price list refuses what it
     // last knew), and the operator must see both.
@@ -332,14 +335,15 @@ pub async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_j
         "config_fingerprint": shared::protocol::config_fingerprint(&st.cfg.token_public_key, st.cfg.master_key_id),
         "time_ms": shared::runtime::unix_now_ms(),
         "checks": { "storage": match &storage { Ok(()) => "ok".to_string(), Err(e) => e.to_string() } },
-        "journal": if journal_ok { "ok" } else { "write_failing" },
+        "journal": if refusing { "full" } else if journal_ok { "ok" } else { "write_failing" },
+        "journal_unwritten": st.journal.unwritten(),
         "price_list_age_secs": st.prices.age_secs(),
         // The operator's console shows it per node; absent when the
         // call fails (then the storage check above says why).
         "disk": shared::runtime::disk_space(&st.cfg.storage_dir).ok(),
     });
-    if !ok {
-        tracing::error!("health check failed: {:?}", storage.err());
+    if let Err(e) = &storage {
+        tracing::error!("health check failed: {e}");
     }
     let status = if ok {
         StatusCode::OK

@@ -48,7 +48,7 @@
 use std::{
     collections::HashMap,
     fs::{File, OpenOptions},
-    io::{Read, Seek, SeekFrom, Write},
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
@@ -130,7 +130,16 @@ pub struct Journal {
     appending: Arc<Mutex<()>>,
     /// Woken after each fsync, so the forwarder can deliver promptly.
     pub written: Arc<Notify>,
+    /// Events held in memory, not yet on disk, past which new paid views
+    /// are refused ([`Journal::accepts_new_views`]).
+    max_unwritten: u64,
+    /// Whether new paid views are being refused (for the log and health).
+    refusing: AtomicBool,
 }
+
+/// Events the journal holds in memory while its disk cannot be written
+/// (about 200 bytes each), unless configured otherwise.
+pub const MAX_UNWRITTEN: u64 = 100_000;
 
 fn log_path(dir: &Path) -> PathBuf {
     dir.join("views.jsonl")
@@ -218,7 +227,46 @@ impl Journal {
             watermark: AtomicI64::new(0),
             appending,
             written,
+            max_unwritten: MAX_UNWRITTEN,
+            refusing: AtomicBool::new(false),
         })
+    }
+
+    /// Sets how many events may wait in memory for a failing disk.
+    pub fn limit_unwritten(mut self, events: u64) -> Journal {
+        self.max_unwritten = events;
+        self
+    }
+
+    /// Events handed to the writer and not yet fsynced.
+    pub fn unwritten(&self) -> u64 {
+        self.appended
+            .load(Ordering::Acquire)
+            .saturating_sub(self.durable_events.load(Ordering::Acquire))
+    }
+
+    /// Whether a new paid view may start. While the journal's disk fails,
+    /// events wait in memory; past the bound a paid view is refused rather
+    /// than served unrecorded (a served view the manager never hears of is
+    /// a view it would refund). Responses already open go on.
+    pub fn accepts_new_views(&self) -> bool {
+        let ok = self.unwritten() < self.max_unwritten;
+        let was_refusing = self.refusing.swap(!ok, Ordering::AcqRel);
+        if !ok && !was_refusing {
+            tracing::error!(
+                code = "journal_full",
+                held = self.unwritten(),
+                "the view journal cannot be written and holds its limit in memory; new paid views are refused until it can"
+            );
+        } else if ok && was_refusing {
+            tracing::info!("the view journal is taking events again; paid views resume");
+        }
+        ok
+    }
+
+    /// Whether new paid views are refused now (for `/healthz`).
+    pub fn refusing_views(&self) -> bool {
+        self.refusing.load(Ordering::Acquire) && self.unwritten() >= self.max_unwritten
     }
 
     /// The watermark this node may claim now, with the events that must be
@@ -359,18 +407,23 @@ impl Journal {
             );
             from = 0;
         }
+        // Only this batch's lines are read: a backlog of a million events
+        // waiting for the manager costs each delivery one batch, not the
+        // whole backlog (reading it all each time made catch-up quadratic).
         let mut f = File::open(log_path(&self.dir))?;
         f.seek(SeekFrom::Start(from))?;
-        let mut buf = vec![0u8; (durable - from) as usize];
-        f.read_exact(&mut buf)?;
+        let mut lines = BufReader::new(f.take(durable - from));
         let mut events = Vec::new();
         let mut offset = from;
-        for line in buf.split_inclusive(|b| *b == b'\n') {
-            if events.len() >= max {
+        let mut line = Vec::new();
+        while events.len() < max {
+            line.clear();
+            let n = lines.read_until(b'\n', &mut line)?;
+            if n == 0 {
                 break;
             }
-            offset += line.len() as u64;
-            match serde_json::from_slice::<Event>(line) {
+            offset += n as u64;
+            match serde_json::from_slice::<Event>(&line) {
                 Ok(e) => events.push(e),
                 Err(e) => tracing::error!(offset, "unreadable journal line skipped: {e}"),
             }
@@ -611,6 +664,32 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_backlog_is_delivered_batch_by_batch_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        for i in 0..1200 {
+            let mut s = j.served(format!("g{i}"), "a".into());
+            s.add(1);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while j.unwritten() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut seen = Vec::new();
+        loop {
+            let (events, offset) = j.pending(BATCH).unwrap();
+            if events.is_empty() {
+                break;
+            }
+            assert!(events.len() <= BATCH);
+            seen.extend(events.into_iter().map(|e| e.grant.unwrap()));
+            j.mark_forwarded(offset).unwrap();
+        }
+        let want: Vec<String> = (0..1200).map(|i| format!("g{i}")).collect();
+        assert_eq!(seen, want);
     }
 
     #[test]

@@ -165,12 +165,14 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("configuration field `master_key`: {e}"))?;
         let verifier = shared::TokenVerifier::from_public_hex(&cfg.token_public_key)
             .map_err(|e| anyhow::anyhow!("configuration field `token_public_key`: {e}"))?;
-        let journal = journal::Journal::open(&cfg.storage_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "configuration field `storage_dir`: cannot open {}/journal: {e}",
-                cfg.storage_dir.display()
-            )
-        })?;
+        let journal = journal::Journal::open(&cfg.storage_dir)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "configuration field `storage_dir`: cannot open {}/journal: {e}",
+                    cfg.storage_dir.display()
+                )
+            })?
+            .limit_unwritten(cfg.journal_max_unwritten);
         let manager_secret = hex::decode(cfg.manager_secret.expose())
             .map_err(|e| anyhow::anyhow!("configuration field `manager_secret`: {e}"))?;
         let prices = prices::PaidEpochs::open(&cfg.storage_dir);
@@ -245,6 +247,9 @@ pub async fn run(
     run_with_tls(listener, None, state, shutdown).await
 }
 
+/// How often changed verification times go to `verified.json`.
+const VERIFIED_FLUSH: Duration = Duration::from_secs(5);
+
 /// [`run`], with the manager's calls on a TLS listener when `tls` is set
 /// (the plain one then serves viewers only).
 pub async fn run_with_tls(
@@ -275,6 +280,14 @@ pub async fn run_with_tls(
     let forwarder = tokio::spawn(journal::forward(state.clone(), stop_rx.clone()));
     let price_poll = tokio::spawn(prices::poll(state.clone(), stop_rx.clone()));
     let flusher = tokio::spawn(journal::flush_ticker(state.clone(), stop_rx));
+    let proofs = state.store.clone();
+    let proof_flusher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(VERIFIED_FLUSH);
+        loop {
+            tick.tick().await;
+            proofs.flush_verified_logged().await;
+        }
+    });
     let journal_state = state.clone();
     let app = if tls_server.is_some() {
         viewer_router(state)
@@ -300,6 +313,8 @@ pub async fn run_with_tls(
     forwarder.abort();
     price_poll.abort();
     flusher.abort();
+    proof_flusher.abort();
+    journal_state.store.flush_verified_logged().await;
     // Shutdown drains the journal: what open responses counted is written
     // and fsynced, then delivered once more if the manager answers (else
     // it goes at the next start, from disk).

@@ -77,6 +77,9 @@ pub async fn play(
     // A paid response is registered before any I/O: until its first bytes
     // are journalled it holds the node's watermark (journal.rs), however
     // slow the storage is to open.
+    if claims.grant.is_some() && !st.journal.accepts_new_views() {
+        return Err(NodeError::JournalFull);
+    }
     let paid = claims
         .grant
         .clone()

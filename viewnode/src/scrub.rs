@@ -310,6 +310,7 @@ async fn pass(st: &SharedState, cancel: &Arc<AtomicBool>) {
         metrics::gauge!("viewnode_scrub_last_pass_rate_bytes_per_second").set(r);
     }
     tracing::info!(bytes = total, secs, "scrub pass complete");
+    st.store.flush_verified_logged().await;
     purge_quarantine(st, now).await;
 }
 

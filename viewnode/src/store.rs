@@ -63,8 +63,13 @@ pub struct BlobStore {
     root: PathBuf,
     objects: Arc<LocalFileSystem>,
     /// Blob → unix time it was last proven to hash to its name; mirrored
-    /// in `verified.json` (rewritten atomically on every change).
+    /// in `verified.json`, rewritten atomically by [`BlobStore::flush_verified`]
+    /// (every few seconds and at shutdown), never once per change: a pass
+    /// over 100,000 copies would otherwise write the whole map 100,000
+    /// times. A crash loses at most the last few seconds of proof times,
+    /// which only means those copies count as unproven until the next pass.
     verified: Arc<Mutex<BTreeMap<BlobId, i64>>>,
+    verified_dirty: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped whenever a copy is stored, quarantined or deleted here, so a
     /// cached listing (`/metrics`) knows it is out of date.
     changes: Arc<std::sync::atomic::AtomicU64>,
@@ -170,6 +175,7 @@ impl BlobStore {
             root: root.to_path_buf(),
             objects: Arc::new(objects),
             verified: Arc::new(Mutex::new(verified)),
+            verified_dirty: Default::default(),
             changes: Default::default(),
         })
     }
@@ -209,19 +215,44 @@ impl BlobStore {
             .min()
     }
 
-    /// Records (`Some`) or forgets (`None`) the proof time of `id`.
+    /// Records (`Some`) or forgets (`None`) the proof time of `id`, in
+    /// memory; [`flush_verified`](BlobStore::flush_verified) makes it durable.
     pub fn set_verified(&self, id: &BlobId, at: Option<i64>) {
-        let snapshot = {
-            let mut m = self.verified.lock().expect("verified map lock");
-            match at {
-                Some(t) => m.insert(*id, t),
-                None => m.remove(id),
-            };
-            serde_json::to_vec(&*m).expect("a map of strings and integers serialises")
+        let mut m = self.verified.lock().expect("verified map lock");
+        match at {
+            Some(t) => m.insert(*id, t),
+            None => m.remove(id),
         };
-        if let Err(e) = self.write_atomic(VERIFIED_FILE, &snapshot) {
-            // Only freshness information is lost; the next pass rebuilds it.
-            tracing::warn!("cannot record verification times: {e}");
+        self.verified_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Writes `verified.json` if anything changed since the last write.
+    /// Blocking (it fsyncs): call it from a blocking thread.
+    pub fn flush_verified(&self) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.verified_dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // A change made after the swap either lands in this snapshot or
+        // sets the flag again for the next flush.
+        let snapshot = serde_json::to_vec(&*self.verified.lock().expect("verified map lock"))
+            .expect("a map of strings and integers serialises");
+        self.write_atomic(VERIFIED_FILE, &snapshot)
+            .inspect_err(|_| {
+                self.verified_dirty.store(true, Ordering::Release);
+            })
+    }
+
+    /// [`flush_verified`](BlobStore::flush_verified) off the async threads,
+    /// logging a failure: only freshness information is at stake, and the
+    /// next pass rebuilds it.
+    pub async fn flush_verified_logged(&self) {
+        let store = self.clone();
+        match tokio::task::spawn_blocking(move || store.flush_verified()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot record verification times: {e}"),
+            Err(e) => tracing::warn!("cannot record verification times: {e}"),
         }
     }
 
@@ -606,8 +637,22 @@ mod tests {
         let id = BlobId::of(&data);
         store.put_verified(&id, chunks(&data)).await.unwrap();
         let t = store.verified_at(&id).expect("recorded at receipt");
-        // The record survives a restart.
+        // The record survives a restart once flushed, and the flush is
+        // written only when something changed.
+        store.flush_verified().unwrap();
         assert_eq!(BlobStore::open(&root).unwrap().verified_at(&id), Some(t));
+        std::fs::remove_file(root.join(VERIFIED_FILE)).unwrap();
+        store.flush_verified().unwrap();
+        assert!(
+            !root.join(VERIFIED_FILE).exists(),
+            "nothing changed, nothing written"
+        );
+        store.set_verified(&id, Some(t + 1));
+        store.flush_verified().unwrap();
+        assert_eq!(
+            BlobStore::open(&root).unwrap().verified_at(&id),
+            Some(t + 1)
+        );
 
         // A copy truncated on disk is replaced by the verified bytes and
         // kept in quarantine, never overwritten in place.
