@@ -712,6 +712,30 @@ impl Cluster {
         .await
     }
 
+    /// Grants `amount` credits to the account `email` (the operator's CLI).
+    pub fn grant_credits(&self, email: &str, amount: i64, reason: &str) {
+        self.manager_cli(&[
+            "grant-credits",
+            "--email",
+            email,
+            "--amount",
+            &amount.to_string(),
+            "--reason",
+            reason,
+            "--by",
+            "test",
+        ]);
+    }
+
+    /// A new account `email` holding `credits` more than its sign-up
+    /// bonus; returns its API token.
+    pub fn buyer(&self, email: &str, credits: i64) -> String {
+        self.manager_cli(&["create-user", "--email", email, "--generate-password"]);
+        let token = self.manager_cli(&["create-token", "--email", email]);
+        self.grant_credits(email, credits, "test");
+        token
+    }
+
     /// Sets a movie's view price as the operator (its uploader).
     pub async fn set_price(&self, asset: &str, price: i64) {
         let (s, v) = status_json(
@@ -735,4 +759,43 @@ fn crate_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
+
+/// A small tmpfs mounted for a drill (the tests run as root); unmounted
+/// when dropped, even when the test fails.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts an empty tmpfs of `size` (`64k`, `96m`) on the folder `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a small tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Moves the folder `dir` (of a stopped process) onto a new tmpfs of
+    /// `size`: its contents are copied over, the original kept as `aside`.
+    pub fn move_onto(dir: &Path, aside: &Path, size: &str) -> Tmpfs {
+        std::fs::rename(dir, aside).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        let mount = Tmpfs::mount(dir, size);
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", aside.display()))
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success());
+        mount
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }

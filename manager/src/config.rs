@@ -28,6 +28,11 @@ pub struct Config {
     pub database_url: String,
     /// Largest upload accepted, in bytes.
     pub max_upload_bytes: u64,
+    /// Free space, MiB, kept on the data folder's disk for the database,
+    /// backups and transcoding: an upload that would cut into it is
+    /// refused with `507 insufficient_storage` (before its first byte when
+    /// its length is announced, else as soon as it reaches the reserve).
+    pub disk_reserve_mb: u64,
     /// Verified copies needed before a movie is published.
     pub min_replicas: usize,
     /// Lifetime of a playback token handed out by the redirector, seconds.
@@ -544,6 +549,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data/manager"),
             database_url: String::new(),
             max_upload_bytes: 2 * 1024 * 1024 * 1024,
+            disk_reserve_mb: 1024,
             min_replicas: 2,
             token_ttl_secs: 6 * 3600,
             master_key: Secret::default(),

@@ -126,7 +126,20 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
             worker.stopped();
             return;
         }
-        match st.db.claim_next(LEASE_SECS, &name).await {
+        // A job started on a disk with no room would fail for that alone
+        // and use up its attempts: new jobs wait while less than half the
+        // reserve is free. Transcodes may use the upper half (uploads stop
+        // at the whole reserve), since publishing is what frees sources.
+        let room = shared::runtime::disk_space(&st.cfg.staging_dir())
+            .map(|d| d.free_bytes >= st.cfg.disk_reserve_mb.saturating_mul(1 << 19))
+            .unwrap_or(true);
+        let claimed = if room {
+            st.db.claim_next(LEASE_SECS, &name).await
+        } else {
+            worker.progress("waiting for free disk space (disk_reserve_mb)".to_string());
+            Ok(None)
+        };
+        match claimed {
             Ok(Some(asset)) => {
                 worker.started();
                 worker.progress(format!("processing {}", asset.id));

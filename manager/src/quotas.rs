@@ -24,6 +24,42 @@ pub enum QuotaError {
         "this account keeps {used} bytes of {limit} allowed; delete a movie or ask the operator"
     )]
     Exceeded { used: u64, limit: u64 },
+    #[error("the site's disk is nearly full, so uploads are paused; try again later (the operator has been told)")]
+    NoSpace,
+}
+
+/// How often (bytes received) a streaming upload looks at the disk again.
+pub const SPACE_CHECK_EVERY: u64 = 4 << 20;
+
+/// `Err(NoSpace)` when writing `incoming` more bytes into `dir` would leave
+/// less than `reserve_mb` free. A disk that cannot be asked is not refused
+/// on: the write itself then says whether there is room.
+pub fn check_space(
+    dir: &std::path::Path,
+    reserve_mb: u64,
+    incoming: u64,
+) -> Result<(), QuotaError> {
+    let Ok(space) = shared::runtime::disk_space(dir) else {
+        return Ok(());
+    };
+    let reserve = reserve_mb.saturating_mul(1 << 20);
+    if space.free_bytes.saturating_sub(incoming) < reserve {
+        // Throttled: a full disk refuses every upload attempt.
+        static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let now = shared::runtime::unix_now();
+        if now - LAST.swap(now, std::sync::atomic::Ordering::Relaxed) >= 60 {
+            tracing::error!(
+                code = "insufficient_storage",
+                free = space.free_bytes,
+                reserve,
+                incoming,
+                dir = %dir.display(),
+                "uploads refused: the data disk is at its free-space reserve (disk_reserve_mb)"
+            );
+        }
+        return Err(QuotaError::NoSpace);
+    }
+    Ok(())
 }
 
 /// Uploads being received, per account.

@@ -114,17 +114,7 @@ async fn credits_purchases_and_their_attacks() {
     let op = cluster.api_token.clone();
 
     // Uploads cost 1 credit here; the operator starts with 10.
-    cluster.manager_cli(&[
-        "grant-credits",
-        "--email",
-        &cluster.operator_email,
-        "--amount",
-        "10",
-        "--reason",
-        "uploads",
-        "--by",
-        "test",
-    ]);
+    cluster.grant_credits(&cluster.operator_email, 10, "uploads");
     // Movies: one to sell, one the pipeline rejects.
     let input = cluster.dir.path().join("sale.webm");
     make_webm(&input);
@@ -508,17 +498,7 @@ async fn credits_purchases_and_their_attacks() {
         !v.to_string().contains("500"),
         "no balance in a terminal answer: {v}"
     );
-    cluster.manager_cli(&[
-        "grant-credits",
-        "--email",
-        "buyer@example.com",
-        "--amount",
-        "1000",
-        "--reason",
-        "test top-up",
-        "--by",
-        "test",
-    ]);
+    cluster.grant_credits("buyer@example.com", 1000, "test top-up");
     let b = buy_body("t-3", "n3");
     let (s, v) = send("/api/v1/terminal/buy", b.clone(), llhmac(&secret, &b)).await;
     assert_eq!((s, v["charged_now"].as_bool()), (200, Some(true)), "{v}");

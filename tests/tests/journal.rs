@@ -46,24 +46,7 @@ async fn views_played_while_the_manager_is_down_are_counted_exactly_once() {
     assert_eq!(s, 200, "{v}");
 
     // A viewer with 1000 credits.
-    cluster.manager_cli(&[
-        "create-user",
-        "--email",
-        "viewer@example.com",
-        "--generate-password",
-    ]);
-    let viewer = cluster.manager_cli(&["create-token", "--email", "viewer@example.com"]);
-    cluster.manager_cli(&[
-        "grant-credits",
-        "--email",
-        "viewer@example.com",
-        "--amount",
-        "1000",
-        "--reason",
-        "test",
-        "--by",
-        "test",
-    ]);
+    let viewer = cluster.buyer("viewer@example.com", 1000);
 
     // 20 purchases, each redirected to a node while the manager is up.
     let no_follow = reqwest::Client::builder()

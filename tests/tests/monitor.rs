@@ -128,15 +128,6 @@ impl Drop for Smtp {
     }
 }
 
-/// Unmounts a test's tmpfs even when the test fails.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 async fn wait_for<F: std::future::Future<Output = Option<String>>>(
     what: &str,
     limit: Duration,
@@ -340,23 +331,8 @@ async fn the_operator_is_told_first_and_the_status_page_tells_users() {
     // Its /healthz answers 503 and the operator is told; fixed, resolved.
     let data = cluster.manager_data.clone();
     assert!(cluster.manager.stop());
-    let aside = cluster.dir.path().join("manager-data-aside");
-    std::fs::rename(&data, &aside).unwrap();
-    std::fs::create_dir(&data).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&data)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount a small tmpfs (the tests run as root)");
-    let _mount = Mount(data.clone());
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", aside.display()))
-        .arg(&data)
-        .status()
-        .unwrap()
-        .success());
+    let _mount =
+        e2e::Tmpfs::move_onto(&data, &cluster.dir.path().join("manager-data-aside"), "64m");
     cluster.restart_manager();
     let m = cluster.manager.url.clone();
     wait_for(

@@ -8,7 +8,6 @@
 
 use std::{
     io::Write,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -251,17 +250,7 @@ async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded()
 
     // A paid view whose client reads 1 MiB, then stalls with the socket
     // open until well past the grant's window and grace.
-    cluster.manager_cli(&[
-        "grant-credits",
-        "--email",
-        "viewer@example.com",
-        "--amount",
-        "100",
-        "--reason",
-        "test",
-        "--by",
-        "test",
-    ]);
+    cluster.grant_credits("viewer@example.com", 100, "test");
     let bought = purchase(&cluster, &viewer, &asset, "stall-1").await;
     let grant = bought["grant_id"].as_str().unwrap().to_string();
     let expires = bought["expires_at"].as_i64().unwrap();
@@ -347,15 +336,6 @@ async fn slow_proxy(to: u16, delay: Duration) -> u16 {
     port
 }
 
-/// Unmounts a test's tmpfs even when the test fails.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_refunded() {
     let mut cluster = Cluster::start_with(&refund_drill_opts());
@@ -369,18 +349,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     let v = cluster.wait_terminal(&asset, LIMIT).await;
     assert_eq!(v["state"], "published", "{v}");
     cluster.set_price(&asset, 1).await;
-    let buyer = account(&cluster, "buyer@example.com");
-    cluster.manager_cli(&[
-        "grant-credits",
-        "--email",
-        "buyer@example.com",
-        "--amount",
-        "1000",
-        "--reason",
-        "test",
-        "--by",
-        "test",
-    ]);
+    let buyer = cluster.buyer("buyer@example.com", 1000);
 
     // Utah reaches the manager through a path that holds every request
     // 2 s, so its 600 events arrive in two batches far apart.
@@ -462,13 +431,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     cluster.nodes[1].proc.stop();
     std::fs::rename(&journal, cluster.nodes[1].storage.join("journal.before")).unwrap();
     std::fs::create_dir(&journal).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&journal)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount a small tmpfs (the tests run as root)");
-    let _mount = Mount(journal.clone());
+    let _mount = e2e::Tmpfs::mount(&journal, "64k");
     // One event may wait in memory for the disk; past that, paid views are
     // refused rather than served unrecorded.
     let cfg = std::fs::read_to_string(&cluster.nodes[1].config).unwrap();

@@ -38,6 +38,9 @@ pub enum NodeError {
     Busy(&'static str),
     #[error("{0}")]
     Forbidden(&'static str),
+    /// A push found no room; nothing was kept, the sender tries elsewhere.
+    #[error("this node's disk is full; nothing was stored")]
+    DiskFull,
     #[error("this node cannot record paid views right now (its disk is failing); ask for a new media URL to be sent to another mirror")]
     JournalFull,
 }
@@ -59,6 +62,7 @@ impl NodeError {
             NodeError::Busy(_) => "busy",
             NodeError::Forbidden(_) => "forbidden",
             NodeError::JournalFull => "journal_full",
+            NodeError::DiskFull => "insufficient_storage",
         }
     }
 
@@ -78,6 +82,7 @@ impl NodeError {
             NodeError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             NodeError::Forbidden(_) => StatusCode::FORBIDDEN,
             NodeError::JournalFull => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 }
@@ -89,6 +94,7 @@ impl From<crate::store::StoreError> for NodeError {
             S::HashMismatch { .. } => NodeError::HashMismatch,
             S::Body(_) => NodeError::BodyAborted,
             S::NotFound => NodeError::BlobMissing,
+            S::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => NodeError::DiskFull,
             other => NodeError::Storage(other.to_string()),
         }
     }

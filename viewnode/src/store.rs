@@ -70,6 +70,7 @@ pub struct BlobStore {
     /// which only means those copies count as unproven until the next pass.
     verified: Arc<Mutex<BTreeMap<BlobId, i64>>>,
     verified_dirty: Arc<std::sync::atomic::AtomicBool>,
+    verified_flush_failing: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped whenever a copy is stored, quarantined or deleted here, so a
     /// cached listing (`/metrics`) knows it is out of date.
     changes: Arc<std::sync::atomic::AtomicU64>,
@@ -176,6 +177,7 @@ impl BlobStore {
             objects: Arc::new(objects),
             verified: Arc::new(Mutex::new(verified)),
             verified_dirty: Default::default(),
+            verified_flush_failing: Default::default(),
             changes: Default::default(),
         })
     }
@@ -249,10 +251,23 @@ impl BlobStore {
     /// next pass rebuilds it.
     pub async fn flush_verified_logged(&self) {
         let store = self.clone();
-        match tokio::task::spawn_blocking(move || store.flush_verified()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("cannot record verification times: {e}"),
-            Err(e) => tracing::warn!("cannot record verification times: {e}"),
+        let failing = self.verified_flush_failing.clone();
+        let outcome = match tokio::task::spawn_blocking(move || store.flush_verified()).await {
+            Ok(r) => r,
+            Err(e) => Err(io::Error::other(e)),
+        };
+        // Once per run of failures: a full disk would say it every 5 s.
+        match outcome {
+            Ok(()) => {
+                if failing.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    tracing::info!("verification times are recorded again");
+                }
+            }
+            Err(e) => {
+                if !failing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    tracing::warn!("cannot record verification times (retrying): {e}");
+                }
+            }
         }
     }
 

@@ -170,6 +170,16 @@ fn clean_title(raw: &str, fallback: &str) -> Result<String, ApiError> {
     Ok(t)
 }
 
+/// A staging write that failed: a full disk is the uploader's `507`, not
+/// an internal error.
+fn write_error(e: std::io::Error) -> ApiError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        metrics::counter!("manager_uploads_total", "result" => "no_space").increment(1);
+        return crate::quotas::QuotaError::NoSpace.into();
+    }
+    ApiError::Internal(e.into())
+}
+
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     ApiError::bad_request(
         "upload_incomplete",
@@ -221,6 +231,14 @@ pub async fn upload(
     // back when this request ends, however it ends.
     let slot =
         crate::quotas::begin_upload(&*st.db, &st.cfg.quotas, &st.uploads, &caller.user).await?;
+    // The disk's reserve, before a byte is written when the length is
+    // announced (the whole form, a little more than the file).
+    let staging = st.cfg.staging_dir();
+    let announced = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    crate::quotas::check_space(&staging, st.cfg.disk_reserve_mb, announced)?;
 
     while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         match field.name().unwrap_or("") {
@@ -247,9 +265,10 @@ pub async fn upload(
                     .collect::<String>();
                 let mut out = tokio::fs::File::create(&partial)
                     .await
-                    .map_err(|e| ApiError::Internal(e.into()))?;
+                    .map_err(write_error)?;
                 guard.0 = Some(partial.clone());
                 let mut size = 0u64;
+                let mut space_checked_at = 0u64;
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
                     size += chunk.len() as u64;
                     if size > st.cfg.max_upload_bytes {
@@ -264,13 +283,22 @@ pub async fn upload(
                             .increment(1);
                         return Err(e.into());
                     }
-                    out.write_all(&chunk)
-                        .await
-                        .map_err(|e| ApiError::Internal(e.into()))?;
+                    // Without an announced length (chunked), or when the
+                    // disk fills from elsewhere, the reserve is looked at
+                    // again every few MiB.
+                    if size - space_checked_at >= crate::quotas::SPACE_CHECK_EVERY {
+                        space_checked_at = size;
+                        if let Err(e) =
+                            crate::quotas::check_space(&staging, st.cfg.disk_reserve_mb, 0)
+                        {
+                            metrics::counter!("manager_uploads_total", "result" => "no_space")
+                                .increment(1);
+                            return Err(e.into());
+                        }
+                    }
+                    out.write_all(&chunk).await.map_err(write_error)?;
                 }
-                out.sync_all()
-                    .await
-                    .map_err(|e| ApiError::Internal(e.into()))?;
+                out.sync_all().await.map_err(write_error)?;
                 received = Some((name, size));
             }
             _ => {} // unknown fields are ignored, as browsers may add some

@@ -35,6 +35,9 @@ pub enum ApiError {
     TooManyUploads(String),
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The data disk is at its reserve (`disk_reserve_mb`).
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// Too many password checks are running at once; nothing was checked.
     #[error("the site is busy; try again in a few seconds")]
     Busy,
@@ -74,8 +77,29 @@ pub enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(e.into())
+        db_error(e)
     }
+}
+
+/// A database that cannot grow (its disk full: SQLite's `SQLITE_FULL`,
+/// PostgreSQL's `53100 disk_full`) refused the write and rolled it back:
+/// the caller gets `507` and may try again, nothing was half-written.
+fn db_error(e: sqlx::Error) -> ApiError {
+    let full = match &e {
+        sqlx::Error::Database(d) => matches!(d.code().as_deref(), Some("13") | Some("53100")),
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
+        _ => false,
+    };
+    if full {
+        tracing::error!(
+            code = "insufficient_storage",
+            "the database's disk is full: {e}"
+        );
+        return ApiError::InsufficientStorage(
+            "the site's disk is full; nothing was changed, try again later (the operator has been told)".into(),
+        );
+    }
+    ApiError::Internal(e.into())
 }
 
 impl From<crate::limits::RateLimited> for ApiError {
@@ -94,7 +118,7 @@ impl From<crate::redirect::RedirectError> for ApiError {
                 code: "payment_required",
                 message: E::PaymentRequired.to_string(),
             },
-            E::Db(e) => ApiError::Internal(e.into()),
+            E::Db(e) => db_error(e),
             E::Internal(e) => ApiError::Internal(e),
         }
     }
@@ -115,7 +139,7 @@ impl From<crate::ledger::LedgerError> for ApiError {
             E::NotPublished => ApiError::NotPublished,
             E::NoMirror => ApiError::NoMirror,
             E::Damaged => ApiError::Damaged,
-            E::Db(e) => ApiError::Internal(e.into()),
+            E::Db(e) => db_error(e),
             E::Internal(e) => ApiError::Internal(e),
         }
     }
@@ -141,7 +165,7 @@ impl From<crate::avatars::LinkError> for ApiError {
                 code: "avatar_linked_elsewhere",
                 message: E::LinkedElsewhere.to_string(),
             },
-            E::Db(e) => ApiError::Internal(e.into()),
+            E::Db(e) => db_error(e),
         }
     }
 }
@@ -171,6 +195,7 @@ impl ApiError {
             ApiError::RateLimited => "rate_limited",
             ApiError::TooManyUploads(_) => "too_many_uploads",
             ApiError::QuotaExceeded(_) => "quota_exceeded",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Busy => "busy",
             ApiError::TerminalNotApproved => "terminal_not_approved",
             ApiError::Token(e) => e.code(),
@@ -196,6 +221,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } | ApiError::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NoMirror => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited | ApiError::Busy => StatusCode::TOO_MANY_REQUESTS,
@@ -230,6 +256,7 @@ impl From<crate::quotas::QuotaError> for ApiError {
     fn from(e: crate::quotas::QuotaError) -> Self {
         match e {
             crate::quotas::QuotaError::Exceeded { .. } => ApiError::QuotaExceeded(e.to_string()),
+            crate::quotas::QuotaError::NoSpace => ApiError::InsufficientStorage(e.to_string()),
             _ => ApiError::TooManyUploads(e.to_string()),
         }
     }
