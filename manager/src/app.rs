@@ -93,6 +93,7 @@ impl AppState {
             nodes: nodes.clone(),
             master: master.clone(),
             wake: Arc::new(tokio::sync::Notify::new()),
+            outbox_bytes: Default::default(),
         });
         let public_url = public_url.trim_end_matches('/').to_string();
         let minter = Arc::new(redirect::Minter {

@@ -33,6 +33,12 @@ pub struct Config {
     /// refused with `507 insufficient_storage` (before its first byte when
     /// its length is announced, else as soon as it reaches the reserve).
     pub disk_reserve_mb: u64,
+    /// MiB of sealed files the outbox may hold. Past it, files of movies
+    /// that already have `min_replicas` verified copies are removed, oldest
+    /// first (a node that still lacks one is refilled from a node that has
+    /// it), and new transcode jobs wait until it is under again: a node
+    /// that stays down cannot make the outbox grow forever.
+    pub outbox_max_mb: u64,
     /// Verified copies needed before a movie is published.
     pub min_replicas: usize,
     /// Lifetime of a playback token handed out by the redirector, seconds.
@@ -550,6 +556,7 @@ impl Default for Config {
             database_url: String::new(),
             max_upload_bytes: 2 * 1024 * 1024 * 1024,
             disk_reserve_mb: 1024,
+            outbox_max_mb: 20 * 1024,
             min_replicas: 2,
             token_ttl_secs: 6 * 3600,
             master_key: Secret::default(),
@@ -609,7 +616,16 @@ impl Config {
             fig = fig.merge(Toml::file(f));
         }
         // `MANAGER_CONFIG` names the file itself, not a field.
-        let fig = fig.merge(Env::prefixed("MANAGER_").ignore(&["config"]).split("__"));
+        Self::from_figment(fig.merge(Env::prefixed("MANAGER_").ignore(&["config"]).split("__")))
+    }
+
+    /// A configuration from TOML text alone (no file, no environment),
+    /// checked as [`Config::load`] checks it (the fuzz target feeds it).
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(fig: Figment) -> anyhow::Result<Self> {
         let mut cfg: Config = fig
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
@@ -653,6 +669,9 @@ impl Config {
                     self.min_replicas
                 ),
             ));
+        }
+        if self.outbox_max_mb == 0 {
+            return Err(field("outbox_max_mb", "must be greater than 0"));
         }
         if self.max_upload_bytes == 0 {
             return Err(field("max_upload_bytes", "must be greater than 0"));

@@ -928,6 +928,26 @@ impl Monitor {
             ),
             _ => ok("outbox", "internal", "nothing waits long"),
         });
+        // Over its bound with movies not yet on enough nodes (the pipeline
+        // trims the rest every 30 s): new jobs wait.
+        let outbox = self.cfg.outbox_dir();
+        let bytes = tokio::task::spawn_blocking(move || dir_bytes(&outbox))
+            .await
+            .unwrap_or(0);
+        if bytes > self.cfg.outbox_max_mb.saturating_mul(1 << 20) {
+            if let Some(last) = out.last_mut() {
+                *last = result(
+                    "outbox",
+                    "internal",
+                    Health::Degraded,
+                    format!(
+                        "the outbox holds {} MiB, over its {} MiB bound, of movies not yet on enough nodes; new transcodes wait",
+                        bytes >> 20,
+                        self.cfg.outbox_max_mb
+                    ),
+                );
+            }
+        }
         match self.db.journal_watermarks().await {
             Ok(marks) => {
                 for n in self.nodes.list.iter() {
@@ -1069,6 +1089,17 @@ pub async fn staging_check(dir: &Path) -> Result<(), String> {
 }
 
 /// Seconds since the oldest file in `dir` was modified.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn oldest_file_age(dir: &Path) -> Option<i64> {
     let now = std::time::SystemTime::now();
     std::fs::read_dir(dir)

@@ -44,6 +44,9 @@ use crate::{
 /// What ingest and replication work with; also the reconciler's, which
 /// repairs through [`replicate_asset`].
 pub struct Pipeline {
+    /// Bytes in the outbox at the last [`trim_outbox`] (new jobs wait while
+    /// it is past `outbox_max_mb`).
+    pub outbox_bytes: Arc<std::sync::atomic::AtomicU64>,
     pub db: catalog::SharedCatalog,
     /// Folders, transcode settings, media limits, `min_replicas`.
     pub cfg: Config,
@@ -133,11 +136,16 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
         let room = shared::runtime::disk_space(&st.cfg.staging_dir())
             .map(|d| d.free_bytes >= st.cfg.disk_reserve_mb.saturating_mul(1 << 19))
             .unwrap_or(true);
-        let claimed = if room {
-            st.db.claim_next(LEASE_SECS, &name).await
-        } else {
+        let outbox_full = st.outbox_bytes.load(std::sync::atomic::Ordering::Acquire)
+            > st.cfg.outbox_max_mb.saturating_mul(1 << 20);
+        let claimed = if !room {
             worker.progress("waiting for free disk space (disk_reserve_mb)".to_string());
             Ok(None)
+        } else if outbox_full {
+            worker.progress("waiting for the outbox to drain (outbox_max_mb)".to_string());
+            Ok(None)
+        } else {
+            st.db.claim_next(LEASE_SECS, &name).await
         };
         match claimed {
             Ok(Some(asset)) => {
@@ -169,9 +177,16 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
 /// a node that is waiting for its copy.
 async fn replication_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
     let worker = crate::workers::Worker::register("replication");
+    let mut trimmed_at = tokio::time::Instant::now() - OUTBOX_TRIM_EVERY;
     loop {
         worker.started();
         replicate_due(&st).await;
+        if trimmed_at.elapsed() >= OUTBOX_TRIM_EVERY {
+            trimmed_at = tokio::time::Instant::now();
+            if let Err(e) = trim_outbox(&st).await {
+                tracing::error!("cannot keep the outbox to its bound: {e:#}");
+            }
+        }
         worker.finished(Ok::<(), String>(()));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -399,6 +414,65 @@ async fn run_steps(
         tracing::error!("first replication round failed; retrying later: {e:#}");
     }
     Ok(())
+}
+
+/// How often the outbox is measured against `outbox_max_mb`.
+const OUTBOX_TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps the outbox within `outbox_max_mb`: past it, the oldest sealed files
+/// of movies that already have `min_replicas` verified copies go (a node
+/// still waiting for one is refilled from a node that holds it). A file of
+/// a movie short of that is never removed: it may be the only copy. Records
+/// the bytes left, which new jobs look at. Returns them.
+pub async fn trim_outbox(st: &Pipeline) -> anyhow::Result<u64> {
+    use std::sync::atomic::Ordering;
+    let dir = st.cfg.outbox_dir();
+    let mut files = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<_>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let Ok(meta) = entry.metadata() else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(blob) = name.strip_suffix(".sealed") else {
+                continue;
+            };
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            out.push((modified, blob.to_string(), meta.len(), entry.path()));
+        }
+        Ok(out)
+    })
+    .await??;
+    let max = st.cfg.outbox_max_mb.saturating_mul(1 << 20);
+    let mut total: u64 = files.iter().map(|f| f.2).sum();
+    if total > max {
+        let copies = st.db.verified_copies_by_blob().await?;
+        files.sort();
+        let mut removed = 0;
+        for (_, blob, len, path) in &files {
+            if total <= max {
+                break;
+            }
+            let held = copies.get(blob).copied().unwrap_or(0);
+            if held >= st.cfg.min_replicas as i64 && tokio::fs::remove_file(path).await.is_ok() {
+                total -= len;
+                removed += 1;
+                tracing::info!(%blob, copies = held, "outbox over its bound: removed a sealed file its nodes already hold");
+            }
+        }
+        if removed > 0 {
+            fsync_dir(&st.cfg.outbox_dir())?;
+        }
+        if total > max {
+            tracing::warn!(
+                bytes = total,
+                max,
+                "the outbox is over outbox_max_mb with movies not yet on enough nodes; new jobs wait"
+            );
+        }
+    }
+    st.outbox_bytes.store(total, Ordering::Release);
+    metrics::gauge!("manager_outbox_bytes").set(total as f64);
+    Ok(total)
 }
 
 /// A crash between moving a sealed blob into the outbox and recording it
@@ -699,6 +773,77 @@ mod tests {
             "nobody else takes a job whose lease is kept"
         );
         drop(keeper);
+    }
+
+    #[tokio::test]
+    async fn the_outbox_keeps_to_its_bound_without_losing_an_only_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml(&format!(
+            "data_dir = \"{}\"\nmaster_key = \"{}\"\ntoken_signing_key = \"{}\"\n\
+             min_replicas = 1\noutbox_max_mb = 1\n\
+             [[nodes]]\nname = \"utah\"\nurl = \"http://127.0.0.1:9\"\nlat = 0.0\nlon = 0.0\nsecret = \"{}\"\n\
+             [[nodes]]\nname = \"toronto\"\nurl = \"http://127.0.0.1:9\"\nlat = 1.0\nlon = 1.0\nsecret = \"{}\"\n",
+            dir.path().display(),
+            "11".repeat(32),
+            "22".repeat(32),
+            "33".repeat(16),
+            "44".repeat(16),
+        ))
+        .unwrap();
+        let db: catalog::SharedCatalog = Arc::new(
+            catalog::sqlite::SqliteCatalog::open(&cfg.database_url)
+                .await
+                .unwrap(),
+        );
+        std::fs::create_dir_all(cfg.outbox_dir()).unwrap();
+        let st = Pipeline {
+            outbox_bytes: Default::default(),
+            db: db.clone(),
+            nodes: crate::nodes::Nodes::new(&cfg.nodes, "").unwrap(),
+            master: Arc::new(shared::MasterKey::new(1, [1; 32])),
+            wake: Default::default(),
+            cfg,
+        };
+        let owner = db
+            .create_account("o@x", "h", crate::domain::Role::Uploader, 0)
+            .await
+            .unwrap();
+        let nodes = ["utah".to_string(), "toronto".to_string()];
+        // Three sealed movies of 600 KiB each, oldest first: the first on
+        // one node (enough), the others on none (toronto and utah down).
+        let mut blobs = Vec::new();
+        for (i, copies) in [1, 0, 0].into_iter().enumerate() {
+            let id = format!("a{i}");
+            let blob = BlobId::of(id.as_bytes());
+            db.insert_asset(&id, owner, "T", "t.mp4", 1).await.unwrap();
+            db.record_sealed(&id, &blob.to_string(), 600 << 10, 1, b"k", &nodes)
+                .await
+                .unwrap();
+            if copies == 1 {
+                db.replica_verified(&id, "utah").await.unwrap();
+            }
+            let path = outbox_path(&st, &blob);
+            std::fs::write(&path, vec![0u8; 600 << 10]).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000 + i as u64))
+                .unwrap();
+            blobs.push(blob);
+        }
+        // 1,800 KiB against 1,024: the one movie its node holds goes; the
+        // two only copies stay, and new jobs wait.
+        let left = trim_outbox(&st).await.unwrap();
+        assert!(!outbox_path(&st, &blobs[0]).exists());
+        assert!(outbox_path(&st, &blobs[1]).exists() && outbox_path(&st, &blobs[2]).exists());
+        assert_eq!(left, 1200 << 10);
+        assert_eq!(
+            st.outbox_bytes.load(std::sync::atomic::Ordering::Acquire),
+            1200 << 10
+        );
+        // A node takes the oldest: it can go, and the outbox is within bound.
+        db.replica_verified("a1", "toronto").await.unwrap();
+        assert_eq!(trim_outbox(&st).await.unwrap(), 600 << 10);
+        assert!(!outbox_path(&st, &blobs[1]).exists());
+        assert!(outbox_path(&st, &blobs[2]).exists());
     }
 
     #[test]

@@ -140,9 +140,18 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
+        // `VIEWNODE_CONFIG` names the file itself, not a field.
+        Self::from_figment(fig.merge(Env::prefixed("VIEWNODE_").ignore(&["config"])))
+    }
+
+    /// A configuration from TOML text alone (no file, no environment),
+    /// checked as [`Config::load`] checks it (the fuzz target feeds it).
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(fig: Figment) -> anyhow::Result<Self> {
         let cfg: Config = fig
-            // `VIEWNODE_CONFIG` names the file itself, not a field.
-            .merge(Env::prefixed("VIEWNODE_").ignore(&["config"]))
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         cfg.validate()?;

@@ -21,7 +21,7 @@ mod config;
 mod error;
 mod internal;
 mod journal;
-mod play;
+pub mod play;
 mod playcache;
 mod prices;
 mod scrub;

@@ -19,13 +19,14 @@ use crate::{error::NodeError, SharedState};
 
 /// What the `Range`/`If-Range` headers ask for, resolved against the length.
 #[derive(Debug, PartialEq, Eq)]
-enum Want {
+pub enum Want {
     Full,
     Partial(u64, u64), // [start, end)
     Unsatisfiable,
 }
 
-fn resolve_range(headers: &HeaderMap, etag: &str, len: u64) -> Want {
+/// Public for the fuzz target (`fuzz/fuzz_targets/range_header.rs`).
+pub fn resolve_range(headers: &HeaderMap, etag: &str, len: u64) -> Want {
     let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Want::Full;
     };
@@ -53,7 +54,8 @@ fn resolve_range(headers: &HeaderMap, etag: &str, len: u64) -> Want {
     };
     match (r.start, r.end) {
         (StartPosition::FromLast(n), _) if n >= len && len > 0 => Want::Partial(0, len),
-        (StartPosition::FromLast(n), _) if n > 0 => Want::Partial(len - n, len),
+        // (`n < len` also keeps an empty file from underflowing.)
+        (StartPosition::FromLast(n), _) if n > 0 && n < len => Want::Partial(len - n, len),
         (StartPosition::FromLast(_), _) => Want::Unsatisfiable,
         (StartPosition::Index(a), EndPosition::Index(b)) if b < a => Want::Full,
         (StartPosition::Index(a), _) if a >= len => Want::Unsatisfiable,
@@ -269,6 +271,11 @@ mod tests {
         }
         assert_eq!(
             resolve_range(&hdrs(&[(header::RANGE, "bytes=0-")]), e, 0),
+            Want::Unsatisfiable
+        );
+        // A suffix of an empty file (it underflowed once).
+        assert_eq!(
+            resolve_range(&hdrs(&[(header::RANGE, "bytes=-5")]), e, 0),
             Want::Unsatisfiable
         );
         assert_eq!(

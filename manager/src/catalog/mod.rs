@@ -711,6 +711,10 @@ pub trait Catalog: Send + Sync + 'static {
     /// Every blob name any asset refers to (whatever its state).
     async fn referenced_blobs(&self) -> sqlx::Result<std::collections::HashSet<String>>;
 
+    /// Verified copies on the nodes of every blob an asset refers to.
+    async fn verified_copies_by_blob(&self)
+        -> sqlx::Result<std::collections::HashMap<String, i64>>;
+
     /// Replicas of the assets in [`mirrored_assets`].
     async fn mirrored_replicas(&self) -> sqlx::Result<Vec<Replica>>;
 

@@ -866,6 +866,19 @@ impl Catalog for SqliteCatalog {
         Ok(rows.into_iter().map(|(b,)| b).collect())
     }
 
+    async fn verified_copies_by_blob(
+        &self,
+    ) -> sqlx::Result<std::collections::HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT a.blob_id, COUNT(r.node) FROM assets a
+             LEFT JOIN replicas r ON r.asset_id = a.id AND r.state = 'verified'
+             WHERE a.blob_id IS NOT NULL GROUP BY a.blob_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     async fn mirrored_replicas(&self) -> sqlx::Result<Vec<Replica>> {
         let db = &self.pool;
         sqlx::query_as(
