@@ -34,7 +34,7 @@ pub struct Config {
     /// its length is announced, else as soon as it reaches the reserve).
     pub disk_reserve_mb: u64,
     /// MiB of sealed files the outbox may hold. Past it, files of movies
-    /// that already have `min_replicas` verified copies are removed, oldest
+    /// that already have `min_replicas` (and two) verified copies go, oldest
     /// first (a node that still lacks one is refilled from a node that has
     /// it), and new transcode jobs wait until it is under again: a node
     /// that stays down cannot make the outbox grow forever.

@@ -1088,11 +1088,12 @@ pub async fn staging_check(dir: &Path) -> Result<(), String> {
     r.and(removed)
 }
 
-/// Seconds since the oldest file in `dir` was modified.
+/// Bytes of the sealed files in the outbox (what `trim_outbox` counts).
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".sealed"))
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.len())
                 .sum()
@@ -1100,6 +1101,7 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds since the oldest file in `dir` was modified.
 fn oldest_file_age(dir: &Path) -> Option<i64> {
     let now = std::time::SystemTime::now();
     std::fs::read_dir(dir)

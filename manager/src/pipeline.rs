@@ -420,9 +420,9 @@ async fn run_steps(
 const OUTBOX_TRIM_EVERY: Duration = Duration::from_secs(30);
 
 /// Keeps the outbox within `outbox_max_mb`: past it, the oldest sealed files
-/// of movies that already have `min_replicas` verified copies go (a node
-/// still waiting for one is refilled from a node that holds it). A file of
-/// a movie short of that is never removed: it may be the only copy. Records
+/// of movies that already have `min_replicas` verified copies, and at least
+/// two, go (a node still waiting for one is refilled from a node that holds
+/// it). A file of a movie short of that is never removed. Records
 /// the bytes left, which new jobs look at. Returns them.
 pub async fn trim_outbox(st: &Pipeline) -> anyhow::Result<u64> {
     use std::sync::atomic::Ordering;
@@ -452,8 +452,11 @@ pub async fn trim_outbox(st: &Pipeline) -> anyhow::Result<u64> {
             if total <= max {
                 break;
             }
+            // At least two copies besides this one, whatever min_replicas
+            // says: with one, this file would leave a single copy.
             let held = copies.get(blob).copied().unwrap_or(0);
-            if held >= st.cfg.min_replicas as i64 && tokio::fs::remove_file(path).await.is_ok() {
+            let needed = st.cfg.min_replicas.max(2) as i64;
+            if held >= needed && tokio::fs::remove_file(path).await.is_ok() {
                 total -= len;
                 removed += 1;
                 tracing::info!(%blob, copies = held, "outbox over its bound: removed a sealed file its nodes already hold");
@@ -810,17 +813,17 @@ mod tests {
             .unwrap();
         let nodes = ["utah".to_string(), "toronto".to_string()];
         // Three sealed movies of 600 KiB each, oldest first: the first on
-        // one node (enough), the others on none (toronto and utah down).
+        // both nodes, the others on none (both nodes were down).
         let mut blobs = Vec::new();
-        for (i, copies) in [1, 0, 0].into_iter().enumerate() {
+        for (i, copies) in [2, 0, 0].into_iter().enumerate() {
             let id = format!("a{i}");
             let blob = BlobId::of(id.as_bytes());
             db.insert_asset(&id, owner, "T", "t.mp4", 1).await.unwrap();
             db.record_sealed(&id, &blob.to_string(), 600 << 10, 1, b"k", &nodes)
                 .await
                 .unwrap();
-            if copies == 1 {
-                db.replica_verified(&id, "utah").await.unwrap();
+            for node in &nodes[..copies] {
+                db.replica_verified(&id, node).await.unwrap();
             }
             let path = outbox_path(&st, &blob);
             std::fs::write(&path, vec![0u8; 600 << 10]).unwrap();
@@ -829,8 +832,8 @@ mod tests {
                 .unwrap();
             blobs.push(blob);
         }
-        // 1,800 KiB against 1,024: the one movie its node holds goes; the
-        // two only copies stay, and new jobs wait.
+        // 1,800 KiB against 1,024: the movie both nodes hold goes; the two
+        // only copies stay, and new jobs wait.
         let left = trim_outbox(&st).await.unwrap();
         assert!(!outbox_path(&st, &blobs[0]).exists());
         assert!(outbox_path(&st, &blobs[1]).exists() && outbox_path(&st, &blobs[2]).exists());
@@ -839,8 +842,11 @@ mod tests {
             st.outbox_bytes.load(std::sync::atomic::Ordering::Acquire),
             1200 << 10
         );
-        // A node takes the oldest: it can go, and the outbox is within bound.
+        // One node takes the oldest: min_replicas is met, but that node's
+        // copy would be the only one. The second takes it: it can go.
         db.replica_verified("a1", "toronto").await.unwrap();
+        assert_eq!(trim_outbox(&st).await.unwrap(), 1200 << 10);
+        db.replica_verified("a1", "utah").await.unwrap();
         assert_eq!(trim_outbox(&st).await.unwrap(), 600 << 10);
         assert!(!outbox_path(&st, &blobs[1]).exists());
         assert!(outbox_path(&st, &blobs[2]).exists());

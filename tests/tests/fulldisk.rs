@@ -171,10 +171,6 @@ async fn a_full_manager_disk_refuses_uploads_with_507_and_loses_nothing() {
         "manager_uploads_total{result=\"no_space\"}",
     );
     assert!(after > before, "the chunked upload was refused for space");
-    assert!(
-        free_bytes(&data) >= reserve - (4 << 20),
-        "the reserve was kept, within one check's worth"
-    );
     assert!(leftovers(&staging).is_empty(), "{:?}", leftovers(&staging));
 
     // Buying and playing go on at the reserve.
@@ -220,6 +216,10 @@ async fn a_full_manager_disk_refuses_uploads_with_507_and_loses_nothing() {
     let (s, v) = announce_upload(&cluster, 1 << 20).await;
     assert_eq!(s, 507, "{v}");
     eprintln!("on a full disk: purchases {refused:?} of 0..5 refused with 507");
+    assert!(
+        !refused.is_empty(),
+        "a database with no room left took five purchases"
+    );
 
     // Space again: everything resumes, the books exact.
     std::fs::remove_file(&filler2).unwrap();

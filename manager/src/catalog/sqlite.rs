@@ -870,7 +870,7 @@ impl Catalog for SqliteCatalog {
         &self,
     ) -> sqlx::Result<std::collections::HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT a.blob_id, COUNT(r.node) FROM assets a
+            "SELECT a.blob_id, COUNT(DISTINCT r.node) FROM assets a
              LEFT JOIN replicas r ON r.asset_id = a.id AND r.state = 'verified'
              WHERE a.blob_id IS NOT NULL GROUP BY a.blob_id",
         )
