@@ -501,6 +501,17 @@ impl Cluster {
         Ok((status, resp.json().await?))
     }
 
+    /// Uploads `file` as the operator and waits (up to `limit`) for the
+    /// movie to publish; returns its id.
+    pub async fn publish(&self, file: &Path, title: &str, limit: Duration) -> String {
+        let (s, v) = self.upload(file, title).await.unwrap();
+        assert_eq!(s, 202, "{v}");
+        let asset = v["asset_id"].as_str().unwrap().to_string();
+        let v = self.wait_terminal(&asset, limit).await;
+        assert_eq!(v["state"], "published", "{v}");
+        asset
+    }
+
     /// The asset's status, as its owner sees it.
     pub async fn asset(&self, asset_id: &str) -> serde_json::Value {
         self.client()

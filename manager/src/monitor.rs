@@ -911,12 +911,24 @@ impl Monitor {
                 format!("cannot count jobs: {e}"),
             )),
         }
+        // One look at the folder: how long its oldest file has waited, and
+        // how much it holds against `outbox_max_mb` (past it with movies not
+        // yet on enough nodes, which the pipeline cannot trim, new jobs wait).
         let outbox = self.cfg.outbox_dir();
-        let oldest = tokio::task::spawn_blocking(move || oldest_file_age(&outbox))
+        let (oldest, bytes) = tokio::task::spawn_blocking(move || outbox_contents(&outbox))
             .await
-            .ok()
-            .flatten();
+            .unwrap_or((None, 0));
         out.push(match oldest {
+            _ if bytes > self.cfg.outbox_max_mb.saturating_mul(1 << 20) => result(
+                "outbox",
+                "internal",
+                Health::Degraded,
+                format!(
+                    "the outbox holds {} MiB, over its {} MiB bound, of movies not yet on enough nodes; new transcodes wait",
+                    bytes >> 20,
+                    self.cfg.outbox_max_mb
+                ),
+            ),
             Some(age) if age > m.max_outbox_age_secs as i64 => result(
                 "outbox",
                 "internal",
@@ -928,26 +940,6 @@ impl Monitor {
             ),
             _ => ok("outbox", "internal", "nothing waits long"),
         });
-        // Over its bound with movies not yet on enough nodes (the pipeline
-        // trims the rest every 30 s): new jobs wait.
-        let outbox = self.cfg.outbox_dir();
-        let bytes = tokio::task::spawn_blocking(move || dir_bytes(&outbox))
-            .await
-            .unwrap_or(0);
-        if bytes > self.cfg.outbox_max_mb.saturating_mul(1 << 20) {
-            if let Some(last) = out.last_mut() {
-                *last = result(
-                    "outbox",
-                    "internal",
-                    Health::Degraded,
-                    format!(
-                        "the outbox holds {} MiB, over its {} MiB bound, of movies not yet on enough nodes; new transcodes wait",
-                        bytes >> 20,
-                        self.cfg.outbox_max_mb
-                    ),
-                );
-            }
-        }
         match self.db.journal_watermarks().await {
             Ok(marks) => {
                 for n in self.nodes.list.iter() {
@@ -1088,29 +1080,28 @@ pub async fn staging_check(dir: &Path) -> Result<(), String> {
     r.and(removed)
 }
 
-/// Bytes of the sealed files in the outbox (what `trim_outbox` counts).
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".sealed"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// Seconds since the oldest file in `dir` was modified.
-fn oldest_file_age(dir: &Path) -> Option<i64> {
+/// Seconds since the oldest file in `dir` was modified, and the bytes of
+/// its sealed files (what `pipeline::trim_outbox` counts).
+fn outbox_contents(dir: &Path) -> (Option<i64>, u64) {
     let now = std::time::SystemTime::now();
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.metadata().ok()?.modified().ok())
-        .filter_map(|m| now.duration_since(m).ok())
-        .map(|d| d.as_secs() as i64)
-        .max()
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (None, 0);
+    };
+    let (mut oldest, mut bytes) = (None, 0u64);
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        if let Some(age) = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+        {
+            oldest = oldest.max(Some(age.as_secs() as i64));
+        }
+        if e.file_name().to_string_lossy().ends_with(".sealed") {
+            bytes += meta.len();
+        }
+    }
+    (oldest, bytes)
 }
 
 #[cfg(test)]

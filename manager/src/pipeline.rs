@@ -46,7 +46,7 @@ use crate::{
 pub struct Pipeline {
     /// Bytes in the outbox at the last [`trim_outbox`] (new jobs wait while
     /// it is past `outbox_max_mb`).
-    pub outbox_bytes: Arc<std::sync::atomic::AtomicU64>,
+    pub outbox_bytes: std::sync::atomic::AtomicU64,
     pub db: catalog::SharedCatalog,
     /// Folders, transcode settings, media limits, `min_replicas`.
     pub cfg: Config,

@@ -117,11 +117,7 @@ async fn a_full_manager_disk_refuses_uploads_with_507_and_loses_nothing() {
     let mut cluster = Cluster::start_with(&o);
     let input = cluster.dir.path().join("in.webm");
     make_webm(&input);
-    let (s, v) = cluster.upload(&input, "Paid").await.unwrap();
-    assert_eq!(s, 202, "{v}");
-    let asset = v["asset_id"].as_str().unwrap().to_string();
-    let v = cluster.wait_terminal(&asset, LIMIT).await;
-    assert_eq!(v["state"], "published", "{v}");
+    let asset = cluster.publish(&input, "Paid", LIMIT).await;
     cluster.set_price(&asset, 1).await;
     let buyer = cluster.buyer("buyer@example.com", 100);
 
@@ -247,11 +243,7 @@ async fn a_full_manager_disk_refuses_uploads_with_507_and_loses_nothing() {
     let (_, acct) = cluster.get_as(&buyer, "/api/v1/account").await;
     assert_eq!(acct["balance"].as_i64(), Some(start - charged), "{acct}");
     assert_eq!(ledger_sum(&acct), start - charged, "{acct}");
-    let (s, v) = cluster.upload(&input, "After").await.unwrap();
-    assert_eq!(s, 202, "{v}");
-    let after_id = v["asset_id"].as_str().unwrap().to_string();
-    let v = cluster.wait_terminal(&after_id, LIMIT).await;
-    assert_eq!(v["state"], "published", "{v}");
+    cluster.publish(&input, "After", LIMIT).await;
     assert!(leftovers(&staging).is_empty(), "{:?}", leftovers(&staging));
     let log = cluster.manager.log_text();
     assert!(log.contains("insufficient_storage"), "logged with its code");

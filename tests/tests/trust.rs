@@ -37,6 +37,17 @@ async fn purchase(cluster: &Cluster, token: &str, asset: &str, request: &str) ->
     v
 }
 
+/// The first KiB of `url`, as a player's first request asks for it (no
+/// redirects followed).
+async fn first_kib(url: &str) -> reqwest::Response {
+    no_redirects()
+        .get(url)
+        .header("range", "bytes=0-1023")
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The node URL a manager media URL `{m}/media/{token}/{asset}.mp4` leads
 /// to on node `url`, built without asking the manager (it may be down).
 fn node_url(node: &str, media_url: &str) -> String {
@@ -191,11 +202,7 @@ async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded()
     let cluster = Cluster::start_with(&refund_drill_opts());
     let input = cluster.dir.path().join("big.mp4");
     make_big_mp4(&input);
-    let (s, v) = cluster.upload(&input, "Noise").await.unwrap();
-    assert_eq!(s, 202, "{v}");
-    let asset = v["asset_id"].as_str().unwrap().to_string();
-    let v = cluster.wait_terminal(&asset, LIMIT).await;
-    assert_eq!(v["state"], "published", "{v}");
+    let asset = cluster.publish(&input, "Noise", LIMIT).await;
     let viewer = account(&cluster, "viewer@example.com");
 
     // Free: a viewer's media URL plays, at the manager and at the node.
@@ -204,17 +211,7 @@ async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded()
         .unwrap()
         .to_string();
     let at_node = cluster.redirect_location(&free_url).await;
-    let range = |url: String| {
-        let c = no_redirects();
-        async move {
-            c.get(url)
-                .header("range", "bytes=0-1023")
-                .send()
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(range(at_node.clone()).await.status(), 206);
+    assert_eq!(first_kib(&at_node).await.status(), 206);
 
     // The owner sets a price: the old free URL is refused by the manager
     // at once, for GET and HEAD, and by the node within its poll.
@@ -226,7 +223,7 @@ async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded()
     assert_eq!(r.status(), 402);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = range(at_node.clone()).await;
+        let r = first_kib(&at_node).await;
         if r.status() == 402 {
             let (_, v) = json(r).await;
             assert_eq!(code(&v), Some("payment_required"), "{v}");
@@ -246,7 +243,7 @@ async fn a_price_stops_old_free_urls_and_a_stalled_paid_view_is_never_refunded()
         .unwrap()
         .to_string();
     let own_node = cluster.redirect_location(&own).await;
-    assert_eq!(range(own_node).await.status(), 206);
+    assert_eq!(first_kib(&own_node).await.status(), 206);
 
     // A paid view whose client reads 1 MiB, then stalls with the socket
     // open until well past the grant's window and grace.
@@ -343,11 +340,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     let manager_port = reqwest::Url::parse(&m).unwrap().port().unwrap();
     let input = cluster.dir.path().join("in.webm");
     make_webm(&input);
-    let (s, v) = cluster.upload(&input, "Paid").await.unwrap();
-    assert_eq!(s, 202, "{v}");
-    let asset = v["asset_id"].as_str().unwrap().to_string();
-    let v = cluster.wait_terminal(&asset, LIMIT).await;
-    assert_eq!(v["state"], "published", "{v}");
+    let asset = cluster.publish(&input, "Paid", LIMIT).await;
     cluster.set_price(&asset, 1).await;
     let buyer = cluster.buyer("buyer@example.com", 1000);
 
@@ -378,12 +371,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     assert!(cluster.manager.stop());
     let c = no_redirects();
     for u in &urls {
-        let r = c
-            .get(u)
-            .header("range", "bytes=0-1023")
-            .send()
-            .await
-            .unwrap();
+        let r = first_kib(u).await;
         assert_eq!(r.status(), 206);
         r.bytes().await.unwrap();
     }
@@ -451,12 +439,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     let p = purchase(&cluster, &buyer, &asset, "full-disk").await;
     let grant = p["grant_id"].as_str().unwrap().to_string();
     let expires = p["expires_at"].as_i64().unwrap();
-    let r = c
-        .get(node_url(&toronto, p["media_url"].as_str().unwrap()))
-        .header("range", "bytes=0-1023")
-        .send()
-        .await
-        .unwrap();
+    let r = first_kib(&node_url(&toronto, p["media_url"].as_str().unwrap())).await;
     assert_eq!(r.status(), 206);
     r.bytes().await.unwrap();
     // The journal holds its one event in memory: the next paid view is
@@ -464,12 +447,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     // viewers elsewhere.
     let refused = purchase(&cluster, &buyer, &asset, "full-disk-refused").await;
     let refused_url = node_url(&toronto, refused["media_url"].as_str().unwrap());
-    let r = c
-        .get(&refused_url)
-        .header("range", "bytes=0-1023")
-        .send()
-        .await
-        .unwrap();
+    let r = first_kib(&refused_url).await;
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "journal_full", "{body}");
@@ -508,12 +486,7 @@ async fn views_journalled_while_the_manager_is_down_or_on_a_full_disk_are_never_
     // And paid views play there again (a new one: the refused grant has
     // expired meanwhile).
     let again = purchase(&cluster, &buyer, &asset, "full-disk-freed").await;
-    let r = c
-        .get(node_url(&toronto, again["media_url"].as_str().unwrap()))
-        .header("range", "bytes=0-1023")
-        .send()
-        .await
-        .unwrap();
+    let r = first_kib(&node_url(&toronto, again["media_url"].as_str().unwrap())).await;
     assert_eq!(r.status(), 206);
     r.bytes().await.unwrap();
     assert!(

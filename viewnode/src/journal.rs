@@ -133,7 +133,8 @@ pub struct Journal {
     /// Events held in memory, not yet on disk, past which new paid views
     /// are refused ([`Journal::accepts_new_views`]).
     max_unwritten: u64,
-    /// Whether new paid views are being refused (for the log and health).
+    /// Whether the last paid view asking was refused (so the log says when
+    /// refusing starts and ends, once each).
     refusing: AtomicBool,
 }
 
@@ -250,7 +251,7 @@ impl Journal {
     /// than served unrecorded (a served view the manager never hears of is
     /// a view it would refund). Responses already open go on.
     pub fn accepts_new_views(&self) -> bool {
-        let ok = self.unwritten() < self.max_unwritten;
+        let ok = !self.refusing_views();
         let was_refusing = self.refusing.swap(!ok, Ordering::AcqRel);
         if !ok && !was_refusing {
             tracing::error!(

@@ -170,12 +170,17 @@ fn clean_title(raw: &str, fallback: &str) -> Result<String, ApiError> {
     Ok(t)
 }
 
+/// An upload refused for disk space, counted once whichever check found it.
+fn no_space(e: crate::quotas::QuotaError) -> ApiError {
+    metrics::counter!("manager_uploads_total", "result" => "no_space").increment(1);
+    e.into()
+}
+
 /// A staging write that failed: a full disk is the uploader's `507`, not
 /// an internal error.
 fn write_error(e: std::io::Error) -> ApiError {
     if e.kind() == std::io::ErrorKind::StorageFull {
-        metrics::counter!("manager_uploads_total", "result" => "no_space").increment(1);
-        return crate::quotas::QuotaError::NoSpace.into();
+        return no_space(crate::quotas::QuotaError::NoSpace);
     }
     ApiError::Internal(e.into())
 }
@@ -238,7 +243,7 @@ pub async fn upload(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    crate::quotas::check_space(&staging, st.cfg.disk_reserve_mb, announced)?;
+    crate::quotas::check_space(&staging, st.cfg.disk_reserve_mb, announced).map_err(no_space)?;
 
     while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         match field.name().unwrap_or("") {
@@ -288,13 +293,8 @@ pub async fn upload(
                     // again every few MiB.
                     if size - space_checked_at >= crate::quotas::SPACE_CHECK_EVERY {
                         space_checked_at = size;
-                        if let Err(e) =
-                            crate::quotas::check_space(&staging, st.cfg.disk_reserve_mb, 0)
-                        {
-                            metrics::counter!("manager_uploads_total", "result" => "no_space")
-                                .increment(1);
-                            return Err(e.into());
-                        }
+                        crate::quotas::check_space(&staging, st.cfg.disk_reserve_mb, 0)
+                            .map_err(no_space)?;
                     }
                     out.write_all(&chunk).await.map_err(write_error)?;
                 }
