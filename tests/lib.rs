@@ -679,6 +679,53 @@ pub fn no_redirects() -> reqwest::Client {
 }
 
 /// The sum of a Prometheus metric's samples (every label set).
+/// The `name=value` part of the cookie `name` that `r` sets.
+pub fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find(|kv| kv.starts_with(&format!("{name}=")))
+        .map(str::to_string)
+}
+
+/// What a browser holds after opening a login or sign-up `page`: the CSRF
+/// cookie (`slm_login_csrf=…`) and the token the form posts with it.
+pub async fn login_csrf(base: &str, page: &str) -> (String, String) {
+    let r = no_redirects()
+        .get(format!("{base}{page}"))
+        .send()
+        .await
+        .expect("the form page");
+    let cookie = set_cookie(&r, "slm_login_csrf").expect("csrf cookie");
+    let token = cookie.split_once('=').unwrap().1.to_string();
+    (cookie, token)
+}
+
+/// Posts the login (or sign-up) form at `page` as a browser would; the
+/// answer's status and the session cookie (`slm_session=…`) if one is set.
+pub async fn form_login(
+    base: &str,
+    page: &str,
+    email: &str,
+    password: &str,
+) -> (u16, Option<String>) {
+    let (cookie, csrf) = login_csrf(base, page).await;
+    let r = no_redirects()
+        .post(format!("{base}{page}"))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("email", email),
+            ("password", password),
+        ])
+        .send()
+        .await
+        .expect("the form post");
+    (r.status().as_u16(), set_cookie(&r, "slm_session"))
+}
+
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))

@@ -604,6 +604,16 @@ pub async fn run(
 
 const MAX_EVENTS_PER_BATCH: usize = 1000;
 
+/// How long a view event's record is kept (by its last byte's time). Its
+/// bytes go into the grant's totals (`play_grants`) when it arrives; the
+/// record only recognises the same event resent (a node that lost its
+/// delivery cursor sends its journal again), so it is deleted after this
+/// (`prune_view_events`, daily) and events older than this are ignored on
+/// arrival. A node's journal normally reaches the manager within seconds,
+/// within days after an outage; half a year leaves a wide margin while the
+/// table stops growing with every view ever served.
+pub const VIEW_EVENT_KEEP_SECS: i64 = 183 * 86_400;
+
 /// A node's journal delivery (`POST /internal/v1/nodes/{name}/journal`,
 /// signed by it; the HTTP layer checks the signature). Applies each event
 /// exactly once (`(node, id)` is unique) and records the node's watermark,
@@ -645,9 +655,20 @@ pub async fn record_journal(
     // never past our own now.
     let ahead = (batch.now - now).max(0);
     let watermark = (batch.watermark - ahead).min(now).max(0);
-    let done = db
-        .apply_journal(&name, &batch.events, watermark, now)
-        .await?;
+    // Too old to tell from a resend: its record may be gone (retention),
+    // and counting it again would add its bytes twice.
+    let sent = batch.events.len() as u64;
+    let (events, too_old): (Vec<_>, Vec<_>) = batch
+        .events
+        .into_iter()
+        .partition(|e| e.last_at >= now - VIEW_EVENT_KEEP_SECS);
+    if !too_old.is_empty() {
+        metrics::counter!("manager_view_events_too_old_total", "node" => name.clone())
+            .increment(too_old.len() as u64);
+        tracing::warn!(node = %name, count = too_old.len(),
+            "view events older than the retention period ignored");
+    }
+    let done = db.apply_journal(&name, &events, watermark, now).await?;
     for (grant, bytes) in &done.after_refund {
         // A view we refunded was served after all: the refund rule failed
         // somewhere. Kept apart by the books, and raised for the operator.
@@ -666,7 +687,7 @@ pub async fn record_journal(
     Ok(shared::protocol::JournalReceipt {
         node: name,
         applied: done.applied,
-        duplicates: batch.events.len() as u64 - done.applied,
+        duplicates: sent - done.applied,
     })
 }
 
@@ -729,6 +750,32 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn view_events_older_than_their_retention_are_not_counted() {
+        let (_dir, db) = fresh().await;
+        let now = catalog::now();
+        let event = |id: &str, at: i64| shared::protocol::JournalEvent {
+            id: id.into(),
+            grant: None,
+            asset: "a".into(),
+            bytes: 10,
+            first_at: at,
+            last_at: at,
+        };
+        let batch = shared::protocol::JournalBatch {
+            events: vec![
+                event("fresh", now - 60),
+                event("ancient", now - VIEW_EVENT_KEEP_SECS - 60),
+            ],
+            ..Default::default()
+        };
+        let body = serde_json::to_vec(&batch).unwrap();
+        let r = record_journal(&*db, "utah".into(), &body).await.unwrap();
+        assert_eq!((r.applied, r.duplicates), (1, 1));
+        let r = record_journal(&*db, "utah".into(), &body).await.unwrap();
+        assert_eq!((r.applied, r.duplicates), (0, 2));
     }
 
     #[tokio::test]

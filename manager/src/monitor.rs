@@ -253,7 +253,14 @@ impl Monitor {
         }
         if at - mem.pruned_at > 86_400 {
             let keep = self.cfg.monitor.keep_days as i64 * 86_400;
-            if self.db.prune_monitor(at - keep).await.is_ok() {
+            let views = self
+                .db
+                .prune_view_events(at - crate::ledger::VIEW_EVENT_KEEP_SECS)
+                .await;
+            if let Ok(n @ 1..) = views {
+                tracing::info!(count = n, "view events past their retention deleted");
+            }
+            if self.db.prune_monitor(at - keep).await.is_ok() && views.is_ok() {
                 mem.pruned_at = at;
             }
         }

@@ -63,6 +63,10 @@ pub async fn run(st: pipeline::Ctx, mut stop: watch::Receiver<bool>) {
 
 /// One comparison of every node with the catalog.
 pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyhow::Result<()> {
+    let began = std::time::Instant::now();
+    // Where a pass spends its time (debug log): docs/scale.md.
+    let lap =
+        |what: &str| tracing::debug!(ms = began.elapsed().as_millis() as u64, "reconcile: {what}");
     let (retired, added) = st.db.sync_replica_nodes(&st.nodes.names()).await?;
     if retired > 0 {
         tracing::warn!(
@@ -74,14 +78,13 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
         tracing::info!(count = added, "replicas added for configured nodes");
     }
     let assets = st.db.mirrored_assets().await?;
-    let replicas: HashMap<(String, String), catalog::Replica> = st
-        .db
-        .mirrored_replicas()
-        .await?
-        .into_iter()
-        .map(|r| ((r.asset_id.clone(), r.node.clone()), r))
+    let replica_list = st.db.mirrored_replicas().await?;
+    let replicas: HashMap<(&str, &str), &catalog::Replica> = replica_list
+        .iter()
+        .map(|r| ((r.asset_id.as_str(), r.node.as_str()), r))
         .collect();
     let referenced = st.db.referenced_blobs().await?;
+    lap("catalog read");
     let grace = st.cfg.reconcile.unreferenced_grace_secs as i64;
 
     for node in st.nodes.list.iter() {
@@ -100,6 +103,7 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             }
         };
         metrics::gauge!("manager_node_inventory_ok", "node" => name.clone()).set(1.0);
+        lap("inventory fetched");
         node.set_last_inventory(&inv, observed);
         if reachable.insert(name.clone(), true) != Some(true) {
             let n = st.db.replicas_due_now(&name).await?;
@@ -111,14 +115,22 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             inv.blobs.iter().map(|b| (b.blob.as_str(), b)).collect();
         let quarantined: HashSet<&str> = inv.quarantined.iter().map(|q| q.blob.as_str()).collect();
 
+        // Copies still verified whose proof time moved on (the node's scrub
+        // re-read them): written together below, not one commit each.
+        let mut proved_again: Vec<(String, i64)> = Vec::new();
         for a in &assets {
-            let Some(r) = replicas.get(&(a.id.clone(), name.clone())) else {
+            let Some(r) = replicas.get(&(a.id.as_str(), name.as_str())) else {
                 continue;
             };
             if r.state == ReplicaState::Retired {
                 continue;
             }
             match good.get(a.blob_id.as_str()) {
+                Some(h) if h.size as i64 == a.sealed_len && r.state == ReplicaState::Verified => {
+                    if let Some(at) = h.verified_at.filter(|&at| Some(at) > r.verified_at) {
+                        proved_again.push((a.id.clone(), at));
+                    }
+                }
                 Some(h) if h.size as i64 == a.sealed_len => {
                     if st.db.replica_seen_good(&a.id, &name, h.verified_at).await? {
                         tracing::info!(asset = %a.id, node = %name, was = %r.state, "node holds a good copy; replica verified");
@@ -145,6 +157,9 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
                 }
             }
         }
+
+        st.db.refresh_verified_at(&name, &proved_again).await?;
+        lap("copies compared and proof times written");
 
         // The other way round: what the node holds that nothing references.
         let mut unreferenced = 0u64;
@@ -198,6 +213,10 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
             .set(oldest as f64);
     }
 
+    // Counted afresh below, after this pass's changes.
+    drop(replicas);
+    drop(replica_list);
+
     // A damaged movie with a good source again goes back to replicating.
     for a in assets.iter().filter(|a| a.state == "damaged") {
         let in_outbox = a
@@ -246,7 +265,9 @@ pub async fn pass(st: &Pipeline, reachable: &mut HashMap<String, bool>) -> anyho
         metrics::gauge!("manager_replicas", "state" => s.as_str())
             .set(by_state.get(&s).copied().unwrap_or(0) as f64);
     }
+    metrics::gauge!("manager_reconcile_last_pass_seconds").set(began.elapsed().as_secs_f64());
     metrics::counter!("manager_reconcile_passes_total").increment(1);
+    lap("pass done");
     Ok(())
 }
 

@@ -15,16 +15,6 @@ use e2e::status_json as json;
 use shared::runtime::unix_now as now;
 
 /// `name=value` of the named cookie among a response's `Set-Cookie`s.
-fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
-    r.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| v.split(';').next())
-        .find(|kv| kv.starts_with(&format!("{name}=")))
-        .map(str::to_string)
-}
-
 /// The value of the first `name="csrf" value="…"` in a page.
 fn page_csrf(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
@@ -47,26 +37,8 @@ struct Session {
 
 impl Session {
     async fn form(m: &str, page: &str, email: &str, password: &str) -> (u16, Option<Session>) {
-        let c = no_redirects();
-        let r = c.get(format!("{m}{page}")).send().await.unwrap();
-        let csrf_cookie = set_cookie(&r, "slm_login_csrf").expect("csrf cookie");
-        let csrf = csrf_cookie.split_once('=').unwrap().1.to_string();
-        let r = c
-            .post(format!("{m}{page}"))
-            .header("cookie", &csrf_cookie)
-            .form(&[
-                ("csrf", csrf.as_str()),
-                ("email", email),
-                ("password", password),
-            ])
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (
-            status,
-            set_cookie(&r, "slm_session").map(|cookie| Session { cookie }),
-        )
+        let (status, cookie) = e2e::form_login(m, page, email, password).await;
+        (status, cookie.map(|cookie| Session { cookie }))
     }
 
     async fn get(&self, url: &str) -> String {

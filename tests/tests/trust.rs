@@ -62,16 +62,7 @@ async fn a_login_flood_runs_at_most_the_limit_of_hashes() {
     let cluster = Cluster::start_with(&o);
     let m = cluster.manager.url.clone();
     let c = no_redirects();
-    let r = c.get(format!("{m}/login")).send().await.unwrap();
-    let csrf_cookie = r
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok()?.split(';').next())
-        .find(|kv| kv.starts_with("slm_login_csrf="))
-        .expect("csrf cookie")
-        .to_string();
-    let csrf = csrf_cookie.split_once('=').unwrap().1.to_string();
+    let (csrf_cookie, csrf) = e2e::login_csrf(&m, "/login").await;
     let before = metric(&cluster.metrics(&m).await, "manager_password_checks_total");
     let attempts = (0..200).map(|i| {
         let (c, m, cookie, csrf) = (c.clone(), m.clone(), csrf_cookie.clone(), csrf.clone());

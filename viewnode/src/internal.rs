@@ -275,10 +275,11 @@ async fn inventory(
     let good_bytes: u64 = good.iter().map(|(_, n)| n).sum();
     let blobs: Vec<HeldBlob> = good
         .iter()
-        .map(|(id, size)| HeldBlob {
+        .zip(st.store.verified_times(&good))
+        .map(|((id, size), verified_at)| HeldBlob {
             blob: id.to_string(),
             size: *size,
-            verified_at: st.store.verified_at(id),
+            verified_at,
         })
         .collect();
     let quarantined: Vec<QuarantinedBlob> = st

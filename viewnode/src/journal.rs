@@ -168,17 +168,16 @@ impl Journal {
     pub fn open(storage_dir: &Path) -> std::io::Result<Journal> {
         let dir = storage_dir.join("journal");
         std::fs::create_dir_all(&dir)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(log_path(&dir))?;
-        let mut text = Vec::new();
-        file.read_to_end(&mut text)?;
-        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        if whole < text.len() {
+        let len = file.metadata()?.len();
+        let whole = end_of_last_line(&file, len)?;
+        if whole < len {
             tracing::warn!(
-                cut = text.len() - whole,
+                cut = len - whole,
                 "the view journal ends in a partial line (a crash while writing); cutting it"
             );
             file.set_len(whole as u64)?;
@@ -439,6 +438,25 @@ impl Journal {
     fn mark_forwarded(&self, offset: u64) -> std::io::Result<()> {
         write_cursor(&self.dir, offset)
     }
+}
+
+/// Where the last whole line of `file` (`len` bytes) ends: 0 if it holds
+/// none. Read backwards from the end, a block at a time, so opening a
+/// journal that holds a long backlog reads one block, not the backlog.
+fn end_of_last_line(file: &File, len: u64) -> std::io::Result<u64> {
+    const BLOCK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut buf = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let block = &mut buf[..(end - start) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, block, start)?;
+        if let Some(i) = block.iter().rposition(|b| *b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// The writer thread's side of the journal.
@@ -739,6 +757,29 @@ mod tests {
         let (rest, _) = j.pending(1000).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].grant.as_deref(), Some("g3"));
+    }
+
+    #[test]
+    fn the_last_whole_line_is_found_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let at = |text: &[u8]| {
+            std::fs::write(&path, text).unwrap();
+            let f = File::open(&path).unwrap();
+            end_of_last_line(&f, text.len() as u64).unwrap()
+        };
+        assert_eq!(at(b""), 0);
+        assert_eq!(at(b"no newline"), 0);
+        assert_eq!(at(b"a\nb\n"), 4);
+        // A partial line longer than a block, after whole ones.
+        let mut text = b"first\nsecond\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 200 * 1024));
+        assert_eq!(at(&text), 13);
+        let mut text = vec![b'y'; 130 * 1024];
+        text.push(b'\n');
+        assert_eq!(at(&text), 130 * 1024 + 1);
+        text.extend(b"tail");
+        assert_eq!(at(&text), 130 * 1024 + 1);
     }
 
     fn serve(j: &Arc<Journal>, grant: &str, bytes: usize) {

@@ -247,8 +247,20 @@ pub async fn run(
     run_with_tls(listener, None, state, shutdown).await
 }
 
-/// How often changed verification times go to `verified.json`.
+/// How often changed verification times go to `verified.json`, at most.
+/// The file is the whole map, so past 10,000 copies the interval grows
+/// with the map (one second per 2,000 copies, [`verified_flush_every`]): at
+/// a fixed interval a scrub pass would rewrite it a number of times that
+/// grows with the copies held, each rewrite as large as the copies held,
+/// and its writes would grow with their square. This way they stay near
+/// 2,000 entries (~160 KB) a second whatever the count. A crash loses at
+/// most one interval of proof times, which only leaves those copies
+/// unproven until the next pass.
 const VERIFIED_FLUSH: Duration = Duration::from_secs(5);
+
+fn verified_flush_every(copies: usize) -> Duration {
+    VERIFIED_FLUSH.max(Duration::from_millis(copies as u64 / 2))
+}
 
 /// [`run`], with the manager's calls on a TLS listener when `tls` is set
 /// (the plain one then serves viewers only).
@@ -283,9 +295,13 @@ pub async fn run_with_tls(
     let proofs = state.store.clone();
     let proof_flusher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(VERIFIED_FLUSH);
+        let mut last = tokio::time::Instant::now();
         loop {
             tick.tick().await;
-            proofs.flush_verified_logged().await;
+            if last.elapsed() >= verified_flush_every(proofs.verified_count()) {
+                proofs.flush_verified_logged().await;
+                last = tokio::time::Instant::now();
+            }
         }
     });
     let journal_state = state.clone();

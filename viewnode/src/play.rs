@@ -87,7 +87,8 @@ pub async fn play(
         .clone()
         .map(|g| st.journal.served(g, claims.asset_id.clone()));
     let blob: BlobId = claims.blob;
-    let Some((file, sealed_len)) = st.store.open_for_playback(&blob).await? else {
+    let warm = crate::playcache::warm(&claims);
+    let Some((file, sealed_len)) = st.store.open_for_playback(&blob, warm).await? else {
         crate::scrub::report_missing(&st, blob);
         return Err(NodeError::BlobMissing);
     };

@@ -16,6 +16,7 @@
 use std::{
     collections::HashMap,
     sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
 };
 
 use shared::{BlobId, Opener, PlaybackClaims, TokenError};
@@ -30,8 +31,14 @@ fn tokens() -> &'static Mutex<HashMap<String, PlaybackClaims>> {
     T.get_or_init(Default::default)
 }
 
-/// Openers by blob and the wrapped data key they were built with.
-type Openers = Mutex<HashMap<(BlobId, Vec<u8>), Opener>>;
+/// Openers by blob and the wrapped data key they were built with, and
+/// when each was last used.
+type Openers = Mutex<HashMap<(BlobId, Vec<u8>), (Opener, Instant)>>;
+
+/// A blob played within this long counts as warm: its directory entries
+/// and inode are almost surely in memory, so opening it cannot wait on
+/// the disk (see [`warm`]).
+const WARM_FOR: Duration = Duration::from_secs(60);
 
 fn openers() -> &'static Openers {
     static O: OnceLock<Openers> = OnceLock::new();
@@ -63,9 +70,22 @@ pub fn verify(st: &SharedState, token: &str) -> Result<PlaybackClaims, TokenErro
 /// The opener for `claims`' blob as stored now (`sealed_len` just read),
 /// if one was built for exactly this blob, wrapped key and length.
 pub fn cached_opener(claims: &PlaybackClaims, sealed_len: u64) -> Option<Opener> {
-    let o = openers().lock().expect("not poisoned");
-    let opener = o.get(&(claims.blob, claims.wrapped_key.clone()))?;
+    let mut o = openers().lock().expect("not poisoned");
+    let (opener, used) = o.get_mut(&(claims.blob, claims.wrapped_key.clone()))?;
+    *used = Instant::now();
     (opener.layout().sealed_len() == sealed_len).then(|| opener.clone())
+}
+
+/// Whether `claims`' blob was played within [`WARM_FOR`]. Such a blob is
+/// opened right on the async worker: `open` and `fstat` of a cached inode
+/// take microseconds, less than the hop to the blocking pool and back,
+/// which was the largest part of a seek's time to first byte beyond
+/// nginx's. A cold blob still opens on the blocking pool, so a slow disk
+/// never stalls the workers serving other viewers.
+pub fn warm(claims: &PlaybackClaims) -> bool {
+    let o = openers().lock().expect("not poisoned");
+    o.get(&(claims.blob, claims.wrapped_key.clone()))
+        .is_some_and(|(_, used)| used.elapsed() < WARM_FOR)
 }
 
 /// Keeps an opener built from the stored header for later requests.
@@ -74,7 +94,10 @@ pub fn keep_opener(claims: &PlaybackClaims, opener: &Opener) {
     if o.len() >= MAX_ENTRIES {
         o.clear();
     }
-    o.insert((claims.blob, claims.wrapped_key.clone()), opener.clone());
+    o.insert(
+        (claims.blob, claims.wrapped_key.clone()),
+        (opener.clone(), Instant::now()),
+    );
 }
 
 /// A copy set aside (quarantined) or replaced: its header is read afresh

@@ -64,7 +64,8 @@ pub struct BlobStore {
     objects: Arc<LocalFileSystem>,
     /// Blob → unix time it was last proven to hash to its name; mirrored
     /// in `verified.json`, rewritten atomically by [`BlobStore::flush_verified`]
-    /// (every few seconds and at shutdown), never once per change: a pass
+    /// (every few seconds, less often as the map grows, at the end of each
+    /// scrub pass and at shutdown; see `VERIFIED_FLUSH`), never once per change: a pass
     /// over 100,000 copies would otherwise write the whole map 100,000
     /// times. A crash loses at most the last few seconds of proof times,
     /// which only means those copies count as unproven until the next pass.
@@ -207,6 +208,18 @@ impl BlobStore {
             .expect("verified map lock")
             .get(id)
             .copied()
+    }
+
+    /// [`verified_at`](BlobStore::verified_at) of each of `ids`, under one
+    /// lock (an inventory of 100,000 copies).
+    pub fn verified_times(&self, ids: &[(BlobId, u64)]) -> Vec<Option<i64>> {
+        let m = self.verified.lock().expect("verified map lock");
+        ids.iter().map(|(id, _)| m.get(id).copied()).collect()
+    }
+
+    /// How many copies have a recorded proof time.
+    pub fn verified_count(&self) -> usize {
+        self.verified.lock().expect("verified map lock").len()
     }
 
     /// The oldest proof time among `ids` (a copy never proven counts as 0).
@@ -376,15 +389,23 @@ impl BlobStore {
     pub async fn open_for_playback(
         &self,
         id: &BlobId,
+        warm: bool,
     ) -> Result<Option<(Arc<std::fs::File>, u64)>, StoreError> {
         let path = self.file_path(id);
-        let opened = tokio::task::spawn_blocking(move || {
+        let open = move || {
             let file = std::fs::File::open(&path)?;
             let len = file.metadata()?.len();
             Ok::<_, io::Error>((Arc::new(file), len))
-        })
-        .await
-        .map_err(|e| StoreError::Io(io::Error::other(e)))?;
+        };
+        // `warm`: played a moment ago, so nothing here waits on the disk
+        // (playcache::warm); otherwise the blocking pool opens it.
+        let opened = if warm {
+            open()
+        } else {
+            tokio::task::spawn_blocking(open)
+                .await
+                .map_err(|e| StoreError::Io(io::Error::other(e)))?
+        };
         match opened {
             Ok(found) => Ok(Some(found)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -406,7 +427,8 @@ impl BlobStore {
                 out.push((id, meta.size));
             }
         }
-        out.sort_by_key(|(id, _)| id.to_string());
+        // Byte order is the order of the hex names.
+        out.sort_unstable_by_key(|(id, _)| *id);
         Ok(out)
     }
 
@@ -559,14 +581,18 @@ mod tests {
             PutOutcome::AlreadyPresent
         );
         assert_eq!(store.size(&id).await.unwrap(), Some(data.len() as u64));
-        let (file, len) = store.open_for_playback(&id).await.unwrap().unwrap();
+        let (file, len) = store.open_for_playback(&id, false).await.unwrap().unwrap();
         assert_eq!(len, data.len() as u64);
         let mut part = [0u8; 5];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut part, 7).unwrap();
         assert_eq!(&part[..], &data[7..12]);
 
         let other = BlobId::of(b"something else");
-        assert!(store.open_for_playback(&other).await.unwrap().is_none());
+        assert!(store
+            .open_for_playback(&other, true)
+            .await
+            .unwrap()
+            .is_none());
         let err = store.put_verified(&other, chunks(&data)).await.unwrap_err();
         assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
         assert_eq!(store.size(&other).await.unwrap(), None);

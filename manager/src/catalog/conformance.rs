@@ -610,6 +610,24 @@ pub async fn the_journal_applies_once_and_unplayed_grants_are_refunded_once(c: &
         0
     );
     books_exact(c).await;
+
+    // Retention: old events go, the grants' totals stay, and an event
+    // that arrived after its refund stays as the evidence of it.
+    assert_eq!(c.prune_view_events(t).await.unwrap(), 0, "none older");
+    assert_eq!(c.prune_view_events(t + 1).await.unwrap(), 2);
+    assert_eq!(c.prune_view_events(t + 1).await.unwrap(), 0);
+    let resent = [event("e3", Some("unwatched"), "m", 7, t)];
+    assert_eq!(
+        c.apply_journal("utah", &resent, t, t)
+            .await
+            .unwrap()
+            .applied,
+        0
+    );
+    assert_eq!(
+        c.grant_view("watched").await.unwrap().unwrap().bytes_served,
+        500
+    );
 }
 
 pub async fn a_restore_freezes_refunds_that_could_depend_on_lost_views(c: &SharedCatalog) {
@@ -1045,6 +1063,22 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
     c.replica_lost("m", "utah", "gone", i64::MAX).await.unwrap();
     c.mark_damaged("m").await.unwrap();
     c.replica_seen_good("m", "utah", Some(now())).await.unwrap();
+    // An inventory's proof times only ever raise a verified copy's.
+    let utah = |rs: Vec<Replica>| rs.into_iter().find(|r| r.node == "utah").unwrap();
+    let proved = utah(c.replicas("m").await.unwrap()).verified_at.unwrap();
+    let seen = [
+        ("m".to_string(), proved - 10),
+        ("nope".to_string(), proved + 9),
+    ];
+    assert_eq!(c.refresh_verified_at("utah", &seen).await.unwrap(), 0);
+    let seen = [("m".to_string(), proved + 100)];
+    assert_eq!(c.refresh_verified_at("toronto", &seen).await.unwrap(), 0);
+    assert_eq!(c.refresh_verified_at("utah", &seen).await.unwrap(), 1);
+    let r = utah(c.replicas("m").await.unwrap());
+    assert_eq!(
+        (r.state, r.verified_at),
+        (ReplicaState::Verified, Some(proved + 100))
+    );
     assert!(c.undamage("m").await.unwrap());
     assert_eq!(
         c.asset("m").await.unwrap().unwrap().state,

@@ -755,6 +755,20 @@ pub trait Catalog: Send + Sync + 'static {
         node_verified_at: Option<i64>,
     ) -> sqlx::Result<bool>;
 
+    /// Later proof times from a node's inventory for copies already
+    /// verified: `seen` holds (asset id, the node's last check). Only raises
+    /// `verified_at`, only on verified replicas; returns the rows changed.
+    /// One commit per thousand copies: a reconcile pass of 100,000 movies
+    /// would otherwise commit (and fsync) once per copy.
+    async fn refresh_verified_at(&self, node: &str, seen: &[(String, i64)]) -> sqlx::Result<u64>;
+
+    /// Deletes view events whose last byte was served before `before`,
+    /// except those that arrived after their grant's refund (kept as the
+    /// evidence of it). The bytes are already in the grant's totals; a row
+    /// only recognises the same event resent, and events that old are
+    /// refused on arrival (`ledger::VIEW_EVENT_KEEP_SECS`). Returns how many.
+    async fn prune_view_events(&self, before: i64) -> sqlx::Result<u64>;
+
     /// A node is reachable again: its waiting replicas are due now instead of
     /// at the end of their backoff.
     async fn replicas_due_now(&self, node: &str) -> sqlx::Result<u64>;

@@ -998,6 +998,52 @@ impl Catalog for SqliteCatalog {
         Ok(false)
     }
 
+    async fn refresh_verified_at(&self, node: &str, seen: &[(String, i64)]) -> sqlx::Result<u64> {
+        let mut changed = 0;
+        // A thousand primary-key updates per commit: one fsync each, and
+        // the write lock is never held long enough to stall a purchase.
+        for chunk in seen.chunks(1000) {
+            let (_writer, mut tx) = self.begin_write().await?;
+            for (asset, at) in chunk {
+                changed += sqlx::query(
+                    "UPDATE replicas SET verified_at = ?1
+                     WHERE asset_id = ?2 AND node = ?3 AND state = 'verified'
+                       AND COALESCE(verified_at, 0) < ?1",
+                )
+                .bind(at)
+                .bind(asset)
+                .bind(node)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            tx.commit().await?;
+        }
+        Ok(changed)
+    }
+
+    async fn prune_view_events(&self, before: i64) -> sqlx::Result<u64> {
+        let mut gone = 0;
+        // In slices, each its own transaction: a year of views deleted at
+        // once would hold the write lock for seconds.
+        loop {
+            let (_writer, mut tx) = self.begin_write().await?;
+            let n = sqlx::query(
+                "DELETE FROM view_events WHERE rowid IN
+                   (SELECT rowid FROM view_events WHERE last_at < ? AND after_refund = 0 LIMIT 5000)",
+            )
+            .bind(before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            gone += n;
+            if n < 5000 {
+                return Ok(gone);
+            }
+        }
+    }
+
     async fn replicas_due_now(&self, node: &str) -> sqlx::Result<u64> {
         let db = &self.pool;
         let r = sqlx::query(
@@ -2394,7 +2440,9 @@ impl Catalog for SqliteCatalog {
 
     async fn canary_asset(&self) -> sqlx::Result<Option<Asset>> {
         sqlx::query_as(&format!(
-            "SELECT {ASSET_COLS} FROM assets
+            // Named: without statistics SQLite prefers `assets_state` and
+            // sorts every published movie each monitor cycle.
+            "SELECT {ASSET_COLS} FROM assets INDEXED BY assets_smallest
              WHERE state = 'published' AND withdrawn_at IS NULL AND plain_len IS NOT NULL
              ORDER BY plain_len, id LIMIT 1"
         ))

@@ -345,21 +345,28 @@ pub async fn buy_form(
 
 // ---- the account -----------------------------------------------------------------
 
+/// The newest movies the account page lists; the API and the export list
+/// up to [`MOVIES_LISTED`]. (Each costs a query: the page must not grow
+/// with an uploader's whole library.)
+const MOVIES_ON_PAGE: i64 = 200;
+const MOVIES_LISTED: i64 = 10_000;
+
 async fn account_json(
     st: &SharedState,
     c: &Caller,
     limit: i64,
+    movie_limit: i64,
 ) -> Result<serde_json::Value, ApiError> {
     let balance = st.db.balance(c.user.id).await?;
     let entries = st.db.history(c.user.id, limit).await?;
     let mut movies = Vec::new();
-    for a in st.db.assets_of(c.user.id, 10_000).await? {
+    for a in st.db.assets_of(c.user.id, movie_limit).await? {
         let replicas = st.db.replicas(&a.id).await?;
         movies.push(serde_json::json!({
             "id": a.id,
             "title": a.title,
             "state": a.state,
-            "price": st.db.price(&a.id).await?,
+            "price": a.price,
             "verified_replicas": replicas
                 .iter()
                 .filter(|r| r.state == ReplicaState::Verified)
@@ -380,13 +387,13 @@ pub async fn account_api(
     State(st): State<SharedState>,
     c: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(account_json(&st, &c, 200).await?))
+    Ok(Json(account_json(&st, &c, 200, MOVIES_LISTED).await?))
 }
 
 /// `GET /account/export`: everything we hold about the account's money and
 /// movies, as a JSON download.
 pub async fn export(State(st): State<SharedState>, c: Caller) -> Result<Response, ApiError> {
-    let v = account_json(&st, &c, i64::MAX).await?;
+    let v = account_json(&st, &c, i64::MAX, MOVIES_LISTED).await?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/json"),
@@ -425,6 +432,8 @@ struct AccountPage<'a> {
     balance: i64,
     entries: Vec<ledger::LedgerRow>,
     movies: Vec<MovieLine>,
+    /// The list stops at [`MOVIES_ON_PAGE`] (say so).
+    movies_cut: bool,
     link_code: Option<String>,
     avatars: Vec<AvatarLine>,
     /// Operators get a link to the admin.
@@ -436,9 +445,9 @@ async fn account_page_with(
     c: &Caller,
     link_code: Option<String>,
 ) -> Result<Response, ApiError> {
-    let v = account_json(st, c, 100).await?;
+    let v = account_json(st, c, 100, MOVIES_ON_PAGE).await?;
     let entries = st.db.history(c.user.id, 100).await?;
-    let movies = v["movies"]
+    let movies: Vec<MovieLine> = v["movies"]
         .as_array()
         .map(|m| {
             m.iter()
@@ -457,6 +466,7 @@ async fn account_page_with(
         csrf: c.csrf.as_deref().unwrap_or(""),
         balance: v["balance"].as_i64().unwrap_or(0),
         entries,
+        movies_cut: movies.len() as i64 >= MOVIES_ON_PAGE,
         movies,
         link_code,
         avatars: avatars
