@@ -283,6 +283,26 @@ pub async fn serve(
     s: Serving,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    // The accept loop runs as a task on a runtime worker, not wherever
+    // `serve` is awaited (the binaries await it in `block_on`, on the main
+    // thread). A connection spawned from a worker runs next on that same
+    // worker; spawned from the main thread it had to wake a worker first,
+    // and that hop was most of a request's time to first byte beyond
+    // nginx's (docs/operations.md, "Playback performance").
+    let accepting = tokio::spawn(accept_loop(listener, app, s, shutdown));
+    if let Err(e) = accepting.await {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    s: Serving,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = s.slots.clone();
     let last_cap_log = AtomicI64::new(0);

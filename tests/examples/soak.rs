@@ -198,8 +198,10 @@ async fn main() {
                     }
                     Ok(r) => sh
                         .stats
-                        .error(sh.now(), format!("upload_{}", r.status().as_u16())),
-                    Err(e) => sh.stats.error(sh.now(), format!("upload_{}", kind(&e))),
+                        .error(sh.now(), format!("upload_manager_{}", r.status().as_u16())),
+                    Err(e) => sh
+                        .stats
+                        .error(sh.now(), format!("upload_manager_{}", kind(&e))),
                 }
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
@@ -232,6 +234,7 @@ async fn main() {
     }
     tokio::time::sleep_until(tokio::time::Instant::from_std(at(1.0))).await;
     sh.stop.store(true, Ordering::Relaxed);
+    let load_secs = sh.now();
     for t in tasks {
         t.await.unwrap();
     }
@@ -276,7 +279,8 @@ async fn main() {
     }
     // The books, from the database itself with the manager stopped.
     assert!(c.manager.stop(), "the manager stops");
-    let books = books(&c).await;
+    let lost = errors_of(&sh, "purchase_");
+    let books = books(&c, sh.stats.purchases.load(Ordering::Relaxed), lost).await;
     if let Err(e) = &books {
         broken.push(e.clone());
     }
@@ -306,8 +310,9 @@ async fn main() {
             / 1000.0
     };
     println!(
-        "== soak: {minutes} min, {viewers} viewers, {} s of load",
-        ended.round()
+        "== soak: {minutes} min, {viewers} viewers: {:.0} s of load, then {:.0} s for the last viewers to finish",
+        load_secs,
+        ended - load_secs
     );
     println!(
         "restarts: {}",
@@ -528,9 +533,15 @@ async fn pause(rng: &mut rand::rngs::StdRng) {
     tokio::time::sleep(Duration::from_millis(rng.gen_range(0..500))).await;
 }
 
+fn errors_of(sh: &Shared, prefix: &str) -> u64 {
+    let errors = sh.stats.errors.lock().unwrap();
+    errors.iter().filter(|(_, k)| k.starts_with(prefix)).count() as u64
+}
+
 /// The books, read from the stopped manager's database: every balance
-/// equals its ledger sum.
-async fn books(c: &Cluster) -> Result<String, String> {
+/// equals its ledger sum, and there is a grant for every purchase answered
+/// (and at most one more for each purchase whose answer was lost).
+async fn books(c: &Cluster, answered: u64, lost: u64) -> Result<String, String> {
     use manager::catalog::{sqlite::SqliteCatalog, Catalog};
     let cat = SqliteCatalog::open(&format!(
         "sqlite://{}",
@@ -539,12 +550,20 @@ async fn books(c: &Cluster) -> Result<String, String> {
     .await
     .map_err(|e| format!("the catalog: {e}"))?;
     let off = cat.verify_balances().await.map_err(|e| e.to_string())?;
-    let counts = manager::catalog::inspect_snapshot(&c.manager_data.join("manager.db")).await;
+    // Closed first: the last connection folds the WAL into the file the
+    // count reads.
     cat.pool().close().await;
+    let counts = manager::catalog::inspect_snapshot(&c.manager_data.join("manager.db")).await;
     if !off.is_empty() {
         return Err(format!("balances differ from their ledger sums: {off:?}"));
     }
     let counts = counts.map_err(|e| format!("counting rows: {e}"))?;
+    let grants = counts.tables.get("play_grants").copied().unwrap_or(0) as u64;
+    if grants < answered || grants > answered + lost {
+        return Err(format!(
+            "{grants} grants for {answered} purchases answered and {lost} whose answer was lost"
+        ));
+    }
     Ok(format!(
         "books exact (every balance equals its ledger sum); {} ledger entries, {} grants, {} view events",
         counts.tables.get("ledger").copied().unwrap_or(0),
