@@ -678,7 +678,6 @@ pub fn no_redirects() -> reqwest::Client {
         .unwrap()
 }
 
-/// The sum of a Prometheus metric's samples (every label set).
 /// The `name=value` part of the cookie `name` that `r` sets.
 pub fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
     r.headers()
@@ -726,6 +725,7 @@ pub async fn form_login(
     (r.status().as_u16(), set_cookie(&r, "slm_session"))
 }
 
+/// The sum of a Prometheus metric's samples (every label set).
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))

@@ -661,7 +661,9 @@ pub async fn record_journal(
     let (events, too_old): (Vec<_>, Vec<_>) = batch
         .events
         .into_iter()
-        .partition(|e| e.last_at >= now - VIEW_EVENT_KEEP_SECS);
+        // On our clock, as the watermark is (a node running ahead would
+        // otherwise keep events past their time).
+        .partition(|e| e.last_at - ahead >= now - VIEW_EVENT_KEEP_SECS);
     if !too_old.is_empty() {
         metrics::counter!("manager_view_events_too_old_total", "node" => name.clone())
             .increment(too_old.len() as u64);

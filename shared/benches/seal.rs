@@ -13,9 +13,8 @@
 //!   [`Opener::open_segment_into`] (authenticate + decrypt only).
 //! - `open/range_1MiB_mid`: [`open_range`] of 1 MiB from the middle of the
 //!   blob, unaligned, through the `RangeRead` seam.
-//! - `ref/aes256gcm_64k`, `ref/sha256`, `ref/ring_sha256`: the raw crates
-//!   on the same bytes, so the format's own overhead is visible (the sealer
-//!   hashes with ring's).
+//! - `ref/aes256gcm_64k`, `ref/sha256`: the raw crates on the same bytes,
+//!   so the format's own overhead is visible.
 //!
 //! Throughput is plaintext bytes per second. Before measuring it prints
 //! which CPU features are present and which backend the crypto crates
@@ -216,10 +215,6 @@ fn reference_benches(c: &mut Criterion) {
         })
     });
     g.bench_function("sha256", |b| b.iter(|| black_box(Sha256::digest(&plain))));
-    // What the sealer hashes with (sealer.rs says why).
-    g.bench_function("ring_sha256", |b| {
-        b.iter(|| black_box(ring::digest::digest(&ring::digest::SHA256, &plain)))
-    });
     g.finish();
 }
 

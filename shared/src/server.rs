@@ -289,8 +289,15 @@ pub async fn serve(
     // worker; spawned from the main thread it had to wake a worker first,
     // and that hop was most of a request's time to first byte beyond
     // nginx's (docs/operations.md, "Playback performance").
-    let accepting = tokio::spawn(accept_loop(listener, app, s, shutdown));
-    if let Err(e) = accepting.await {
+    // Dropping `serve` (an aborted task) stops accepting, as before.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut accepting = AbortOnDrop(tokio::spawn(accept_loop(listener, app, s, shutdown)));
+    if let Err(e) = (&mut accepting.0).await {
         if e.is_panic() {
             std::panic::resume_unwind(e.into_panic());
         }

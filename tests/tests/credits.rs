@@ -14,7 +14,6 @@ const PRICE: i64 = 600;
 use e2e::status_json as json;
 use shared::runtime::unix_now as now;
 
-/// `name=value` of the named cookie among a response's `Set-Cookie`s.
 /// The value of the first `name="csrf" value="…"` in a page.
 fn page_csrf(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;

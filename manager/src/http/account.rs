@@ -445,7 +445,8 @@ async fn account_page_with(
     c: &Caller,
     link_code: Option<String>,
 ) -> Result<Response, ApiError> {
-    let v = account_json(st, c, 100, MOVIES_ON_PAGE).await?;
+    // One more than shown, to know whether the list was cut.
+    let v = account_json(st, c, 100, MOVIES_ON_PAGE + 1).await?;
     let entries = st.db.history(c.user.id, 100).await?;
     let movies: Vec<MovieLine> = v["movies"]
         .as_array()
@@ -466,8 +467,8 @@ async fn account_page_with(
         csrf: c.csrf.as_deref().unwrap_or(""),
         balance: v["balance"].as_i64().unwrap_or(0),
         entries,
-        movies_cut: movies.len() as i64 >= MOVIES_ON_PAGE,
-        movies,
+        movies_cut: movies.len() as i64 > MOVIES_ON_PAGE,
+        movies: movies.into_iter().take(MOVIES_ON_PAGE as usize).collect(),
         link_code,
         avatars: avatars
             .into_iter()

@@ -11,7 +11,7 @@ use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::rngs::OsRng;
 use rand::RngCore;
-use ring::digest::{Context as Sha256, SHA256};
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::header::{
@@ -32,9 +32,6 @@ use crate::BlobId;
 /// Once a blob passes [`PIPELINE_AFTER`] bytes, on a machine with more than
 /// one core, SHA-256 of the sealed bytes moves to a helper thread while this
 /// one encrypts the next segment (see [`HashPipe`]); the result is the same.
-/// The hashing is ring's: its SHA-NI code keeps up with `openssl speed`,
-/// which the sha2 crate's does not (~0.9 of it here), and the helper
-/// thread's hashing is what bounds a 2-core seal.
 pub struct Sealer {
     cipher: Aes256Gcm,
     header: [u8; HEADER_LEN],
@@ -82,8 +79,6 @@ struct HashPipe {
 impl HashPipe {
     /// Starts the thread, continuing `hasher`; gives `hasher` back if the
     /// machine has one core or no thread can be started.
-    // The hasher comes back by value, once per blob at most: no box.
-    #[allow(clippy::result_large_err)]
     fn start(hasher: Sha256, segment_size: usize) -> Result<HashPipe, Sha256> {
         static CORES: OnceLock<usize> = OnceLock::new();
         let cores =
@@ -222,7 +217,7 @@ impl Sealer {
             segment_size: segment_size as usize,
             next_index: 0,
             buf: Zeroizing::new(Vec::with_capacity(segment_size as usize)),
-            hasher: Hashing::Inline(Sha256::new(&SHA256)),
+            hasher: Hashing::Inline(Sha256::new()),
             sealed_len: 0,
             header_written: false,
         }
@@ -270,7 +265,7 @@ impl Sealer {
             Hashing::Piped(pipe) => pipe.finish(),
             Hashing::Moving => unreachable!("the hasher is always put back"),
         };
-        (blob_id(hasher), self.sealed_len)
+        (BlobId::from_hasher(hasher), self.sealed_len)
     }
 
     fn write_header(&mut self, out: &mut Vec<u8>) {
@@ -278,7 +273,7 @@ impl Sealer {
             self.header_written = true;
             out.extend_from_slice(&self.header);
             match &mut self.hasher {
-                Hashing::Inline(hasher) => hasher.update(&self.header),
+                Hashing::Inline(hasher) => hasher.update(self.header),
                 _ => unreachable!("the header comes first"),
             }
             self.sealed_len += HEADER_LEN as u64;
@@ -322,11 +317,6 @@ impl Sealer {
         self.sealed_len += (out.len() - start) as u64;
         self.next_index += 1;
     }
-}
-
-fn blob_id(hasher: Sha256) -> BlobId {
-    let digest = hasher.finish();
-    BlobId::from_bytes(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
 }
 
 /// Seals `plaintext` in one go with a fresh salt and nonce prefix. Returns
