@@ -34,6 +34,51 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The catalog engine this run of the suite puts under every manager:
+/// `SLMEDIA_E2E_DB=postgres` (with `SLMEDIA_TEST_PG` naming a server,
+/// as `scripts/test` sets for its second pass) or SQLite, the default.
+pub fn on_postgres() -> bool {
+    std::env::var("SLMEDIA_E2E_DB").is_ok_and(|v| v == "postgres")
+}
+
+/// A `database_url = …` line for a new manager's configuration: empty
+/// on SQLite (the manager's default file in its data folder), or a new
+/// empty database on the test server, made with `psql`.
+pub fn database_line() -> String {
+    if !on_postgres() {
+        return String::new();
+    }
+    format!("database_url = \"{}\"\n", new_pg_database())
+}
+
+/// A new empty database on the test server (`SLMEDIA_TEST_PG`), made with
+/// `psql`; its URL.
+pub fn new_pg_database() -> String {
+    let server = std::env::var("SLMEDIA_TEST_PG")
+        .expect("SLMEDIA_E2E_DB=postgres needs SLMEDIA_TEST_PG (scripts/pg-test-server)");
+    let name = format!("e2e_{}", hex::encode(rand::random::<[u8; 8]>()));
+    psql(&server, &format!("CREATE DATABASE {name}"));
+    let (base, _) = server
+        .rsplit_once('/')
+        .expect("a server URL with a database");
+    format!("{base}/{name}")
+}
+
+/// One statement through `psql` (not our code) on the database `url`;
+/// what it printed, unaligned and without headers.
+pub fn psql(url: &str, q: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", q])
+        .output()
+        .expect("psql (postgresql-client) runs");
+    assert!(
+        out.status.success(),
+        "{q}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The MaxMind test city database kept in `tests/data/geoip`.
 pub fn geoip_test_db() -> PathBuf {
     crate_dir().join("data/geoip/GeoIP2-City-Test.mmdb")
@@ -323,10 +368,11 @@ impl Cluster {
         std::fs::write(
             &mcfg,
             format!(
-                "listen = \"127.0.0.1:{manager_port}\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
+                "{}listen = \"127.0.0.1:{manager_port}\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
                  token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = {min_replicas}\n\
                  geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}\
                  [transcode]\npreset = \"ultrafast\"\n{reconcile}{}\n{node_sections}",
+                database_line(),
                 manager_data.display(),
                 signer.seed_hex(),
                 geoip_test_db().display(),

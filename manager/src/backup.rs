@@ -1306,6 +1306,12 @@ pub enum BackupCommand {
         /// Move an existing database aside (never deleted) instead of refusing.
         #[arg(long)]
         replace: bool,
+        /// A PostgreSQL backup goes into this database (`postgres://…`,
+        /// empty, or moved aside with --replace). Default: `database_url`
+        /// of `--config`. Its role needs CREATEDB (the backup is checked
+        /// in a scratch database first).
+        #[arg(long)]
+        database_url: Option<String>,
     },
     /// Print a fresh recovery key (stdout) and the `backup_read_key` line
     /// for the nodes' configuration (stderr): for clusters set up before
@@ -1335,6 +1341,7 @@ pub async fn cli(cmd: BackupCommand, config: Option<&Path>) -> anyhow::Result<()
             write_config,
             listen,
             replace,
+            database_url,
         } => {
             let cfg = match config {
                 Some(p) => Some(Config::load(Some(p))?),
@@ -1347,11 +1354,16 @@ pub async fn cli(cmd: BackupCommand, config: Option<&Path>) -> anyhow::Result<()
                 write_config,
                 listen,
                 replace,
+                database_url,
             })
             .await
         }
         cmd => {
             let cfg = Config::load(config)?;
+            if catalog::is_postgres(&cfg.database_url) {
+                // Dumps are checked by restoring them on the catalog's server.
+                catalog::postgres::set_scratch_server(&cfg.database_url);
+            }
             let dir = backups_dir(&cfg);
             match cmd {
                 BackupCommand::Now => now(&cfg, &dir).await,
@@ -1813,6 +1825,8 @@ pub struct RestoreArgs {
     pub write_config: Option<PathBuf>,
     pub listen: Option<String>,
     pub replace: bool,
+    /// Where a PostgreSQL backup goes ([`BackupCommand::Restore`]).
+    pub database_url: Option<String>,
 }
 
 /// Restores the newest backup that verifies. Prints `SKIPPED <name> <node>
@@ -1852,8 +1866,23 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
             p.display()
         );
     }
+    // A PostgreSQL backup goes into a database (checked for room by
+    // `restore_into`); an SQLite one into data_dir.
+    let pg_target = a.database_url.clone().or_else(|| {
+        a.cfg
+            .as_ref()
+            .map(|c| c.database_url.clone())
+            .filter(|u| catalog::is_postgres(u))
+    });
+    if let Some(url) = &pg_target {
+        anyhow::ensure!(
+            catalog::is_postgres(url),
+            "`--database-url` names a PostgreSQL database (postgres://…)"
+        );
+        catalog::postgres::set_scratch_server(url);
+    }
     let db_path = data_dir.join("manager.db");
-    if db_path.exists() && !a.replace {
+    if pg_target.is_none() && db_path.exists() && !a.replace {
         anyhow::bail!(
             "{} exists; pass --replace to move it (and its -wal/-shm) aside and restore over it",
             db_path.display()
@@ -1921,11 +1950,40 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
             &data_dir,
             &node_names,
             a.listen.as_deref(),
+            pg_target.as_deref(),
         )?)
     } else {
         None
     };
 
+    let is_dump = catalog::postgres::is_dump(&restored_db);
+    match (&pg_target, is_dump) {
+        (None, true) => anyhow::bail!(
+            "backup {} is of a PostgreSQL catalog: name the database it goes into with \
+             --database-url postgres://… (an empty database; its role needs CREATEDB)",
+            m.id
+        ),
+        (Some(_), false) => anyhow::bail!(
+            "backup {} is of an SQLite catalog: restore it without --database-url \
+             (and without a PostgreSQL database_url in --config)",
+            m.id
+        ),
+        _ => {}
+    }
+    if let Some(target) = &pg_target {
+        std::fs::create_dir_all(&data_dir)?;
+        // Kept as this machine's first local backup, as below.
+        let local_db = dir.join(format!("{}.db", m.id));
+        if !local_db.exists() {
+            commit_create_only(&restored_db, &local_db)?;
+            let json = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+            write_create_only(&dir, &format!("{}.json", m.id), &json)?;
+        }
+        restored_guard.disarm();
+        let _ = std::fs::remove_file(&restored_db);
+        catalog::postgres::restore_into(&local_db, target, m.created_at, a.replace).await?;
+        return finish_restore(&a, new_config, &m, &name);
+    }
     // Install: the old database (if any) aside, the new one in by rename.
     if db_path.exists() {
         let aside = data_dir.join(format!(
@@ -1959,6 +2017,16 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
     freeze_refunds(&tmp_db, m.created_at).await?;
     commit_create_only(&tmp_db, &db_path)?;
     tmp_guard.disarm();
+    finish_restore(&a, new_config, &m, &name)
+}
+
+/// Writes the rebuilt configuration (if asked) and says what was restored.
+fn finish_restore(
+    a: &RestoreArgs,
+    new_config: Option<Zeroizing<String>>,
+    m: &Manifest,
+    name: &str,
+) -> anyhow::Result<()> {
     if let (Some(text), Some(path)) = (new_config, &a.write_config) {
         write_private(path, &text)?;
         Config::load(Some(path)).map_err(|e| {
@@ -2029,6 +2097,7 @@ fn rebuild_config(
     data_dir: &Path,
     node_urls: &HashMap<String, String>,
     listen: Option<&str>,
+    database_url: Option<&str>,
 ) -> anyhow::Result<Zeroizing<String>> {
     let mut t: toml::Table = text
         .parse()
@@ -2040,9 +2109,12 @@ fn rebuild_config(
         "data_dir".into(),
         toml::Value::String(dir.display().to_string()),
     );
-    // Only SQLite in data_dir is restored; a URL pointing elsewhere would
-    // start the manager on some other database.
+    // The database the backup was restored into, and no other: the old
+    // URL would start the manager on some other database.
     t.remove("database_url");
+    if let Some(url) = database_url {
+        t.insert("database_url".into(), toml::Value::String(url.to_string()));
+    }
     if let Some(l) = listen {
         t.insert("listen".into(), toml::Value::String(l.to_string()));
     }

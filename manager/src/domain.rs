@@ -10,6 +10,8 @@ use std::fmt;
     Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
 )]
 #[sqlx(rename_all = "lowercase")]
+// TEXT on PostgreSQL too, as SQLite has it (CHECKs list the words).
+#[sqlx(type_name = "text")]
 #[serde(rename_all = "lowercase")]
 pub enum AssetState {
     /// Uploaded and paid for; waiting for a worker.
@@ -82,6 +84,8 @@ impl fmt::Display for AssetState {
     Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
 )]
 #[sqlx(rename_all = "lowercase")]
+// TEXT on PostgreSQL too, as SQLite has it (CHECKs list the words).
+#[sqlx(type_name = "text")]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Uploader,
@@ -119,6 +123,8 @@ impl std::str::FromStr for Role {
     Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize, serde::Deserialize,
 )]
 #[sqlx(rename_all = "lowercase")]
+// TEXT on PostgreSQL too, as SQLite has it (CHECKs list the words).
+#[sqlx(type_name = "text")]
 #[serde(rename_all = "lowercase")]
 pub enum ReplicaState {
     /// To be pushed.
@@ -226,6 +232,8 @@ impl fmt::Display for Price {
     serde::Deserialize,
 )]
 #[sqlx(rename_all = "lowercase")]
+// TEXT on PostgreSQL too, as SQLite has it (CHECKs list the words).
+#[sqlx(type_name = "text")]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Ok,
@@ -281,7 +289,7 @@ mod tests {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
             // `withdrawn` is read back, never stored (migrations/0010).
             if s == AssetState::Withdrawn {
-                let sql = include_str!("catalog/sqlite.rs");
+                let sql = include_str!("catalog/portable.rs");
                 assert!(sql.contains(&format!("'{s}'")), "{s} not read back");
                 continue;
             }

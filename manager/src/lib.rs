@@ -144,6 +144,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.public_url.clone()
     };
     let state = Arc::new(AppState::new(cfg, public_url).await?);
+    anyhow::ensure!(
+        state.db.claim_exclusive().await?,
+        "another manager is already running on this database (database_url); \
+         one manager per database: stop the other first"
+    );
     tracing::info!(%addr, url = %state.public_url, version = env!("CARGO_PKG_VERSION"), "manager listening");
     println!("LISTENING http://{addr}");
     run(listener, state, shared::runtime::shutdown_signal()).await?;

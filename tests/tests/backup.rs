@@ -105,11 +105,54 @@ fn node_copy(storage: &Path, id: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no copy of {id} in {}", storage.display()))
 }
 
+/// A restored catalog, read by tools that are not our code: an SQLite file
+/// by `sqlite3`, a PostgreSQL database by `psql`.
+enum Db {
+    File(PathBuf),
+    Pg(String),
+}
+
+impl std::fmt::Display for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Db::File(p) => write!(f, "{}", p.display()),
+            Db::Pg(url) => f.write_str(url),
+        }
+    }
+}
+
+impl Db {
+    /// A local backup copy: the SQLite file itself, or a dump restored by
+    /// `pg_restore` into a new database.
+    fn of_backup(file: &Path) -> Db {
+        if !e2e::on_postgres() {
+            return Db::File(file.to_path_buf());
+        }
+        let url = e2e::new_pg_database();
+        let out = Command::new("pg_restore")
+            .args(["--no-owner", "--exit-on-error", "--dbname", &url])
+            .arg(file)
+            .output()
+            .expect("pg_restore (postgresql-client) runs");
+        assert!(out.status.success(), "pg_restore: {}", text(&out));
+        Db::Pg(url)
+    }
+}
+
 /// What the operator does on the new machine: node addresses and the
-/// recovery key, nothing from the old machine.
-fn restore(cluster: &Cluster, recovery: &str) -> Output {
-    let mut child = Command::new(bin("manager"))
-        .args(["backup", "restore"])
+/// recovery key, nothing from the old machine (on PostgreSQL, a new empty
+/// database to restore into). Also the restored catalog.
+fn restore(cluster: &Cluster, recovery: &str) -> (Output, Db) {
+    let mut cmd = Command::new(bin("manager"));
+    cmd.args(["backup", "restore"]);
+    let db = if e2e::on_postgres() {
+        let url = e2e::new_pg_database();
+        cmd.args(["--database-url", &url]);
+        Db::Pg(url)
+    } else {
+        Db::File(cluster.manager_data.join("manager.db"))
+    };
+    let mut child = cmd
         .args(["--node", &cluster.nodes[0].proc.url])
         .args(["--node", &cluster.nodes[1].proc.url])
         .arg("--data-dir")
@@ -126,7 +169,7 @@ fn restore(cluster: &Cluster, recovery: &str) -> Output {
         .spawn()
         .unwrap();
     writeln!(child.stdin.take().unwrap(), "{recovery}").unwrap();
-    child.wait_with_output().unwrap()
+    (child.wait_with_output().unwrap(), db)
 }
 
 /// The machine is gone: the process dies, its folder and configuration too.
@@ -218,11 +261,15 @@ async fn grant_status(cluster: &Cluster, token: &str, grant: &str) -> u16 {
         .as_u16()
 }
 
-/// One query by the `sqlite3` command (not our code) on a database file.
-fn sql(db: &Path, q: &str) -> String {
+/// One query by the `sqlite3` or `psql` command (not our code).
+fn sql(db: &Db, q: &str) -> String {
+    let path = match db {
+        Db::Pg(url) => return e2e::psql(url, q),
+        Db::File(p) => p,
+    };
     let out = Command::new("sqlite3")
         .arg("-readonly")
-        .arg(db)
+        .arg(path)
         .arg(q)
         .output()
         .expect("sqlite3 is installed by scripts/setup");
@@ -234,8 +281,8 @@ fn sql(db: &Path, q: &str) -> String {
 /// equals the sum of its ledger entries, and every purchase is whole: its
 /// grant, the buyer's debit and the uploader's sale credit are all there,
 /// or none of them is.
-fn assert_books_exact(db: &Path) {
-    let label = db.display();
+fn assert_books_exact(db: &Db) {
+    let label = db.to_string();
     assert_eq!(
         sql(
             db,
@@ -357,16 +404,17 @@ async fn the_manager_is_rebuilt_from_the_nodes_and_a_damaged_backup_is_skipped()
         (second.clone(), play_range(&cluster, &second).await),
     ];
     // Both nodes hold both sealed backups, apart from the movie blobs, and
-    // a copy is ciphertext: no SQLite header in it.
+    // a copy is ciphertext: no SQLite header (or pg_dump's) in it.
     for node in &cluster.nodes {
         for id in [&b1, &b2] {
             let bytes = std::fs::read(node_copy(&node.storage, id)).unwrap();
             assert!(!bytes.windows(15).any(|w| w == b"SQLite format 3"));
+            assert!(!bytes.windows(5).any(|w| w == b"PGDMP"));
         }
     }
 
     lose_the_manager(&mut cluster);
-    let out = restore(&cluster, recovery);
+    let (out, restored_db) = restore(&cluster, recovery);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(
@@ -376,9 +424,8 @@ async fn the_manager_is_rebuilt_from_the_nodes_and_a_damaged_backup_is_skipped()
     assert!(!all.contains(recovery.as_str()), "the key is never echoed");
     let written = std::fs::read_to_string(&cluster.manager_config).unwrap();
     assert!(written.contains("master_key") && written.contains("[[nodes]]"));
-    // The restored file, read by the sqlite3 tool: exact books, the buyer's
-    // balance as at the backup.
-    let restored_db = cluster.manager_data.join("manager.db");
+    // The restored catalog, read by the sqlite3 or psql tool: exact books,
+    // the buyer's balance as at the backup.
     assert_books_exact(&restored_db);
     assert_eq!(
         sql(
@@ -447,7 +494,7 @@ async fn the_manager_is_rebuilt_from_the_nodes_and_a_damaged_backup_is_skipped()
         std::fs::write(&p, bytes).unwrap();
     }
     lose_the_manager(&mut cluster);
-    let out = restore(&cluster, recovery);
+    let (out, restored_db) = restore(&cluster, recovery);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -620,7 +667,8 @@ async fn a_backup_taken_during_uploads_and_writes_is_consistent() {
         "{v}"
     );
 
-    // Each backup, checked by the sqlite3 tool rather than by our own code:
+    // Each backup, checked by the sqlite3 tool (or restored by pg_restore and
+    // read by psql) rather than by our own code:
     // intact, and every table holds exactly the rows its manifest recorded.
     let mut token_counts = std::collections::BTreeSet::new();
     let mut grant_counts = std::collections::BTreeSet::new();
@@ -629,18 +677,11 @@ async fn a_backup_taken_during_uploads_and_writes_is_consistent() {
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join(format!("{id}.json"))).unwrap())
                 .unwrap();
-        let db = dir.join(format!("{id}.db"));
-        let sql = |q: &str| {
-            let out = Command::new("sqlite3")
-                .arg("-readonly")
-                .arg(&db)
-                .arg(q)
-                .output()
-                .expect("sqlite3 is installed by scripts/setup");
-            assert!(out.status.success(), "{}", text(&out));
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
-        };
-        assert_eq!(sql("PRAGMA integrity_check;"), "ok", "{id}");
+        let db = Db::of_backup(&dir.join(format!("{id}.db")));
+        let sql = |q: &str| sql(&db, q);
+        if let Db::File(_) = db {
+            assert_eq!(sql("PRAGMA integrity_check;"), "ok", "{id}");
+        }
         let tables = manifest["tables"].as_object().unwrap();
         for t in [
             "users",
@@ -884,7 +925,7 @@ async fn a_view_watched_between_the_backup_and_the_restore_is_never_refunded() {
     }
 
     lose_the_manager(&mut cluster);
-    let out = restore(&cluster, recovery);
+    let (out, _) = restore(&cluster, recovery);
     assert!(out.status.success(), "{}", text(&out));
     cluster.restart_manager();
     assert_eq!(

@@ -212,10 +212,19 @@ async fn a_full_manager_disk_refuses_uploads_with_507_and_loses_nothing() {
     let (s, v) = announce_upload(&cluster, 1 << 20).await;
     assert_eq!(s, 507, "{v}");
     eprintln!("on a full disk: purchases {refused:?} of 0..5 refused with 507");
-    assert!(
-        !refused.is_empty(),
-        "a database with no room left took five purchases"
-    );
+    if e2e::on_postgres() {
+        // The catalog lives on the database server's disk, which has room:
+        // the manager's full data disk must not refuse what it does not hold.
+        assert!(
+            refused.is_empty(),
+            "purchases refused with the database's disk free"
+        );
+    } else {
+        assert!(
+            !refused.is_empty(),
+            "a database with no room left took five purchases"
+        );
+    }
 
     // Space again: everything resumes, the books exact.
     std::fs::remove_file(&filler2).unwrap();

@@ -1207,3 +1207,7 @@ pub async fn owners_take_turns_in_the_queue_and_usage_is_counted(c: &SharedCatal
     assert_eq!(c.upload_usage(busy, 0).await.unwrap(), (4900, 50));
     assert_eq!(c.upload_usage(busy, now() + 10).await.unwrap().1, 0);
 }
+
+mod postgres_backend {
+    crate::catalog::conformance::suite!(super::postgres::fresh());
+}

@@ -4,16 +4,18 @@
 //! [`Catalog`] has one method per operation the services need, and a
 //! compound operation (a purchase, a refund, a journal delivery, claiming
 //! a job) is one method, so each backend takes its own locks the way its
-//! engine wants: SQLite's `BEGIN IMMEDIATE` today ([`sqlite`]), PostgreSQL's
-//! `FOR UPDATE … SKIP LOCKED` later. Every SQL statement of the manager is
-//! in a backend; the rest of the manager sees typed rows and outcomes.
+//! engine wants: SQLite's `BEGIN IMMEDIATE` ([`sqlite`], the embedded
+//! default), PostgreSQL's advisory locks and `FOR UPDATE … SKIP LOCKED`
+//! ([`postgres`]). Every SQL statement of the manager is in a backend; the
+//! rest of the manager sees typed rows and outcomes.
 //!
-//! Errors are `sqlx::Error`: both planned backends are sqlx's, and a
+//! Errors are `sqlx::Error`: both backends are sqlx's, and a
 //! refusal the books make (a balance too small, an email taken) is never
 //! an error of the engine but a [`Refused`] inside [`TxError`].
 //!
-//! A second backend passes [`conformance`] (the same tests, given its own
-//! fresh catalog) before it is used.
+//! Both backends pass [`conformance`] (the same tests, each given its own
+//! fresh catalog); `scripts/test` starts a private PostgreSQL server for
+//! them (`SLMEDIA_TEST_PG`).
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
@@ -22,6 +24,8 @@ use sqlx::FromRow;
 
 use crate::domain::{AssetState, Health, ReplicaState, Role};
 
+mod portable;
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -37,8 +41,11 @@ pub async fn open(url: &str) -> anyhow::Result<SharedCatalog> {
     if is_sqlite(url) {
         return Ok(Arc::new(sqlite::SqliteCatalog::open(url).await?));
     }
+    if is_postgres(url) {
+        return Ok(Arc::new(postgres::PgCatalog::open(url).await?));
+    }
     anyhow::bail!(
-        "database_url {:?} names an engine this manager does not support (sqlite: is supported)",
+        "database_url {:?} names an engine this manager does not support (sqlite: and postgres: are)",
         url.split(':').next().unwrap_or("")
     )
 }
@@ -56,6 +63,11 @@ fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
 
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 /// What a snapshot (a backup's database copy) holds: the row count of
 /// every table and the schema version, to compare a copy against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +77,12 @@ pub struct SnapshotCounts {
 }
 
 /// Reads a snapshot file read-only: its integrity, then its counts. An
-/// `Err` says what is wrong with it in words.
+/// `Err` says what is wrong with it in words. A PostgreSQL dump is
+/// restored into a scratch database on the open catalog's server.
 pub async fn inspect_snapshot(path: &Path) -> Result<SnapshotCounts, String> {
+    if postgres::is_dump(path) {
+        return postgres::inspect(path).await;
+    }
     sqlite::inspect(path).await
 }
 
@@ -1085,6 +1101,14 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Closes every connection (a restore replaces the files after this).
     async fn close(&self);
+
+    /// Claims the database for this manager process while it runs;
+    /// `false`: another manager's process holds it. One manager per
+    /// database: its background work (jobs requeued at start, refunds,
+    /// backups) assumes no other. SQLite's file belongs to one host's
+    /// process by nature; PostgreSQL holds a session advisory lock, which
+    /// the server lets go the moment that process's connection dies.
+    async fn claim_exclusive(&self) -> sqlx::Result<bool>;
 
     /// Copies the whole catalog, consistent at one instant, into `dest` (a
     /// new file), and returns what the copy holds.
