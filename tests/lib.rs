@@ -211,6 +211,9 @@ pub struct ClusterOpts {
     /// a private CA, a certificate per node, the manager calling each
     /// node's TLS port and sending viewers to its plain one.
     pub tls: bool,
+    /// The manager's `database_url = …` line (empty: SQLite in its data
+    /// folder); `None`: what this run of the suite uses ([`database_line`]).
+    pub database: Option<String>,
 }
 
 impl ClusterOpts {
@@ -228,6 +231,7 @@ impl ClusterOpts {
             manager_extra: String::new(),
             node_extra: String::new(),
             tls: false,
+            database: None,
         }
     }
 }
@@ -372,7 +376,7 @@ impl Cluster {
                  token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = {min_replicas}\n\
                  geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}\
                  [transcode]\npreset = \"ultrafast\"\n{reconcile}{}\n{node_sections}",
-                database_line(),
+                opts.database.clone().unwrap_or_else(database_line),
                 manager_data.display(),
                 signer.seed_hex(),
                 geoip_test_db().display(),
@@ -654,6 +658,30 @@ pub fn ffmpeg(args: &[&str]) {
         "ffmpeg {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A 20-second 720p MPEG-4 + MP3 file at `path`: minutes of work on the
+/// slow preset, long enough for a drill to cut its transcode short.
+pub fn make_long_movie(path: &Path) {
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=1280x720:rate=30",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=300",
+        "-t",
+        "20",
+        "-c:v",
+        "mpeg4",
+        "-q:v",
+        "5",
+        "-c:a",
+        "mp3",
+        path.to_str().unwrap(),
+    ]);
 }
 
 /// A 5-second 640x360 VP9 + Opus WebM, the issue's reference input.

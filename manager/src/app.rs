@@ -41,6 +41,8 @@ pub struct AppState {
     pub health: shared::server::Recent<(Result<(), String>, Result<(), String>)>,
     /// Uploads being received, per account (`crate::quotas`).
     pub uploads: Arc<crate::quotas::InFlight>,
+    /// Whether this process runs the background work ([`crate::leader`]).
+    pub role: Arc<crate::leader::Role>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -60,13 +62,25 @@ impl AppState {
                 )
             })?;
         }
-        // Partial uploads never committed: nothing refers to them.
+        // Partial uploads never committed, and sealing cut short: nothing
+        // refers to them. Managers sharing a database share `data_dir` too
+        // (docs/operations.md, "A standby manager"), so there another
+        // process may be writing one now: only files left untouched for
+        // an hour go (a live upload or seal writes every few seconds).
+        let shared_dir = catalog::is_postgres(&cfg.database_url);
         for entry in std::fs::read_dir(cfg.staging_dir())?.flatten() {
-            if entry
+            let partial = entry
                 .path()
                 .extension()
-                .is_some_and(|e| e == "upload" || e == "part")
-            {
+                .is_some_and(|e| e == "upload" || e == "part");
+            let stale = !shared_dir
+                || entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+            if partial && stale {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -106,6 +120,7 @@ impl AppState {
         crate::console::load_drains(&*db, &nodes).await?;
         Ok(Self {
             uploads: Default::default(),
+            role: Default::default(),
             health: shared::server::Recent::new(
                 std::time::Duration::from_secs(2),
                 // A check that takes longer fails: hung is unhealthy.

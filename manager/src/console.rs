@@ -343,6 +343,26 @@ pub async fn load_drains(db: &dyn Catalog, nodes: &Nodes) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// Brings this process's drains in line with the database's: with several
+/// managers on one database, an operator drains a node through one of
+/// them, and every one sends viewers by that ([`crate::run`] calls this
+/// every few seconds).
+pub async fn follow_drains(db: &dyn Catalog, nodes: &Nodes) -> sqlx::Result<()> {
+    let drained = db.drained_nodes().await?;
+    for n in nodes.list.iter() {
+        let now = drained.contains(&n.cfg.name);
+        if n.is_drained() != now {
+            n.set_drained(now);
+            tracing::warn!(
+                node = %n.cfg.name,
+                drained = now,
+                "node drain changed by an operator on another manager"
+            );
+        }
+    }
+    Ok(())
+}
+
 // ---- movies, jobs and accounts ---------------------------------------------------
 
 /// Longest reason an operator gives for withdrawing a movie.

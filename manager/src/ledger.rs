@@ -839,7 +839,7 @@ mod tests {
         assert_eq!(e.code(), "insufficient_credits");
         assert!(db.asset("m3").await.unwrap().is_none(), "no unpaid row");
         assert_eq!(db.balance(a).await.unwrap(), 5);
-        db.reject("m1", "not_media", "x").await.unwrap();
+        db.reject("m1", "seed", "not_media", "x").await.unwrap();
         assert_eq!(refund_rejected_uploads(&*db).await.unwrap(), 1);
         assert_eq!(refund_rejected_uploads(&*db).await.unwrap(), 0, "once");
         assert_eq!(db.balance(a).await.unwrap(), 15);

@@ -8,7 +8,7 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share) |
+//! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share), [`leader`] (which of several managers runs the background work) |
 //! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, operators' worker and alert lists, and the one error → status mapping ([`http::error`]) |
 //! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`console`] (what the operators' admin shows and does, audited), [`monitor`] (every check on a schedule, stored, announced), [`status`] (the public status page's content), [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
 //! | foundations | [`catalog`] (the `Catalog` trait and its SQLite backend: every SQL statement), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), [`notify`] (alert channels and their delivery log), `shared` |
@@ -16,6 +16,7 @@
 // Assembly and HTTP.
 pub mod app;
 pub mod http;
+pub mod leader;
 
 // Services.
 pub mod auth;
@@ -54,32 +55,33 @@ pub use http::{build_router, error::ApiError};
 pub use shared::runtime::init_tracing;
 
 /// Serves until `shutdown` resolves; requests in flight then get
-/// `shutdown_grace_secs` to finish. The pipeline and node monitor stop too.
+/// `shutdown_grace_secs` to finish. The background work stops too. Every
+/// process serves and watches the nodes; the background work runs in the
+/// one that leads ([`leader`]).
 pub async fn run(
     listener: TcpListener,
     state: SharedState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(pipeline::run(state.pipeline.clone(), stop_rx.clone()));
+    let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let monitor = tokio::spawn(
         state
             .nodes
             .clone()
             .monitor(Duration::from_secs(5), stop_rx.clone()),
     );
-    let reconciler = tokio::spawn(reconcile::run(state.pipeline.clone(), stop_rx.clone()));
-    let backups = tokio::spawn(backup::run(
-        state.db.clone(),
-        state.cfg.clone(),
-        stop_rx.clone(),
-    ));
-    let refunds = tokio::spawn(ledger::run(
-        state.db.clone(),
-        state.nodes.names(),
-        state.cfg.credits.clone(),
-        stop_rx.clone(),
-    ));
+    let drains = state.db.shared().then(|| {
+        let (db, nodes) = (state.db.clone(), state.nodes.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = console::follow_drains(&*db, &nodes).await {
+                    tracing::warn!("cannot read the nodes' drains: {e}");
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
+    });
     let base = state.public_url.clone();
     let checker = Arc::new(monitor::Monitor::new(
         state.db.clone(),
@@ -89,8 +91,36 @@ pub async fn run(
         state.notifier.clone(),
         Arc::new(move |p: &status::Page| http::status::render_snapshot(p, &base)),
     )?);
-    let checks = tokio::spawn(checker.run(stop_rx.clone()));
-    let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
+    let forwarder = state.db.shared().then(|| {
+        let role = state.role.clone();
+        tokio::spawn(
+            checker
+                .clone()
+                .forward_alerts(Arc::new(move || role.leading()), stop_rx.clone()),
+        )
+    });
+    let st = state.clone();
+    let work = move |stop: tokio::sync::watch::Receiver<bool>| {
+        vec![
+            tokio::spawn(pipeline::run(st.pipeline.clone(), stop.clone())),
+            tokio::spawn(reconcile::run(st.pipeline.clone(), stop.clone())),
+            tokio::spawn(backup::run(st.db.clone(), st.cfg.clone(), stop.clone())),
+            tokio::spawn(ledger::run(
+                st.db.clone(),
+                st.nodes.names(),
+                st.cfg.credits.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(checker.clone().run(stop)),
+        ]
+    };
+    let lead = tokio::spawn(leader::run(
+        state.db.clone(),
+        state.role.clone(),
+        work,
+        stop_rx.clone(),
+        grace,
+    ));
     let server_cfg = state.cfg.server.clone();
     let proxies = state.cfg.trusted_proxies.clone();
     let app = build_router(state);
@@ -120,12 +150,12 @@ pub async fn run(
         } => tracing::warn!("requests still in flight after the grace period; stopping anyway"),
     }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(grace, worker).await;
+    // The leader gives its work `grace` and then aborts what is left.
+    let _ = tokio::time::timeout(grace + Duration::from_secs(1), lead).await;
     monitor.abort();
-    reconciler.abort();
-    backups.abort();
-    refunds.abort();
-    checks.abort();
+    for t in [drains, forwarder].into_iter().flatten() {
+        t.abort();
+    }
     Ok(())
 }
 
@@ -144,11 +174,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.public_url.clone()
     };
     let state = Arc::new(AppState::new(cfg, public_url).await?);
-    anyhow::ensure!(
-        state.db.claim_exclusive().await?,
-        "another manager is already running on this database (database_url); \
-         one manager per database: stop the other first"
-    );
     tracing::info!(%addr, url = %state.public_url, version = env!("CARGO_PKG_VERSION"), "manager listening");
     println!("LISTENING http://{addr}");
     run(listener, state, shared::runtime::shutdown_signal()).await?;

@@ -169,6 +169,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            // One process per embedded database, refused before anything
+            // reads it; held until this process ends.
+            let _claim = manager::catalog::claim_process(&cfg.database_url)?;
             // Refuse to run broken: a damaged database is not served from.
             manager::catalog::quick_check(&cfg.database_url)
                 .await

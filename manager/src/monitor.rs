@@ -218,6 +218,34 @@ impl Monitor {
         }
     }
 
+    /// On a manager that shares its database with others, while it does
+    /// not lead: sends the one-off alerts raised in this process (a node's
+    /// journal delivered here, an audit write that failed here, this
+    /// process losing its lead), which the leader's monitor never sees.
+    /// While it leads, its own monitor sends them: they are only marked
+    /// as sent here, so none goes twice when the lead moves.
+    pub async fn forward_alerts(
+        self: Arc<Self>,
+        leading: Arc<dyn Fn() -> bool + Send + Sync>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut mem = Memory::default();
+        let every = Duration::from_secs(self.cfg.monitor.interval_secs.clamp(1, 10));
+        loop {
+            if leading() {
+                for al in alerts::recent() {
+                    mem.alerts_sent.insert((al.alert, al.detail.clone()), al.at);
+                }
+            } else {
+                self.send_raised_alerts(&mut mem, catalog::now());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
     async fn run_once(&self, mem: &mut Memory) -> anyhow::Result<()> {
         let at = catalog::now();
         let results = self.checks(mem, at).await;

@@ -62,8 +62,18 @@ pub fn source_path(st: &Pipeline, asset_id: &str) -> PathBuf {
     st.cfg.staging_dir().join(format!("{asset_id}.src"))
 }
 
-fn mp4_path(st: &Pipeline, asset_id: &str) -> PathBuf {
-    st.cfg.staging_dir().join(format!("{asset_id}.mp4"))
+/// A job's intermediate files are named for the worker that holds it: a
+/// holder fenced out late (a frozen process waking up) may still write a
+/// moment before it notices, and must not write into its successor's file.
+fn run_tag(worker: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(worker.as_bytes())[..4])
+}
+
+fn mp4_path(st: &Pipeline, asset_id: &str, worker: &str) -> PathBuf {
+    st.cfg
+        .staging_dir()
+        .join(format!("{asset_id}.{}.mp4", run_tag(worker)))
 }
 
 pub fn outbox_path(st: &Pipeline, blob: &BlobId) -> PathBuf {
@@ -72,10 +82,20 @@ pub fn outbox_path(st: &Pipeline, blob: &BlobId) -> PathBuf {
 
 /// Deletes everything staged for an asset (source, intermediate MP4).
 fn clear_staging(st: &Pipeline, asset_id: &str) {
-    for p in [source_path(st, asset_id), mp4_path(st, asset_id)] {
-        let _ = std::fs::remove_file(p);
+    let _ = std::fs::remove_file(source_path(st, asset_id));
+    // Every holder's intermediate files, this one's and any earlier's.
+    let prefix = format!("{asset_id}.");
+    if let Ok(dir) = std::fs::read_dir(st.cfg.staging_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix)
+                && (name.ends_with(".mp4") || name.ends_with(".sealed.part"))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
-    let _ = std::fs::remove_file(st.cfg.staging_dir().join(format!("{asset_id}.sealed.part")));
 }
 
 /// Everything kept for an asset that will never play (its poster).
@@ -96,28 +116,35 @@ const LEASE_SECS: i64 = 30;
 pub async fn run(st: Ctx, stop: watch::Receiver<bool>) {
     // The embedded SQLite database belongs to one manager process, so at
     // start every job caught mid-step was left by a process that is gone.
-    // (Managers sharing a PostgreSQL database rely on the leases instead.)
-    match st.db.requeue_interrupted().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(count = n, "requeued jobs interrupted by the last shutdown"),
-        Err(e) => tracing::error!("cannot requeue interrupted jobs: {e}"),
+    // Managers sharing a PostgreSQL database rely on the leases instead: a
+    // leader that lost its lead may still be finishing a step for a few
+    // seconds, and its job is taken over only once its lease lapses.
+    if !st.db.shared() {
+        match st.db.requeue_interrupted().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "requeued jobs interrupted by the last shutdown"),
+            Err(e) => tracing::error!("cannot requeue interrupted jobs: {e}"),
+        }
     }
     if let Err(e) = clear_orphaned_outbox(&st).await {
         tracing::error!("cannot check the outbox for orphaned blobs: {e:#}");
     }
-    let mut tasks = Vec::new();
-    // Named host/transcode-N, as the console's queue shows the claimer.
+    // A JoinSet: when the leader aborts this task (it lost its lead and
+    // the grace ran out), dropping the set aborts the loops too.
+    let mut tasks = tokio::task::JoinSet::new();
+    // Named host/transcode-N, as the console's queue shows the claimer,
+    // with a mark of this process: the name fences the job's writes
+    // (`Catalog::renew_lease`), and two managers may share a host name.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "manager".into());
+    let mark = &uuid::Uuid::new_v4().simple().to_string()[..6];
     for i in 0..st.cfg.transcode.workers {
-        let name = format!("{host}/transcode-{}", i + 1);
-        tasks.push(tokio::spawn(job_loop(st.clone(), stop.clone(), name)));
+        let name = format!("{host}/transcode-{}#{mark}", i + 1);
+        tasks.spawn(job_loop(st.clone(), stop.clone(), name));
     }
-    tasks.push(tokio::spawn(replication_loop(st.clone(), stop)));
-    for t in tasks {
-        let _ = t.await;
-    }
+    tasks.spawn(replication_loop(st.clone(), stop));
+    while tasks.join_next().await.is_some() {}
 }
 
 async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
@@ -151,7 +178,7 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
             Ok(Some(asset)) => {
                 worker.started();
                 worker.progress(format!("processing {}", asset.id));
-                process(&st, asset, &stop).await;
+                process(&st, asset, &name, &stop).await;
                 worker.finished(Ok::<(), String>(()));
                 continue;
             }
@@ -205,14 +232,25 @@ struct LeaseKeeper(tokio::task::JoinHandle<()>);
 
 impl LeaseKeeper {
     /// Renews `id`'s lease (to [`LEASE_SECS`] from now) every `every`.
-    fn start(db: catalog::SharedCatalog, id: String, every: Duration) -> LeaseKeeper {
+    fn start(
+        db: catalog::SharedCatalog,
+        id: String,
+        worker: String,
+        every: Duration,
+    ) -> LeaseKeeper {
         LeaseKeeper(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = db.renew_lease(&id, LEASE_SECS).await {
-                    tracing::warn!(asset = %id, "cannot renew the job's lease: {e}");
+                match db.renew_lease(&id, &worker, LEASE_SECS).await {
+                    Ok(_) => {}
+                    Err(sqlx::Error::RowNotFound) => {
+                        // The job's next write fails the same way and ends it.
+                        tracing::warn!(asset = %id, "another worker holds this job now (its lease lapsed)");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(asset = %id, "cannot renew the job's lease: {e}"),
                 }
             }
         }))
@@ -225,29 +263,44 @@ impl Drop for LeaseKeeper {
     }
 }
 
-async fn process(st: &Pipeline, asset: catalog::Asset, stop: &watch::Receiver<bool>) {
+async fn process(st: &Pipeline, asset: catalog::Asset, worker: &str, stop: &watch::Receiver<bool>) {
     let id = asset.id.clone();
     let span = tracing::info_span!("job", asset = %id);
     let lease = LeaseKeeper::start(
         st.db.clone(),
         id.clone(),
+        worker.to_string(),
         Duration::from_secs(LEASE_SECS as u64 / 6),
     );
-    let outcome = run_steps(st, &asset, stop).instrument(span).await;
+    let outcome = run_steps(st, &asset, worker, stop).instrument(span).await;
     drop(lease);
+    let outcome = match outcome {
+        Err(StepError::Internal(e)) if catalog::lost_job(&e) => Err(StepError::Lost),
+        other => other,
+    };
     match outcome {
         Ok(()) => {}
+        Err(StepError::Lost) => {
+            // Its new holder works from the same staged source: leave
+            // every file as it is.
+            tracing::warn!(asset = %id, "job dropped here: another worker took it over after its lease lapsed");
+        }
         Err(StepError::Rejected { code, message }) => {
             tracing::info!(code, "upload rejected: {message}");
-            clear_rejected(st, &id);
-            if let Err(e) = st.db.reject(&id, code, &message).await {
-                tracing::error!("cannot record the rejection: {e}");
+            // Recorded first: a job that is another worker's now keeps
+            // its files.
+            match st.db.reject(&id, worker, code, &message).await {
+                Ok(()) => clear_rejected(st, &id),
+                Err(sqlx::Error::RowNotFound) => {
+                    tracing::warn!(asset = %id, "rejection not recorded: another worker holds the job now")
+                }
+                Err(e) => tracing::error!("cannot record the rejection: {e}"),
             }
             metrics::counter!("manager_assets_total", "outcome" => "rejected").increment(1);
         }
         Err(StepError::Interrupted) => {
             tracing::info!("job interrupted by shutdown; it resumes at next start");
-            if let Err(e) = st.db.requeue(&id).await {
+            if let Err(e) = st.db.requeue(&id, worker).await {
                 tracing::error!("cannot requeue the job: {e}");
             }
         }
@@ -258,7 +311,7 @@ async fn process(st: &Pipeline, asset: catalog::Asset, stop: &watch::Receiver<bo
             if attempts >= MAX_JOB_ATTEMPTS {
                 // The source stays in staging so an operator can retry.
                 tracing::error!(attempts, "job failed for good: {e:#}");
-                let _ = st.db.reject(&id, "processing_failed", "We could not process this file after several tries. The operator has been told; please try again later.").await;
+                let _ = st.db.reject(&id, worker, "processing_failed", "We could not process this file after several tries. The operator has been told; please try again later.").await;
                 metrics::counter!("manager_assets_total", "outcome" => "failed").increment(1);
             } else {
                 let delay = backoff_secs(attempts);
@@ -267,7 +320,7 @@ async fn process(st: &Pipeline, asset: catalog::Asset, stop: &watch::Receiver<bo
                     retry_in_secs = delay,
                     "job failed, will retry: {e:#}"
                 );
-                if let Err(e) = st.db.retry_later(&id, delay).await {
+                if let Err(e) = st.db.retry_later(&id, worker, delay).await {
                     tracing::error!("cannot requeue the job: {e}");
                 }
             }
@@ -276,9 +329,24 @@ async fn process(st: &Pipeline, asset: catalog::Asset, stop: &watch::Receiver<bo
 }
 
 enum StepError {
-    Rejected { code: &'static str, message: String },
+    Rejected {
+        code: &'static str,
+        message: String,
+    },
     Interrupted,
+    /// Another worker holds the job now (fenced out: `catalog::lost_job`).
+    Lost,
     Internal(anyhow::Error),
+}
+
+/// Tells a transcode running on a blocking thread to stop when the job's
+/// future is dropped (the leader aborting its work): nothing else would.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl<E: Into<anyhow::Error>> From<E> for StepError {
@@ -290,6 +358,7 @@ impl<E: Into<anyhow::Error>> From<E> for StepError {
 async fn run_steps(
     st: &Pipeline,
     asset: &catalog::Asset,
+    worker: &str,
     stop: &watch::Receiver<bool>,
 ) -> Result<(), StepError> {
     let id = asset.id.as_str();
@@ -301,7 +370,7 @@ async fn run_steps(
         });
     }
 
-    st.db.set_state(id, AssetState::Probing).await?;
+    st.db.set_state(id, worker, AssetState::Probing).await?;
     let probe_src = src.clone();
     let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
     let info = info.map_err(media_rejection)?;
@@ -309,9 +378,11 @@ async fn run_steps(
     media::validate(&info, file_len, &st.cfg.media_limits()).map_err(media_rejection)?;
     tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
 
-    st.db.set_state(id, AssetState::Transcoding).await?;
-    let out = mp4_path(st, id);
+    st.db.set_state(id, worker, AssetState::Transcoding).await?;
+    let out = mp4_path(st, id, worker);
     let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancel.clone());
+    let mut lost = false;
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let profile = media::Profile {
         max_width: st.cfg.transcode.max_width,
@@ -339,8 +410,13 @@ async fn run_steps(
                 _ = tick.tick() => {
                     let p = f32::from_bits(progress.load(Ordering::Relaxed));
                     let _ = st.db.set_progress(id, p as f64).await;
-                    if let Ok(true) = st.db.renew_lease(id, LEASE_SECS).await {
-                        cancel.store(true, Ordering::Relaxed);
+                    match st.db.renew_lease(id, worker, LEASE_SECS).await {
+                        Ok(true) => cancel.store(true, Ordering::Relaxed),
+                        Err(sqlx::Error::RowNotFound) => {
+                            lost = true;
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                        _ => {}
                     }
                 }
                 _ = stop.changed() => cancel.store(true, Ordering::Relaxed),
@@ -349,6 +425,7 @@ async fn run_steps(
     };
     let output = match result {
         Ok(o) => o,
+        Err(_) if lost => return Err(StepError::Lost),
         Err(e) if cancel.load(Ordering::Relaxed) => {
             let _ = std::fs::remove_file(&out);
             tracing::debug!("transcode cancelled: {e}");
@@ -376,17 +453,26 @@ async fn run_steps(
     }
     metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
     st.db
-        .set_media_info(id, output.width, output.height, output.duration_secs)
+        .set_media_info(
+            id,
+            worker,
+            output.width,
+            output.height,
+            output.duration_secs,
+        )
         .await?;
 
     // Last point where a cancel applies: after sealing the job is done.
     // One conditional update, so a cancel racing this line still wins.
-    if !st.db.start_sealing(id).await? {
+    if !st.db.start_sealing(id, worker).await? {
         return Err(cancelled_or_interrupted(st, id).await);
     }
     let key = DataKey::generate();
     let wrapped = st.master.wrap(id, &key);
-    let part = st.cfg.staging_dir().join(format!("{id}.sealed.part"));
+    let part = st
+        .cfg
+        .staging_dir()
+        .join(format!("{id}.{}.sealed.part", run_tag(worker)));
     let (blob, sealed_len, plain_len) = {
         let (out, part, id, key_id) = (out.clone(), part.clone(), id.to_string(), st.master.id());
         tokio::task::spawn_blocking(move || seal_file(&out, &part, &key, &id, key_id)).await??
@@ -394,16 +480,25 @@ async fn run_steps(
     let dest = outbox_path(st, &blob);
     std::fs::rename(&part, &dest)?;
     fsync_dir(&st.cfg.outbox_dir())?;
-    st.db
+    let recorded = st
+        .db
         .record_sealed(
             id,
+            worker,
             &blob.to_string(),
             sealed_len,
             plain_len,
             &wrapped,
             &st.nodes.names(),
         )
-        .await?;
+        .await;
+    if let Err(sqlx::Error::RowNotFound) = recorded {
+        // Fenced out: the key dies with this job, so the sealed file is
+        // nobody's. (Another failure may have committed unseen: its file
+        // stays for the orphan check at the next start.)
+        let _ = std::fs::remove_file(&dest);
+    }
+    recorded?;
     // Only now is the source redundant: the sealed blob and its key are recorded.
     clear_staging(st, id);
     tracing::info!(%blob, sealed_len, plain_len, "sealed");
@@ -484,9 +579,24 @@ pub async fn trim_outbox(st: &Pipeline) -> anyhow::Result<u64> {
 /// are removed at start, before any worker runs. Returns how many.
 pub async fn clear_orphaned_outbox(st: &Pipeline) -> anyhow::Result<usize> {
     let referenced = st.db.referenced_blobs().await?;
+    // With managers sharing the database (and the outbox), a leader that
+    // just lost its lead may be between moving its file in and recording
+    // it: only files older than two leases are judged.
+    let shared = st.db.shared();
+    let young = |e: &std::fs::DirEntry| {
+        e.metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < Duration::from_secs(2 * LEASE_SECS as u64))
+    };
     let mut removed = 0;
     for entry in std::fs::read_dir(st.cfg.outbox_dir())? {
-        let path = entry?.path();
+        let entry = entry?;
+        if shared && young(&entry) {
+            continue;
+        }
+        let path = entry.path();
         let Some(blob) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -768,7 +878,12 @@ mod tests {
             t
         };
         assert!(lease(cat.clone()).await < catalog::now());
-        let keeper = LeaseKeeper::start(db.clone(), "j".into(), Duration::from_millis(50));
+        let keeper = LeaseKeeper::start(
+            db.clone(),
+            "j".into(),
+            "test".into(),
+            Duration::from_millis(50),
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(lease(cat.clone()).await >= catalog::now() + LEASE_SECS - 2);
         assert!(
@@ -819,7 +934,7 @@ mod tests {
             let id = format!("a{i}");
             let blob = BlobId::of(id.as_bytes());
             db.insert_asset(&id, owner, "T", "t.mp4", 1).await.unwrap();
-            db.record_sealed(&id, &blob.to_string(), 600 << 10, 1, b"k", &nodes)
+            db.record_sealed(&id, "seed", &blob.to_string(), 600 << 10, 1, b"k", &nodes)
                 .await
                 .unwrap();
             for node in &nodes[..copies] {

@@ -286,7 +286,7 @@ mod tests {
             .unwrap();
         db.insert_asset("m", owner, "M", "m.mp4", 10).await.unwrap();
         let nodes = ["utah".to_string(), "toronto".to_string()];
-        db.record_sealed("m", &"ab".repeat(32), 100, 90, b"k", &nodes)
+        db.record_sealed("m", "seed", &"ab".repeat(32), 100, 90, b"k", &nodes)
             .await
             .unwrap();
         (dir, db)

@@ -393,9 +393,17 @@ async fn published_movie(f: &Fixture, id: &str, owner: i64, price: i64) {
     f.db.insert_asset(id, owner, "A movie", "m.mp4", 10)
         .await
         .unwrap();
-    f.db.record_sealed(id, &"ab".repeat(32), 100, 90, b"k", &["utah".into()])
-        .await
-        .unwrap();
+    f.db.record_sealed(
+        id,
+        "seed",
+        &"ab".repeat(32),
+        100,
+        90,
+        b"k",
+        &["utah".into()],
+    )
+    .await
+    .unwrap();
     f.db.replica_verified(id, "utah").await.unwrap();
     assert!(f.db.publish_if_replicated(id, 1).await.unwrap());
     f.db.set_price(id, price).await.unwrap();
@@ -1060,7 +1068,7 @@ async fn the_overview_answers_is_everything_fine_for_an_operator() {
     f.db.insert_asset("d", owner, "D", "d.mp4", 1)
         .await
         .unwrap();
-    f.db.record_sealed("d", &"cd".repeat(32), 10, 9, b"k", &["utah".into()])
+    f.db.record_sealed("d", "seed", &"cd".repeat(32), 10, 9, b"k", &["utah".into()])
         .await
         .unwrap();
     assert!(f.db.mark_damaged("d").await.unwrap());
@@ -1148,7 +1156,7 @@ async fn the_job_queue_shows_jobs_and_its_actions_are_audited() {
     f.db.insert_asset("broken", u, "Broken", "b.mp4", 1)
         .await
         .unwrap();
-    f.db.reject("broken", "processing_failed", "the encoder crashed")
+    f.db.reject("broken", "seed", "processing_failed", "the encoder crashed")
         .await
         .unwrap();
     let (s, _, body) = send(&f, page("/admin/jobs", Some(&op))).await;
@@ -1712,7 +1720,9 @@ async fn one_account_cannot_take_the_uploads_from_the_others() {
         "within the quota: {body}"
     );
     // A rejected movie's bytes do not count.
-    f.db.reject("kept", "processing_failed", "x").await.unwrap();
+    f.db.reject("kept", "seed", "processing_failed", "x")
+        .await
+        .unwrap();
     let (s, _, body) = send(&f, upload_request(&b, junk(4500))).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 

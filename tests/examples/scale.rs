@@ -372,7 +372,7 @@ async fn seed(c: &Cluster, n: usize) {
             cat.insert_asset(&id, owner, &format!("Scale movie {i}"), "m.mp4", 1000)
                 .await
                 .unwrap();
-            cat.record_sealed(&id, &hex, 512, 400, b"k", &nodes)
+            cat.record_sealed(&id, "seed", &hex, 512, 400, b"k", &nodes)
                 .await
                 .unwrap();
             for node in &nodes {

@@ -187,8 +187,10 @@ async fn zeroed_bytes_are_found_by_one_scrub_pass_and_repaired_from_the_other_no
     zero_64k_in_the_middle(&a_blob);
     let started = Instant::now();
 
-    // Detected within one pass: at most the pass under way completes
-    // before the quarantine shows.
+    // Detected within one full pass: the pass under way may already be
+    // past the blob (it ends without finding it, and the count may also
+    // have moved between the reading above and the zeroing), so the
+    // next one finds it.
     let passes_at_detection = loop {
         let inv = cluster.node_inventory(0).await;
         if inv["quarantined"]
@@ -203,7 +205,7 @@ async fn zeroed_bytes_are_found_by_one_scrub_pass_and_repaired_from_the_other_no
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        passes_at_detection <= passes_before + 1,
+        passes_at_detection <= passes_before + 2,
         "took more than one pass: {passes_before} -> {passes_at_detection}"
     );
 
@@ -710,8 +712,10 @@ async fn an_unreferenced_blob_is_reported_then_deleted_only_after_the_grace_peri
         assert!(put_at.elapsed() < LIMIT, "never deleted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The manager keeps times in whole seconds: the grace may end up to a
+    // second before six have passed on this clock, never earlier.
     assert!(
-        put_at.elapsed() >= Duration::from_secs(6),
+        put_at.elapsed() >= Duration::from_secs(5),
         "deleted before the grace period: {:?}",
         put_at.elapsed()
     );

@@ -22,6 +22,7 @@ macro_rules! suite {
             accounts_sessions_and_tokens,
             a_job_is_claimed_once_and_again_only_after_its_lease_runs_out,
             a_cancel_racing_the_move_to_sealing_wins,
+            a_job_taken_over_refuses_every_write_of_its_old_holder,
             failed_jobs_back_off_and_cancel_and_retry_follow_the_state,
             copies_publish_a_movie_and_their_loss_damages_it,
             purchases_charge_once_and_refusals_change_nothing,
@@ -67,9 +68,17 @@ async fn account(c: &SharedCatalog, email: &str, bonus: i64) -> i64 {
 /// A published movie with a price, owned by `owner`, held verified on `utah`.
 async fn published(c: &SharedCatalog, id: &str, owner: i64, price: i64) {
     c.insert_asset(id, owner, id, "m.mp4", 10).await.unwrap();
-    c.record_sealed(id, &format!("b{id}"), 100, 90, b"k", &["utah".into()])
-        .await
-        .unwrap();
+    c.record_sealed(
+        id,
+        "test",
+        &format!("b{id}"),
+        100,
+        90,
+        b"k",
+        &["utah".into()],
+    )
+    .await
+    .unwrap();
     c.replica_verified(id, "utah").await.unwrap();
     assert!(c.publish_if_replicated(id, 1).await.unwrap());
     c.set_price(id, price).await.unwrap();
@@ -182,8 +191,60 @@ pub async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out(c: &S
     assert_eq!(c.claim_next(-1, "test").await.unwrap().unwrap().id, "three");
     assert_eq!(c.claim_next(30, "test").await.unwrap().unwrap().id, "three");
     assert!(
-        !c.renew_lease("three", 30).await.unwrap(),
+        !c.renew_lease("three", "test", 30).await.unwrap(),
         "no cancel asked"
+    );
+}
+
+pub async fn a_job_taken_over_refuses_every_write_of_its_old_holder(c: &SharedCatalog) {
+    let owner = account(c, "a@example.com", 0).await;
+    c.insert_asset("f", owner, "F", "f.mp4", 10).await.unwrap();
+    // The old holder's lease lapses (a frozen process); another claims.
+    assert_eq!(c.claim_next(-1, "old").await.unwrap().unwrap().id, "f");
+    assert_eq!(c.claim_next(30, "new").await.unwrap().unwrap().id, "f");
+    c.set_state("f", "new", AssetState::Transcoding)
+        .await
+        .unwrap();
+    let lost = |r: sqlx::Result<()>| matches!(r, Err(sqlx::Error::RowNotFound));
+    // Whatever the old holder does when it wakes changes nothing.
+    assert!(matches!(
+        c.renew_lease("f", "old", 30).await,
+        Err(sqlx::Error::RowNotFound)
+    ));
+    assert!(lost(c.set_state("f", "old", AssetState::Probing).await));
+    assert!(lost(c.set_media_info("f", "old", 1, 1, 1.0).await));
+    assert!(matches!(
+        c.start_sealing("f", "old").await,
+        Err(sqlx::Error::RowNotFound)
+    ));
+    assert!(lost(
+        c.record_sealed("f", "old", "bold", 10, 9, b"k", &["utah".into()])
+            .await
+    ));
+    assert!(lost(c.requeue("f", "old").await));
+    assert!(matches!(
+        c.retry_later("f", "old", 60).await,
+        Err(sqlx::Error::RowNotFound)
+    ));
+    assert!(lost(c.reject("f", "old", "not_media", "x").await));
+    let f = c.asset("f").await.unwrap().unwrap();
+    assert_eq!(f.state, AssetState::Transcoding);
+    assert!(f.blob_id.is_none() && f.error_code.is_none());
+    assert!(c.replicas("f").await.unwrap().is_empty());
+    assert!(
+        c.claim_next(30, "third").await.unwrap().is_none(),
+        "still held"
+    );
+    // The new holder goes on.
+    assert!(!c.renew_lease("f", "new", 30).await.unwrap());
+    assert!(c.start_sealing("f", "new").await.unwrap());
+    c.record_sealed("f", "new", "bnew", 10, 9, b"k", &["utah".into()])
+        .await
+        .unwrap();
+    let f = c.asset("f").await.unwrap().unwrap();
+    assert_eq!(
+        (f.state, f.blob_id.as_deref()),
+        (AssetState::Replicating, Some("bnew"))
     );
 }
 
@@ -191,7 +252,9 @@ pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
     let owner = account(c, "a@example.com", 0).await;
     c.insert_asset("s", owner, "S", "s.mp4", 10).await.unwrap();
     c.claim_next(30, "test").await.unwrap().unwrap();
-    c.set_state("s", AssetState::Transcoding).await.unwrap();
+    c.set_state("s", "test", AssetState::Transcoding)
+        .await
+        .unwrap();
     // The worker's last look finds no cancel; the uploader's cancel lands
     // right after and is told "requested".
     assert!(!c.cancel_requested("s").await.unwrap());
@@ -200,7 +263,7 @@ pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
         CancelOutcome::Requested
     );
     // So the move to sealing must not happen.
-    assert!(!c.start_sealing("s").await.unwrap());
+    assert!(!c.start_sealing("s", "test").await.unwrap());
     assert_eq!(
         c.asset("s").await.unwrap().unwrap().state,
         AssetState::Transcoding
@@ -208,8 +271,10 @@ pub async fn a_cancel_racing_the_move_to_sealing_wins(c: &SharedCatalog) {
     // Without a cancel it does, and a cancel after it is too late.
     c.insert_asset("t", owner, "T", "t.mp4", 10).await.unwrap();
     assert_eq!(c.claim_next(30, "test").await.unwrap().unwrap().id, "t");
-    c.set_state("t", AssetState::Transcoding).await.unwrap();
-    assert!(c.start_sealing("t").await.unwrap());
+    c.set_state("t", "test", AssetState::Transcoding)
+        .await
+        .unwrap();
+    assert!(c.start_sealing("t", "test").await.unwrap());
     assert_eq!(c.request_cancel("t").await.unwrap(), CancelOutcome::TooLate);
 }
 
@@ -217,7 +282,7 @@ pub async fn failed_jobs_back_off_and_cancel_and_retry_follow_the_state(c: &Shar
     let owner = account(c, "a@example.com", 0).await;
     c.insert_asset("j", owner, "J", "j.mp4", 10).await.unwrap();
     c.claim_next(30, "test").await.unwrap().unwrap();
-    assert_eq!(c.retry_later("j", 60).await.unwrap(), 1);
+    assert_eq!(c.retry_later("j", "test", 60).await.unwrap(), 1);
     assert!(
         c.claim_next(30, "test").await.unwrap().is_none(),
         "not due for a minute"
@@ -239,12 +304,16 @@ pub async fn failed_jobs_back_off_and_cancel_and_retry_follow_the_state(c: &Shar
         c.request_cancel("r").await.unwrap(),
         CancelOutcome::Requested
     );
-    assert!(c.renew_lease("r", 30).await.unwrap());
-    c.set_state("r", AssetState::Replicating).await.unwrap();
+    assert!(c.renew_lease("r", "test", 30).await.unwrap());
+    c.set_state("r", "test", AssetState::Replicating)
+        .await
+        .unwrap();
     assert_eq!(c.request_cancel("q").await.unwrap(), CancelOutcome::TooLate);
     // Only processing_failed is retried by an operator.
     assert!(!c.retry_failed("q").await.unwrap());
-    c.reject("j", "processing_failed", "x").await.unwrap();
+    c.reject("j", "test", "processing_failed", "x")
+        .await
+        .unwrap();
     assert!(c.retry_failed("j").await.unwrap());
     let j = c.asset("j").await.unwrap().unwrap();
     assert_eq!(
@@ -257,7 +326,7 @@ pub async fn copies_publish_a_movie_and_their_loss_damages_it(c: &SharedCatalog)
     let owner = account(c, "a@example.com", 0).await;
     let nodes = ["utah".to_string(), "toronto".to_string()];
     c.insert_asset("m", owner, "M", "m.mp4", 10).await.unwrap();
-    c.record_sealed("m", "bm", 100, 90, b"key", &nodes)
+    c.record_sealed("m", "test", "bm", 100, 90, b"key", &nodes)
         .await
         .unwrap();
     let m = c.asset("m").await.unwrap().unwrap();
@@ -521,7 +590,7 @@ pub async fn uploads_are_charged_with_their_row_and_refunded_once(c: &SharedCata
         }
     );
     assert!(c.asset("m3").await.unwrap().is_none(), "no unpaid row");
-    c.reject("m1", "not_media", "x").await.unwrap();
+    c.reject("m1", "test", "not_media", "x").await.unwrap();
     let due = c.unrefunded_rejected_uploads(10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].id.as_str(), due[0].cost), ("m1", 10));
@@ -790,7 +859,7 @@ pub async fn the_console_reads_accounts_counts_and_an_append_only_audit_log(c: &
     // One published movie short of copies, one damaged, one job waiting.
     published(c, "m", a, 0).await;
     c.insert_asset("d", a, "D", "d.mp4", 1).await.unwrap();
-    c.record_sealed("d", "bd", 10, 9, b"k", &["utah".into()])
+    c.record_sealed("d", "test", "bd", 10, 9, b"k", &["utah".into()])
         .await
         .unwrap();
     assert!(c.mark_damaged("d").await.unwrap());
@@ -813,7 +882,9 @@ pub async fn the_console_reads_accounts_counts_and_an_append_only_audit_log(c: &
         "oldest first; published and damaged movies are not jobs"
     );
     assert_eq!(jobs[0].owner_email, "alice@example.com");
-    c.reject("q", "processing_failed", "x").await.unwrap();
+    c.reject("q", "test", "processing_failed", "x")
+        .await
+        .unwrap();
     assert_eq!(
         c.request_cancel("r").await.unwrap(),
         CancelOutcome::Cancelled
@@ -1179,7 +1250,7 @@ pub async fn withdrawals_priorities_and_disabled_accounts(c: &SharedCatalog) {
     assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q1");
     c.insert_asset("q3", owner, "Q3", "c.mp4", 1).await.unwrap();
     assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q3");
-    c.retry_later("q3", 3600).await.unwrap();
+    c.retry_later("q3", "w", 3600).await.unwrap();
     assert!(c.claim_next(30, "w").await.unwrap().is_none(), "waiting");
     assert!(c.raise_priority("q3").await.unwrap().is_some());
     assert_eq!(c.claim_next(30, "w").await.unwrap().unwrap().id, "q3");
@@ -1203,7 +1274,9 @@ pub async fn owners_take_turns_in_the_queue_and_usage_is_counted(c: &SharedCatal
     // What an account keeps and made: rejected movies keep nothing.
     assert_eq!(c.upload_usage(busy, 0).await.unwrap(), (5000, 50));
     assert_eq!(c.upload_usage(other, 0).await.unwrap(), (7, 1));
-    c.reject("a49", "unsupported_codec", "x").await.unwrap();
+    c.reject("a49", "test", "unsupported_codec", "x")
+        .await
+        .unwrap();
     assert_eq!(c.upload_usage(busy, 0).await.unwrap(), (4900, 50));
     assert_eq!(c.upload_usage(busy, now() + 10).await.unwrap().1, 0);
 }

@@ -59,6 +59,34 @@ pub async fn quick_check(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fenced write's outcome ([`lost_job`]): a row changed, or the job is
+/// another worker's now.
+fn held(rows: u64) -> sqlx::Result<()> {
+    if rows == 0 {
+        return Err(sqlx::Error::RowNotFound);
+    }
+    Ok(())
+}
+
+/// Whether a job holder's write was refused because another worker holds
+/// the job now (its lease lapsed and the job was claimed again).
+pub fn lost_job(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .is_some_and(|e| matches!(e, sqlx::Error::RowNotFound))
+}
+
+/// Claims an embedded (SQLite) database for this process for as long as
+/// the returned file stays open: a second manager started on the same
+/// file is refused before it reads or changes anything. `None` for a
+/// database server, which several managers may share (one leads:
+/// [`Catalog::try_lead`]).
+pub fn claim_process(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    if is_sqlite(url) {
+        return sqlite::claim_process(url);
+    }
+    Ok(None)
+}
+
 fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
@@ -639,19 +667,26 @@ pub trait Catalog: Send + Sync + 'static {
     /// `worker` names the claimer for the console's queue.
     async fn claim_next(&self, lease_secs: i64, worker: &str) -> sqlx::Result<Option<Asset>>;
 
+    // The writes of a job's holder below take the `worker` name it claimed
+    // the job with, and are fenced by it: once a lease lapsed and another
+    // worker claimed the job, the old holder's writes change nothing and
+    // fail with `sqlx::Error::RowNotFound` ([`lost_job`]), however late
+    // they come (a frozen process that wakes up, a leader cut off from
+    // its database). A row never claimed (`worker` NULL) takes any.
+
     /// Extends a job's lease; returns whether its cancel was requested.
-    async fn renew_lease(&self, id: &str, lease_secs: i64) -> sqlx::Result<bool>;
+    async fn renew_lease(&self, id: &str, worker: &str, lease_secs: i64) -> sqlx::Result<bool>;
 
     /// Moves a transcoded job to `sealing` unless its cancel was requested, in
     /// one statement: a cancel that arrives at any moment before is honoured
     /// (`false`), one after finds the job past cancelling (`TooLate`).
-    async fn start_sealing(&self, id: &str) -> sqlx::Result<bool>;
+    async fn start_sealing(&self, id: &str, worker: &str) -> sqlx::Result<bool>;
 
     async fn cancel_requested(&self, id: &str) -> sqlx::Result<bool>;
 
     /// Puts a job back in the queue at once, without counting an attempt
     /// (graceful shutdown interrupted it).
-    async fn requeue(&self, id: &str) -> sqlx::Result<()>;
+    async fn requeue(&self, id: &str, worker: &str) -> sqlx::Result<()>;
 
     async fn request_cancel(&self, id: &str) -> sqlx::Result<CancelOutcome>;
 
@@ -661,22 +696,28 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Puts a job that failed for an internal reason back in the queue after
     /// `delay_secs`; returns how many attempts it has now had.
-    async fn retry_later(&self, id: &str, delay_secs: i64) -> sqlx::Result<i64>;
+    async fn retry_later(&self, id: &str, worker: &str, delay_secs: i64) -> sqlx::Result<i64>;
 
     /// Work interrupted by a crash or shutdown restarts from the top: staging
     /// keeps the source until sealing commits, so nothing is lost.
     async fn requeue_interrupted(&self) -> sqlx::Result<u64>;
 
-    /// Moves a job to its next step. Only a worker holding the job calls it.
-    async fn set_state(&self, id: &str, state: crate::domain::AssetState) -> sqlx::Result<()>;
+    /// Moves a job to its next step.
+    async fn set_state(
+        &self,
+        id: &str,
+        worker: &str,
+        state: crate::domain::AssetState,
+    ) -> sqlx::Result<()>;
 
     async fn set_progress(&self, id: &str, progress: f64) -> sqlx::Result<()>;
 
-    async fn reject(&self, id: &str, code: &str, message: &str) -> sqlx::Result<()>;
+    async fn reject(&self, id: &str, worker: &str, code: &str, message: &str) -> sqlx::Result<()>;
 
     async fn set_media_info(
         &self,
         id: &str,
+        worker: &str,
         width: u32,
         height: u32,
         duration: f64,
@@ -684,9 +725,13 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Records the sealed blob and creates one pending replica per node, in one
     /// transaction: either the asset is ready to replicate or nothing changed.
+    // The job, its holder, what was sealed and where it goes: one
+    // transaction's worth, each named at the one call site.
+    #[allow(clippy::too_many_arguments)]
     async fn record_sealed(
         &self,
         id: &str,
+        worker: &str,
         blob_id: &str,
         sealed_len: u64,
         plain_len: u64,
@@ -1102,13 +1147,24 @@ pub trait Catalog: Send + Sync + 'static {
     /// Closes every connection (a restore replaces the files after this).
     async fn close(&self);
 
-    /// Claims the database for this manager process while it runs;
-    /// `false`: another manager's process holds it. One manager per
-    /// database: its background work (jobs requeued at start, refunds,
-    /// backups) assumes no other. SQLite's file belongs to one host's
-    /// process by nature; PostgreSQL holds a session advisory lock, which
-    /// the server lets go the moment that process's connection dies.
-    async fn claim_exclusive(&self) -> sqlx::Result<bool>;
+    /// Whether other manager processes may use this database at the same
+    /// time (PostgreSQL). SQLite's file belongs to one process: the
+    /// manager refuses to start beside another on it ([`claim_process`]).
+    fn shared(&self) -> bool;
+
+    /// Takes the lead of the managers on this database if no other
+    /// process holds it: `true` while this process leads. Only the leader
+    /// runs background work (docs/operations.md, "A standby manager").
+    /// PostgreSQL holds a session advisory lock on a connection of its
+    /// own, which the server lets go the moment that connection dies (the
+    /// process killed, its host gone once keepalives give up). Without
+    /// other processes (SQLite) this process always leads.
+    async fn try_lead(&self) -> sqlx::Result<bool>;
+
+    /// Whether the lead taken by [`Catalog::try_lead`] still holds: its
+    /// connection answers within seconds. `false` gives it up (another
+    /// process may have it by now).
+    async fn still_leading(&self) -> bool;
 
     /// Copies the whole catalog, consistent at one instant, into `dest` (a
     /// new file), and returns what the copy holds.

@@ -284,29 +284,45 @@ macro_rules! portable_impl {
             .await
         }
 
-        async fn renew_lease(&self, id: &str, lease_secs: i64) -> sqlx::Result<bool> {
+        async fn renew_lease(&self, id: &str, worker: &str, lease_secs: i64) -> sqlx::Result<bool> {
             let db = &self.pool;
-            let row: Option<(i64,)> = sqlx::query_as(
-                "UPDATE assets SET lease_until = $1 WHERE id = $2 RETURNING cancel_requested",
+            let (cancel,): (i64,) = sqlx::query_as(
+                "UPDATE assets SET lease_until = $1
+                 WHERE id = $2 AND (worker IS NULL OR worker = $3) RETURNING cancel_requested",
             )
             .bind(now() + lease_secs)
             .bind(id)
-            .fetch_optional(db)
+            .bind(worker)
+            .fetch_one(db)
             .await?;
-            Ok(matches!(row, Some((1,))))
+            Ok(cancel == 1)
         }
 
-        async fn start_sealing(&self, id: &str) -> sqlx::Result<bool> {
+        async fn start_sealing(&self, id: &str, worker: &str) -> sqlx::Result<bool> {
             let db = &self.pool;
             let r = sqlx::query(
                 "UPDATE assets SET state = 'sealing', progress = 0, updated_at = $1
-                 WHERE id = $2 AND state = 'transcoding' AND cancel_requested = 0",
+                 WHERE id = $2 AND state = 'transcoding' AND cancel_requested = 0
+                 AND (worker IS NULL OR worker = $3)",
             )
             .bind(now())
             .bind(id)
+            .bind(worker)
             .execute(db)
             .await?;
-            Ok(r.rows_affected() == 1)
+            if r.rows_affected() == 1 {
+                return Ok(true);
+            }
+            // Not moved: cancelled (`false`), or no longer this worker's.
+            let (holder,): (Option<String>,) =
+                sqlx::query_as("SELECT worker FROM assets WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(db)
+                    .await?;
+            match holder {
+                Some(h) if h != worker => Err(sqlx::Error::RowNotFound),
+                _ => Ok(false),
+            }
         }
 
         async fn cancel_requested(&self, id: &str) -> sqlx::Result<bool> {
@@ -319,14 +335,18 @@ macro_rules! portable_impl {
             Ok(matches!(row, Some((1,))))
         }
 
-        async fn requeue(&self, id: &str) -> sqlx::Result<()> {
+        async fn requeue(&self, id: &str, worker: &str) -> sqlx::Result<()> {
             let db = &self.pool;
-            sqlx::query("UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = $1 WHERE id = $2")
-                .bind(now())
-                .bind(id)
-                .execute(db)
-                .await?;
-            Ok(())
+            let r = sqlx::query(
+                "UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = $1
+                 WHERE id = $2 AND (worker IS NULL OR worker = $3)",
+            )
+            .bind(now())
+            .bind(id)
+            .bind(worker)
+            .execute(db)
+            .await?;
+            held(r.rows_affected())
         }
 
         async fn request_cancel(&self, id: &str) -> sqlx::Result<CancelOutcome> {
@@ -370,16 +390,17 @@ macro_rules! portable_impl {
             Ok(r.rows_affected() == 1)
         }
 
-        async fn retry_later(&self, id: &str, delay_secs: i64) -> sqlx::Result<i64> {
+        async fn retry_later(&self, id: &str, worker: &str, delay_secs: i64) -> sqlx::Result<i64> {
             let db = &self.pool;
             let t = now();
             let (attempts,): (i64,) = sqlx::query_as(
                 "UPDATE assets SET state = 'queued', progress = 0, attempts = attempts + 1, next_try = $1, updated_at = $2
-                 WHERE id = $3 RETURNING attempts",
+                 WHERE id = $3 AND (worker IS NULL OR worker = $4) RETURNING attempts",
             )
             .bind(t + delay_secs)
             .bind(t)
             .bind(id)
+            .bind(worker)
             .fetch_one(db)
             .await?;
             Ok(attempts)
@@ -397,15 +418,24 @@ macro_rules! portable_impl {
             Ok(r.rows_affected())
         }
 
-        async fn set_state(&self, id: &str, state: crate::domain::AssetState) -> sqlx::Result<()> {
+        async fn set_state(
+            &self,
+            id: &str,
+            worker: &str,
+            state: crate::domain::AssetState,
+        ) -> sqlx::Result<()> {
             let db = &self.pool;
-            sqlx::query("UPDATE assets SET state = $1, progress = 0, updated_at = $2 WHERE id = $3")
-                .bind(state)
-                .bind(now())
-                .bind(id)
-                .execute(db)
-                .await?;
-            Ok(())
+            let r = sqlx::query(
+                "UPDATE assets SET state = $1, progress = 0, updated_at = $2
+                 WHERE id = $3 AND (worker IS NULL OR worker = $4)",
+            )
+            .bind(state)
+            .bind(now())
+            .bind(id)
+            .bind(worker)
+            .execute(db)
+            .await?;
+            held(r.rows_affected())
         }
 
         async fn set_progress(&self, id: &str, progress: f64) -> sqlx::Result<()> {
@@ -419,45 +449,50 @@ macro_rules! portable_impl {
             Ok(())
         }
 
-        async fn reject(&self, id: &str, code: &str, message: &str) -> sqlx::Result<()> {
+        async fn reject(&self, id: &str, worker: &str, code: &str, message: &str) -> sqlx::Result<()> {
             let db = &self.pool;
-            sqlx::query(
+            let r = sqlx::query(
                 "UPDATE assets SET state = 'rejected', error_code = $1, error_message = $2, progress = 0, updated_at = $3
-                 WHERE id = $4",
+                 WHERE id = $4 AND (worker IS NULL OR worker = $5)",
             )
             .bind(code)
             .bind(message)
             .bind(now())
             .bind(id)
+            .bind(worker)
             .execute(db)
             .await?;
-            Ok(())
+            held(r.rows_affected())
         }
 
         async fn set_media_info(
             &self,
             id: &str,
+            worker: &str,
             width: u32,
             height: u32,
             duration: f64,
         ) -> sqlx::Result<()> {
             let db = &self.pool;
-            sqlx::query(
-                "UPDATE assets SET width = $1, height = $2, duration_secs = $3, updated_at = $4 WHERE id = $5",
+            let r = sqlx::query(
+                "UPDATE assets SET width = $1, height = $2, duration_secs = $3, updated_at = $4
+                 WHERE id = $5 AND (worker IS NULL OR worker = $6)",
             )
             .bind(width as i64)
             .bind(height as i64)
             .bind(duration)
             .bind(now())
             .bind(id)
+            .bind(worker)
             .execute(db)
             .await?;
-            Ok(())
+            held(r.rows_affected())
         }
 
         async fn record_sealed(
             &self,
             id: &str,
+            worker: &str,
             blob_id: &str,
             sealed_len: u64,
             plain_len: u64,
@@ -467,9 +502,9 @@ macro_rules! portable_impl {
             let db = &self.pool;
             let t = now();
             let mut tx = db.begin().await?;
-            sqlx::query(
+            let r = sqlx::query(
                 "UPDATE assets SET state = 'replicating', progress = 0, blob_id = $1, sealed_len = $2, plain_len = $3,
-                 wrapped_key = $4, updated_at = $5 WHERE id = $6",
+                 wrapped_key = $4, updated_at = $5 WHERE id = $6 AND (worker IS NULL OR worker = $7)",
             )
             .bind(blob_id)
             .bind(sealed_len as i64)
@@ -477,8 +512,10 @@ macro_rules! portable_impl {
             .bind(wrapped_key)
             .bind(t)
             .bind(id)
+            .bind(worker)
             .execute(&mut *tx)
             .await?;
+            held(r.rows_affected())?;
             for n in nodes {
                 sqlx::query(
                     "INSERT INTO replicas (asset_id, node, state, updated_at) VALUES ($1, $2, 'pending', $3)

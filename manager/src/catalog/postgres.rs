@@ -34,13 +34,52 @@ use crate::domain::MAX_BALANCE;
 pub struct PgCatalog {
     pool: PgPool,
     url: String,
-    /// The connection holding [`MANAGER_LOCK`] once claimed.
-    exclusive: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+    /// The connection that asks for [`LEAD_LOCK`], and holds it while
+    /// this process leads.
+    lead: Arc<tokio::sync::Mutex<Lead>>,
 }
 
-/// The session advisory lock the serving manager holds
-/// ([`Catalog::claim_exclusive`]).
-const MANAGER_LOCK: i64 = BOOKS_LOCK + 1;
+#[derive(Default)]
+struct Lead {
+    conn: Option<PgConnection>,
+    held: bool,
+}
+
+/// The lead's own connection ([`Catalog::try_lead`]), with keepalives the
+/// server uses to end it when its peer vanishes without a word.
+async fn lead_connection(url: &str) -> sqlx::Result<PgConnection> {
+    let mut c = PgConnectOptions::from_str(url)
+        .map_err(|e| sqlx::Error::Configuration(e.into()))?
+        .application_name("slmedia-manager-lead")
+        .connect()
+        .await?;
+    for set in [
+        "SET tcp_keepalives_idle = 10",
+        "SET tcp_keepalives_interval = 5",
+        "SET tcp_keepalives_count = 3",
+    ] {
+        sqlx::query(set).execute(&mut c).await?;
+    }
+    Ok(c)
+}
+
+/// A query for the backend that holds the lead in the current database
+/// (tests end its session, as a crash would). The server shows a 64-bit
+/// advisory key as two 32-bit halves.
+#[cfg(test)]
+pub fn lead_holder() -> String {
+    format!(
+        "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() \
+         AND l.classid = {} AND l.objid = {}",
+        LEAD_LOCK >> 32,
+        LEAD_LOCK & 0xffff_ffff
+    )
+}
+
+/// The session advisory lock the leading manager holds
+/// ([`Catalog::try_lead`]).
+const LEAD_LOCK: i64 = BOOKS_LOCK + 1;
 
 /// The advisory lock the books' writers hold for their transaction (an
 /// arbitrary key, the same in every manager: "slmedia" in ASCII).
@@ -66,7 +105,7 @@ impl PgCatalog {
         Ok(Self {
             pool,
             url: url.to_string(),
-            exclusive: Arc::default(),
+            lead: Arc::default(),
         })
     }
 
@@ -478,22 +517,84 @@ super::portable::portable_impl! { PgCatalog;
         self.pool.close().await
     }
 
-    async fn claim_exclusive(&self) -> sqlx::Result<bool> {
-        let mut held = self.exclusive.lock().await;
-        if held.is_some() {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn try_lead(&self) -> sqlx::Result<bool> {
+        let mut lead = self.lead.lock().await;
+        if lead.held {
             return Ok(true);
         }
-        // A connection of its own, out of the pool, so that nothing closes
-        // it (and lets the lock go) while the process lives.
-        let mut conn = self.pool.acquire().await?.detach();
-        let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-            .bind(MANAGER_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
-        if got {
-            *held = Some(conn);
+        let conn = match lead.conn.as_mut() {
+            Some(c) => c,
+            None => {
+                // A connection of its own, outside the pool, so that
+                // nothing but its death lets the lock go; a standby keeps
+                // it to ask again. The server's keepalives on it notice a
+                // leader whose host vanished (no FIN ever comes) in about
+                // 25 s and end its session, freeing the lock.
+                // Bounded: a server behind a link that drops packets must
+                // not hold this loop (and shutdown) for minutes.
+                let c = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    lead_connection(&self.url),
+                )
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                lead.conn.insert(c)
+            }
+        };
+        let asked = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            sqlx::query_as::<_, (bool,)>("SELECT pg_try_advisory_lock($1)")
+                .bind(LEAD_LOCK)
+                .fetch_one(&mut *conn),
+        )
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+        match asked {
+            Ok((got,)) => {
+                lead.held = got;
+                Ok(got)
+            }
+            Err(e) => {
+                lead.conn = None;
+                Err(e)
+            }
         }
-        Ok(got)
+    }
+
+    async fn still_leading(&self) -> bool {
+        let mut lead = self.lead.lock().await;
+        if !lead.held {
+            return false;
+        }
+        let Some(conn) = lead.conn.as_mut() else {
+            return false;
+        };
+        // A server that does not answer within seconds may already have
+        // handed the lock on (it ends sessions its keepalives find dead):
+        // give the lead up rather than risk two leaders.
+        // The lock itself, not just the connection: behind a pooler that
+        // hands sessions around (PgBouncer in transaction mode) the two
+        // part ways, and this says so rather than lead without it.
+        let alive = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            sqlx::query_as::<_, (bool,)>(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
+                 AND locktype = 'advisory' AND granted AND classid::bigint = $1 AND objid::bigint = $2)",
+            )
+            .bind(LEAD_LOCK >> 32)
+            .bind(LEAD_LOCK & 0xffff_ffff)
+            .fetch_one(&mut *conn),
+        )
+        .await
+        .is_ok_and(|r| matches!(r, Ok((true,))));
+        if !alive {
+            *lead = Lead::default();
+        }
+        alive
     }
 
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotCounts, String> {
@@ -690,24 +791,50 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_manager_process_holds_the_database_until_its_connection_dies() {
+    async fn one_process_leads_until_its_connection_dies_then_another_takes_over() {
         let (url, _) = test_database().await;
         let first = PgCatalog::open(&url).await.unwrap();
         let second = PgCatalog::open(&url).await.unwrap();
-        assert!(first.claim_exclusive().await.unwrap());
-        assert!(first.claim_exclusive().await.unwrap(), "held stays held");
-        assert!(!second.claim_exclusive().await.unwrap());
-        // The holder's connection gone (its process killed): free at once.
-        first
-            .exclusive
-            .lock()
-            .await
-            .take()
-            .unwrap()
-            .close()
-            .await
-            .unwrap();
-        assert!(second.claim_exclusive().await.unwrap());
+        assert!(first.shared() && second.shared());
+        assert!(!first.still_leading().await, "nobody leads before asking");
+        assert!(first.try_lead().await.unwrap());
+        assert!(first.try_lead().await.unwrap(), "held stays held");
+        assert!(first.still_leading().await);
+        assert!(!second.try_lead().await.unwrap());
+        assert!(!second.still_leading().await);
+        // The leader's session ended from outside, as when its process
+        // is killed or the server drops it: the lead is free at once, and
+        // the old leader learns it lost it.
+        let ended = psql_scalar(
+            &url,
+            &format!(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ({}) h) t",
+                lead_holder()
+            ),
+        )
+        .await;
+        assert_eq!(ended, 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !second.try_lead().await.unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lead was not freed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(second.still_leading().await);
+        assert!(
+            !first.still_leading().await,
+            "the old leader must see its lead gone"
+        );
+        assert!(!first.try_lead().await.unwrap(), "and cannot take it back");
+    }
+
+    /// One number from a query on a connection of its own.
+    async fn psql_scalar(url: &str, q: &str) -> i64 {
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        let (n,): (i64,) = sqlx::query_as(q).fetch_one(&mut conn).await.unwrap();
+        n
     }
 
     #[tokio::test]

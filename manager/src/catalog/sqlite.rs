@@ -103,6 +103,43 @@ const ROW_ID: &str = "rowid";
 
 super::portable::portable_helpers!(Sqlite);
 
+/// [`super::claim_process`] for SQLite: an advisory lock on `<file>.lock`
+/// beside the database, which the kernel lets go when the process ends,
+/// however it ends.
+pub fn claim_process(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let opts = SqliteConnectOptions::from_str(url)?;
+    let db = opts.get_filename();
+    if db.as_os_str().is_empty() || db.as_os_str() == ":memory:" {
+        return Ok(None);
+    }
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another manager is already running on the database {} (it holds {}); \
+             an embedded SQLite database serves one manager process: stop the other first, \
+             or move the catalog to PostgreSQL to run a standby manager (docs/operations.md)",
+            db.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("cannot lock {}: {e}", path.display())
+        }
+    }
+}
+
 /// `PRAGMA quick_check` on an existing database before anything migrates
 /// or writes to it. A missing file is a fresh start, not damage.
 pub async fn quick_check(url: &str) -> anyhow::Result<()> {
@@ -367,8 +404,16 @@ super::portable::portable_impl! { SqliteCatalog;
         self.pool.close().await
     }
 
-    async fn claim_exclusive(&self) -> sqlx::Result<bool> {
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn try_lead(&self) -> sqlx::Result<bool> {
         Ok(true)
+    }
+
+    async fn still_leading(&self) -> bool {
+        true
     }
 
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotCounts, String> {
@@ -387,6 +432,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         (dir, SqliteCatalog::open(&url).await.unwrap())
+    }
+
+    #[test]
+    fn one_process_claims_the_database_file_until_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("m.db").display());
+        let first = claim_process(&url).unwrap();
+        assert!(first.is_some());
+        let refused = claim_process(&url).unwrap_err().to_string();
+        assert!(
+            refused.contains("another manager is already running") && refused.contains("m.db"),
+            "{refused}"
+        );
+        drop(first);
+        assert!(claim_process(&url).unwrap().is_some());
     }
 
     #[tokio::test]

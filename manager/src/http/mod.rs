@@ -189,6 +189,8 @@ async fn healthz(State(st): State<SharedState>) -> (StatusCode, Json<serde_json:
     let body = serde_json::json!({
         "status": if ok { "ok" } else { "failing" },
         "version": shared::protocol::build_version(),
+        // Whether the background work runs here (crate::leader).
+        "role": st.role.name(),
         "checks": { "database": show(&db), "storage": show(&disk) },
         "nodes": nodes,
         // Reported, not failed on: an old backup is an alert, not an outage.
