@@ -1888,6 +1888,13 @@ pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
             db_path.display()
         );
     }
+    // A manager still running on that file would go on writing to the
+    // one moved aside: refused while one holds it, and held until the
+    // restore is done so none starts meanwhile.
+    let _claim = match &pg_target {
+        None => catalog::claim_process(&format!("sqlite://{}", db_path.display()))?,
+        Some(_) => None,
+    };
     let dir = data_dir.join("backups");
     let work = dir.join("tmp");
     ensure_dirs(&dir)?;
