@@ -170,6 +170,79 @@ impl Proc {
     }
 }
 
+/// A running `transcoder run` ([`Cluster::start_transcoder`]).
+pub struct Transcoder {
+    pub name: String,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Transcoder {
+    /// Starts `transcoder run` on a registered state folder.
+    pub fn run(name: &str, state: PathBuf, log: PathBuf) -> Transcoder {
+        let child = Command::new(bin("transcoder"))
+            .arg("--state")
+            .arg(&state)
+            .args(["run", "--poll-secs", "1"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("transcoder run");
+        Transcoder {
+            name: name.into(),
+            state,
+            log,
+            child,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its exit status once it has exited, waiting up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// SIGTERM, then wait up to 30 s; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        match self.wait_exit(Duration::from_secs(30)) {
+            Some(status) => status.success(),
+            None => {
+                self.kill9();
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Transcoder {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -214,6 +287,9 @@ pub struct ClusterOpts {
     /// The manager's `database_url = …` line (empty: SQLite in its data
     /// folder); `None`: what this run of the suite uses ([`database_line`]).
     pub database: Option<String>,
+    /// Lines added to the manager's `[transcode]` table (e.g. `workers = 0`
+    /// to leave every job to transcode workers, or a slower preset).
+    pub transcode_extra: String,
 }
 
 impl ClusterOpts {
@@ -232,6 +308,7 @@ impl ClusterOpts {
             node_extra: String::new(),
             tls: false,
             database: None,
+            transcode_extra: String::new(),
         }
     }
 }
@@ -375,7 +452,7 @@ impl Cluster {
                 "{}listen = \"127.0.0.1:{manager_port}\"\ndata_dir = \"{}\"\nmaster_key_id = 1\nmaster_key = \"{master}\"\n\
                  token_signing_key = \"{}\"\nshutdown_grace_secs = 5\nmin_replicas = {min_replicas}\n\
                  geoip_db = \"{}\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}\
-                 [transcode]\npreset = \"ultrafast\"\n{reconcile}{}\n{node_sections}",
+                 [transcode]\n{}\n{reconcile}{}\n{node_sections}",
                 opts.database.clone().unwrap_or_else(database_line),
                 manager_data.display(),
                 signer.seed_hex(),
@@ -383,6 +460,12 @@ impl Cluster {
                 ca.as_ref()
                     .map(|ca| format!("node_ca_cert = \"\"\"\n{}\"\"\"\n", ca.cert_pem()))
                     .unwrap_or_default(),
+                // The fastest preset unless the test picks its own.
+                if opts.transcode_extra.contains("preset") {
+                    opts.transcode_extra.clone()
+                } else {
+                    format!("preset = \"ultrafast\"\n{}", opts.transcode_extra)
+                },
                 opts.manager_extra
             ),
         )
@@ -453,6 +536,31 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Registers a transcode worker named `name` with a token from
+    /// `manager transcoder-token` and starts `transcoder run` (state in the
+    /// cluster's folder, log beside the others).
+    pub fn start_transcoder(&self, name: &str) -> Transcoder {
+        let token = self.manager_cli(&["transcoder-token", "--by", "e2e"]);
+        let state = self.dir.path().join(format!("transcoder-{name}"));
+        let out = Command::new(bin("transcoder"))
+            .arg("--state")
+            .arg(&state)
+            .args(["register", "--manager", &self.manager.url, "--name", name])
+            .args(["--token", &token])
+            .output()
+            .expect("transcoder register");
+        assert!(
+            out.status.success(),
+            "transcoder register: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Transcoder::run(
+            name,
+            state,
+            self.dir.path().join(format!("transcoder-{name}.log")),
+        )
     }
 
     /// Starts the manager again on the same configuration and data (on a

@@ -500,7 +500,9 @@ pub struct TranscodeConfig {
     pub crf: u8,
     /// x264 preset (ultrafast … veryslow).
     pub preset: String,
-    /// Jobs transcoded at once (1–16). Each already uses every core.
+    /// Jobs this manager transcodes at once (0–16). Each already uses every
+    /// core. 0 leaves every job to transcode workers on other machines
+    /// (`crate::runners`): with none registered, uploads wait.
     pub workers: usize,
 }
 
@@ -715,8 +717,8 @@ impl Config {
                 ));
             }
         }
-        if !(1..=16).contains(&t.workers) {
-            return Err(field("transcode.workers", "must be between 1 and 16"));
+        if t.workers > 16 {
+            return Err(field("transcode.workers", "must be between 0 and 16"));
         }
         if t.crf > 51 {
             return Err(field("transcode.crf", "must be between 0 and 51"));

@@ -31,6 +31,7 @@ pub mod prices;
 pub mod quotas;
 pub mod reconcile;
 pub mod redirect;
+pub mod runners;
 pub mod status;
 
 // Foundations.

@@ -41,6 +41,18 @@ enum Command {
         #[arg(long, default_value = "cli")]
         label: String,
     },
+    /// Make a one-time registration token for a transcode worker (good for
+    /// an hour) and print it; the admin's jobs page makes them too.
+    TranscoderToken {
+        /// Who made it (shown with the worker it registers).
+        #[arg(long, default_value = "cli")]
+        by: String,
+    },
+    /// Revoke a transcode worker: its next call is refused.
+    TranscoderRevoke {
+        #[arg(long)]
+        name: String,
+    },
     /// Grant credits to one account (`--email`) or to every account created
     /// before a unix time (`--created-before`), recorded with who and why.
     /// `--key` makes it idempotent: running it again grants nobody twice.
@@ -232,6 +244,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             db.insert_api_token(&auth::token_hash(&token), user.id, &label)
                 .await?;
             println!("{token}");
+            Ok(())
+        }
+        Command::TranscoderToken { by } => {
+            let db = open_db(&cfg).await?;
+            println!(
+                "{}",
+                manager::runners::new_registration_token(&*db, &format!("cli:{by}")).await?
+            );
+            Ok(())
+        }
+        Command::TranscoderRevoke { name } => {
+            let db = open_db(&cfg).await?;
+            if !manager::runners::revoke(&*db, &name).await? {
+                anyhow::bail!("no live transcode worker is named {name}");
+            }
+            println!("revoked {name}");
             Ok(())
         }
         Command::GrantCredits {

@@ -109,7 +109,7 @@ const MAX_JOB_ATTEMPTS: i64 = 5;
 
 /// Seconds a worker's claim on a job lasts without renewal (renewed every
 /// second while it works).
-const LEASE_SECS: i64 = 30;
+pub(crate) const LEASE_SECS: i64 = 30;
 
 /// Starts `transcode.workers` job loops and one replication loop; returns
 /// when `stop` fires and they have all finished.
@@ -156,23 +156,12 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
             worker.stopped();
             return;
         }
-        // A job started on a disk with no room would fail for that alone
-        // and use up its attempts: new jobs wait while less than half the
-        // reserve is free. Transcodes may use the upper half (uploads stop
-        // at the whole reserve), since publishing is what frees sources.
-        let room = shared::runtime::disk_space(&st.cfg.staging_dir())
-            .map(|d| d.free_bytes >= st.cfg.disk_reserve_mb.saturating_mul(1 << 19))
-            .unwrap_or(true);
-        let outbox_full = st.outbox_bytes.load(std::sync::atomic::Ordering::Acquire)
-            > st.cfg.outbox_max_mb.saturating_mul(1 << 20);
-        let claimed = if !room {
-            worker.progress("waiting for free disk space (disk_reserve_mb)".to_string());
-            Ok(None)
-        } else if outbox_full {
-            worker.progress("waiting for the outbox to drain (outbox_max_mb)".to_string());
-            Ok(None)
-        } else {
-            st.db.claim_next(LEASE_SECS, &name).await
+        let claimed = match why_no_new_jobs(&st) {
+            Some(why) => {
+                worker.progress(why.to_string());
+                Ok(None)
+            }
+            None => st.db.claim_next(LEASE_SECS, &name).await,
         };
         match claimed {
             Ok(Some(asset)) => {
@@ -197,6 +186,26 @@ async fn job_loop(st: Ctx, mut stop: watch::Receiver<bool>, name: String) {
                 return;
             }
         }
+    }
+}
+
+/// Why no job may start now, if one may not: a job started on a disk with
+/// no room would fail for that alone and use up its attempts, so new jobs
+/// wait while less than half the reserve is free. Transcodes may use the
+/// upper half (uploads stop at the whole reserve), since publishing is what
+/// frees sources. Transcode workers' results land here too.
+pub(crate) fn why_no_new_jobs(st: &Pipeline) -> Option<&'static str> {
+    let room = shared::runtime::disk_space(&st.cfg.staging_dir())
+        .map(|d| d.free_bytes >= st.cfg.disk_reserve_mb.saturating_mul(1 << 19))
+        .unwrap_or(true);
+    let outbox_full = st.outbox_bytes.load(std::sync::atomic::Ordering::Acquire)
+        > st.cfg.outbox_max_mb.saturating_mul(1 << 20);
+    if !room {
+        Some("waiting for free disk space (disk_reserve_mb)")
+    } else if outbox_full {
+        Some("waiting for the outbox to drain (outbox_max_mb)")
+    } else {
+        None
     }
 }
 
@@ -228,11 +237,11 @@ async fn replication_loop(st: Ctx, mut stop: watch::Receiver<bool>) {
 /// Renews a job's lease every few seconds for as long as it lives, so no
 /// step (probe, transcode, poster, sealing a large file) outlasts the lease
 /// and lets another worker take the same job.
-struct LeaseKeeper(tokio::task::JoinHandle<()>);
+pub(crate) struct LeaseKeeper(tokio::task::JoinHandle<()>);
 
 impl LeaseKeeper {
     /// Renews `id`'s lease (to [`LEASE_SECS`] from now) every `every`.
-    fn start(
+    pub(crate) fn start(
         db: catalog::SharedCatalog,
         id: String,
         worker: String,
@@ -274,6 +283,20 @@ async fn process(st: &Pipeline, asset: catalog::Asset, worker: &str, stop: &watc
     );
     let outcome = run_steps(st, &asset, worker, stop).instrument(span).await;
     drop(lease);
+    settle(st, &id, asset.attempts, worker, outcome).await;
+}
+
+/// Records how a job's run ended, whoever ran it (a job loop here or a
+/// transcode worker elsewhere, `crate::runners`): `attempts` is the
+/// job's count before this run.
+pub(crate) async fn settle(
+    st: &Pipeline,
+    id: &str,
+    attempts: i64,
+    worker: &str,
+    outcome: Result<(), StepError>,
+) {
+    let id = id.to_string();
     let outcome = match outcome {
         Err(StepError::Internal(e)) if catalog::lost_job(&e) => Err(StepError::Lost),
         other => other,
@@ -307,7 +330,7 @@ async fn process(st: &Pipeline, asset: catalog::Asset, worker: &str, stop: &watc
         Err(StepError::Internal(e)) => {
             // Not the uploader's fault: keep the source and retry later, so
             // one job that keeps failing never holds up the others.
-            let attempts = asset.attempts + 1;
+            let attempts = attempts + 1;
             if attempts >= MAX_JOB_ATTEMPTS {
                 // The source stays in staging so an operator can retry.
                 tracing::error!(attempts, "job failed for good: {e:#}");
@@ -328,7 +351,7 @@ async fn process(st: &Pipeline, asset: catalog::Asset, worker: &str, stop: &watc
     }
 }
 
-enum StepError {
+pub(crate) enum StepError {
     Rejected {
         code: &'static str,
         message: String,
@@ -363,21 +386,7 @@ async fn run_steps(
 ) -> Result<(), StepError> {
     let id = asset.id.as_str();
     let src = source_path(st, id);
-    if !src.exists() {
-        return Err(StepError::Rejected {
-            code: "source_missing",
-            message: "the uploaded file was lost before processing; please upload it again".into(),
-        });
-    }
-
-    st.db.set_state(id, worker, AssetState::Probing).await?;
-    let probe_src = src.clone();
-    let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
-    let info = info.map_err(media_rejection)?;
-    let file_len = std::fs::metadata(&src)?.len();
-    media::validate(&info, file_len, &st.cfg.media_limits()).map_err(media_rejection)?;
-    tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
-
+    probe_source(st, id, worker).await?;
     st.db.set_state(id, worker, AssetState::Transcoding).await?;
     let out = mp4_path(st, id, worker);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -441,25 +450,68 @@ async fn run_steps(
         audio_copied = output.audio_copied,
         "transcoded"
     );
+    finish(
+        st,
+        id,
+        worker,
+        &out,
+        (output.width, output.height, output.duration_secs),
+    )
+    .await?;
+    metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Probes a job's staged source and holds it to the site's limits (the
+/// job is `probing`): a rejection is the uploader's file.
+pub(crate) async fn probe_source(
+    st: &Pipeline,
+    id: &str,
+    worker: &str,
+) -> Result<media::ProbeInfo, StepError> {
+    let src = source_path(st, id);
+    if !src.exists() {
+        return Err(StepError::Rejected {
+            code: "source_missing",
+            message: "the uploaded file was lost before processing; please upload it again".into(),
+        });
+    }
+    st.db.set_state(id, worker, AssetState::Probing).await?;
+    let probe_src = src.clone();
+    let info = tokio::task::spawn_blocking(move || media::probe(&probe_src)).await?;
+    let info = info.map_err(media_rejection)?;
+    let file_len = std::fs::metadata(&src)?.len();
+    media::validate(&info, file_len, &st.cfg.media_limits()).map_err(media_rejection)?;
+    tracing::info!(container = %info.container, duration = info.duration_secs, "probed");
+    Ok(info)
+}
+
+/// Where a job's transcode result is written before sealing, named for
+/// its holder (`worker`).
+pub(crate) fn result_path(st: &Pipeline, asset_id: &str, worker: &str) -> PathBuf {
+    mp4_path(st, asset_id, worker)
+}
+
+/// From a transcoded MP4 at `out` (`size_and_duration` = width, height,
+/// seconds) to a published movie: poster, sealing, the first pushes. Runs
+/// for the job loops here and for transcode workers' results alike.
+pub(crate) async fn finish(
+    st: &Pipeline,
+    id: &str,
+    worker: &str,
+    out: &Path,
+    size_and_duration: (u32, u32, f64),
+) -> Result<(), StepError> {
+    let (width, height, duration_secs) = size_and_duration;
     // A poster for the web pages; a movie without one still plays.
     let poster = st.cfg.poster_dir().join(format!("{id}.jpg"));
-    let (mp4, at) = (
-        out.clone(),
-        media::default_poster_secs(output.duration_secs),
-    );
+    let (mp4, at) = (out.to_path_buf(), media::default_poster_secs(duration_secs));
     match tokio::task::spawn_blocking(move || media::poster(&mp4, &poster, at, 640)).await? {
         Ok(_) => {}
         Err(e) => tracing::warn!(code = e.code(), "no poster: {e}"),
     }
-    metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
     st.db
-        .set_media_info(
-            id,
-            worker,
-            output.width,
-            output.height,
-            output.duration_secs,
-        )
+        .set_media_info(id, worker, width, height, duration_secs)
         .await?;
 
     // Last point where a cancel applies: after sealing the job is done.
@@ -474,7 +526,12 @@ async fn run_steps(
         .staging_dir()
         .join(format!("{id}.{}.sealed.part", run_tag(worker)));
     let (blob, sealed_len, plain_len) = {
-        let (out, part, id, key_id) = (out.clone(), part.clone(), id.to_string(), st.master.id());
+        let (out, part, id, key_id) = (
+            out.to_path_buf(),
+            part.clone(),
+            id.to_string(),
+            st.master.id(),
+        );
         tokio::task::spawn_blocking(move || seal_file(&out, &part, &key, &id, key_id)).await??
     };
     let dest = outbox_path(st, &blob);
@@ -617,7 +674,7 @@ pub async fn clear_orphaned_outbox(st: &Pipeline) -> anyhow::Result<usize> {
 }
 
 /// Why a job stopped early: its uploader cancelled it, or we are shutting down.
-async fn cancelled_or_interrupted(st: &Pipeline, id: &str) -> StepError {
+pub(crate) async fn cancelled_or_interrupted(st: &Pipeline, id: &str) -> StepError {
     match st.db.cancel_requested(id).await {
         Ok(true) => StepError::Rejected {
             code: "cancelled",

@@ -20,6 +20,7 @@
 //! A crate of its own, with no dependency on the manager: the manager's
 //! pipeline and the coming separate transcode workers both use it.
 
+mod check;
 mod error;
 mod limits;
 mod poster;
@@ -27,6 +28,7 @@ mod probe;
 mod sniff;
 mod transcode;
 
+pub use check::{check_output, Expected};
 pub use error::{human_bytes, MediaError};
 pub use limits::{validate, Limits, MAX_OUTPUT_DIMENSION};
 pub use poster::{default_poster_secs, poster};

@@ -1525,3 +1525,58 @@ fn crate_dir() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
+
+// ===========================================================================
+// Checking a result made elsewhere (a transcode worker's)
+
+#[test]
+fn a_transcode_result_passes_the_check_and_other_files_do_not() {
+    let dir = tmp();
+    let (input, _, out) = convert(&dir, "in.mkv", &["-c:v", "libx264", "-c:a", "aac"]);
+    let source = probe(&input).unwrap();
+    let expected = media::Expected {
+        duration_secs: source.duration_secs,
+        max_width: 1280,
+        max_height: 720,
+        audio: true,
+    };
+    let result = p(&dir, "out.mp4");
+    let info = media::check_output(&result, &expected).unwrap();
+    assert_eq!(
+        info.video.as_ref().map(|v| (v.width, v.height)),
+        Some((out.width, out.height))
+    );
+
+    // The source itself: H.264/AAC but Matroska.
+    let e = media::check_output(&input, &expected).unwrap_err();
+    assert!(e.contains("not an MP4"), "{e}");
+
+    // The right kind of file, of another (shorter) movie.
+    let short = p(&dir, "short.mkv");
+    let mut args = av_source("1");
+    args.extend_from_slice(&["-c:v", "libx264", "-c:a", "aac", s(&short)]);
+    ffmpeg(&args);
+    let short_mp4 = p(&dir, "short.mp4");
+    run(&short, &short_mp4).unwrap();
+    let long = media::Expected {
+        duration_secs: 10.0,
+        ..expected
+    };
+    let e = media::check_output(&short_mp4, &long).unwrap_err();
+    assert!(e.contains("lasts"), "{e}");
+
+    // Larger than the site's bound.
+    let small = media::Expected {
+        max_width: 160,
+        max_height: 120,
+        ..expected
+    };
+    let e = media::check_output(&result, &small).unwrap_err();
+    assert!(e.contains("outside"), "{e}");
+
+    // Cut short: the last half of the file gone.
+    let bytes = std::fs::read(&result).unwrap();
+    let cut = p(&dir, "cut.mp4");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(media::check_output(&cut, &expected).is_err());
+}

@@ -175,3 +175,65 @@ mod tests {
         assert_eq!(back, i);
     }
 }
+
+// ---- transcode workers (manager/src/runners.rs, transcoder/) ----------------
+
+/// `POST /api/v1/runners/register`: a one-time registration token from the
+/// admin, and the name the worker will sign with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerRegistration {
+    pub token: String,
+    pub name: String,
+}
+
+/// The answer to a registration: the worker's own secret, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerCredentials {
+    pub name: String,
+    /// 64 hex characters; the HMAC key of every call it signs.
+    pub secret: String,
+}
+
+/// `POST /api/v1/runners/jobs/request`: the job a worker may accept (204
+/// when there is none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerOffer {
+    pub id: String,
+}
+
+/// `POST /api/v1/runners/jobs/{id}/accept`: the job is the worker's while
+/// it reports progress; every later call on it carries `?lease=`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerJob {
+    pub id: String,
+    pub lease: String,
+    pub lease_secs: i64,
+    pub source_bytes: u64,
+    /// The source's duration as the manager probed it.
+    pub duration_secs: f64,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub crf: u8,
+    pub preset: String,
+}
+
+/// `POST …/progress`: how far the transcode is, 0.0 to 1.0.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerProgress {
+    pub progress: f64,
+}
+
+/// The answer to a progress report: `cancel` when the uploader cancelled
+/// (the worker stops and calls `abort`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerProgressAnswer {
+    pub cancel: bool,
+}
+
+/// `POST …/error`: why the worker could not make the result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerFailure {
+    /// The media crate's stable code when it has one.
+    pub code: String,
+    pub message: String,
+}

@@ -23,6 +23,7 @@ macro_rules! suite {
             a_job_is_claimed_once_and_again_only_after_its_lease_runs_out,
             a_cancel_racing_the_move_to_sealing_wins,
             a_job_taken_over_refuses_every_write_of_its_old_holder,
+            transcode_workers_register_once_per_token_and_claim_jobs_by_id,
             failed_jobs_back_off_and_cancel_and_retry_follow_the_state,
             copies_publish_a_movie_and_their_loss_damages_it,
             purchases_charge_once_and_refusals_change_nothing,
@@ -194,6 +195,104 @@ pub async fn a_job_is_claimed_once_and_again_only_after_its_lease_runs_out(c: &S
         !c.renew_lease("three", "test", 30).await.unwrap(),
         "no cancel asked"
     );
+}
+
+pub async fn transcode_workers_register_once_per_token_and_claim_jobs_by_id(c: &SharedCatalog) {
+    let far = now() + 3600;
+    c.insert_transcoder_token("h1", far, "op").await.unwrap();
+    c.insert_transcoder_token("h2", far, "op").await.unwrap();
+    c.insert_transcoder_token("old", now() - 1, "op")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.register_transcoder("old", "w1", b"s").await.unwrap(),
+        RegisterOutcome::TokenInvalid,
+        "an expired token"
+    );
+    assert_eq!(
+        c.register_transcoder("h1", "w1", b"s1").await.unwrap(),
+        RegisterOutcome::Registered
+    );
+    assert_eq!(
+        c.register_transcoder("h1", "w2", b"s").await.unwrap(),
+        RegisterOutcome::TokenInvalid,
+        "a token is good once"
+    );
+    // A live name is not replaced, and the token survives the refusal.
+    assert_eq!(
+        c.register_transcoder("h2", "w1", b"other").await.unwrap(),
+        RegisterOutcome::NameTaken
+    );
+    let w = c.transcoder("w1").await.unwrap().unwrap();
+    assert_eq!(
+        (w.wrapped_secret.as_slice(), w.registered_by.as_str()),
+        (&b"s1"[..], "op")
+    );
+    c.transcoder_seen("w1").await.unwrap();
+    assert!(c
+        .transcoder("w1")
+        .await
+        .unwrap()
+        .unwrap()
+        .last_seen_at
+        .is_some());
+    assert!(c.revoke_transcoder("w1").await.unwrap());
+    assert!(!c.revoke_transcoder("w1").await.unwrap(), "revoked once");
+    assert!(!c.revoke_transcoder("nobody").await.unwrap());
+    // A revoked name registers again, with its new secret.
+    assert_eq!(
+        c.register_transcoder("h2", "w1", b"s2").await.unwrap(),
+        RegisterOutcome::Registered
+    );
+    let w = c.transcoder("w1").await.unwrap().unwrap();
+    assert_eq!(
+        (w.wrapped_secret.as_slice(), w.revoked_at),
+        (&b"s2"[..], None)
+    );
+    assert_eq!(c.transcoders().await.unwrap().len(), 1);
+
+    // Jobs: offered in claim_next's order, claimed by id once.
+    let owner = account(c, "a@example.com", 0).await;
+    assert_eq!(c.next_job_id().await.unwrap(), None);
+    c.insert_asset("one", owner, "One", "one.mp4", 10)
+        .await
+        .unwrap();
+    c.insert_asset("two", owner, "Two", "two.mp4", 10)
+        .await
+        .unwrap();
+    assert_eq!(c.next_job_id().await.unwrap().as_deref(), Some("one"));
+    let claims: Vec<_> = (0..4)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.claim_job("one", 30, &format!("runner/w{i}#0"))
+                    .await
+                    .unwrap()
+                    .map(|a| a.worker)
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in claims {
+        won.extend(t.await.unwrap());
+    }
+    assert_eq!(won.len(), 1, "one claim wins: {won:?}");
+    assert_eq!(c.asset("one").await.unwrap().unwrap().worker, won[0]);
+    assert_eq!(c.next_job_id().await.unwrap().as_deref(), Some("two"));
+    assert!(c.claim_job("nope", 30, "w").await.unwrap().is_none());
+    // A lapsed lease makes the job claimable by id again.
+    let holder = won[0].clone().unwrap();
+    c.renew_lease("one", &holder, -1).await.unwrap();
+    let again = c
+        .claim_job("one", 30, "runner/w9#1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.worker.as_deref(), Some("runner/w9#1"));
+    assert!(matches!(
+        c.renew_lease("one", &holder, 30).await,
+        Err(sqlx::Error::RowNotFound)
+    ));
 }
 
 pub async fn a_job_taken_over_refuses_every_write_of_its_old_holder(c: &SharedCatalog) {

@@ -159,6 +159,8 @@ pub struct Asset {
     /// See migrations/0007: grant-less tokens older than this are refused
     /// while the movie has a price.
     pub price_epoch: i64,
+    /// The last worker to claim the job (kept after it ends).
+    pub worker: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -200,6 +202,29 @@ pub struct Terminal {
     pub wrapped_secret: Vec<u8>,
     pub created_at: i64,
     pub last_used_at: Option<i64>,
+}
+
+/// A transcode worker on another machine (migrations/0012,
+/// [`crate::runners`]).
+#[derive(Debug, Clone, FromRow)]
+pub struct Transcoder {
+    pub name: String,
+    pub wrapped_secret: Vec<u8>,
+    pub registered_at: i64,
+    /// The operator whose token it redeemed.
+    pub registered_by: String,
+    pub last_seen_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// What [`Catalog::register_transcoder`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    Registered,
+    /// No unused, unexpired token with this hash.
+    TokenInvalid,
+    /// A worker that is not revoked holds the name; the token stays usable.
+    NameTaken,
 }
 
 /// What [`link_avatar`] did.
@@ -873,6 +898,50 @@ pub trait Catalog: Send + Sync + 'static {
     async fn terminals_of(&self, owner_id: i64) -> sqlx::Result<Vec<Terminal>>;
 
     async fn delete_terminal(&self, id: &str, owner_id: i64) -> sqlx::Result<bool>;
+
+    // ---- transcode workers (crate::runners) ----
+
+    /// Keeps a registration token's hash, good once until `expires_at`.
+    async fn insert_transcoder_token(
+        &self,
+        token_hash: &str,
+        expires_at: i64,
+        created_by: &str,
+    ) -> sqlx::Result<()>;
+
+    /// Uses up the token and records the worker, in one transaction: a
+    /// refused registration leaves the token as it was.
+    async fn register_transcoder(
+        &self,
+        token_hash: &str,
+        name: &str,
+        wrapped_secret: &[u8],
+    ) -> sqlx::Result<RegisterOutcome>;
+
+    async fn transcoder(&self, name: &str) -> sqlx::Result<Option<Transcoder>>;
+
+    /// Every worker ever registered, revoked ones last.
+    async fn transcoders(&self) -> sqlx::Result<Vec<Transcoder>>;
+
+    /// Notes that a worker called (at most a write every few seconds per
+    /// worker: it calls every 5 s while it works).
+    async fn transcoder_seen(&self, name: &str) -> sqlx::Result<()>;
+
+    /// `false` when no live worker has this name.
+    async fn revoke_transcoder(&self, name: &str) -> sqlx::Result<bool>;
+
+    /// The job [`Catalog::claim_next`] would take now, without taking it.
+    async fn next_job_id(&self) -> sqlx::Result<Option<String>>;
+
+    /// Claims this job for `worker` if it waits (queued and due, or its
+    /// holder's lease lapsed); `None` when it is not to be had, e.g.
+    /// another worker took it first.
+    async fn claim_job(
+        &self,
+        id: &str,
+        lease_secs: i64,
+        worker: &str,
+    ) -> sqlx::Result<Option<Asset>>;
 
     /// Records a nonce; `false` when this terminal already used it (a replay).
     /// Nonces older than `window_secs` are forgotten in the same transaction.

@@ -106,7 +106,7 @@ macro_rules! portable_helpers {
         const ASSET_COLS: &str = "id, owner_id, title,
             CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END AS state, progress, error_code, error_message, source_name,
             source_bytes, blob_id, sealed_len, plain_len, wrapped_key, width, height, duration_secs, created_at, attempts,
-            price, price_epoch";
+            price, price_epoch, worker";
 
         const ASSET_LINE_COLS: &str = "a.id, a.title, a.owner_id, u.email AS owner_email,
             CASE WHEN a.withdrawn_at IS NULL THEN a.state ELSE 'withdrawn' END AS state, a.created_at, a.sealed_len,
@@ -953,6 +953,163 @@ macro_rules! portable_impl {
                 .execute(db)
                 .await?;
             Ok(r.rows_affected() == 1)
+        }
+
+        // ---- transcode workers ----
+
+        async fn insert_transcoder_token(
+            &self,
+            token_hash: &str,
+            expires_at: i64,
+            created_by: &str,
+        ) -> sqlx::Result<()> {
+            sqlx::query(
+                "INSERT INTO transcoder_tokens (token_hash, created_at, expires_at, created_by) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(token_hash)
+            .bind(now())
+            .bind(expires_at)
+            .bind(created_by)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        }
+
+        async fn register_transcoder(
+            &self,
+            token_hash: &str,
+            name: &str,
+            wrapped_secret: &[u8],
+        ) -> sqlx::Result<RegisterOutcome> {
+            let t = now();
+            let (_writer, mut tx) = self.begin_write().await?;
+            let by: Option<(String,)> = sqlx::query_as(
+                "UPDATE transcoder_tokens SET used_at = $1, used_by = $2
+                 WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $4 RETURNING created_by",
+            )
+            .bind(t)
+            .bind(name)
+            .bind(token_hash)
+            .bind(t)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((by,)) = by else {
+                return Ok(RegisterOutcome::TokenInvalid);
+            };
+            // A revoked name may come back with a new secret; a live one
+            // is never replaced.
+            let r = sqlx::query(
+                "INSERT INTO transcoders (name, wrapped_secret, registered_at, registered_by)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET wrapped_secret = excluded.wrapped_secret,
+                     registered_at = excluded.registered_at, registered_by = excluded.registered_by,
+                     last_seen_at = NULL, revoked_at = NULL
+                 WHERE transcoders.revoked_at IS NOT NULL",
+            )
+            .bind(name)
+            .bind(wrapped_secret)
+            .bind(t)
+            .bind(&by)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                // Dropped unfinished: the token's use rolls back.
+                return Ok(RegisterOutcome::NameTaken);
+            }
+            tx.commit().await?;
+            Ok(RegisterOutcome::Registered)
+        }
+
+        async fn transcoder(&self, name: &str) -> sqlx::Result<Option<Transcoder>> {
+            sqlx::query_as(
+                "SELECT name, wrapped_secret, registered_at, registered_by, last_seen_at, revoked_at
+                 FROM transcoders WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+        }
+
+        async fn transcoders(&self) -> sqlx::Result<Vec<Transcoder>> {
+            sqlx::query_as(
+                "SELECT name, wrapped_secret, registered_at, registered_by, last_seen_at, revoked_at
+                 FROM transcoders ORDER BY revoked_at IS NOT NULL, name",
+            )
+            .fetch_all(&self.pool)
+            .await
+        }
+
+        async fn transcoder_seen(&self, name: &str) -> sqlx::Result<()> {
+            let t = now();
+            sqlx::query(
+                "UPDATE transcoders SET last_seen_at = $1
+                 WHERE name = $2 AND (last_seen_at IS NULL OR last_seen_at < $3)",
+            )
+            .bind(t)
+            .bind(name)
+            .bind(t - 2)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        }
+
+        async fn revoke_transcoder(&self, name: &str) -> sqlx::Result<bool> {
+            let r = sqlx::query(
+                "UPDATE transcoders SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+            )
+            .bind(now())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+            Ok(r.rows_affected() == 1)
+        }
+
+        async fn next_job_id(&self) -> sqlx::Result<Option<String>> {
+            let t = now();
+            // claim_next's order (each owner's jobs take turns).
+            let row: Option<(String,)> = sqlx::query_as(
+                "SELECT id FROM (
+                   SELECT id, state, next_try, lease_until, priority, created_at,
+                          ROW_NUMBER() OVER (PARTITION BY owner_id ORDER BY created_at, id) AS turn
+                   FROM assets
+                   WHERE state IN ('queued', 'probing', 'transcoding', 'sealing')) waiting
+                 WHERE (state = 'queued' AND next_try <= $1)
+                    OR (state IN ('probing', 'transcoding', 'sealing') AND lease_until < $2)
+                 ORDER BY priority DESC, turn, created_at, id LIMIT 1",
+            )
+            .bind(t)
+            .bind(t)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(|r| r.0))
+        }
+
+        async fn claim_job(
+            &self,
+            id: &str,
+            lease_secs: i64,
+            worker: &str,
+        ) -> sqlx::Result<Option<Asset>> {
+            let t = now();
+            // One statement: of two workers racing for the job, the second
+            // finds the first one's fresh lease (PostgreSQL re-reads the
+            // row it waited for) and claims nothing.
+            sqlx::query_as(&format!(
+                "UPDATE assets SET state = 'probing', progress = 0, lease_until = $1, updated_at = $2,
+                                   worker = $3
+                 WHERE id = $4
+                   AND ((state = 'queued' AND next_try <= $5)
+                        OR (state IN ('probing', 'transcoding', 'sealing') AND lease_until < $6))
+                 RETURNING {ASSET_COLS}"
+            ))
+            .bind(t + lease_secs)
+            .bind(t)
+            .bind(worker)
+            .bind(id)
+            .bind(t)
+            .bind(t)
+            .fetch_optional(&self.pool)
+            .await
         }
 
         async fn use_terminal_nonce(

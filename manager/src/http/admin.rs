@@ -505,8 +505,21 @@ struct JobsPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
     jobs: Vec<JobLine>,
+    workers: Vec<WorkerLine>,
+    /// A registration token just made, shown this once.
+    new_token: Option<String>,
+    public_url: &'a str,
     message: Option<String>,
     failed: bool,
+}
+
+/// A transcode worker on another machine, as the jobs page lists it.
+struct WorkerLine {
+    name: String,
+    registered: String,
+    registered_by: String,
+    last_seen: String,
+    revoked: bool,
 }
 
 async fn jobs_page(
@@ -514,7 +527,30 @@ async fn jobs_page(
     c: &Caller,
     message: Option<(String, bool)>,
 ) -> Result<Response, PageError> {
+    jobs_page_with(st, c, message, None).await
+}
+
+async fn jobs_page_with(
+    st: &SharedState,
+    c: &Caller,
+    message: Option<(String, bool)>,
+    new_token: Option<String>,
+) -> Result<Response, PageError> {
     let now = crate::catalog::now();
+    let ago = |t: i64| format!("{} ago", console::human_age((now - t).max(0)));
+    let workers = st
+        .db
+        .transcoders()
+        .await?
+        .into_iter()
+        .map(|w| WorkerLine {
+            registered: ago(w.registered_at),
+            last_seen: w.last_seen_at.map_or_else(|| "never".into(), ago),
+            revoked: w.revoked_at.is_some(),
+            registered_by: w.registered_by,
+            name: w.name,
+        })
+        .collect();
     let jobs = st
         .db
         .jobs(500)
@@ -545,6 +581,9 @@ async fn jobs_page(
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
         jobs,
+        workers,
+        new_token,
+        public_url: &st.public_url,
         message,
         failed,
     });
@@ -563,6 +602,47 @@ pub async fn jobs(State(st): State<SharedState>, c: MaybeCaller) -> Result<Respo
 #[derive(Deserialize)]
 pub struct CsrfOnly {
     csrf: String,
+}
+
+/// `POST /admin/transcoders/token`: a one-time registration token for a
+/// transcode worker, shown once on the jobs page (`crate::runners`).
+pub async fn transcoder_token(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    Form(f): Form<CsrfOnly>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let token = crate::runners::new_registration_token(&*st.db, &c.user.email).await?;
+    console::audit(&*st.db, &c.user, "transcoder_token", "transcoders", "made").await;
+    jobs_page_with(&st, &c, None, Some(token)).await
+}
+
+/// `POST /admin/transcoders/{name}/revoke`: the worker's next call is refused.
+pub async fn transcoder_revoke(
+    State(st): State<SharedState>,
+    c: MaybeCaller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Form(f): Form<CsrfOnly>,
+) -> Result<Response, PageError> {
+    let c = operator_page(c)?;
+    c.check_csrf(Some(&f.csrf))?;
+    let done = crate::runners::revoke(&*st.db, &name).await?;
+    let outcome = if done { "done" } else { "refused: not_found" };
+    console::audit(
+        &*st.db,
+        &c.user,
+        "transcoder_revoke",
+        &format!("transcoder:{name}"),
+        outcome,
+    )
+    .await;
+    let message = if done {
+        (format!("Transcode worker {name} revoked: its next call is refused, and its job goes to another worker within a lease."), false)
+    } else {
+        (format!("No live transcode worker is named {name}."), true)
+    };
+    jobs_page(&st, &c, Some(message)).await
 }
 
 /// `POST /admin/jobs/{id}/retry` and `/cancel`: the same paths as the API's

@@ -53,6 +53,10 @@ pub enum ApiError {
     TerminalRefused { code: &'static str, message: String },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// A credential other than a session or API token was refused (a
+    /// transcode worker's registration token, a revoked worker).
+    #[error("{message}")]
+    NotAuthorized { code: &'static str, message: String },
     /// A media URL's token was refused (see [`shared::TokenError`]): 403 for
     /// a forged or malformed one, 410 once it has expired, as on the nodes.
     #[error("{0}")]
@@ -145,6 +149,25 @@ impl From<crate::ledger::LedgerError> for ApiError {
     }
 }
 
+impl From<crate::runners::RunnerError> for ApiError {
+    fn from(e: crate::runners::RunnerError) -> Self {
+        use crate::runners::RunnerError as E;
+        let (code, message) = (e.code(), e.to_string());
+        match e {
+            E::Auth(a) => ApiError::NodeAuth(a),
+            E::Revoked | E::TokenInvalid => ApiError::NotAuthorized { code, message },
+            E::BadName | E::BadLease | E::Bad(_) => ApiError::BadRequest { code, message },
+            E::NameTaken(_) | E::JobTaken | E::Lost | E::SourceRejected { .. } => {
+                ApiError::Conflict { code, message }
+            }
+            E::ResultRefused(_) | E::ResultCorrupt => ApiError::Unprocessable { code, message },
+            E::TooLarge(limit) => ApiError::TooLarge { limit },
+            E::Db(e) => db_error(e),
+            E::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl From<crate::auth::AuthError> for ApiError {
     fn from(e: crate::auth::AuthError) -> Self {
         match e {
@@ -188,6 +211,7 @@ impl ApiError {
             | ApiError::Unprocessable { code, .. }
             | ApiError::TerminalRefused { code, .. }
             | ApiError::PaymentRequired { code, .. }
+            | ApiError::NotAuthorized { code, .. }
             | ApiError::Conflict { code, .. } => code,
             ApiError::TooLarge { .. } => "too_large",
             ApiError::NotPublished => "not_published",
@@ -210,9 +234,9 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthenticated | ApiError::TerminalRefused { .. } => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::Unauthenticated
+            | ApiError::TerminalRefused { .. }
+            | ApiError::NotAuthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Forbidden | ApiError::Csrf | ApiError::TerminalNotApproved => {
                 StatusCode::FORBIDDEN

@@ -10,6 +10,7 @@ pub mod api;
 pub mod error;
 pub mod media;
 pub mod nodes;
+pub mod runners;
 pub mod session;
 pub mod status;
 pub mod telemetry;
@@ -92,6 +93,11 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/admin/audit", get(admin::audit))
         .route("/admin/jobs", get(admin::jobs))
         .route("/admin/jobs/{id}/{action}", post(admin::job_action))
+        .route("/admin/transcoders/token", post(admin::transcoder_token))
+        .route(
+            "/admin/transcoders/{name}/revoke",
+            post(admin::transcoder_revoke),
+        )
         .route("/admin/alerts", get(status::admin_alerts))
         .route("/admin/alerts/test", post(status::test_channel))
         .route(
@@ -121,6 +127,7 @@ pub fn build_router(state: SharedState) -> Router {
             post(terminal::link).layer(DefaultBodyLimit::max(4096)),
         )
         .merge(nodes::routes(state.clone()))
+        .merge(runners::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(telemetry::metrics))
         .layer(axum::middleware::from_fn(no_framing))
