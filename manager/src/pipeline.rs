@@ -450,6 +450,7 @@ async fn run_steps(
         audio_copied = output.audio_copied,
         "transcoded"
     );
+    metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
     finish(
         st,
         id,
@@ -458,7 +459,7 @@ async fn run_steps(
         (output.width, output.height, output.duration_secs),
     )
     .await?;
-    metrics::histogram!("manager_transcode_seconds").record(started.elapsed().as_secs_f64());
+    first_pushes(st, id).await;
     Ok(())
 }
 
@@ -493,7 +494,7 @@ pub(crate) fn result_path(st: &Pipeline, asset_id: &str, worker: &str) -> PathBu
 }
 
 /// From a transcoded MP4 at `out` (`size_and_duration` = width, height,
-/// seconds) to a published movie: poster, sealing, the first pushes. Runs
+/// seconds) to a sealed movie: poster, sealing, the source removed. Runs
 /// for the job loops here and for transcode workers' results alike.
 pub(crate) async fn finish(
     st: &Pipeline,
@@ -517,7 +518,13 @@ pub(crate) async fn finish(
     // Last point where a cancel applies: after sealing the job is done.
     // One conditional update, so a cancel racing this line still wins.
     if !st.db.start_sealing(id, worker).await? {
-        return Err(cancelled_or_interrupted(st, id).await);
+        // Not moved, and still this holder's: cancelled, or moved on by
+        // another call of the same holder (a transcode worker's result
+        // sent twice), whose run is the job's now.
+        return Err(match cancelled_or_interrupted(st, id).await {
+            StepError::Interrupted => StepError::Lost,
+            cancelled => cancelled,
+        });
     }
     let key = DataKey::generate();
     let wrapped = st.master.wrap(id, &key);
@@ -559,13 +566,16 @@ pub(crate) async fn finish(
     // Only now is the source redundant: the sealed blob and its key are recorded.
     clear_staging(st, id);
     tracing::info!(%blob, sealed_len, plain_len, "sealed");
-
-    // The job is done once sealed: a failed push is retried by
-    // `replicate_due`, never by re-running the job (its source is gone).
-    if let Err(e) = replicate_asset(st, id).await {
-        tracing::error!("first replication round failed; retrying later: {e:#}");
-    }
     Ok(())
+}
+
+/// The first pushes of a job just sealed. The job is done once sealed: a
+/// failed push is retried by `replicate_due`, never by re-running the job
+/// (its source is gone).
+pub(crate) async fn first_pushes(st: &Pipeline, id: &str) {
+    if let Err(e) = replicate_asset(st, id).await {
+        tracing::error!(asset = %id, "first replication round failed; retrying later: {e:#}");
+    }
 }
 
 /// How often the outbox is measured against `outbox_max_mb`.

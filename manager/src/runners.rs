@@ -32,6 +32,9 @@ use crate::{
     pipeline::{self, Pipeline, StepError},
 };
 
+/// Jobs one worker may hold at once.
+const MAX_JOBS_PER_WORKER: i64 = 2;
+
 /// How long a registration token stays good.
 pub const TOKEN_TTL_SECS: i64 = 3600;
 
@@ -50,6 +53,8 @@ pub enum RunnerError {
     NameTaken(String),
     #[error("the job is not waiting any more (another worker took it, or it ended)")]
     JobTaken,
+    #[error("this worker holds {MAX_JOBS_PER_WORKER} jobs already; finish one first")]
+    Busy,
     #[error(
         "this job is no longer this worker's (its lease lapsed and it was taken over, or it ended)"
     )]
@@ -62,6 +67,10 @@ pub enum RunnerError {
     SourceRejected { code: &'static str, message: String },
     #[error("the result was refused: {0}")]
     ResultRefused(String),
+    #[error("a result for this job is being received already")]
+    ResultInProgress,
+    #[error("the manager's disk is at its reserve; the job will be offered again")]
+    NoSpace,
     #[error("the result's bytes do not match the SHA-256 the call was signed with")]
     ResultCorrupt,
     #[error("the result is larger than the {0} bytes this site accepts")]
@@ -83,11 +92,14 @@ impl RunnerError {
             RunnerError::BadName => "bad_worker_name",
             RunnerError::NameTaken(_) => "worker_name_taken",
             RunnerError::JobTaken => "job_taken",
+            RunnerError::Busy => "worker_busy",
             RunnerError::Lost => "job_lost",
             RunnerError::BadLease => "bad_lease",
             RunnerError::SourceRejected { .. } => "source_rejected",
             RunnerError::ResultRefused(_) => "result_refused",
             RunnerError::ResultCorrupt => "result_corrupt",
+            RunnerError::ResultInProgress => "result_in_progress",
+            RunnerError::NoSpace => "insufficient_storage",
             RunnerError::TooLarge(_) => "result_too_large",
             RunnerError::Bad(_) => "bad_request",
             RunnerError::Db(_) | RunnerError::Internal(_) => "internal",
@@ -129,12 +141,15 @@ pub async fn register(
     if !valid_name(name) {
         return Err(RunnerError::BadName);
     }
+    let hash = auth::token_hash(token.trim());
+    // Read first: a made-up token never waits for the writers' lock (the
+    // books' too).
+    if !db.transcoder_token_live(&hash).await? {
+        return Err(RunnerError::TokenInvalid);
+    }
     let secret = shared::DataKey::generate();
     let wrapped = master.wrap(&wrap_context(name), &secret);
-    match db
-        .register_transcoder(&auth::token_hash(token.trim()), name, &wrapped)
-        .await?
-    {
+    match db.register_transcoder(&hash, name, &wrapped).await? {
         RegisterOutcome::Registered => {
             tracing::info!(worker = %name, "transcode worker registered");
             Ok(RunnerCredentials {
@@ -232,6 +247,12 @@ fn holder(name: &str, lease: &str) -> Result<String, RunnerError> {
 pub async fn accept(st: &Pipeline, name: &str, id: &str) -> Result<RunnerJob, RunnerError> {
     if pipeline::why_no_new_jobs(st).is_some() {
         return Err(RunnerError::JobTaken);
+    }
+    // A worker does one job at a time; two allow for one restarted while
+    // its old job's lease runs out. More is a worker gone wrong (or not
+    // ours), hoarding jobs and, with their results, the manager's disk.
+    if st.db.jobs_held(&format!("runner/{name}#")).await? >= MAX_JOBS_PER_WORKER {
+        return Err(RunnerError::Busy);
     }
     let lease = hex::encode(rand::random::<[u8; 6]>());
     let worker = holder(name, &lease)?;
@@ -341,7 +362,7 @@ pub async fn progress(
 /// job is offered again (to any worker, or the manager's own loops) after
 /// its backoff, and given up after the pipeline's attempts.
 pub async fn success<S, E>(
-    st: &Pipeline,
+    st: &pipeline::Ctx,
     name: &str,
     id: &str,
     lease: &str,
@@ -353,17 +374,31 @@ where
     E: std::fmt::Display,
 {
     let (asset, worker) = held(st, name, id, lease).await?;
+    // One result at a time per job: a second call (a worker retrying, a
+    // replay) would write the same file and settle the job twice.
+    let busy = Receiving::claim(id)?;
     // Sealing a large movie outlasts a lease: renewed while this runs.
-    let _lease = pipeline::LeaseKeeper::start(
+    let lease_keeper = pipeline::LeaseKeeper::start(
         st.db.clone(),
         id.to_string(),
         worker.clone(),
         std::time::Duration::from_secs(pipeline::LEASE_SECS as u64 / 6),
     );
     let out = pipeline::result_path(st, id, &worker);
-    let received = receive(&out, body, st.cfg.max_upload_bytes, signed_sha256).await;
+    // An MP4 at the site's bounds is rarely past a few times its source;
+    // eight times (and 64 MiB) leaves room for a tiny, very compressed one.
+    let limit = (asset.source_bytes.max(0) as u64)
+        .saturating_mul(8)
+        .saturating_add(64 << 20)
+        .min(st.cfg.max_upload_bytes);
+    // Results may use the upper half of the disk reserve, as the manager's
+    // own transcodes do (`pipeline::why_no_new_jobs`).
+    let room = Room {
+        dir: st.cfg.staging_dir(),
+        reserve_mb: st.cfg.disk_reserve_mb / 2,
+    };
+    let received = receive(&out, body, limit, &room, signed_sha256).await;
     if let Err(e) = received {
-        let _ = tokio::fs::remove_file(&out).await;
         if matches!(e, RunnerError::ResultCorrupt | RunnerError::TooLarge(_)) {
             tracing::warn!(asset = %id, worker = %worker, "transcode result refused: {e}");
             pipeline::settle(
@@ -377,10 +412,63 @@ where
         }
         return Err(e);
     }
+    // The whole result is here: checking and sealing it is the manager's
+    // work now, and a worker that hangs up meanwhile must not cut it short
+    // (a dropped request drops its handler).
+    let (st, name, id) = (st.clone(), name.to_string(), id.to_string());
+    tokio::spawn(async move {
+        let held = (busy, lease_keeper);
+        let sealed = check_and_seal(&st, &name, &id, &worker, asset.attempts, &out).await;
+        drop(held);
+        if let Ok(true) = sealed {
+            // The worker need not wait for the nodes.
+            tokio::spawn(async move { pipeline::first_pushes(&st, &id).await });
+        }
+        sealed.map(|_| ())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("sealing a worker's result stopped: {e}"))?
+}
+
+/// Jobs whose end (a result received and sealed, an error, an abort) is
+/// being recorded in this process: one at a time per job.
+struct Receiving(String);
+
+impl Receiving {
+    fn jobs() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+        static JOBS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+            std::sync::OnceLock::new();
+        JOBS.get_or_init(Default::default)
+    }
+
+    fn claim(id: &str) -> Result<Receiving, RunnerError> {
+        if !Self::jobs().lock().unwrap().insert(id.to_string()) {
+            return Err(RunnerError::ResultInProgress);
+        }
+        Ok(Receiving(id.to_string()))
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        Self::jobs().lock().unwrap().remove(&self.0);
+    }
+}
+
+/// Checks a received result against its source and seals it; `true` when
+/// sealed (`false`: cancelled meanwhile, or failed here, as the job says).
+async fn check_and_seal(
+    st: &Pipeline,
+    name: &str,
+    id: &str,
+    worker: &str,
+    attempts: i64,
+    out: &std::path::Path,
+) -> Result<bool, RunnerError> {
     let source = pipeline::source_path(st, id);
     let t = &st.cfg.transcode;
     let (max_width, max_height) = (t.max_width, t.max_height);
-    let result = out.clone();
+    let result = out.to_path_buf();
     let checked = tokio::task::spawn_blocking(move || {
         let src = media::probe(&source).map_err(|e| format!("the source cannot be probed: {e}"))?;
         media::check_output(
@@ -398,13 +486,13 @@ where
     let info = match checked {
         Ok(info) => info,
         Err(why) => {
-            let _ = tokio::fs::remove_file(&out).await;
+            let _ = tokio::fs::remove_file(out).await;
             tracing::warn!(asset = %id, worker = %worker, "transcode result refused: {why}");
             pipeline::settle(
                 st,
                 id,
-                asset.attempts,
-                &worker,
+                attempts,
+                worker,
                 Err(StepError::Internal(anyhow::anyhow!(
                     "worker {name}'s result was refused: {why}"
                 ))),
@@ -413,31 +501,70 @@ where
             return Err(RunnerError::ResultRefused(why));
         }
     };
+    // Revoked while its result was on the way: not sealed; the job goes to
+    // another worker once the lease lapses.
+    if st
+        .db
+        .transcoder(name)
+        .await?
+        .is_none_or(|t| t.revoked_at.is_some())
+    {
+        let _ = tokio::fs::remove_file(out).await;
+        return Err(RunnerError::Revoked);
+    }
     let video = info.video.as_ref().map(|v| (v.width, v.height));
     let (width, height) = video.unwrap_or((0, 0));
-    let outcome =
-        pipeline::finish(st, id, &worker, &out, (width, height, info.duration_secs)).await;
+    let outcome = pipeline::finish(st, id, worker, out, (width, height, info.duration_secs)).await;
     let lost = matches!(&outcome, Err(StepError::Lost))
         || matches!(&outcome, Err(StepError::Internal(e)) if crate::catalog::lost_job(e));
     let ok = outcome.is_ok();
-    pipeline::settle(st, id, asset.attempts, &worker, outcome).await;
+    pipeline::settle(st, id, attempts, worker, outcome).await;
     if lost {
         return Err(RunnerError::Lost);
     }
-    if !ok {
-        // Cancelled while sealing started, or an internal failure here:
-        // recorded on the job by settle; the worker is done with it.
+    if ok {
+        tracing::info!(asset = %id, worker = %worker, "transcode worker's result sealed");
+    } else {
+        let _ = tokio::fs::remove_file(out).await;
+        // Cancelled as sealing began, or a failure here: recorded on the
+        // job by settle; the worker is done with it either way.
         tracing::info!(asset = %id, worker = %worker, "a worker's result did not publish; see the job");
     }
-    tracing::info!(asset = %id, worker = %worker, "transcode worker's result taken");
-    Ok(())
+    Ok(ok)
 }
 
-/// Streams `body` to `out`, at most `limit` bytes, and checks its SHA-256.
+/// Where a result is written and how much room it must leave.
+struct Room {
+    dir: PathBuf,
+    reserve_mb: u64,
+}
+
+impl Room {
+    fn check(&self, incoming: u64) -> Result<(), RunnerError> {
+        crate::quotas::check_space(&self.dir, self.reserve_mb, incoming)
+            .map_err(|_| RunnerError::NoSpace)
+    }
+}
+
+/// Removes a file unless kept: a result cut short (refused, or its request
+/// dropped) leaves nothing behind.
+struct Partial<'a>(&'a std::path::Path, bool);
+
+impl Drop for Partial<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+}
+
+/// Streams `body` to `out`, at most `limit` bytes, leaving the disk's
+/// reserve, and checks its SHA-256.
 async fn receive<S, E>(
     out: &std::path::Path,
     mut body: S,
     limit: u64,
+    room: &Room,
     signed_sha256: &str,
 ) -> Result<(), RunnerError>
 where
@@ -445,21 +572,31 @@ where
     E: std::fmt::Display,
 {
     use sha2::Digest;
+    room.check(0)?;
+    let mut partial = Partial(out, false);
     let mut file = tokio::fs::File::create(out)
         .await
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     let mut hash = sha2::Sha256::new();
-    let mut len = 0u64;
+    let (mut len, mut checked_at) = (0u64, 0u64);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| RunnerError::Bad(format!("the upload broke off: {e}")))?;
         len += chunk.len() as u64;
         if len > limit {
             return Err(RunnerError::TooLarge(limit));
         }
+        if len - checked_at >= crate::quotas::SPACE_CHECK_EVERY {
+            checked_at = len;
+            room.check(0)?;
+        }
         hash.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        file.write_all(&chunk).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::StorageFull {
+                RunnerError::NoSpace
+            } else {
+                anyhow::anyhow!("cannot write {}: {e}", out.display()).into()
+            }
+        })?;
     }
     file.sync_all()
         .await
@@ -468,6 +605,7 @@ where
     if !hex::encode(hash.finalize()).eq_ignore_ascii_case(signed_sha256.trim()) {
         return Err(RunnerError::ResultCorrupt);
     }
+    partial.1 = true;
     Ok(())
 }
 
@@ -482,6 +620,7 @@ pub async fn failed(
     message: &str,
 ) -> Result<(), RunnerError> {
     let (asset, worker) = held(st, name, id, lease).await?;
+    let _busy = Receiving::claim(id)?;
     let message: String = message.chars().take(500).collect();
     let code: String = code.chars().take(64).collect();
     tracing::warn!(asset = %id, worker = %worker, code = %code, "transcode worker failed: {message}");
@@ -503,6 +642,7 @@ pub async fn failed(
 /// ends `cancelled`.
 pub async fn abort(st: &Pipeline, name: &str, id: &str, lease: &str) -> Result<(), RunnerError> {
     let (asset, worker) = held(st, name, id, lease).await?;
+    let _busy = Receiving::claim(id)?;
     let outcome = pipeline::cancelled_or_interrupted(st, id).await;
     pipeline::settle(st, id, asset.attempts, &worker, Err(outcome)).await;
     Ok(())
@@ -531,28 +671,47 @@ mod tests {
     async fn a_result_is_kept_only_whole_within_the_bound_and_as_signed() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("r.mp4");
+        let room = Room {
+            dir: dir.path().to_path_buf(),
+            reserve_mb: 0,
+        };
         let sha = shared::content_sha256_hex(b"hello world");
-        receive(&out, body(&[b"hello ", b"world"]), 100, &sha)
+        receive(&out, body(&[b"hello ", b"world"]), 100, &room, &sha)
             .await
             .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"hello world");
 
-        let e = receive(&out, body(&[b"hello ", b"there"]), 100, &sha)
+        // Each refusal leaves no file behind.
+        let e = receive(&out, body(&[b"hello ", b"there"]), 100, &room, &sha)
             .await
             .unwrap_err();
         assert_eq!(e.code(), "result_corrupt");
+        assert!(!out.exists());
 
-        let e = receive(&out, body(&[b"hello ", b"world"]), 8, &sha)
+        let e = receive(&out, body(&[b"hello ", b"world"]), 8, &room, &sha)
             .await
             .unwrap_err();
         assert_eq!(e.code(), "result_too_large");
+        assert!(!out.exists());
+
+        // A disk at its reserve takes nothing.
+        let full = Room {
+            dir: dir.path().to_path_buf(),
+            reserve_mb: u64::MAX >> 21,
+        };
+        let e = receive(&out, body(&[b"hello ", b"world"]), 100, &full, &sha)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "insufficient_storage");
+        assert!(!out.exists());
 
         let broken = futures::stream::iter(vec![
             Ok(bytes::Bytes::from_static(b"hello")),
             Err("connection reset".to_string()),
         ]);
-        let e = receive(&out, broken, 100, &sha).await.unwrap_err();
+        let e = receive(&out, broken, 100, &room, &sha).await.unwrap_err();
         assert_eq!(e.code(), "bad_request");
+        assert!(!out.exists());
     }
 
     #[test]

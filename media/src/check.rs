@@ -25,7 +25,7 @@ pub struct Expected {
 /// bounds, of the source's duration; otherwise one sentence saying what
 /// is wrong.
 pub fn check_output(path: &Path, expected: &Expected) -> Result<ProbeInfo, String> {
-    let boxes = top_level_boxes(path).map_err(|e| format!("unreadable: {e}"))?;
+    let boxes = top_level_boxes(path).map_err(|e| format!("not a whole MP4 file: {e}"))?;
     if boxes.first().map(String::as_str) != Some("ftyp") {
         return Err("not an MP4 file (no ftyp box first)".into());
     }
@@ -142,7 +142,7 @@ mod tests {
     fn boxes_running_past_the_end_are_refused() {
         let f = write(&[0, 0, 0, 16, b'f', b't', b'y', b'p', 0, 0]);
         let e = check_output(f.path(), &expected()).unwrap_err();
-        assert!(e.contains("unreadable"), "{e}");
+        assert!(e.contains("not a whole MP4"), "{e}");
     }
 
     #[test]

@@ -365,6 +365,10 @@ async fn workers_share_the_queue_each_job_goes_to_one_and_bad_credentials_get_40
     let at = page.find("id=\"new-token\"").expect("the token shown");
     let at = page[at..].find("<code>slmt_").unwrap() + at + 6;
     let token = page[at..at + page[at..].find('<').unwrap()].to_string();
+    assert!(
+        !page[..page.find("</title>").unwrap()].contains("slmt_"),
+        "the token stays out of the title (history, synced tabs)"
+    );
     let r3 = Raw::register_with(&cluster, "r3", &token).await.unwrap();
     assert_eq!(r3.request().await.0, 204);
     // Used once; a made-up one is as good.
@@ -541,6 +545,17 @@ async fn bad_results_are_refused_and_a_killed_worker_s_job_is_finished_by_anothe
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let takeover = killed.elapsed();
+    // A second worker on the same state folder refuses to start.
+    let mut twin = e2e::Transcoder::run("t2", t2.state.clone(), dir.path().join("twin.log"));
+    let status = twin
+        .wait_exit(Duration::from_secs(30))
+        .expect("the twin exits");
+    assert!(!status.success());
+    assert!(
+        twin.log_text().contains("another transcoder is running"),
+        "{}",
+        twin.log_text()
+    );
     assert!(
         takeover <= Duration::from_secs(45),
         "taken over after {takeover:?}"

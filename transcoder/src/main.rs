@@ -118,6 +118,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// How long a transfer may go without a byte before it is given up.
+const STALL: Duration = Duration::from_secs(60);
+
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -137,6 +140,20 @@ async fn refusal(r: reqwest::Response) -> String {
 
 fn refusal_code(text: &str) -> &str {
     text.split(':').next().unwrap_or("")
+}
+
+/// Whether a refusal means this worker may not call at all (revoked, or
+/// its secret no longer the manager's): it stops rather than hammer. A
+/// stale date (this machine's clock) is not: it is logged and retried.
+fn refused_for_good(text: &str) -> bool {
+    matches!(
+        refusal_code(text),
+        "worker_revoked"
+            | "auth_bad_signature"
+            | "auth_unknown_key"
+            | "auth_missing"
+            | "auth_malformed"
+    )
 }
 
 async fn register(state: &Path, manager: &str, token: &str, name: &str) -> anyhow::Result<()> {
@@ -265,6 +282,16 @@ async fn run(state: &Path, poll: Duration) -> anyhow::Result<()> {
         name: creds.name,
         secret,
     });
+    // One worker per state folder: a second would empty the first one's
+    // work folder below. The kernel drops the lock however this ends.
+    let lock = std::fs::File::create(state.join("run.lock"))
+        .with_context(|| format!("cannot write in {}", state.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another transcoder is running on {}; give each its own --state",
+            state.display()
+        );
+    }
     let work = state.join("work");
     // Files of a run cut short (this worker killed) are nobody's now.
     let _ = std::fs::remove_dir_all(&work);
@@ -284,8 +311,12 @@ async fn run(state: &Path, poll: Duration) -> anyhow::Result<()> {
         });
     }
     tracing::info!(worker = %m.name, manager = %m.base, "transcode worker ready");
-    let mut failures = 0u32;
+    // Calls that failed in a row, and jobs this worker failed in a row: a
+    // worker that fails every job (its disk full, a broken FFmpeg) waits
+    // longer and longer, so it does not use up every job's attempts.
+    let (mut failures, mut failed_jobs) = (0u32, 0u32);
     while !stopping.load(Ordering::SeqCst) {
+        let mut wait = poll;
         match next_job(&m).await {
             Ok(Some(job)) => {
                 failures = 0;
@@ -294,25 +325,35 @@ async fn run(state: &Path, poll: Duration) -> anyhow::Result<()> {
                 if stopping.load(Ordering::SeqCst) {
                     flags.cancel.store(true, Ordering::SeqCst);
                 }
-                do_job(&m, &work, &job, &flags).await;
+                let done = do_job(&m, &work, &job, &flags).await;
                 *current.lock().unwrap() = None;
                 if flags.refused.load(Ordering::SeqCst) {
                     anyhow::bail!("the manager refuses this worker's calls (revoked?)");
                 }
-                continue;
+                if done {
+                    failed_jobs = 0;
+                    continue;
+                }
+                failed_jobs += 1;
+                wait = Duration::from_secs(30 * u64::from(failed_jobs.min(20)));
+                tracing::warn!(
+                    in_a_row = failed_jobs,
+                    "waiting {} s before the next job",
+                    wait.as_secs()
+                );
             }
             Ok(None) => failures = 0,
             Err(e) => {
-                if e.to_string().contains("worker_revoked") || e.to_string().contains("auth_") {
+                if refused_for_good(&e.to_string()) {
                     anyhow::bail!("the manager refuses this worker: {e}");
                 }
                 failures += 1;
                 tracing::warn!("cannot ask for a job: {e:#}");
+                // Back off while the manager is unreachable, up to a minute.
+                wait = (poll * 2u32.saturating_pow(failures.min(5))).min(Duration::from_secs(60));
             }
         }
-        // Back off while the manager is unreachable, up to a minute.
-        let wait = poll * 2u32.saturating_pow(failures.min(5));
-        let until = tokio::time::Instant::now() + wait.min(Duration::from_secs(60));
+        let until = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < until && !stopping.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -352,13 +393,19 @@ async fn next_job(m: &Manager) -> anyhow::Result<Option<RunnerJob>> {
 
 /// One job from download to result, always ending with one call that says
 /// how it ended (success, error or abort), unless the job was lost.
-async fn do_job(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &Arc<Flags>) {
+/// Does one job; `false` when this worker failed it (an error sent).
+async fn do_job(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &Arc<Flags>) -> bool {
     use tracing::Instrument;
     let span = tracing::info_span!("job", id = %job.id);
     do_job_in_span(m, work, job, flags).instrument(span).await
 }
 
-async fn do_job_in_span(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &Arc<Flags>) {
+async fn do_job_in_span(
+    m: &Arc<Manager>,
+    work: &Path,
+    job: &RunnerJob,
+    flags: &Arc<Flags>,
+) -> bool {
     tracing::info!(bytes = job.source_bytes, "accepted");
     let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
     let keeper = tokio::spawn(keep_lease(
@@ -372,6 +419,7 @@ async fn do_job_in_span(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &
     let outcome = transcode_job(m, job, &src, &out, &progress, flags).await;
     let q = format!("?lease={}", job.lease);
     let base = format!("/api/v1/runners/jobs/{}", job.id);
+    let failed = outcome.is_err();
     let said = if flags.lost.load(Ordering::SeqCst) || flags.refused.load(Ordering::SeqCst) {
         tracing::warn!("the job is no longer this worker's; dropped");
         Ok(())
@@ -383,7 +431,16 @@ async fn do_job_in_span(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &
         .await
     } else {
         match outcome {
-            Ok(()) => send_result(m, job, &out).await,
+            Ok(()) => match send_result(m, job, &out, flags).await {
+                Err(e) if flags.cancel.load(Ordering::SeqCst) => {
+                    tracing::info!("{e}; giving the job back");
+                    say(m
+                        .post_json(&format!("{base}/abort{q}"), &serde_json::json!({}))
+                        .await)
+                    .await
+                }
+                other => other,
+            },
             Err((code, message)) => {
                 tracing::warn!(%code, "transcode failed: {message}");
                 say(m
@@ -403,6 +460,14 @@ async fn do_job_in_span(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &
     }
     let _ = tokio::fs::remove_file(&src).await;
     let _ = tokio::fs::remove_file(&out).await;
+    !failed
+}
+
+/// Returns once `flags` says stop.
+async fn cancelled(flags: &Flags) {
+    while !flags.cancel.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn say(r: reqwest::Result<reqwest::Response>) -> Result<(), String> {
@@ -437,7 +502,7 @@ async fn keep_lease(m: Arc<Manager>, job: RunnerJob, progress: Arc<AtomicU32>, f
             Ok(r) => {
                 let status = r.status();
                 let why = refusal(r).await;
-                if status == reqwest::StatusCode::UNAUTHORIZED {
+                if status == reqwest::StatusCode::UNAUTHORIZED && refused_for_good(&why) {
                     tracing::error!("the manager refuses this worker: {why}");
                     flags.refused.store(true, Ordering::SeqCst);
                     flags.cancel.store(true, Ordering::SeqCst);
@@ -540,10 +605,15 @@ async fn download(m: &Manager, job: &RunnerJob, to: &Path, flags: &Flags) -> any
         .with_context(|| format!("cannot write {}", to.display()))?;
     let mut body = r.bytes_stream();
     let mut got = 0u64;
-    while let Some(chunk) = body.next().await {
-        if flags.cancel.load(Ordering::SeqCst) {
-            return Ok(());
-        }
+    loop {
+        let chunk = tokio::select! {
+            c = body.next() => c,
+            _ = cancelled(flags) => return Ok(()),
+            // A stalled download would hold the job for ever: its lease is
+            // renewed for as long as this worker lives.
+            _ = tokio::time::sleep(STALL) => anyhow::bail!("the source download stalled for {} s", STALL.as_secs()),
+        };
+        let Some(chunk) = chunk else { break };
         let chunk = chunk?;
         got += chunk.len() as u64;
         // The manager said how big the source is; more is not it.
@@ -567,7 +637,12 @@ async fn download(m: &Manager, job: &RunnerJob, to: &Path, flags: &Flags) -> any
 
 /// Sends the result, signed with its SHA-256; the manager checks and seals
 /// it before answering, which for a long movie takes a while.
-async fn send_result(m: &Manager, job: &RunnerJob, out: &Path) -> Result<(), String> {
+async fn send_result(
+    m: &Manager,
+    job: &RunnerJob,
+    out: &Path,
+    flags: &Flags,
+) -> Result<(), String> {
     let file = out.to_path_buf();
     let (sha, len) = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
         use sha2::Digest;
@@ -599,15 +674,20 @@ async fn send_result(m: &Manager, job: &RunnerJob, out: &Path) -> Result<(), Str
         job.id, job.lease
     );
     tracing::info!(bytes = len, "sending the result");
-    let r = m
+    let send = m
         .request(reqwest::Method::POST, &path, &sha)
         .header("x-content-sha256", &sha)
         .header(reqwest::header::CONTENT_LENGTH, len)
         .header(reqwest::header::CONTENT_TYPE, "video/mp4")
         .timeout(Duration::from_secs(3600))
         .body(body)
-        .send()
-        .await;
+        .send();
+    // Stopping: the upload is dropped (the manager keeps nothing of it) and
+    // the job given back; one already whole is sealed by the manager.
+    let r = tokio::select! {
+        r = send => r,
+        _ = cancelled(flags) => return Err("stopped while sending the result".into()),
+    };
     let said = say(r).await;
     if said.is_ok() {
         tracing::info!("result taken");

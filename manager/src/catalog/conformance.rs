@@ -218,6 +218,7 @@ pub async fn transcode_workers_register_once_per_token_and_claim_jobs_by_id(c: &
         RegisterOutcome::TokenInvalid,
         "a token is good once"
     );
+    assert!(!c.transcoder_token_live("h1").await.unwrap());
     // A live name is not replaced, and the token survives the refusal.
     assert_eq!(
         c.register_transcoder("h2", "w1", b"other").await.unwrap(),
@@ -277,12 +278,21 @@ pub async fn transcode_workers_register_once_per_token_and_claim_jobs_by_id(c: &
         won.extend(t.await.unwrap());
     }
     assert_eq!(won.len(), 1, "one claim wins: {won:?}");
+    let winner = won[0].clone().unwrap();
+    let name = &winner[..winner.find('#').unwrap() + 1];
+    assert_eq!(c.jobs_held(name).await.unwrap(), 1);
+    assert_eq!(c.jobs_held("runner/x#").await.unwrap(), 0);
     assert_eq!(c.asset("one").await.unwrap().unwrap().worker, won[0]);
     assert_eq!(c.next_job_id().await.unwrap().as_deref(), Some("two"));
     assert!(c.claim_job("nope", 30, "w").await.unwrap().is_none());
     // A lapsed lease makes the job claimable by id again.
     let holder = won[0].clone().unwrap();
     c.renew_lease("one", &holder, -1).await.unwrap();
+    assert_eq!(
+        c.jobs_held(name).await.unwrap(),
+        0,
+        "a lapsed lease is not held"
+    );
     let again = c
         .claim_job("one", 30, "runner/w9#1")
         .await

@@ -909,6 +909,9 @@ pub trait Catalog: Send + Sync + 'static {
         created_by: &str,
     ) -> sqlx::Result<()>;
 
+    /// Whether an unused, unexpired registration token has this hash.
+    async fn transcoder_token_live(&self, token_hash: &str) -> sqlx::Result<bool>;
+
     /// Uses up the token and records the worker, in one transaction: a
     /// refused registration leaves the token as it was.
     async fn register_transcoder(
@@ -929,6 +932,9 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// `false` when no live worker has this name.
     async fn revoke_transcoder(&self, name: &str) -> sqlx::Result<bool>;
+
+    /// Jobs under a live lease whose holder's name starts with `prefix`.
+    async fn jobs_held(&self, prefix: &str) -> sqlx::Result<i64>;
 
     /// The job [`Catalog::claim_next`] would take now, without taking it.
     async fn next_job_id(&self) -> sqlx::Result<Option<String>>;

@@ -975,6 +975,18 @@ macro_rules! portable_impl {
             Ok(())
         }
 
+        async fn transcoder_token_live(&self, token_hash: &str) -> sqlx::Result<bool> {
+            let row: Option<(i64,)> = sqlx::query_as(
+                "SELECT expires_at FROM transcoder_tokens
+                 WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
+            )
+            .bind(token_hash)
+            .bind(now())
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.is_some())
+        }
+
         async fn register_transcoder(
             &self,
             token_hash: &str,
@@ -1062,6 +1074,22 @@ macro_rules! portable_impl {
             .execute(&self.pool)
             .await?;
             Ok(r.rows_affected() == 1)
+        }
+
+        async fn jobs_held(&self, prefix: &str) -> sqlx::Result<i64> {
+            // A prefix compared as text: LIKE would read `_` in a name as
+            // a wildcard.
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT CAST(count(*) AS BIGINT) FROM assets
+                 WHERE state IN ('probing', 'transcoding', 'sealing') AND lease_until >= $1
+                   AND substr(worker, 1, CAST($2 AS INTEGER)) = $3",
+            )
+            .bind(now())
+            .bind(prefix.chars().count() as i64)
+            .bind(prefix)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(n)
         }
 
         async fn next_job_id(&self) -> sqlx::Result<Option<String>> {

@@ -157,11 +157,15 @@ impl From<crate::runners::RunnerError> for ApiError {
             E::Auth(a) => ApiError::NodeAuth(a),
             E::Revoked | E::TokenInvalid => ApiError::NotAuthorized { code, message },
             E::BadName | E::BadLease | E::Bad(_) => ApiError::BadRequest { code, message },
-            E::NameTaken(_) | E::JobTaken | E::Lost | E::SourceRejected { .. } => {
-                ApiError::Conflict { code, message }
-            }
+            E::NameTaken(_)
+            | E::JobTaken
+            | E::Busy
+            | E::Lost
+            | E::ResultInProgress
+            | E::SourceRejected { .. } => ApiError::Conflict { code, message },
             E::ResultRefused(_) | E::ResultCorrupt => ApiError::Unprocessable { code, message },
             E::TooLarge(limit) => ApiError::TooLarge { limit },
+            E::NoSpace => ApiError::InsufficientStorage(message),
             E::Db(e) => db_error(e),
             E::Internal(e) => ApiError::Internal(e),
         }
