@@ -162,7 +162,6 @@ async fn wind_down(tx: watch::Sender<bool>, tasks: Vec<JoinHandle<()>>, grace: D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::Connection;
     use std::sync::atomic::AtomicUsize;
 
     /// The work a test leader runs: counts its starts, and runs until told
@@ -253,15 +252,7 @@ mod tests {
         assert_eq!(running.load(Ordering::SeqCst), 1);
         // a's lead connection killed by the server, as when its process
         // dies: a gives its work up, b takes it over.
-        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-        let (ended,): (i64,) = sqlx::query_as(&format!(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ({}) h) t",
-            crate::catalog::postgres::lead_holder()
-        ))
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-        assert_eq!(ended, 1);
+        assert_eq!(crate::catalog::postgres::end_lead_session(&url).await, 1);
         let r = role_b.clone();
         wait_for("b never took over", Box::new(move || r.leading())).await;
         let r = role_a.clone();

@@ -107,6 +107,12 @@ impl RunnerError {
     }
 }
 
+/// `manager_runner_jobs_total{event}`: accepted, sealed, refused (a
+/// result that failed its check), failed (the worker said so), aborted.
+fn counted(event: &'static str) {
+    metrics::counter!("manager_runner_jobs_total", "event" => event).increment(1);
+}
+
 fn wrap_context(name: &str) -> String {
     format!("transcoder:{name}")
 }
@@ -272,6 +278,7 @@ pub async fn accept(st: &Pipeline, name: &str, id: &str) -> Result<RunnerJob, Ru
     match probed {
         Ok(info) => {
             tracing::info!(asset = %id, worker = %worker, "job handed to a transcode worker");
+            counted("accepted");
             let t = &st.cfg.transcode;
             Ok(RunnerJob {
                 id: id.to_string(),
@@ -401,6 +408,7 @@ where
     if let Err(e) = received {
         if matches!(e, RunnerError::ResultCorrupt | RunnerError::TooLarge(_)) {
             tracing::warn!(asset = %id, worker = %worker, "transcode result refused: {e}");
+            counted("refused");
             pipeline::settle(
                 st,
                 id,
@@ -488,6 +496,7 @@ async fn check_and_seal(
         Err(why) => {
             let _ = tokio::fs::remove_file(out).await;
             tracing::warn!(asset = %id, worker = %worker, "transcode result refused: {why}");
+            counted("refused");
             pipeline::settle(
                 st,
                 id,
@@ -524,6 +533,7 @@ async fn check_and_seal(
     }
     if ok {
         tracing::info!(asset = %id, worker = %worker, "transcode worker's result sealed");
+        counted("sealed");
     } else {
         let _ = tokio::fs::remove_file(out).await;
         // Cancelled as sealing began, or a failure here: recorded on the
@@ -624,6 +634,7 @@ pub async fn failed(
     let message: String = message.chars().take(500).collect();
     let code: String = code.chars().take(64).collect();
     tracing::warn!(asset = %id, worker = %worker, code = %code, "transcode worker failed: {message}");
+    counted("failed");
     pipeline::settle(
         st,
         id,
@@ -643,6 +654,7 @@ pub async fn failed(
 pub async fn abort(st: &Pipeline, name: &str, id: &str, lease: &str) -> Result<(), RunnerError> {
     let (asset, worker) = held(st, name, id, lease).await?;
     let _busy = Receiving::claim(id)?;
+    counted("aborted");
     let outcome = pipeline::cancelled_or_interrupted(st, id).await;
     pipeline::settle(st, id, asset.attempts, &worker, Err(outcome)).await;
     Ok(())

@@ -4,22 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{ffmpeg, files_under, Cluster};
+use e2e::{ffmpeg, files_under, Cluster, ClusterOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
     // A slow preset and a longer, larger input keep the transcode running
     // long enough to be interrupted.
-    let mut cluster = Cluster::start(&["utah", "toronto"]);
-    std::fs::write(
-        &cluster.manager_config,
-        std::fs::read_to_string(&cluster.manager_config)
-            .unwrap()
-            .replace("preset = \"ultrafast\"", "preset = \"slow\""),
-    )
-    .unwrap();
-    cluster.manager.stop();
-    cluster.restart_manager();
+    let mut opts = ClusterOpts::new(&["utah", "toronto"]);
+    opts.transcode_extra = "preset = \"slow\"\n".into();
+    let mut cluster = Cluster::start_with(&opts);
 
     let input = cluster.dir.path().join("long.mp4");
     e2e::make_long_movie(&input);

@@ -58,16 +58,8 @@ async fn two_managers() -> (Cluster, Proc, String) {
     let db_url = e2e::new_pg_database();
     let mut opts = ClusterOpts::new(&["utah", "toronto"]);
     opts.database = Some(format!("database_url = \"{db_url}\"\n"));
-    let mut cluster = Cluster::start_with(&opts);
-    std::fs::write(
-        &cluster.manager_config,
-        std::fs::read_to_string(&cluster.manager_config)
-            .unwrap()
-            .replace("preset = \"ultrafast\"", "preset = \"slow\""),
-    )
-    .unwrap();
-    cluster.manager.stop();
-    cluster.restart_manager();
+    opts.transcode_extra = "preset = \"slow\"\n".into();
+    let cluster = Cluster::start_with(&opts);
     let client = cluster.client();
     let a_url = cluster.manager.url.clone();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -312,6 +312,25 @@ async fn workers_share_the_queue_each_job_goes_to_one_and_bad_credentials_get_40
         assert!(e2e::mp4_top_level_boxes(&r.bytes().await.unwrap()).contains(&"moov".to_string()));
     }
     assert_eq!(staged(&cluster), Vec::<std::path::PathBuf>::new());
+    let metrics = cluster.metrics(&cluster.manager.url).await;
+    let count = |event: &str| {
+        let line = format!("manager_runner_jobs_total{{event=\"{event}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    // The raced job's accept and abort, then each movie accepted and sealed once.
+    assert_eq!(
+        (
+            count("accepted"),
+            count("aborted"),
+            count("sealed"),
+            count("refused")
+        ),
+        (1.0 + ids.len() as f64, 1.0, ids.len() as f64, 0.0),
+        "{metrics}"
+    );
     for t in [&t1, &t2] {
         assert_eq!(
             files_under(&t.state.join("work")),

@@ -393,7 +393,8 @@ async fn next_job(m: &Manager) -> anyhow::Result<Option<RunnerJob>> {
 
 /// One job from download to result, always ending with one call that says
 /// how it ended (success, error or abort), unless the job was lost.
-/// Does one job; `false` when this worker failed it (an error sent).
+/// `false` when this worker failed it: its transcode failed, or the
+/// manager refused its result.
 async fn do_job(m: &Arc<Manager>, work: &Path, job: &RunnerJob, flags: &Arc<Flags>) -> bool {
     use tracing::Instrument;
     let span = tracing::info_span!("job", id = %job.id);
@@ -419,7 +420,7 @@ async fn do_job_in_span(
     let outcome = transcode_job(m, job, &src, &out, &progress, flags).await;
     let q = format!("?lease={}", job.lease);
     let base = format!("/api/v1/runners/jobs/{}", job.id);
-    let failed = outcome.is_err();
+    let mut failed = outcome.is_err();
     let said = if flags.lost.load(Ordering::SeqCst) || flags.refused.load(Ordering::SeqCst) {
         tracing::warn!("the job is no longer this worker's; dropped");
         Ok(())
@@ -454,6 +455,9 @@ async fn do_job_in_span(
         }
     };
     keeper.abort();
+    if let Err(e) = &said {
+        failed |= matches!(refusal_code(e), "result_refused" | "result_corrupt");
+    }
     if let Err(e) = said {
         // Nothing more to do: the lease lapses and the job is offered again.
         tracing::warn!("the manager did not take the job's end: {e}");

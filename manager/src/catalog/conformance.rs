@@ -303,6 +303,23 @@ pub async fn transcode_workers_register_once_per_token_and_claim_jobs_by_id(c: &
         c.renew_lease("one", &holder, 30).await,
         Err(sqlx::Error::RowNotFound)
     ));
+    // A manager restarting requeues its own jobs cut short, never one a
+    // transcode worker (a process of its own) is still doing.
+    let local = c
+        .claim_next(30, "host/transcode-1#abc")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(local.id, "two");
+    assert_eq!(c.requeue_interrupted().await.unwrap(), 1);
+    assert_eq!(
+        c.asset("one").await.unwrap().unwrap().state,
+        crate::domain::AssetState::Probing
+    );
+    assert_eq!(
+        c.asset("two").await.unwrap().unwrap().state,
+        crate::domain::AssetState::Queued
+    );
 }
 
 pub async fn a_job_taken_over_refuses_every_write_of_its_old_holder(c: &SharedCatalog) {

@@ -724,7 +724,9 @@ pub trait Catalog: Send + Sync + 'static {
     async fn retry_later(&self, id: &str, worker: &str, delay_secs: i64) -> sqlx::Result<i64>;
 
     /// Work interrupted by a crash or shutdown restarts from the top: staging
-    /// keeps the source until sealing commits, so nothing is lost.
+    /// keeps the source until sealing commits, so nothing is lost. Jobs
+    /// held by transcode workers (`runner/…`) are left to their leases:
+    /// the worker lives on through the manager's restart.
     async fn requeue_interrupted(&self) -> sqlx::Result<u64>;
 
     /// Moves a job to its next step.

@@ -410,7 +410,8 @@ macro_rules! portable_impl {
             let db = &self.pool;
             let r = sqlx::query(
                 "UPDATE assets SET state = 'queued', progress = 0, lease_until = 0, updated_at = $1
-                 WHERE state IN ('probing', 'transcoding', 'sealing')",
+                 WHERE state IN ('probing', 'transcoding', 'sealing')
+                   AND (worker IS NULL OR substr(worker, 1, 7) <> 'runner/')",
             )
             .bind(now())
             .execute(db)

@@ -63,18 +63,26 @@ async fn lead_connection(url: &str) -> sqlx::Result<PgConnection> {
     Ok(c)
 }
 
-/// A query for the backend that holds the lead in the current database
-/// (tests end its session, as a crash would). The server shows a 64-bit
-/// advisory key as two 32-bit halves.
+/// Ends the session that holds the lead in the database at `url`, as a
+/// crash would (tests); returns how many sessions it ended. The server
+/// shows a 64-bit advisory key as two 32-bit halves.
 #[cfg(test)]
-pub fn lead_holder() -> String {
-    format!(
-        "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
-         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() \
-         AND l.classid = {} AND l.objid = {}",
+pub async fn end_lead_session(url: &str) -> i64 {
+    let mut admin = sqlx::PgConnection::connect(url)
+        .await
+        .expect("the test server");
+    let (ended,): (i64,) = sqlx::query_as(&format!(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(l.pid)
+           FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+           WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()
+             AND l.classid = {} AND l.objid = {}) t",
         LEAD_LOCK >> 32,
         LEAD_LOCK & 0xffff_ffff
-    )
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .expect("ending the lead's session");
+    ended
 }
 
 /// The session advisory lock the leading manager holds
@@ -805,15 +813,7 @@ mod tests {
         // The leader's session ended from outside, as when its process
         // is killed or the server drops it: the lead is free at once, and
         // the old leader learns it lost it.
-        let ended = psql_scalar(
-            &url,
-            &format!(
-                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ({}) h) t",
-                lead_holder()
-            ),
-        )
-        .await;
-        assert_eq!(ended, 1);
+        assert_eq!(end_lead_session(&url).await, 1);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !second.try_lead().await.unwrap() {
             assert!(
@@ -828,13 +828,6 @@ mod tests {
             "the old leader must see its lead gone"
         );
         assert!(!first.try_lead().await.unwrap(), "and cannot take it back");
-    }
-
-    /// One number from a query on a connection of its own.
-    async fn psql_scalar(url: &str, q: &str) -> i64 {
-        let mut conn = PgConnection::connect(url).await.unwrap();
-        let (n,): (i64,) = sqlx::query_as(q).fetch_one(&mut conn).await.unwrap();
-        n
     }
 
     #[tokio::test]
