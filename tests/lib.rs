@@ -670,6 +670,24 @@ impl Cluster {
         asset
     }
 
+    /// Waits (up to two minutes) until the asset is transcoding with some
+    /// progress reported, for a drill that cuts the transcode short.
+    pub async fn wait_transcoding(&self, asset_id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = self.asset(asset_id).await;
+            if v["state"] == "transcoding" && v["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+                return;
+            }
+            assert_ne!(
+                v["state"], "published",
+                "finished before it could be cut short; make the input longer"
+            );
+            assert!(Instant::now() < deadline, "never started transcoding: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The asset's status, as its owner sees it.
     pub async fn asset(&self, asset_id: &str) -> serde_json::Value {
         self.client()

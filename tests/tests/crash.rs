@@ -22,19 +22,7 @@ async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
 
     // Wait until the transcode is under way, then pull the plug.
     let client = cluster.client();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = cluster.asset(&id).await;
-        if v["state"] == "transcoding" && v["progress"].as_f64().unwrap_or(0.0) > 0.0 {
-            break;
-        }
-        assert_ne!(
-            v["state"], "published",
-            "transcode finished before it could be interrupted; make the input longer"
-        );
-        assert!(Instant::now() < deadline, "never started transcoding: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.wait_transcoding(&id).await;
     cluster.manager.kill9();
     let staged: Vec<_> = files_under(&cluster.manager_data.join("staging"));
     assert!(

@@ -96,23 +96,6 @@ fn staged(cluster: &Cluster) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Waits until the asset is transcoding, with some progress made.
-async fn wait_transcoding(cluster: &Cluster, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = cluster.asset(id).await;
-        if v["state"] == "transcoding" && v["progress"].as_f64().unwrap_or(0.0) > 0.0 {
-            return;
-        }
-        assert_ne!(
-            v["state"], "published",
-            "finished before it could be cut short"
-        );
-        assert!(Instant::now() < deadline, "never started transcoding: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_within_30_s_when_the_leader_is_killed_and_nothing_is_lost_or_doubled(
 ) {
@@ -214,7 +197,7 @@ async fn the_standby_takes_over_within_30_s_when_the_leader_is_killed_and_nothin
     let (s, v) = cluster.upload(&long, "Cut short").await.unwrap();
     assert_eq!(s, 202, "{v}");
     let long_id = v["asset_id"].as_str().unwrap().to_string();
-    wait_transcoding(&cluster, &long_id).await;
+    cluster.wait_transcoding(&long_id).await;
     // Now `cluster.manager` is B and `b` is A, the leader.
     b.kill9();
     let killed = Instant::now();
@@ -313,7 +296,7 @@ async fn a_leader_cut_off_from_its_lead_gives_its_work_up_and_the_job_is_done_on
     let (s, v) = cluster.upload(&long, "Cut off").await.unwrap();
     assert_eq!(s, 202, "{v}");
     let id = v["asset_id"].as_str().unwrap().to_string();
-    wait_transcoding(&cluster, &id).await;
+    cluster.wait_transcoding(&id).await;
     // The server ends the leader's lock session; its pool stays alive.
     let ended = e2e::psql(
         &db_url,

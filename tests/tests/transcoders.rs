@@ -535,19 +535,7 @@ async fn bad_results_are_refused_and_a_killed_worker_s_job_is_finished_by_anothe
 
     // 3. A real worker takes it and is killed mid-transcode.
     let mut t1 = cluster.start_transcoder("t1");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = cluster.asset(&id).await;
-        if v["state"] == "transcoding" && v["progress"].as_f64().unwrap_or(0.0) > 0.0 {
-            break;
-        }
-        assert_ne!(
-            v["state"], "published",
-            "finished before it could be cut short"
-        );
-        assert!(Instant::now() < deadline, "t1 never reported progress: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster.wait_transcoding(&id).await;
     assert_eq!(accepted(&t1.log_text()), vec![id.clone()]);
     t1.kill9();
     let killed = Instant::now();

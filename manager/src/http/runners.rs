@@ -111,22 +111,48 @@ async fn register(
     ))
 }
 
-/// `POST /api/v1/runners/jobs/request` → `{id}`, or 204 with no job.
-async fn request(
-    State(st): State<SharedState>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+/// A signed call with a small body (all but the result upload, which is
+/// signed with the SHA-256 it declares): the worker that signed it.
+struct Signed {
+    name: String,
     body: Bytes,
-) -> Result<Response, ApiError> {
-    let pq = path_and_query(&uri);
-    signer(
-        &st,
-        &headers,
-        "POST",
-        &pq,
-        &shared::content_sha256_hex(&body),
-    )
-    .await?;
+}
+
+impl Signed {
+    /// The body as JSON, or `400 {code}` saying what was `expected`.
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        code: &'static str,
+        expected: &str,
+    ) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ApiError::bad_request(code, format!("expected {expected}: {e}")))
+    }
+}
+
+impl axum::extract::FromRequest<SharedState> for Signed {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &SharedState) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        // The routes' own limits (DefaultBodyLimit) are at most this.
+        let body = axum::body::to_bytes(body, 16 * 1024)
+            .await
+            .map_err(|_| ApiError::TooLarge { limit: 16 * 1024 })?;
+        let name = signer(
+            st,
+            &parts.headers,
+            parts.method.as_str(),
+            &path_and_query(&parts.uri),
+            &shared::content_sha256_hex(&body),
+        )
+        .await?;
+        Ok(Signed { name, body })
+    }
+}
+
+/// `POST /api/v1/runners/jobs/request` → `{id}`, or 204 with no job.
+async fn request(State(st): State<SharedState>, _: Signed) -> Result<Response, ApiError> {
     Ok(match runners::request(&st.pipeline).await? {
         Some(offer) => Json(offer).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
@@ -136,20 +162,9 @@ async fn request(
 async fn accept(
     State(st): State<SharedState>,
     Path(id): Path<String>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Signed,
 ) -> Result<Response, ApiError> {
-    let pq = path_and_query(&uri);
-    let name = signer(
-        &st,
-        &headers,
-        "POST",
-        &pq,
-        &shared::content_sha256_hex(&body),
-    )
-    .await?;
-    Ok(Json(runners::accept(&st.pipeline, &name, &id).await?).into_response())
+    Ok(Json(runners::accept(&st.pipeline, &w.name, &id).await?).into_response())
 }
 
 /// The staged source, streamed.
@@ -157,12 +172,9 @@ async fn source(
     State(st): State<SharedState>,
     Path(id): Path<String>,
     Query(q): Query<Lease>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+    w: Signed,
 ) -> Result<Response, ApiError> {
-    let pq = path_and_query(&uri);
-    let name = signer(&st, &headers, "GET", &pq, &shared::content_sha256_hex(b"")).await?;
-    let path = runners::source(&st.pipeline, &name, &id, &q.lease).await?;
+    let path = runners::source(&st.pipeline, &w.name, &id, &q.lease).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|_| ApiError::from(runners::RunnerError::Lost))?;
@@ -189,23 +201,10 @@ async fn progress(
     State(st): State<SharedState>,
     Path(id): Path<String>,
     Query(q): Query<Lease>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Signed,
 ) -> Result<Json<RunnerProgressAnswer>, ApiError> {
-    let pq = path_and_query(&uri);
-    let name = signer(
-        &st,
-        &headers,
-        "POST",
-        &pq,
-        &shared::content_sha256_hex(&body),
-    )
-    .await?;
-    let p: RunnerProgress = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("bad_progress", format!("expected {{\"progress\"}}: {e}"))
-    })?;
-    let cancel = runners::progress(&st.pipeline, &name, &id, &q.lease, p.progress).await?;
+    let p: RunnerProgress = w.json("bad_progress", "{\"progress\"}")?;
+    let cancel = runners::progress(&st.pipeline, &w.name, &id, &q.lease, p.progress).await?;
     Ok(Json(RunnerProgressAnswer { cancel }))
 }
 
@@ -236,26 +235,10 @@ async fn error(
     State(st): State<SharedState>,
     Path(id): Path<String>,
     Query(q): Query<Lease>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Signed,
 ) -> Result<StatusCode, ApiError> {
-    let pq = path_and_query(&uri);
-    let name = signer(
-        &st,
-        &headers,
-        "POST",
-        &pq,
-        &shared::content_sha256_hex(&body),
-    )
-    .await?;
-    let f: RunnerFailure = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "bad_failure",
-            format!("expected {{\"code\", \"message\"}}: {e}"),
-        )
-    })?;
-    runners::failed(&st.pipeline, &name, &id, &q.lease, &f.code, &f.message).await?;
+    let f: RunnerFailure = w.json("bad_failure", "{\"code\", \"message\"}")?;
+    runners::failed(&st.pipeline, &w.name, &id, &q.lease, &f.code, &f.message).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -263,19 +246,8 @@ async fn abort(
     State(st): State<SharedState>,
     Path(id): Path<String>,
     Query(q): Query<Lease>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    w: Signed,
 ) -> Result<StatusCode, ApiError> {
-    let pq = path_and_query(&uri);
-    let name = signer(
-        &st,
-        &headers,
-        "POST",
-        &pq,
-        &shared::content_sha256_hex(&body),
-    )
-    .await?;
-    runners::abort(&st.pipeline, &name, &id, &q.lease).await?;
+    runners::abort(&st.pipeline, &w.name, &id, &q.lease).await?;
     Ok(StatusCode::NO_CONTENT)
 }
