@@ -11,6 +11,8 @@ use std::{
 
 use rand::RngCore;
 
+pub mod garage;
+
 /// Folder holding the built binaries: `SLMEDIA_BIN_DIR`, or the cargo
 /// profile folder this test binary was built into (`target/debug`).
 pub fn bin_dir() -> PathBuf {
@@ -39,6 +41,16 @@ pub fn bin(name: &str) -> PathBuf {
 /// as `scripts/test` sets for its second pass) or SQLite, the default.
 pub fn on_postgres() -> bool {
     std::env::var("SLMEDIA_E2E_DB").is_ok_and(|v| v == "postgres")
+}
+
+/// Whether this run of the suite keeps the second view node's blobs in a
+/// Garage bucket (`SLMEDIA_E2E_STORAGE=garage`, as `scripts/test` sets for
+/// its second pass): every cluster of two or more nodes then has one node
+/// on local disk and one on Garage, unless the test opts out
+/// ([`ClusterOpts::garage_node`]) because it reads or breaks the node's
+/// files itself.
+pub fn garage_by_default() -> bool {
+    std::env::var("SLMEDIA_E2E_STORAGE").is_ok_and(|v| v == "garage")
 }
 
 /// A `database_url = …` line for a new manager's configuration: empty
@@ -170,6 +182,27 @@ impl Proc {
     }
 }
 
+impl Node {
+    /// The blobs the node holds (names), from its folder or its bucket.
+    pub async fn held_blobs(&self) -> Vec<String> {
+        use futures::TryStreamExt;
+        match &self.bucket {
+            None => files_under(&self.storage.join("blobs"))
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect(),
+            Some(b) => object_store::ObjectStore::list(
+                &**b,
+                Some(&object_store::path::Path::from("blobs")),
+            )
+            .map_ok(|m| m.location.filename().unwrap_or_default().to_string())
+            .try_collect()
+            .await
+            .expect("list the node's bucket"),
+        }
+    }
+}
+
 /// A running `transcoder run` ([`Cluster::start_transcoder`]).
 pub struct Transcoder {
     pub name: String,
@@ -253,7 +286,10 @@ impl Drop for Proc {
 
 pub struct Node {
     pub proc: Proc,
+    /// The node's `storage_dir` (its blobs too, unless `bucket` is set).
     pub storage: PathBuf,
+    /// The bucket holding its blobs when they are in Garage.
+    pub bucket: Option<std::sync::Arc<object_store::aws::AmazonS3>>,
     /// Hex secret shared with the manager (tests sign node calls with it).
     pub secret: String,
     /// The node's config file, to start it again ([`Cluster::restart_node`]).
@@ -287,6 +323,13 @@ pub struct ClusterOpts {
     /// The manager's `database_url = …` line (empty: SQLite in its data
     /// folder); `None`: what this run of the suite uses ([`database_line`]).
     pub database: Option<String>,
+    /// Node 1's blobs in a Garage bucket the cluster starts (default:
+    /// [`garage_by_default`]); ignored with fewer than two nodes or when
+    /// `node_tables[1]` is set.
+    pub garage_node: bool,
+    /// Tables appended to node `i`'s configuration, by index (e.g. a
+    /// `[storage]` table from [`garage::Garage::storage_toml`]).
+    pub node_tables: Vec<String>,
     /// Lines added to the manager's `[transcode]` table (e.g. `workers = 0`
     /// to leave every job to transcode workers, or a slower preset).
     pub transcode_extra: String,
@@ -309,6 +352,8 @@ impl ClusterOpts {
             tls: false,
             database: None,
             transcode_extra: String::new(),
+            node_tables: Vec::new(),
+            garage_node: garage_by_default(),
         }
     }
 }
@@ -342,6 +387,8 @@ pub struct Cluster {
     /// The manager's token key, so tests can mint tokens (expired ones,
     /// for another asset) that only the manager could otherwise make.
     pub token_signer: shared::TokenSigner,
+    /// The Garage holding node 1's blobs ([`ClusterOpts::garage_node`]).
+    pub garage: Option<garage::Garage>,
 }
 
 impl Cluster {
@@ -377,6 +424,18 @@ impl Cluster {
         let ca = opts
             .tls
             .then(|| shared::tls::ClusterCa::generate("test").expect("a test CA"));
+        let mut tables = opts.node_tables.clone();
+        let garage = (opts.garage_node
+            && node_names.len() >= 2
+            && tables.get(1).is_none_or(String::is_empty))
+        .then(|| {
+            let g = garage::Garage::start();
+            let bucket = format!("node-{}", node_names[1]);
+            g.create_bucket(&bucket);
+            tables.resize(node_names.len(), String::new());
+            tables[1] = g.storage_toml(0, &bucket);
+            g
+        });
         let mut nodes = Vec::new();
         let mut node_sections = String::new();
         for (i, name) in node_names.iter().enumerate() {
@@ -410,9 +469,10 @@ impl Cluster {
                 format!(
                     "name = \"{name}\"\nlisten = \"127.0.0.1:{node_port}\"\nstorage_dir = \"{}\"\n\
                      master_key_id = 1\nmaster_key = \"{master}\"\ntoken_public_key = \"{}\"\n\
-                     manager_secret = \"{secret}\"\nshutdown_grace_secs = 5\n{node_extra}{tls_lines}",
+                     manager_secret = \"{secret}\"\nshutdown_grace_secs = 5\n{node_extra}{tls_lines}{}",
                     storage.display(),
-                    signer.public_hex()
+                    signer.public_hex(),
+                    tables.get(i).map_or("", String::as_str)
                 ),
             )
             .unwrap();
@@ -437,9 +497,17 @@ impl Cluster {
                     proc.url,
                 ),
             };
+            let bucket = (i == 1)
+                .then(|| {
+                    garage
+                        .as_ref()
+                        .map(|g| g.client(0, &format!("node-{name}")))
+                })
+                .flatten();
             nodes.push(Node {
                 proc,
                 storage,
+                bucket,
                 secret,
                 config: cfg,
             });
@@ -518,7 +586,16 @@ impl Cluster {
             operator_password,
             api_token,
             token_signer: signer,
+            garage,
         }
+    }
+
+    /// [`Cluster::start`] with every node's blobs on its local disk, for
+    /// tests that read or damage the nodes' files themselves.
+    pub fn start_local(node_names: &[&str]) -> Cluster {
+        let mut opts = ClusterOpts::new(node_names);
+        opts.garage_node = false;
+        Cluster::start_with(&opts)
     }
 
     /// Runs `manager --config <cluster config> <args>` (a CLI command next

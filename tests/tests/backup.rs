@@ -354,7 +354,7 @@ async fn upload_published(cluster: &Cluster, input: &Path, title: &str) -> Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manager_is_rebuilt_from_the_nodes_and_a_damaged_backup_is_skipped() {
     let (recovery, _) = keys();
-    let mut cluster = Cluster::start(&["utah", "toronto"]);
+    let mut cluster = Cluster::start_local(&["utah", "toronto"]);
     let input = cluster.dir.path().join("in.webm");
     make_webm(&input);
 
@@ -548,7 +548,7 @@ async fn the_manager_is_rebuilt_from_the_nodes_and_a_damaged_backup_is_skipped()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_taken_during_uploads_and_writes_is_consistent() {
     keys();
-    let cluster = Cluster::start(&["utah", "toronto"]);
+    let cluster = Cluster::start_local(&["utah", "toronto"]);
     let input = cluster.dir.path().join("in.webm");
     make_webm(&input);
     // A movie for sale and two buyers with plenty of credits.
@@ -777,7 +777,7 @@ async fn init_cluster_hands_out_a_recovery_key_the_nodes_can_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_database_is_refused_at_start_and_restored_in_place() {
     keys();
-    let mut cluster = Cluster::start(&["utah", "toronto"]);
+    let mut cluster = Cluster::start_local(&["utah", "toronto"]);
     let b = backup_now(&cluster).await;
     assert!(cluster.manager.stop());
     let db = cluster.manager_data.join("manager.db");
@@ -888,6 +888,7 @@ async fn refund_diagnostics(cluster: &Cluster) -> String {
 async fn a_view_watched_between_the_backup_and_the_restore_is_never_refunded() {
     let (recovery, _) = keys();
     let mut o = e2e::ClusterOpts::new(&["utah", "toronto"]);
+    o.garage_node = false;
     o.fixed_ports = true;
     o.node_extra = "journal_forward_secs = 1\njournal_flush_secs = 1\n".into();
     o.manager_extra =

@@ -58,12 +58,7 @@ async fn a_manager_killed_mid_transcode_finishes_the_job_once_after_restart() {
     let mine = cluster.my_assets().await;
     assert_eq!(mine.len(), 1);
     for node in &cluster.nodes {
-        assert_eq!(
-            files_under(&node.storage.join("blobs")).len(),
-            1,
-            "{}",
-            node.proc.name
-        );
+        assert_eq!(node.held_blobs().await.len(), 1, "{}", node.proc.name);
     }
     assert!(files_under(&cluster.manager_data.join("staging")).is_empty());
     assert!(files_under(&cluster.manager_data.join("outbox")).is_empty());
@@ -109,7 +104,7 @@ async fn an_uploader_cancels_a_running_transcode() {
     assert_eq!(asset["error"]["code"], "cancelled", "{asset}");
     assert!(files_under(&cluster.manager_data.join("staging")).is_empty());
     for node in &cluster.nodes {
-        assert!(files_under(&node.storage.join("blobs")).is_empty());
+        assert!(node.held_blobs().await.is_empty());
     }
     // Too late now, with a code.
     let r = client

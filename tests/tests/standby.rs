@@ -257,12 +257,7 @@ async fn the_standby_takes_over_within_30_s_when_the_leader_is_killed_and_nothin
         assert_eq!(head.status(), 200, "{id} plays");
     }
     for node in &cluster.nodes {
-        assert_eq!(
-            files_under(&node.storage.join("blobs")).len(),
-            4,
-            "{}",
-            node.proc.name
-        );
+        assert_eq!(node.held_blobs().await.len(), 4, "{}", node.proc.name);
     }
     let staging = staged(&cluster);
     assert!(staging.is_empty(), "{staging:?}");
@@ -327,12 +322,7 @@ async fn a_leader_cut_off_from_its_lead_gives_its_work_up_and_the_job_is_done_on
     // either holder left behind.
     assert_eq!(cluster.my_assets().await.len(), 1);
     for node in &cluster.nodes {
-        assert_eq!(
-            files_under(&node.storage.join("blobs")).len(),
-            1,
-            "{}",
-            node.proc.name
-        );
+        assert_eq!(node.held_blobs().await.len(), 1, "{}", node.proc.name);
     }
     let staging = staged(&cluster);
     assert!(staging.is_empty(), "{staging:?}");

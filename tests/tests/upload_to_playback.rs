@@ -27,7 +27,8 @@ async fn get_range(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webm_upload_is_published_on_two_mirrors_and_plays_with_ranges() {
-    let cluster = Cluster::start(&["utah", "toronto"]);
+    // Reads the nodes' files: both on local disk.
+    let cluster = Cluster::start_local(&["utah", "toronto"]);
     let input = cluster.dir.path().join("holiday.webm");
     make_webm(&input);
 
@@ -422,7 +423,7 @@ async fn a_text_file_named_mp4_is_rejected_and_leaves_nothing() {
     assert!(files_under(&cluster.manager_data.join("staging")).is_empty());
     assert!(files_under(&cluster.manager_data.join("outbox")).is_empty());
     for node in &cluster.nodes {
-        assert!(files_under(&node.storage.join("blobs")).is_empty());
+        assert!(node.held_blobs().await.is_empty());
     }
     let mine = cluster.my_assets().await;
     assert_eq!(mine.len(), 0, "{mine:?}");

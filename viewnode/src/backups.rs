@@ -1,25 +1,24 @@
 //! The manager's sealed database backups, kept apart from movie blobs.
 //!
-//! They live in `<storage_dir>/backups/<created>-<sha256>` (temp files in
-//! `<storage_dir>/backups-tmp/`), outside `blobs/`, so scrubbing and
-//! reconciliation of movie blobs never see them. The node cannot read them:
+//! They live in the blob backend's backups area (`<storage_dir>/backups/
+//! <created>-<sha256>` on a local folder, `backups/…` in a bucket; see
+//! `store`), apart from the movie blobs, so scrubbing and reconciliation
+//! of movie blobs never see them. The node cannot read them:
 //! they are sealed with a key derived from the operator's recovery key,
 //! which no node holds.
 //!
 //! Endpoints, all HMAC-signed (`shared::nodeauth`):
 //! - `PUT /internal/v1/backups/{name}`: manager only (key id `manager`).
 //!   The body must hash to the name's SHA-256 (which the signature covers);
-//!   written like a blob: temp file, fsync, `link(2)` (create-only), fsync
-//!   of the folder. The same name again with the same bytes is a no-op.
+//!   written like a blob (`store::Backend::put_verified`: hashed as it
+//!   arrives, committed create-only on a match). The same name again with
+//!   the same bytes is a no-op.
 //! - `GET /internal/v1/backups`, `GET /internal/v1/backups/{name}`: the
 //!   manager, or a restore on an empty machine signing with the
 //!   `backup_read_key` (key id `backup-reader`), which can do nothing else.
 //! - `DELETE /internal/v1/backups/{name}`: manager only (retention).
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::io;
 
 use axum::{
     body::Body,
@@ -32,7 +31,7 @@ use axum::{
 use serde_json::json;
 use shared::BlobId;
 
-use crate::store::{fsync_dir, link_create_only, receive_hashed, ReceiveError, TempGuard};
+use crate::store::{PutOutcome, StoreError};
 use crate::SharedState;
 
 /// Key id of the read-only credential (`backup_read_key`).
@@ -54,6 +53,20 @@ pub enum BackupError {
     Missing,
     #[error("storage failure")]
     Io(#[from] io::Error),
+}
+
+impl From<StoreError> for BackupError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::HashMismatch { expected, actual } => {
+                BackupError::HashMismatch { expected, actual }
+            }
+            StoreError::Body(_) => BackupError::BodyAborted,
+            StoreError::NotFound => BackupError::Missing,
+            StoreError::Io(e) => BackupError::Io(e),
+            e @ StoreError::Object(_) => BackupError::Io(io::Error::other(e.to_string())),
+        }
+    }
 }
 
 impl BackupError {
@@ -92,26 +105,6 @@ impl IntoResponse for BackupError {
         let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
         (status, Json(body)).into_response()
     }
-}
-
-fn dir(st: &SharedState) -> PathBuf {
-    st.cfg.storage_dir.join("backups")
-}
-
-fn tmp_dir(st: &SharedState) -> PathBuf {
-    st.cfg.storage_dir.join("backups-tmp")
-}
-
-/// Creates the folders and removes temp files a crash left (never committed,
-/// so nothing refers to them). Called once at start.
-pub fn init(storage_dir: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(storage_dir.join("backups"))?;
-    let tmp = storage_dir.join("backups-tmp");
-    std::fs::create_dir_all(&tmp)?;
-    for e in std::fs::read_dir(&tmp)? {
-        let _ = std::fs::remove_file(e?.path());
-    }
-    Ok(())
 }
 
 fn parse_name(name: &str) -> Result<BlobId, BackupError> {
@@ -185,21 +178,20 @@ async fn store(
         &expected.to_string(),
         true,
     )?;
-    let tmp = tmp_dir(&st).join(format!("{name}.{}", uuid::Uuid::new_v4()));
-    let _guard = TempGuard(Some(tmp.clone()));
-    let (actual, size) = match receive_hashed(&tmp, body.into_data_stream()).await {
-        Ok(r) => r,
-        Err(ReceiveError::Io(e)) => return Err(e.into()),
-        Err(ReceiveError::Body(_)) => return Err(BackupError::BodyAborted),
-    };
-    if actual != expected {
-        metrics::counter!("viewnode_backups_rejected_total").increment(1);
-        return Err(BackupError::HashMismatch { expected, actual });
-    }
-    let dest = dir(&st).join(&name);
-    let stored = tokio::task::spawn_blocking(move || link_create_only(&tmp, &dest))
+    let outcome = match st
+        .store
+        .put_backup(&name, &expected, body.into_data_stream())
         .await
-        .map_err(|e| io::Error::other(e.to_string()))??;
+    {
+        Ok(o) => o,
+        Err(e @ StoreError::HashMismatch { .. }) => {
+            metrics::counter!("viewnode_backups_rejected_total").increment(1);
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let stored = outcome == PutOutcome::Stored;
+    let size = st.store.backup_meta(&name).await?.map_or(0, |m| m.size);
     metrics::counter!("viewnode_backups_stored_total").increment(u64::from(stored));
     tracing::info!(backup = %name, size, stored, "sealed backup verified and kept");
     let status = if stored {
@@ -223,13 +215,8 @@ async fn list(
         false,
     )?;
     let mut out = Vec::new();
-    let mut rd = tokio::fs::read_dir(dir(&st)).await?;
-    while let Some(e) = rd.next_entry().await? {
-        let Some(name) = e.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
+    for (name, size) in st.store.backups().await? {
         if parse_name(&name).is_ok() {
-            let size = e.metadata().await?.len();
             let created: i64 = name
                 .split('-')
                 .next()
@@ -262,18 +249,14 @@ async fn fetch(
     )?;
     // Served as stored: the reader checks the hash against the name and
     // authenticates every segment, so a damaged copy is found there.
-    let file = match tokio::fs::File::open(dir(&st).join(&name)).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BackupError::Missing),
-        Err(e) => return Err(e.into()),
-    };
-    let len = file.metadata().await?.len();
+    let (stream, meta) = st.store.read_backup(&name).await?;
+    let len = meta.size;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
         ],
-        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+        Body::from_stream(stream),
     )
         .into_response())
 }
@@ -292,15 +275,7 @@ async fn remove(
         &shared::content_sha256_hex(b""),
         true,
     )?;
-    let d = dir(&st);
-    match tokio::fs::remove_file(d.join(&name)).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BackupError::Missing),
-        Err(e) => return Err(e.into()),
-    }
-    tokio::task::spawn_blocking(move || fsync_dir(&d))
-        .await
-        .map_err(|e| io::Error::other(e.to_string()))??;
+    st.store.delete_backup(&name).await?;
     tracing::info!(backup = %name, "backup deleted at the manager's request");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -310,6 +285,7 @@ mod tests {
     use super::*;
     use axum::http::Request;
     use http_body_util::BodyExt;
+    use std::path::Path;
     use tower::ServiceExt;
 
     const MANAGER: &[u8] = b"0123456789abcdef0123456789abcdef";

@@ -34,8 +34,13 @@ pub struct Config {
     /// whose `X-Forwarded-For` is believed for the viewer's address in the
     /// access log. Anyone else's is ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Folder holding the sealed blobs (ciphertext only) and their temp files.
+    /// Folder holding the node's own state (view journal, proof times,
+    /// temp files) and, with `[storage] kind = "local"`, the sealed blobs
+    /// (ciphertext only), quarantined copies and the manager's backups.
     pub storage_dir: PathBuf,
+    /// Where blobs, quarantined copies and backups are kept: this folder
+    /// (the default) or an S3-compatible bucket (`store/bucket.rs`).
+    pub storage: StorageConfig,
     /// Hex of the 32-byte key-encryption key that unwraps per-asset data keys.
     /// It must never live in `storage_dir`: the disk alone must reveal nothing.
     pub master_key: Secret,
@@ -106,6 +111,7 @@ impl Default for Config {
             tls_key: PathBuf::new(),
             trusted_proxies: Vec::new(),
             storage_dir: PathBuf::from("data/viewnode"),
+            storage: StorageConfig::default(),
             master_key: Secret::default(),
             master_key_id: 1,
             token_public_key: String::new(),
@@ -129,6 +135,56 @@ impl Default for Config {
             metrics_allow: Vec::new(),
         }
     }
+}
+
+/// `[storage]`: the blob backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `local` (under `storage_dir`) or `s3`.
+    pub kind: StorageKind,
+    /// The S3 endpoint, e.g. `http://127.0.0.1:3900` (Garage) or
+    /// `https://s3.eu-west-1.amazonaws.com`.
+    pub endpoint: String,
+    /// The region the store signs for (`garage` for Garage's default).
+    pub region: String,
+    /// The bucket; one per node (two nodes sharing one bucket would be one
+    /// copy, not two).
+    pub bucket: String,
+    /// Access key id with read, write and delete on the bucket.
+    pub key_id: String,
+    /// Its secret key.
+    pub secret_key: Secret,
+    /// Path-style URLs (`endpoint/bucket/key`), as Garage and MinIO expect
+    /// unless their virtual-host domains are set up.
+    pub path_style: bool,
+    /// The store refuses a write over an existing name when asked with
+    /// `If-None-Match: *` (AWS S3, MinIO, Ceph RGW 18+). Garage 2.x ignores
+    /// the header: leave this off and the node checks for the name
+    /// itself before committing (see `store/bucket.rs` for the race).
+    pub conditional_put: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            kind: StorageKind::Local,
+            endpoint: String::new(),
+            region: "garage".into(),
+            bucket: String::new(),
+            key_id: String::new(),
+            secret_key: Secret::default(),
+            path_style: true,
+            conditional_put: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Local,
+    S3,
 }
 
 impl Config {
@@ -243,6 +299,36 @@ impl Config {
         }
         if let Err((name, why)) = self.server.validate() {
             return Err(field(&format!("server.{name}"), why));
+        }
+        if self.storage.kind == StorageKind::S3 {
+            let s = &self.storage;
+            if !is_http(&s.endpoint) {
+                return Err(field(
+                    "storage.endpoint",
+                    "must be the S3 endpoint's http:// or https:// URL",
+                ));
+            }
+            // S3's own rule: 3-63 lower-case letters, digits, '-' and '.'.
+            if !(3..=63).contains(&s.bucket.len())
+                || !s
+                    .bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            {
+                return Err(field(
+                    "storage.bucket",
+                    "must be a bucket name: 3-63 lower-case letters, digits, '-' or '.'",
+                ));
+            }
+            if s.key_id.is_empty() || s.secret_key.is_empty() {
+                return Err(field(
+                    "storage.key_id",
+                    "kind = \"s3\" needs key_id and secret_key",
+                ));
+            }
+            if s.region.is_empty() {
+                return Err(field("storage.region", "must be set (Garage: `garage`)"));
+            }
         }
         if self.quarantine_keep_days > 3650 {
             return Err(field(

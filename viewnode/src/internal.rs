@@ -190,11 +190,12 @@ async fn get_blob(
     headers: HeaderMap,
 ) -> Result<Response, NodeError> {
     let id = signed_blob(&st, &headers, "GET", &id, "", Some(EMPTY_SHA256))?;
-    let (file, len) = st.store.open_file(&id).await?;
+    let (stream, meta) = st.store.read(&id, 256 * 1024).await?;
+    let len = meta.size;
     // (hasher, bytes seen, read failed)
     let seen = Arc::new(Mutex::new((Sha256::new(), 0u64, false)));
     let seen2 = seen.clone();
-    let body = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |r| {
+    let body = stream.map(move |r| {
         let mut s = seen2.lock().expect("hash state");
         match &r {
             Ok(b) => {

@@ -34,7 +34,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{routing::get, Router};
 use tokio::net::TcpListener;
 
-pub use config::Config;
+pub use config::{Config, StorageConfig, StorageKind};
 pub use error::NodeError;
 pub use shared::runtime::init_tracing;
 
@@ -148,17 +148,14 @@ impl AppState {
     }
 
     pub fn new(cfg: Config) -> anyhow::Result<Self> {
-        // The manager's sealed database backups: beside the blobs, never among them.
-        backups::init(&cfg.storage_dir).map_err(|e| {
+        let store = store::BlobStore::open(&cfg.storage_dir, &cfg.storage).map_err(|e| {
             anyhow::anyhow!(
-                "configuration field `storage_dir`: cannot open {}/backups: {e}",
-                cfg.storage_dir.display()
-            )
-        })?;
-        let store = store::BlobStore::open(&cfg.storage_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "configuration field `storage_dir`: cannot open {}: {e}",
-                cfg.storage_dir.display()
+                "configuration field `storage_dir`/`[storage]`: cannot open {} ({}): {e}",
+                cfg.storage_dir.display(),
+                match cfg.storage.kind {
+                    config::StorageKind::Local => "blobs in this folder",
+                    config::StorageKind::S3 => "blobs in a bucket",
+                }
             )
         })?;
         let master = shared::MasterKey::from_hex(cfg.master_key_id, cfg.master_key.expose())

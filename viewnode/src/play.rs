@@ -102,18 +102,10 @@ pub async fn play(
                     tracing::error!(asset = %claims.asset_id, "cannot unwrap data key: {e}");
                     NodeError::KeyUnavailable
                 })?;
-            let header_bytes = {
-                let file = file.clone();
-                let len = (shared::HEADER_LEN as u64).min(sealed_len) as usize;
-                tokio::task::spawn_blocking(move || {
-                    let mut header = vec![0; len];
-                    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut header, 0)
-                        .map(|()| header)
-                })
+            let header_bytes = file
+                .read_header((shared::HEADER_LEN as u64).min(sealed_len) as usize)
                 .await
-                .map_err(|e| NodeError::Storage(e.to_string()))?
-                .map_err(|e| NodeError::Storage(e.to_string()))?
-            };
+                .map_err(|e| NodeError::Storage(e.to_string()))?;
             match shared::Opener::new(&key, &claims.asset_id, &header_bytes, sealed_len) {
                 Ok(o) => {
                     crate::playcache::keep_opener(&claims, &o);
@@ -160,7 +152,8 @@ pub async fn play(
     if method == Method::HEAD || start == end {
         return Ok(resp.body(Body::empty()).expect("valid response"));
     }
-    let stream = shared::open_file_range(file, opener, start, end)
+    let stream = file
+        .stream(opener, start, end)
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let served = end - start;
     let st2 = st.clone();

@@ -118,8 +118,76 @@ pub async fn run(st: SharedState, mut stop: watch::Receiver<bool>) {
 
 enum Verdict {
     Good,
-    Bad { actual: BlobId, inode: u64 },
+    /// `version`: the copy read (`store::Meta::version`), so only that
+    /// copy is quarantined, not a repair that replaced it meanwhile.
+    Bad {
+        actual: BlobId,
+        version: String,
+    },
     Gone,
+}
+
+/// Reads blob `id` start to end, paced by `throttle` (none: as fast as the
+/// storage goes), and says whether it hashes to its name. A local file is
+/// read on the blocking pool; a bucket object in ranged GETs.
+async fn check(
+    st: &SharedState,
+    id: BlobId,
+    chunk: usize,
+    cancel: Arc<AtomicBool>,
+    throttle: Option<Arc<Mutex<Throttle>>>,
+) -> std::io::Result<Verdict> {
+    let count = |n: u64| metrics::counter!("viewnode_scrub_bytes_total").increment(n);
+    if let Some(path) = st.store.blob_path(&id) {
+        return tokio::task::spawn_blocking(move || {
+            check_file(&path, &id, chunk, &cancel, |n| {
+                if let Some(t) = &throttle {
+                    let wait = t.lock().expect("throttle").take(n, Instant::now());
+                    std::thread::sleep(wait);
+                    count(n);
+                }
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+    }
+    let (mut stream, meta) = match st.store.read(&id, chunk).await {
+        Ok(r) => r,
+        Err(crate::store::StoreError::NotFound) => return Ok(Verdict::Gone),
+        Err(e) => return Err(std::io::Error::other(e.to_string())),
+    };
+    let mut hasher = Sha256::new();
+    while let Some(bytes) = futures::StreamExt::next(&mut stream).await {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(Verdict::Gone);
+        }
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Verdict::Gone),
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = &throttle {
+            let n = bytes.len() as u64;
+            let wait = t.lock().expect("throttle").take(n, Instant::now());
+            tokio::time::sleep(wait).await;
+            count(n);
+        }
+        hasher.update(&bytes);
+    }
+    let actual = BlobId::from_hasher(hasher);
+    Ok(if actual == id {
+        Verdict::Good
+    } else {
+        Verdict::Bad {
+            actual,
+            version: meta.version,
+        }
+    })
+}
+
+/// Whether the copy under `id` now is still the one a check read.
+async fn still_the_copy_read(st: &SharedState, id: &BlobId, version: &str) -> bool {
+    matches!(st.store.head(id).await, Ok(Some(m)) if m.version == version)
 }
 
 /// Reads `path` start to end in `chunk`-byte reads, calling `pace` with
@@ -137,7 +205,7 @@ fn check_file(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Verdict::Gone),
         Err(e) => return Err(e),
     };
-    let inode = f.metadata()?.ino();
+    let version = f.metadata()?.ino().to_string();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; chunk];
     loop {
@@ -155,7 +223,7 @@ fn check_file(
     Ok(if actual == *id {
         Verdict::Good
     } else {
-        Verdict::Bad { actual, inode }
+        Verdict::Bad { actual, version }
     })
 }
 
@@ -185,25 +253,22 @@ pub async fn verify_now(st: &SharedState, id: BlobId) -> std::io::Result<Option<
     else {
         return Ok(None);
     };
-    let path = st.store.blob_path(&id);
-    let verdict = tokio::task::spawn_blocking(move || {
+    let st2 = st.clone();
+    let verdict = tokio::spawn(async move {
         let _turn = turn;
-        check_file(&path, &id, 1 << 20, &AtomicBool::new(false), |_| {})
+        check(&st2, id, 1 << 20, Arc::new(AtomicBool::new(false)), None).await
     })
     .await
-    .map_err(std::io::Error::other)??;
-    Ok(Some(match verdict {
+    .map_err(std::io::Error::other)?;
+    Ok(Some(match verdict? {
         Verdict::Good => {
             st.store
                 .set_verified(&id, Some(shared::runtime::unix_now()));
             Checked::Verified
         }
         Verdict::Gone => Checked::Missing,
-        Verdict::Bad { actual, inode } => {
-            let same = std::fs::metadata(st.store.blob_path(&id))
-                .map(|m| m.ino() == inode)
-                .unwrap_or(false);
-            if same {
+        Verdict::Bad { actual, version } => {
+            if still_the_copy_read(st, &id, &version).await {
                 tracing::error!(blob = %id, %actual, "re-verification: stored copy does not hash to its name; quarantining");
                 st.scrub.lock().expect("scrub status").mismatches_total += 1;
                 quarantine_and_report(st, id, "verify_mismatch").await;
@@ -250,42 +315,29 @@ async fn pass(st: &SharedState, cancel: &Arc<AtomicBool>) {
         if cancel.load(Ordering::Relaxed) {
             return;
         }
-        let path = st.store.blob_path(&id);
-        let (throttle2, cancel2, id2) = (throttle.clone(), cancel.clone(), id);
-        let verdict = tokio::task::spawn_blocking(move || {
-            check_file(&path, &id2, chunk, &cancel2, |n| {
-                let wait = throttle2.lock().expect("throttle").take(n, Instant::now());
-                std::thread::sleep(wait);
-                metrics::counter!("viewnode_scrub_bytes_total").increment(n);
-            })
-        })
-        .await;
+        let verdict = check(st, id, chunk, cancel.clone(), Some(throttle.clone())).await;
         done += size;
         match verdict {
-            Ok(Ok(Verdict::Good)) => st
+            Ok(Verdict::Good) => st
                 .store
                 .set_verified(&id, Some(shared::runtime::unix_now())),
-            Ok(Ok(Verdict::Gone)) => {}
-            Ok(Ok(Verdict::Bad { actual, inode })) => {
-                // Quarantine only the file we read: a repair may have put a
+            Ok(Verdict::Gone) => {}
+            Ok(Verdict::Bad { actual, version }) => {
+                // Quarantine only the copy we read: a repair may have put a
                 // fresh, verified copy under the name meanwhile.
-                let same = std::fs::metadata(st.store.blob_path(&id))
-                    .map(|m| m.ino() == inode)
-                    .unwrap_or(false);
-                if same {
+                if still_the_copy_read(st, &id, &version).await {
                     tracing::error!(blob = %id, %actual, "scrub: stored copy does not hash to its name; quarantining");
                     metrics::counter!("viewnode_scrub_mismatches_total").increment(1);
                     st.scrub.lock().expect("scrub status").mismatches_total += 1;
                     quarantine_and_report(st, id, "scrub_mismatch").await;
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 // A read error is not proof of corruption; the disk's own
                 // health is for /healthz. The next pass tries again.
                 metrics::counter!("viewnode_scrub_read_errors_total").increment(1);
                 tracing::error!(blob = %id, "scrub cannot read the blob: {e}");
             }
-            Err(e) => tracing::error!(blob = %id, "scrub task failed: {e}"),
         }
         st.scrub.lock().expect("scrub status").pass_bytes_done = done;
         metrics::gauge!("viewnode_scrub_pass_done_bytes").set(done as f64);

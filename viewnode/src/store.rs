@@ -1,27 +1,24 @@
-//! Blob storage on the node: create-only, verified, atomic and durable writes,
-//! ranged reads through `object_store`.
+//! Blob storage on the node: create-only, verified writes and ranged reads,
+//! behind one seam ([`Backend`]) with two implementations chosen by
+//! `[storage] kind`: a local folder (`local.rs`, the default) and an
+//! S3-compatible bucket (`bucket.rs`). Movies' blobs, quarantined copies
+//! and the manager's backups all go through it; the node's own state
+//! (`verified.json`, the view journal, temp files of the local backend)
+//! stays in `storage_dir` either way.
 //!
-//! `object_store`'s `LocalFileSystem` (0.12) writes through a temp file and a
-//! rename but never fsyncs, so a power cut can leave a named blob that is
-//! empty or partial: exactly the "disk wrote zeroes" failure we must not
-//! have. Writes therefore go through [`BlobStore::put_verified`], which hashes
-//! while streaming to a temp file, fsyncs it, refuses a hash mismatch, links
-//! it into place with `link(2)` (which fails rather than overwrite) and fsyncs
-//! the directory. Listing and lookups go through `object_store`; playback
-//! reads the open file with `pread` ([`BlobStore::open_for_playback`]),
-//! because every `object_store` ranged read reopens the file and copies
-//! into a fresh buffer, and playback is the node's hot path. A bucket-backed
-//! store would need its own playback reader behind `shared::RangeRead`.
+//! What every backend guarantees, and the rest of the node relies on:
+//! - a write is hashed while it arrives and committed under its name only
+//!   when the SHA-256 matches; a mismatch or a cut body leaves nothing;
+//! - a name is never overwritten by other bytes: only proven bytes are
+//!   written under a name, and a copy of another length found there is
+//!   moved to quarantine first;
+//! - `head` gives a version token (an inode, an ETag) so the scrubber
+//!   quarantines only the copy it read, not a repair that replaced it;
+//! - `health_check` writes, reads back and deletes something real.
 //!
-//! Layout under `storage_dir`: `blobs/<2 hex>/<sha256>` (the good copies, the
-//! only ones served, copied or listed as held), `tmp/` (pushes in flight,
-//! emptied at start), `quarantine/<sha256>.<unix time>` (copies that failed
-//! a check, kept for inspection, never served) and `verified.json`: when
-//! each good blob was last proven to hash to its name (at receipt, then by
-//! every scrub pass), so the inventory can tell the manager how fresh each
-//! copy's proof is. If the whole folder disappears while the node runs
-//! (a wiped or replaced disk), the sub-folders are made again on the next
-//! write, so the manager's reconciliation can refill it without a restart.
+//! `verified.json` records when each good blob was last proven to hash to
+//! its name (at receipt, then by every scrub pass), so the inventory can
+//! tell the manager how fresh each copy's proof is.
 
 use std::{
     collections::BTreeMap,
@@ -30,12 +27,15 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
-use object_store::{local::LocalFileSystem, ObjectStore};
+use futures::{stream::BoxStream, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use shared::BlobId;
 use tokio::io::AsyncWriteExt;
+
+pub mod bucket;
+pub mod local;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,8 +60,9 @@ pub enum PutOutcome {
 
 #[derive(Clone)]
 pub struct BlobStore {
+    /// The node's own state folder (`storage_dir`).
     root: PathBuf,
-    objects: Arc<LocalFileSystem>,
+    backend: Arc<dyn Backend>,
     /// Blob → unix time it was last proven to hash to its name; mirrored
     /// in `verified.json`, rewritten atomically by [`BlobStore::flush_verified`]
     /// (every few seconds, less often as the map grows, at the end of each
@@ -85,7 +86,6 @@ pub struct Quarantined {
     pub since: i64,
 }
 
-const SUBDIRS: [&str; 3] = ["blobs", "tmp", "quarantine"];
 const VERIFIED_FILE: &str = "verified.json";
 
 /// Removes a temp file unless the write that made it succeeded.
@@ -155,18 +155,166 @@ pub(crate) fn link_create_only(tmp: &Path, dest: &Path) -> io::Result<bool> {
     }
 }
 
+/// Which kind of object: movie blobs (served, scrubbed, listed as held),
+/// copies taken out of service, or the manager's sealed backups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    Blobs,
+    Quarantine,
+    Backups,
+}
+
+impl Area {
+    /// Its key prefix in a bucket.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Area::Blobs => "blobs",
+            Area::Quarantine => "quarantine",
+            Area::Backups => "backups",
+        }
+    }
+}
+
+/// A stored object's size and version token (an inode number, an ETag):
+/// the same name holding other bytes has another token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub size: u64,
+    pub version: String,
+}
+
+/// What a write reads from: the sender's bytes, its failure as text.
+pub type Body = BoxStream<'static, Result<Bytes, String>>;
+/// A whole stored object, read front to back.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+/// Where blobs, quarantined copies and backups are kept. Names are the
+/// store's own (blob ids, `<id>.<time>`, checked backup names), never a
+/// caller's path.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// For logs and `/healthz`: which folder or bucket.
+    fn describe(&self) -> String;
+    /// Streams `body` under `name`, committing only when its SHA-256 is
+    /// `expected`, never over other bytes. A copy of another length under
+    /// the name moves to `Area::Quarantine` as `displaced` first (for
+    /// blobs; `None` leaves it and answers `AlreadyPresent`).
+    async fn put_verified(
+        &self,
+        area: Area,
+        name: &str,
+        expected: &BlobId,
+        body: Body,
+        displaced: Option<String>,
+    ) -> Result<PutOutcome, StoreError>;
+    async fn head(&self, area: Area, name: &str) -> Result<Option<Meta>, StoreError>;
+    /// Every object of `area` (names and sizes), in no particular order.
+    async fn list(&self, area: Area) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Moves an object (`NotFound` when it is not there).
+    async fn rename(
+        &self,
+        area: Area,
+        name: &str,
+        to_area: Area,
+        to: &str,
+    ) -> Result<(), StoreError>;
+    /// Removes an object for good (`NotFound` when it is not there).
+    async fn delete(&self, area: Area, name: &str) -> Result<(), StoreError>;
+    /// The whole object as a stream of about `chunk` bytes at a time (a
+    /// bucket reads in larger ranges), with its size and version.
+    async fn read(
+        &self,
+        area: Area,
+        name: &str,
+        chunk: usize,
+    ) -> Result<(ByteStream, Meta), StoreError>;
+    /// A blob opened for ranged playback, with its length; `None` when not
+    /// held. `warm`: it was played a moment ago.
+    async fn open_playback(
+        &self,
+        name: &str,
+        warm: bool,
+    ) -> Result<Option<(Playable, u64)>, StoreError>;
+    /// Exercises the storage for real: write, read back, delete.
+    async fn health_check(&self) -> Result<(), StoreError>;
+    /// The object's file when it is one on this machine (the scrubber's
+    /// blocking reads); `None` for a bucket.
+    fn local_path(&self, area: Area, name: &str) -> Option<PathBuf>;
+}
+
+/// A blob opened for playback.
+pub enum Playable {
+    /// A local file: positional reads, decrypted in place
+    /// ([`shared::open_file_range`]).
+    File(Arc<std::fs::File>),
+    /// An object in a bucket: one ranged GET per batch of segments.
+    Object(bucket::ObjectReader),
+}
+
+/// Plaintext of a range, segment by segment.
+pub type PlainStream = BoxStream<'static, Result<Bytes, shared::SealError>>;
+
+impl Playable {
+    /// The first `len` bytes (the sealed header).
+    pub async fn read_header(&self, len: usize) -> io::Result<Vec<u8>> {
+        match self {
+            Playable::File(file) => {
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut header = vec![0; len];
+                    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut header, 0)
+                        .map(|()| header)
+                })
+                .await
+                .map_err(io::Error::other)?
+            }
+            Playable::Object(o) => Ok(o.get(0..len as u64).await?.to_vec()),
+        }
+    }
+
+    /// Plaintext bytes `start..end`, authenticated segment by segment.
+    pub fn stream(
+        self,
+        opener: shared::Opener,
+        start: u64,
+        end: u64,
+    ) -> Result<PlainStream, shared::SealError> {
+        Ok(match self {
+            Playable::File(file) => shared::open_file_range(file, opener, start, end)?.boxed(),
+            Playable::Object(o) => shared::open_range_with(o, opener, start, end)?.boxed(),
+        })
+    }
+}
+
+fn body_of<S, E>(body: S) -> Body
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    body.map(|r| r.map_err(|e| e.to_string())).boxed()
+}
+
 impl BlobStore {
-    /// Opens (creating if needed) the store under `root`. Temp files left by a
-    /// crash are removed: they were never committed, so nothing refers to them.
-    pub fn open(root: &Path) -> io::Result<Self> {
-        for sub in SUBDIRS {
-            std::fs::create_dir_all(root.join(sub))?;
-        }
-        for entry in std::fs::read_dir(root.join("tmp"))? {
-            let _ = std::fs::remove_file(entry?.path());
-        }
-        let objects = LocalFileSystem::new_with_prefix(root.join("blobs"))
-            .map_err(|e| io::Error::other(e.to_string()))?;
+    /// Opens the store: the state under `root` and the blob backend
+    /// `storage` names. A bucket's leftover staging objects are removed in
+    /// the background (they were never committed).
+    pub fn open(root: &Path, storage: &crate::config::StorageConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root.join("tmp"))?;
+        let backend: Arc<dyn Backend> = match storage.kind {
+            crate::config::StorageKind::Local => Arc::new(local::LocalDisk::open(root)?),
+            crate::config::StorageKind::S3 => {
+                let bucket = Arc::new(bucket::Bucket::open(storage)?);
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let b = bucket.clone();
+                    rt.spawn(async move {
+                        if let Err(e) = b.clear_staging().await {
+                            tracing::warn!("cannot clear the bucket's staging objects: {e}");
+                        }
+                    });
+                }
+                bucket
+            }
+        };
         // A missing or unreadable record only means "not verified since
         // start": the next scrub pass proves every copy again.
         let verified: BTreeMap<BlobId, i64> = std::fs::read(root.join(VERIFIED_FILE))
@@ -175,12 +323,17 @@ impl BlobStore {
             .unwrap_or_default();
         Ok(Self {
             root: root.to_path_buf(),
-            objects: Arc::new(objects),
+            backend,
             verified: Arc::new(Mutex::new(verified)),
             verified_dirty: Default::default(),
             verified_flush_failing: Default::default(),
             changes: Default::default(),
         })
+    }
+
+    /// Which folder or bucket holds the blobs.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
     }
 
     /// How many times copies were stored, quarantined or deleted since start.
@@ -192,15 +345,6 @@ impl BlobStore {
         self.changes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
-
-    /// Makes the folders again if they vanished (a wiped disk) so writes work.
-    fn ensure_layout(&self) -> io::Result<()> {
-        for sub in SUBDIRS {
-            std::fs::create_dir_all(self.root.join(sub))?;
-        }
-        Ok(())
-    }
-
     /// When `id` was last proven to hash to its name, if ever on this disk.
     pub fn verified_at(&self, id: &BlobId) -> Option<i64> {
         self.verified
@@ -290,6 +434,8 @@ impl BlobStore {
             .root
             .join("tmp")
             .join(format!("{name}.{}", uuid::Uuid::new_v4()));
+        // The folder goes with a wiped disk; the record is written anyway.
+        std::fs::create_dir_all(tmp.parent().expect("a temp file has a folder"))?;
         let mut guard = TempGuard(Some(tmp.clone()));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -299,69 +445,24 @@ impl BlobStore {
         Ok(())
     }
 
-    fn key(id: &BlobId) -> object_store::path::Path {
-        let hex = id.to_string();
-        object_store::path::Path::from(format!("{}/{}", &hex[..2], hex))
-    }
-
-    fn file_path(&self, id: &BlobId) -> PathBuf {
-        let hex = id.to_string();
-        self.root.join("blobs").join(&hex[..2]).join(hex)
-    }
-
     /// Streams `body` into the store under `id`, committing only when the
     /// SHA-256 of what arrived equals `id`. Never overwrites a stored blob.
     pub async fn put_verified<S, E>(&self, id: &BlobId, body: S) -> Result<PutOutcome, StoreError>
     where
-        S: Stream<Item = Result<Bytes, E>>,
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{}", id, uuid::Uuid::new_v4()));
-        self.ensure_layout()?;
-        let mut guard = TempGuard(Some(tmp.clone()));
-        let (actual, received) = match receive_hashed(&tmp, body).await {
-            Ok(r) => r,
-            Err(ReceiveError::Io(e)) => return Err(e.into()),
-            Err(ReceiveError::Body(e)) => return Err(StoreError::Body(e)),
-        };
-        if actual != *id {
-            return Err(StoreError::HashMismatch {
-                expected: *id,
-                actual,
-            });
-        }
-        let dest = self.file_path(id);
-        // A stored copy of another length under the same name cannot hash
-        // to it (truncated or grown on disk): it gives way to the verified
-        // bytes we hold, and is kept in quarantine, not overwritten.
-        if let Ok(meta) = tokio::fs::metadata(&dest).await {
-            if meta.len() != received {
-                tracing::error!(blob = %id, stored = meta.len(), received, "stored copy has the wrong length; replacing it");
-                match self.quarantine(id).await {
-                    Ok(()) | Err(StoreError::NotFound) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let outcome = tokio::task::spawn_blocking(move || -> io::Result<PutOutcome> {
-            let dir = dest.parent().expect("blob path has a parent");
-            if !dir.exists() {
-                std::fs::create_dir_all(dir)?;
-                fsync_dir(dir.parent().expect("shard dir has a parent"))?;
-            }
-            Ok(if link_create_only(&tmp, &dest)? {
-                PutOutcome::Stored
-            } else {
-                PutOutcome::AlreadyPresent
-            })
-        })
-        .await
-        .map_err(|e| io::Error::other(e.to_string()))??;
-        // The temp name is removed whether we linked or found a copy.
-        drop(guard.0.take().map(std::fs::remove_file));
+        let displaced = format!("{id}.{}", shared::runtime::unix_now());
+        let outcome = self
+            .backend
+            .put_verified(
+                Area::Blobs,
+                &id.to_string(),
+                id,
+                body_of(body),
+                Some(displaced),
+            )
+            .await?;
         if outcome == PutOutcome::Stored {
             self.changed();
             self.set_verified(id, Some(shared::runtime::unix_now()));
@@ -371,63 +472,35 @@ impl BlobStore {
 
     /// Size of a stored blob, `None` when this node holds no copy.
     pub async fn size(&self, id: &BlobId) -> Result<Option<u64>, StoreError> {
-        match self.objects.head(&Self::key(id)).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.head(id).await?.map(|m| m.size))
     }
 
-    /// Opens a good copy for playback, with its length: one blocking-pool
-    /// hop per request, then positional reads on the open file (see
-    /// [`shared::open_file_range`]). Playback reads the local file directly
-    /// rather than through `object_store`, whose every ranged read reopens
-    /// the file: on this path that was a measurable share of the node's
-    /// time. A copy quarantined or deleted mid-request stays readable
-    /// through the open file until the request ends; its bytes are still
-    /// authenticated segment by segment.
+    /// Size and version of a stored blob, `None` when this node holds no copy.
+    pub async fn head(&self, id: &BlobId) -> Result<Option<Meta>, StoreError> {
+        self.backend.head(Area::Blobs, &id.to_string()).await
+    }
+
+    /// Opens a good copy for playback, with its length. A copy quarantined
+    /// or deleted mid-request may stay readable until the request ends
+    /// (an open file; a bucket read pinned to its ETag fails instead); its
+    /// bytes are still authenticated segment by segment.
     pub async fn open_for_playback(
         &self,
         id: &BlobId,
         warm: bool,
-    ) -> Result<Option<(Arc<std::fs::File>, u64)>, StoreError> {
-        let path = self.file_path(id);
-        let open = move || {
-            let file = std::fs::File::open(&path)?;
-            let len = file.metadata()?.len();
-            Ok::<_, io::Error>((Arc::new(file), len))
-        };
-        // `warm`: played a moment ago, so nothing here waits on the disk
-        // (playcache::warm); otherwise the blocking pool opens it.
-        let opened = if warm {
-            open()
-        } else {
-            tokio::task::spawn_blocking(open)
-                .await
-                .map_err(|e| StoreError::Io(io::Error::other(e)))?
-        };
-        match opened {
-            Ok(found) => Ok(Some(found)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+    ) -> Result<Option<(Playable, u64)>, StoreError> {
+        self.backend.open_playback(&id.to_string(), warm).await
     }
 
-    /// Every blob this node holds, with its size.
+    /// Every blob this node holds, with its size, in the order of their ids.
     pub async fn list(&self) -> Result<Vec<(BlobId, u64)>, StoreError> {
-        let mut out = Vec::new();
-        if !self.root.join("blobs").is_dir() {
-            // The disk was wiped: it holds nothing (until refilled).
-            return Ok(out);
-        }
-        let mut listing = self.objects.list(None);
-        while let Some(meta) = listing.next().await {
-            let meta = meta?;
-            if let Some(Ok(id)) = meta.location.filename().map(str::parse::<BlobId>) {
-                out.push((id, meta.size));
-            }
-        }
-        // Byte order is the order of the hex names.
+        let mut out: Vec<(BlobId, u64)> = self
+            .backend
+            .list(Area::Blobs)
+            .await?
+            .into_iter()
+            .filter_map(|(name, size)| Some((name.parse().ok()?, size)))
+            .collect();
         out.sort_unstable_by_key(|(id, _)| *id);
         Ok(out)
     }
@@ -435,128 +508,124 @@ impl BlobStore {
     /// Moves a blob that failed authentication out of the serving path. A
     /// quarantined copy is kept for inspection but never served or copied.
     pub async fn quarantine(&self, id: &BlobId) -> Result<(), StoreError> {
-        self.ensure_layout()?;
-        let from = self.file_path(id);
-        let to =
-            self.root
-                .join("quarantine")
-                .join(format!("{}.{}", id, shared::runtime::unix_now()));
-        match tokio::fs::rename(&from, &to).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
-            Err(e) => return Err(e.into()),
-        }
+        let to = format!("{id}.{}", shared::runtime::unix_now());
+        self.backend
+            .rename(Area::Blobs, &id.to_string(), Area::Quarantine, &to)
+            .await?;
         self.changed();
         self.set_verified(id, None);
         Ok(())
     }
 
     /// Deletes the quarantined copies set aside before `cutoff` (unix
-    /// time), durably; returns them.
+    /// time); returns them.
     pub async fn purge_quarantine(&self, cutoff: i64) -> Result<Vec<Quarantined>, StoreError> {
         let mut gone = Vec::new();
         for q in self.quarantined().await? {
             if q.since >= cutoff {
                 continue;
             }
-            let path = self
-                .root
-                .join("quarantine")
-                .join(format!("{}.{}", q.id, q.since));
-            match tokio::fs::remove_file(&path).await {
+            match self
+                .backend
+                .delete(Area::Quarantine, &format!("{}.{}", q.id, q.since))
+                .await
+            {
                 Ok(()) => gone.push(q),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
+                Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e),
             }
-        }
-        if !gone.is_empty() {
-            fsync_dir(&self.root.join("quarantine"))?;
         }
         Ok(gone)
     }
 
     /// Copies taken out of service, oldest first.
     pub async fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
-        let mut out = Vec::new();
-        let mut rd = match tokio::fs::read_dir(self.root.join("quarantine")).await {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e.into()),
-        };
-        while let Some(entry) = rd.next_entry().await? {
-            let name = entry.file_name();
-            let Some((id, since)) = name.to_str().and_then(|n| n.split_once('.')) else {
-                continue;
-            };
-            if let (Ok(id), Ok(since)) = (id.parse::<BlobId>(), since.parse::<i64>()) {
-                out.push(Quarantined { id, since });
-            }
-        }
+        let mut out: Vec<Quarantined> = self
+            .backend
+            .list(Area::Quarantine)
+            .await?
+            .into_iter()
+            .filter_map(|(name, _)| {
+                let (id, since) = name.split_once('.')?;
+                Some(Quarantined {
+                    id: id.parse().ok()?,
+                    since: since.parse().ok()?,
+                })
+            })
+            .collect();
         out.sort_by_key(|q| (q.since, q.id));
         Ok(out)
     }
 
-    /// Opens a good copy for streaming out whole (repairs of other nodes).
-    pub async fn open_file(&self, id: &BlobId) -> Result<(tokio::fs::File, u64), StoreError> {
-        match tokio::fs::File::open(self.file_path(id)).await {
-            Ok(f) => {
-                let len = f.metadata().await?.len();
-                Ok((f, len))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound),
-            Err(e) => Err(e.into()),
-        }
+    /// A good copy, whole, `chunk` bytes at a time (repairs of other nodes,
+    /// scrubbing), with its size and version.
+    pub async fn read(&self, id: &BlobId, chunk: usize) -> Result<(ByteStream, Meta), StoreError> {
+        self.backend.read(Area::Blobs, &id.to_string(), chunk).await
     }
 
-    /// The path of a good copy, for the scrubber's blocking reads.
-    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
-        self.file_path(id)
+    /// The file of a good copy when blobs are local files (the scrubber's
+    /// blocking reads); `None` on a bucket.
+    pub fn blob_path(&self, id: &BlobId) -> Option<PathBuf> {
+        self.backend.local_path(Area::Blobs, &id.to_string())
     }
 
     /// Removes a good copy for good (the manager found no asset using it
-    /// for longer than its grace period). The removal is made durable.
+    /// for longer than its grace period).
     pub async fn delete(&self, id: &BlobId) -> Result<(), StoreError> {
-        let path = self.file_path(id);
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
-            Err(e) => return Err(e.into()),
-        }
-        if let Some(dir) = path.parent() {
-            let _ = fsync_dir(dir);
-        }
+        self.backend.delete(Area::Blobs, &id.to_string()).await?;
         self.changed();
         self.set_verified(id, None);
         Ok(())
     }
 
-    /// Exercises the disk for real: write, fsync, read back, delete.
+    /// Exercises the storage for real: write, read back, delete.
     pub async fn health_check(&self) -> Result<(), StoreError> {
-        self.ensure_layout()?;
-        let p = self
-            .root
-            .join("tmp")
-            .join(format!("health.{}", uuid::Uuid::new_v4()));
-        let _guard = TempGuard(Some(p.clone()));
-        let probe = uuid::Uuid::new_v4().to_string();
-        let mut f = tokio::fs::File::create(&p).await?;
-        f.write_all(probe.as_bytes()).await?;
-        f.sync_all().await?;
-        drop(f);
-        let back = tokio::fs::read(&p).await?;
-        if back != probe.as_bytes() {
-            return Err(StoreError::Io(io::Error::other(
-                "read back differs from write",
-            )));
-        }
-        tokio::fs::remove_file(&p).await?;
-        Ok(())
+        self.backend.health_check().await
+    }
+
+    /// Keeps a manager's backup under `name` when its bytes hash to
+    /// `expected` (create-only, like a blob).
+    pub async fn put_backup<S, E>(
+        &self,
+        name: &str,
+        expected: &BlobId,
+        body: S,
+    ) -> Result<PutOutcome, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.backend
+            .put_verified(Area::Backups, name, expected, body_of(body), None)
+            .await
+    }
+
+    /// The backups kept here (names and sizes).
+    pub async fn backups(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.backend.list(Area::Backups).await
+    }
+
+    pub async fn backup_meta(&self, name: &str) -> Result<Option<Meta>, StoreError> {
+        self.backend.head(Area::Backups, name).await
+    }
+
+    /// One backup, whole.
+    pub async fn read_backup(&self, name: &str) -> Result<(ByteStream, Meta), StoreError> {
+        self.backend.read(Area::Backups, name, 256 * 1024).await
+    }
+
+    pub async fn delete_backup(&self, name: &str) -> Result<(), StoreError> {
+        self.backend.delete(Area::Backups, name).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn open_local(root: &Path) -> Result<BlobStore, StoreError> {
+        BlobStore::open(root, &crate::config::StorageConfig::default())
+    }
 
     fn chunks(data: &[u8]) -> impl Stream<Item = Result<Bytes, io::Error>> {
         let parts: Vec<Result<Bytes, io::Error>> = data
@@ -569,7 +638,7 @@ mod tests {
     #[tokio::test]
     async fn stores_verified_and_refuses_mismatch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = open_local(dir.path()).unwrap();
         let data = b"sealed bytes, pretend".to_vec();
         let id = BlobId::of(&data);
         assert_eq!(
@@ -583,9 +652,7 @@ mod tests {
         assert_eq!(store.size(&id).await.unwrap(), Some(data.len() as u64));
         let (file, len) = store.open_for_playback(&id, false).await.unwrap().unwrap();
         assert_eq!(len, data.len() as u64);
-        let mut part = [0u8; 5];
-        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut part, 7).unwrap();
-        assert_eq!(&part[..], &data[7..12]);
+        assert_eq!(file.read_header(5).await.unwrap(), &data[..5]);
 
         let other = BlobId::of(b"something else");
         assert!(store
@@ -607,7 +674,7 @@ mod tests {
     #[tokio::test]
     async fn a_broken_body_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = open_local(dir.path()).unwrap();
         let body = futures::stream::iter(vec![
             Ok(Bytes::from_static(b"part")),
             Err(io::Error::other("connection reset")),
@@ -625,7 +692,7 @@ mod tests {
     #[tokio::test]
     async fn quarantine_takes_the_blob_out_of_service() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = open_local(dir.path()).unwrap();
         let data = b"to be quarantined".to_vec();
         let id = BlobId::of(&data);
         store.put_verified(&id, chunks(&data)).await.unwrap();
@@ -643,7 +710,7 @@ mod tests {
     #[tokio::test]
     async fn quarantined_copies_are_purged_only_after_their_keep_period() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let store = open_local(dir.path()).unwrap();
         let q = dir.path().join("quarantine");
         let (old, new) = (BlobId::of(b"old"), BlobId::of(b"new"));
         // Set aside 40 days ago and an hour ago.
@@ -673,7 +740,7 @@ mod tests {
     async fn proofs_persist_a_wrong_length_copy_gives_way_and_a_wiped_disk_refills() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BlobStore::open(&root).unwrap();
+        let store = open_local(&root).unwrap();
         let data = b"a verified copy".to_vec();
         let id = BlobId::of(&data);
         store.put_verified(&id, chunks(&data)).await.unwrap();
@@ -681,7 +748,7 @@ mod tests {
         // The record survives a restart once flushed, and the flush is
         // written only when something changed.
         store.flush_verified().unwrap();
-        assert_eq!(BlobStore::open(&root).unwrap().verified_at(&id), Some(t));
+        assert_eq!(open_local(&root).unwrap().verified_at(&id), Some(t));
         std::fs::remove_file(root.join(VERIFIED_FILE)).unwrap();
         store.flush_verified().unwrap();
         assert!(
@@ -690,19 +757,16 @@ mod tests {
         );
         store.set_verified(&id, Some(t + 1));
         store.flush_verified().unwrap();
-        assert_eq!(
-            BlobStore::open(&root).unwrap().verified_at(&id),
-            Some(t + 1)
-        );
+        assert_eq!(open_local(&root).unwrap().verified_at(&id), Some(t + 1));
 
         // A copy truncated on disk is replaced by the verified bytes and
         // kept in quarantine, never overwritten in place.
-        std::fs::write(store.blob_path(&id), &data[..4]).unwrap();
+        std::fs::write(store.blob_path(&id).unwrap(), &data[..4]).unwrap();
         assert_eq!(
             store.put_verified(&id, chunks(&data)).await.unwrap(),
             PutOutcome::Stored
         );
-        assert_eq!(std::fs::read(store.blob_path(&id)).unwrap(), data);
+        assert_eq!(std::fs::read(store.blob_path(&id).unwrap()).unwrap(), data);
         assert_eq!(store.quarantined().await.unwrap().len(), 1);
 
         // The whole folder vanishes under a running node: it holds nothing,
