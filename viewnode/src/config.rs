@@ -197,7 +197,9 @@ impl Config {
             fig = fig.merge(Toml::file(f));
         }
         // `VIEWNODE_CONFIG` names the file itself, not a field.
-        Self::from_figment(fig.merge(Env::prefixed("VIEWNODE_").ignore(&["config"])))
+        // `__` reaches into tables: VIEWNODE_STORAGE__SECRET_KEY=… keeps the
+        // bucket's secret out of the file.
+        Self::from_figment(fig.merge(Env::prefixed("VIEWNODE_").ignore(&["config"]).split("__")))
     }
 
     /// A configuration from TOML text alone (no file, no environment),
@@ -337,5 +339,47 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "name = \"toronto\"\nmaster_key = \"1111111111111111111111111111111111111111111111111111111111111111\"\n\
+        token_public_key = \"3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29\"\n\
+        manager_secret = \"00112233445566778899aabbccddeeff\"\n";
+
+    fn with_storage(table: &str) -> anyhow::Result<Config> {
+        Config::from_toml(&format!("{BASE}[storage]\n{table}"))
+    }
+
+    #[test]
+    fn a_bucket_is_checked_field_by_field_and_its_secret_never_printed() {
+        let good =
+            "kind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\nbucket = \"slmedia-toronto\"\n\
+                    key_id = \"GK31c2f218a2e44f485b94239e\"\nsecret_key = \"s3cr3t-value-9f1b\"\n";
+        let cfg = with_storage(good).unwrap();
+        assert_eq!(cfg.storage.kind, StorageKind::S3);
+        assert!(cfg.storage.path_style && !cfg.storage.conditional_put);
+        assert!(!format!("{cfg:?}").contains("s3cr3t-value-9f1b"));
+        for (bad, field) in [
+            (
+                good.replace("http://127.0.0.1:3900", "127.0.0.1:3900"),
+                "storage.endpoint",
+            ),
+            (
+                good.replace("slmedia-toronto", "Slmedia_Toronto"),
+                "storage.bucket",
+            ),
+            (good.replace("slmedia-toronto", "ab"), "storage.bucket"),
+            (good.replace("s3cr3t-value-9f1b", ""), "storage.key_id"),
+            (good.replace("kind = \"s3\"", "kind = \"ftp\""), "kind"),
+        ] {
+            let err = with_storage(&bad).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // A local node needs none of it.
+        assert_eq!(with_storage("").unwrap().storage.kind, StorageKind::Local);
     }
 }

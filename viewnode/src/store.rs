@@ -197,15 +197,16 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
     /// Streams `body` under `name`, committing only when its SHA-256 is
     /// `expected`, never over other bytes. A copy of another length under
-    /// the name moves to `Area::Quarantine` as `displaced` first (for
-    /// blobs; `None` leaves it and answers `AlreadyPresent`).
+    /// the name moves to `Area::Quarantine` as `<name>.<now>` first when
+    /// `quarantine_displaced` (blobs; otherwise it stays and the answer is
+    /// `AlreadyPresent`).
     async fn put_verified(
         &self,
         area: Area,
         name: &str,
         expected: &BlobId,
         body: Body,
-        displaced: Option<String>,
+        quarantine_displaced: bool,
     ) -> Result<PutOutcome, StoreError>;
     async fn head(&self, area: Area, name: &str) -> Result<Option<Meta>, StoreError>;
     /// Every object of `area` (names and sizes), in no particular order.
@@ -247,7 +248,8 @@ pub enum Playable {
     /// A local file: positional reads, decrypted in place
     /// ([`shared::open_file_range`]).
     File(Arc<std::fs::File>),
-    /// An object in a bucket: one ranged GET per batch of segments.
+    /// An object in a bucket: ranged GETs of up to 8 MiB of touched
+    /// segments, each read as the batches are asked for.
     Object(bucket::ObjectReader),
 }
 
@@ -268,6 +270,8 @@ impl Playable {
                 .await
                 .map_err(io::Error::other)?
             }
+            // An empty range is no request; the opener refuses the blob.
+            Playable::Object(_) if len == 0 => Ok(Vec::new()),
             Playable::Object(o) => Ok(o.get(0..len as u64).await?.to_vec()),
         }
     }
@@ -281,7 +285,13 @@ impl Playable {
     ) -> Result<PlainStream, shared::SealError> {
         Ok(match self {
             Playable::File(file) => shared::open_file_range(file, opener, start, end)?.boxed(),
-            Playable::Object(o) => shared::open_range_with(o, opener, start, end)?.boxed(),
+            Playable::Object(o) => {
+                let layout = *opener.layout();
+                let segments = layout.segments_for(start, end.min(layout.plaintext_len()));
+                let last = segments.end.max(segments.start + 1) - 1;
+                let o = o.read_ahead_until(layout.sealed_range(last).end.min(layout.sealed_len()));
+                shared::open_range_with(o, opener, start, end)?.boxed()
+            }
         })
     }
 }
@@ -304,13 +314,18 @@ impl BlobStore {
             crate::config::StorageKind::Local => Arc::new(local::LocalDisk::open(root)?),
             crate::config::StorageKind::S3 => {
                 let bucket = Arc::new(bucket::Bucket::open(storage)?);
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let b = bucket.clone();
-                    rt.spawn(async move {
-                        if let Err(e) = b.clear_staging().await {
-                            tracing::warn!("cannot clear the bucket's staging objects: {e}");
-                        }
-                    });
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        let b = bucket.clone();
+                        rt.spawn(async move {
+                            if let Err(e) = b.clear_staging().await {
+                                tracing::warn!("cannot clear the bucket's staging objects: {e}");
+                            }
+                        });
+                    }
+                    Err(_) => tracing::warn!(
+                        "no runtime yet: the bucket's staging objects of earlier runs stay"
+                    ),
                 }
                 bucket
             }
@@ -452,16 +467,9 @@ impl BlobStore {
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        let displaced = format!("{id}.{}", shared::runtime::unix_now());
         let outcome = self
             .backend
-            .put_verified(
-                Area::Blobs,
-                &id.to_string(),
-                id,
-                body_of(body),
-                Some(displaced),
-            )
+            .put_verified(Area::Blobs, &id.to_string(), id, body_of(body), true)
             .await?;
         if outcome == PutOutcome::Stored {
             self.changed();
@@ -596,7 +604,7 @@ impl BlobStore {
         E: std::fmt::Display,
     {
         self.backend
-            .put_verified(Area::Backups, name, expected, body_of(body), None)
+            .put_verified(Area::Backups, name, expected, body_of(body), false)
             .await
     }
 

@@ -2,12 +2,13 @@
 //! client; Garage is the engine it is tested against.
 //!
 //! Keys: `blobs/<sha256>`, `quarantine/<sha256>.<unix time>`,
-//! `backups/<created>-<sha256>`, `tmp/…` (writes in flight) and `health/…`
-//! (the `/healthz` probe). One bucket per node: two nodes sharing one would
+//! `backups/<created>-<sha256>` and `tmp/<run id>/…` (writes in flight and
+//! the `/healthz` probe). One bucket per node: two nodes sharing one would
 //! be one copy counted twice.
 //!
 //! A write streams into a multipart upload of a staging key under `tmp/`,
-//! hashing as it goes (memory: two 8 MiB parts in flight), so nothing is
+//! hashing as it goes (memory: the 8 MiB part filling and two in flight,
+//! about 24 MiB a push), so nothing is
 //! visible under the blob's name until its bytes are proven. On a mismatch
 //! or a cut body the staging object is removed and nothing else was
 //! touched. Proven bytes are committed by a server-side copy to the final
@@ -28,7 +29,7 @@
 //! each run stages under its own `tmp/<run id>/`) or an unfinished
 //! multipart upload, which `object_store` cannot list:
 //! give the bucket a lifecycle rule that aborts incomplete multipart
-//! uploads after a day (docs/operations.md).
+//! uploads after a day (docs/mirrors.md, "On S3").
 //!
 //! Reads are ranged GETs: playback fetches only the segments a range
 //! touches (`shared::open_range_with`), whole-object reads (scrubbing,
@@ -59,6 +60,10 @@ const PART: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
 /// Size of each ranged GET of a whole-object read.
 const READ_RANGE: u64 = 8 << 20;
+/// A ranged GET (at most 8 MiB) or a HEAD that takes longer fails: a store
+/// that accepts connections and then stalls must not hold a viewer, or a
+/// scrub pass, for the client's whole timeout.
+const READ_DEADLINE: Duration = Duration::from_secs(20);
 
 pub struct Bucket {
     store: Arc<AmazonS3>,
@@ -83,8 +88,11 @@ impl Bucket {
                 ClientOptions::new()
                     .with_allow_http(cfg.endpoint.starts_with("http://"))
                     .with_connect_timeout(Duration::from_secs(3))
-                    // One request moves at most one part or one 8 MiB range.
-                    .with_timeout(Duration::from_secs(60)),
+                    // The longest request is a server-side copy, which on
+                    // stores that copy bytes (AWS: up to 5 GiB in one
+                    // request) takes minutes; reads have their own, shorter
+                    // deadline (READ_DEADLINE).
+                    .with_timeout(Duration::from_secs(600)),
             )
             // A store that is down must show in `/healthz` within seconds,
             // not after the client's default three minutes of retries.
@@ -138,7 +146,7 @@ impl Bucket {
         received: u64,
         area: Area,
         name: &str,
-        displaced: Option<String>,
+        quarantine_displaced: bool,
     ) -> Result<PutOutcome, StoreError> {
         // Whatever is under the name now: absent, the same bytes (same
         // length: only proven bytes are ever written under a name), or a
@@ -148,16 +156,17 @@ impl Bucket {
             Err(object_store::Error::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        match (existing, displaced) {
+        match (existing, quarantine_displaced) {
             (Some(size), _) if size == received => return Ok(PutOutcome::AlreadyPresent),
-            (Some(size), Some(q)) => {
+            (Some(size), true) => {
+                let q = format!("{name}.{}", shared::runtime::unix_now());
                 tracing::error!(object = %name, stored = size, received, "stored copy has the wrong length; replacing it");
                 match self.rename(area, name, Area::Quarantine, &q).await {
                     Ok(()) | Err(StoreError::NotFound) => {}
                     Err(e) => return Err(e),
                 }
             }
-            (Some(_), None) => return Ok(PutOutcome::AlreadyPresent),
+            (Some(_), false) => return Ok(PutOutcome::AlreadyPresent),
             (None, _) => {}
         }
         if self.conditional {
@@ -173,15 +182,61 @@ impl Bucket {
     }
 }
 
+/// An object's version token: its ETag alone says only what the bytes
+/// are (a repair's copy of the same blob has the same ETag, and Garage's
+/// copies keep the source's), so the time it was written goes with it.
+fn version_of(m: &object_store::ObjectMeta) -> String {
+    format!(
+        "{}@{}",
+        m.e_tag.as_deref().unwrap_or(""),
+        m.last_modified.timestamp_millis()
+    )
+}
+
+fn etag_of(version: &str) -> Option<String> {
+    version
+        .rsplit_once('@')
+        .map(|(etag, _)| etag.to_string())
+        .filter(|e| !e.is_empty())
+}
+
 /// Ranged reads of one object, pinned to the version first seen.
 #[derive(Clone)]
 pub struct ObjectReader {
     store: Arc<AmazonS3>,
     key: Key,
     etag: Option<String>,
+    /// Playback's open GET: batches are asked for one after another, so
+    /// one request covers many of them (up to `WINDOW`, never past
+    /// `limit`) and its body is read as they are asked for, while the
+    /// rest arrives meanwhile in the socket's buffers.
+    window: Arc<tokio::sync::Mutex<Option<Window>>>,
+    limit: u64,
 }
 
+/// Bytes `next..end` of the object, coming on an open GET.
+struct Window {
+    next: u64,
+    end: u64,
+    body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    buf: bytes::BytesMut,
+}
+
+/// Most one playback GET asks for. Every GET costs the store a lookup and
+/// (Garage) a read and check of whole 1 MiB data blocks, so 256 KiB
+/// requests cost it several times the bytes sent; a window this size
+/// amortises that, and even a viewer at 20 KB/s reads it within the
+/// client's request timeout.
+const WINDOW: u64 = 8 << 20;
+
 impl ObjectReader {
+    /// Asks the store for nothing at or past `end`, the end of the last
+    /// segment a response needs: nothing is fetched that is not sent.
+    pub fn read_ahead_until(mut self, end: u64) -> Self {
+        self.limit = end;
+        self
+    }
+
     pub async fn get(&self, range: Range<u64>) -> io::Result<Bytes> {
         let want = range.end - range.start;
         let opts = GetOptions {
@@ -212,13 +267,85 @@ impl ObjectReader {
     }
 }
 
+impl ObjectReader {
+    /// Bytes `range` through the playback window, opening a new GET when
+    /// the range does not follow the last one (or the window is spent).
+    async fn read_windowed(&self, range: Range<u64>) -> io::Result<Bytes> {
+        let mut slot = self.window.lock().await;
+        let follows = slot
+            .as_ref()
+            .is_some_and(|w| w.next == range.start && range.end <= w.end);
+        if !follows {
+            let end = (range.start + WINDOW).min(self.limit).max(range.end);
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(range.start..end)),
+                if_match: self.etag.clone(),
+                ..Default::default()
+            };
+            let got = tokio::time::timeout(READ_DEADLINE, self.store.get_opts(&self.key, opts))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(read_error)?;
+            *slot = Some(Window {
+                next: range.start,
+                end,
+                body: got.into_stream(),
+                buf: bytes::BytesMut::new(),
+            });
+        }
+        let w = slot.as_mut().expect("a window was just opened");
+        let want = (range.end - range.start) as usize;
+        while w.buf.len() < want {
+            match tokio::time::timeout(READ_DEADLINE, w.body.next()).await {
+                Err(_) => {
+                    *slot = None;
+                    return Err(timed_out());
+                }
+                Ok(Some(Ok(b))) => w.buf.extend_from_slice(&b),
+                Ok(Some(Err(e))) => {
+                    *slot = None;
+                    return Err(read_error(e));
+                }
+                Ok(None) => {
+                    *slot = None;
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the store ended the object early",
+                    ));
+                }
+            }
+        }
+        let out = w.buf.split_to(want).freeze();
+        w.next = range.end;
+        Ok(out)
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the store did not answer in time")
+}
+
+fn read_error(e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => {
+            io::Error::new(io::ErrorKind::NotFound, "the object is gone")
+        }
+        object_store::Error::Precondition { .. } => {
+            io::Error::other("the object was replaced while it was being read")
+        }
+        e => io::Error::other(e.to_string()),
+    }
+}
+
+/// Playback reads consecutive batches of segments: through one open GET
+/// per window (`read_windowed`).
 impl shared::RangeRead for ObjectReader {
     fn read_range(
         &self,
         range: Range<u64>,
     ) -> impl std::future::Future<Output = io::Result<Bytes>> + Send {
         let me = self.clone();
-        async move { me.get(range).await }
+        async move { me.read_windowed(range).await }
     }
 }
 
@@ -234,7 +361,7 @@ impl Backend for Bucket {
         name: &str,
         expected: &BlobId,
         body: Body,
-        displaced: Option<String>,
+        quarantine_displaced: bool,
     ) -> Result<PutOutcome, StoreError> {
         let staging = Key::from(format!("tmp/{}/{name}.{}", self.run, uuid::Uuid::new_v4()));
         let upload = self.store.put_multipart(&staging).await?;
@@ -277,7 +404,7 @@ impl Backend for Bucket {
                 received,
                 area,
                 name,
-                displaced,
+                quarantine_displaced,
             )
             .await;
         if let Err(e) = self.store.delete(&staging).await {
@@ -290,7 +417,7 @@ impl Backend for Bucket {
         match self.store.head(&Self::key(area, name)).await {
             Ok(m) => Ok(Some(Meta {
                 size: m.size,
-                version: m.e_tag.unwrap_or_default(),
+                version: version_of(&m),
             })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
@@ -309,6 +436,9 @@ impl Backend for Bucket {
     /// A copy then a delete: S3 has no rename. A crash between the two
     /// leaves the object in both places; the next scrub pass finds the one
     /// under its name again (and quarantines it again if it is still bad).
+    /// Should the name be written again during the copy (a repair), the
+    /// new object stays: only the version copied is deleted, as far as a
+    /// look just before the delete can tell.
     async fn rename(
         &self,
         area: Area,
@@ -317,12 +447,15 @@ impl Backend for Bucket {
         to: &str,
     ) -> Result<(), StoreError> {
         let from = Self::key(area, name);
+        let before = self.head(area, name).await?.ok_or(StoreError::NotFound)?;
         match self.store.copy(&from, &Self::key(to_area, to)).await {
             Ok(()) => {}
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
             Err(e) => return Err(e.into()),
         }
-        self.store.delete(&from).await?;
+        if self.head(area, name).await?.as_ref() == Some(&before) {
+            self.store.delete(&from).await?;
+        }
         Ok(())
     }
 
@@ -345,7 +478,9 @@ impl Backend for Bucket {
         let reader = ObjectReader {
             store: self.store.clone(),
             key: Self::key(area, name),
-            etag: Some(meta.version.clone()).filter(|v| !v.is_empty()),
+            etag: etag_of(&meta.version),
+            window: Default::default(),
+            limit: 0,
         };
         let size = meta.size;
         let stream = futures::stream::try_unfold(0u64, move |at| {
@@ -366,14 +501,24 @@ impl Backend for Bucket {
         name: &str,
         _warm: bool,
     ) -> Result<Option<(Playable, u64)>, StoreError> {
-        let Some(meta) = self.head(Area::Blobs, name).await? else {
+        let meta = tokio::time::timeout(READ_DEADLINE, self.head(Area::Blobs, name))
+            .await
+            .map_err(|_| {
+                StoreError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the store did not answer in time",
+                ))
+            })??;
+        let Some(meta) = meta else {
             return Ok(None);
         };
         Ok(Some((
             Playable::Object(ObjectReader {
                 store: self.store.clone(),
                 key: Self::key(Area::Blobs, name),
-                etag: Some(meta.version).filter(|v| !v.is_empty()),
+                etag: etag_of(&meta.version),
+                window: Default::default(),
+                limit: 0,
             }),
             meta.size,
         )))
@@ -381,7 +526,9 @@ impl Backend for Bucket {
 
     /// Writes, reads back and deletes an object in the bucket.
     async fn health_check(&self) -> Result<(), StoreError> {
-        let key = Key::from(format!("health/{}", uuid::Uuid::new_v4()));
+        // Under this run's staging folder: a probe cut off by a crash is
+        // swept with the rest at the next start.
+        let key = Key::from(format!("tmp/{}/health-{}", self.run, uuid::Uuid::new_v4()));
         let probe = Bytes::from(uuid::Uuid::new_v4().to_string());
         self.store
             .put(&key, PutPayload::from_bytes(probe.clone()))

@@ -109,7 +109,7 @@ impl Backend for LocalDisk {
         name: &str,
         expected: &BlobId,
         body: Body,
-        displaced: Option<String>,
+        quarantine_displaced: bool,
     ) -> Result<PutOutcome, StoreError> {
         self.ensure_layout()?;
         let tmp = self
@@ -131,8 +131,9 @@ impl Backend for LocalDisk {
         // A stored copy of another length under the same name cannot hash
         // to it (truncated or grown on disk): it gives way to the verified
         // bytes we hold, and is kept in quarantine, not overwritten.
-        if let (Some(q), Ok(meta)) = (displaced, tokio::fs::metadata(&dest).await) {
+        if let (true, Ok(meta)) = (quarantine_displaced, tokio::fs::metadata(&dest).await) {
             if meta.len() != received {
+                let q = format!("{name}.{}", shared::runtime::unix_now());
                 tracing::error!(object = %name, stored = meta.len(), received, "stored copy has the wrong length; replacing it");
                 match self.rename(area, name, Area::Quarantine, &q).await {
                     Ok(()) | Err(StoreError::NotFound) => {}
