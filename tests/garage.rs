@@ -20,12 +20,7 @@ pub fn garage_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SLMEDIA_GARAGE") {
         return PathBuf::from(p);
     }
-    let tools = std::env::var_os("SLMEDIA_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/slmedia-tools")
-        });
-    let p = tools.join("bin/garage");
+    let p = crate::tool_path("bin/garage");
     assert!(
         p.exists(),
         "{} is missing: `scripts/setup test` installs it (cargo install garage)",

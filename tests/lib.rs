@@ -26,6 +26,18 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// `rel` under the folder test tools are installed into once
+/// (`$SLMEDIA_TOOLS`, default `~/.cache/slmedia-tools`): Garage
+/// (scripts/install-garage), the tuspy client (scripts/install-tuspy).
+pub fn tool_path(rel: &str) -> PathBuf {
+    std::env::var_os("SLMEDIA_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/slmedia-tools")
+        })
+        .join(rel)
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(

@@ -41,6 +41,8 @@ pub struct AppState {
     pub health: shared::server::Recent<(Result<(), String>, Result<(), String>)>,
     /// Uploads being received, per account (`crate::quotas`).
     pub uploads: Arc<crate::quotas::InFlight>,
+    /// Resumable (tus) uploads under way and lately finished.
+    pub tus: Arc<crate::tus::Uploads>,
     /// Whether this process runs the background work ([`crate::leader`]).
     pub role: Arc<crate::leader::Role>,
 }
@@ -118,8 +120,14 @@ impl AppState {
         let notifier =
             crate::notify::Notifier::new(cfg.alerts.clone(), db.clone(), public_url.clone())?;
         crate::console::load_drains(&*db, &nodes).await?;
+        let tus = crate::tus::Uploads::open(
+            cfg.staging_dir().join("tus"),
+            cfg.upload_expiry_hours * 3600,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot open the resumable uploads' folder: {e}"))?;
         Ok(Self {
             uploads: Default::default(),
+            tus: Arc::new(tus),
             role: Default::default(),
             health: shared::server::Recent::new(
                 std::time::Duration::from_secs(2),

@@ -28,6 +28,9 @@ pub struct Config {
     pub database_url: String,
     /// Largest upload accepted, in bytes.
     pub max_upload_bytes: u64,
+    /// Hours an unfinished resumable upload lives after its last byte
+    /// arrived; then its bytes are removed (`410 Gone`).
+    pub upload_expiry_hours: u64,
     /// Free space, MiB, kept on the data folder's disk for the database,
     /// backups and transcoding: an upload that would cut into it is
     /// refused with `507 insufficient_storage` (before its first byte when
@@ -557,6 +560,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data/manager"),
             database_url: String::new(),
             max_upload_bytes: 2 * 1024 * 1024 * 1024,
+            upload_expiry_hours: 24,
             disk_reserve_mb: 1024,
             outbox_max_mb: 20 * 1024,
             min_replicas: 2,
@@ -677,6 +681,12 @@ impl Config {
         }
         if self.max_upload_bytes == 0 {
             return Err(field("max_upload_bytes", "must be greater than 0"));
+        }
+        if !(1..=24 * 30).contains(&self.upload_expiry_hours) {
+            return Err(field(
+                "upload_expiry_hours",
+                "must be between 1 and 720 (30 days)",
+            ));
         }
         if self.token_ttl_secs < 60 {
             return Err(field("token_ttl_secs", "must be at least 60"));

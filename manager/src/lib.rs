@@ -10,7 +10,7 @@
 //! |---|---|
 //! | assembly | this file ([`run`], [`serve`]), [`app`] (what handlers share), [`leader`] (which of several managers runs the background work) |
 //! | HTTP | [`http`]: routes, pages, the JSON API, node endpoints, sessions, operators' worker and alert lists, and the one error → status mapping ([`http::error`]) |
-//! | services | [`pipeline`] (ingest and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`console`] (what the operators' admin shows and does, audited), [`monitor`] (every check on a schedule, stored, announced), [`status`] (the public status page's content), [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
+//! | services | [`ingest`] (a received file becomes a movie), [`tus`] (resumable uploads), [`pipeline`] (processing and replication), [`reconcile`] (mirror repair), [`ledger`] (credits), [`prices`], [`redirect`] (media URLs, choosing a node), [`backup`], [`console`] (what the operators' admin shows and does, audited), [`monitor`] (every check on a schedule, stored, announced), [`status`] (the public status page's content), [`auth`] (passwords, tokens), [`avatars`] (links to in-world avatars), [`limits`] |
 //! | foundations | [`catalog`] (the `Catalog` trait and its SQLite backend: every SQL statement), [`domain`] (states, amounts), [`config`], [`nodes`] and [`nodecall`] (the signed node client), [`geo`], [`media`], [`workers`] (background workers' status), [`alerts`] (the one alert sink), [`notify`] (alert channels and their delivery log), `shared` |
 
 // Assembly and HTTP.
@@ -23,6 +23,7 @@ pub mod auth;
 pub mod avatars;
 pub mod backup;
 pub mod console;
+pub mod ingest;
 pub mod ledger;
 pub mod limits;
 pub mod monitor;
@@ -33,6 +34,7 @@ pub mod reconcile;
 pub mod redirect;
 pub mod runners;
 pub mod status;
+pub mod tus;
 
 // Foundations.
 pub mod alerts;
@@ -72,6 +74,9 @@ pub async fn run(
             .clone()
             .monitor(Duration::from_secs(5), stop_rx.clone()),
     );
+    // Every process sweeps the resumable uploads it receives (their
+    // folder is its own, or shared with a standby: sweeping twice is safe).
+    let tus_sweep = tokio::spawn(tus::expiry_loop(state.tus.clone(), stop_rx.clone()));
     let drains = state.db.shared().then(|| {
         let (db, nodes) = (state.db.clone(), state.nodes.clone());
         tokio::spawn(async move {
@@ -154,6 +159,7 @@ pub async fn run(
     // The leader gives its work `grace` and then aborts what is left.
     let _ = tokio::time::timeout(grace + Duration::from_secs(1), lead).await;
     monitor.abort();
+    tus_sweep.abort();
     for t in [drains, forwarder].into_iter().flatten() {
         t.abort();
     }

@@ -102,12 +102,22 @@ impl Drop for UploadSlot {
     }
 }
 
+/// Resumable uploads an account has begun and not finished
+/// ([`crate::tus`]): each counts as an upload at once and one of the day's,
+/// and its declared length as bytes kept, for as long as it lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    pub count: u32,
+    pub bytes: u64,
+}
+
 /// Takes an upload slot for `user`, or says which limit stands in the way.
 pub async fn begin_upload(
     db: &dyn Catalog,
     q: &QuotasConfig,
     inflight: &Arc<InFlight>,
     user: &User,
+    pending: Pending,
 ) -> Result<UploadSlot, BeginError> {
     if user.is_operator() {
         return Ok(UploadSlot {
@@ -120,8 +130,8 @@ pub async fn begin_upload(
     let (used, today) = db
         .upload_usage(user.id, crate::catalog::now() - 86_400)
         .await?;
-    let used = used.max(0) as u64;
-    if today >= q.uploads_per_day as i64 {
+    let used = (used.max(0) as u64).saturating_add(pending.bytes);
+    if today + pending.count as i64 >= q.uploads_per_day as i64 {
         return Err(QuotaError::TooManyToday {
             limit: q.uploads_per_day,
         }
@@ -135,7 +145,7 @@ pub async fn begin_upload(
     {
         let mut m = inflight.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(user.id).or_insert(0);
-        if *n >= q.concurrent_uploads {
+        if *n + pending.count >= q.concurrent_uploads {
             return Err(QuotaError::TooManyAtOnce {
                 limit: q.concurrent_uploads,
             }

@@ -22,7 +22,7 @@ use crate::{
     SharedState,
 };
 
-pub const MAX_TITLE_CHARS: usize = 200;
+pub use crate::ingest::MAX_TITLE_CHARS;
 
 #[derive(Serialize)]
 pub struct UploadAccepted {
@@ -148,28 +148,6 @@ impl Drop for StagingGuard {
     }
 }
 
-fn clean_title(raw: &str, fallback: &str) -> Result<String, ApiError> {
-    let t: String = raw.trim().chars().filter(|c| !c.is_control()).collect();
-    let t = if t.is_empty() {
-        fallback.trim().to_string()
-    } else {
-        t
-    };
-    if t.is_empty() {
-        return Err(ApiError::bad_request(
-            "title_missing",
-            "give the movie a title",
-        ));
-    }
-    if t.chars().count() > MAX_TITLE_CHARS {
-        return Err(ApiError::bad_request(
-            "title_too_long",
-            format!("a title has at most {MAX_TITLE_CHARS} characters"),
-        ));
-    }
-    Ok(t)
-}
-
 /// An upload refused for disk space, counted once whichever check found it.
 fn no_space(e: crate::quotas::QuotaError) -> ApiError {
     metrics::counter!("manager_uploads_total", "result" => "no_space").increment(1);
@@ -227,15 +205,23 @@ pub async fn upload(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let mut csrf_ok = caller.check_csrf(header_csrf.as_deref()).is_ok();
-    let asset_id = uuid::Uuid::new_v4().simple().to_string();
     let mut title: Option<String> = None;
     let mut received: Option<(String, u64)> = None;
-    let partial = st.cfg.staging_dir().join(format!("{asset_id}.upload"));
+    let partial = st
+        .cfg
+        .staging_dir()
+        .join(format!("{}.upload", uuid::Uuid::new_v4().simple()));
     let mut guard = StagingGuard(None);
     // The account's limits, before a byte is written; the slot is given
     // back when this request ends, however it ends.
-    let slot =
-        crate::quotas::begin_upload(&*st.db, &st.cfg.quotas, &st.uploads, &caller.user).await?;
+    let slot = crate::quotas::begin_upload(
+        &*st.db,
+        &st.cfg.quotas,
+        &st.uploads,
+        &caller.user,
+        st.tus.pending_of(caller.user.id),
+    )
+    .await?;
     // The disk's reserve, before a byte is written when the length is
     // announced (the whole form, a little more than the file).
     let staging = st.cfg.staging_dir();
@@ -313,77 +299,18 @@ pub async fn upload(
             "choose a movie file to upload (form field `file`)",
         ));
     };
-    if size == 0 {
-        metrics::counter!("manager_uploads_total", "result" => "empty").increment(1);
-        return Err(ApiError::Unprocessable {
-            code: "empty_file",
-            message: "the file is empty".into(),
-        });
-    }
-    let fallback = source_name
-        .rsplit_once('.')
-        .map(|(stem, _)| stem)
-        .unwrap_or(&source_name);
-    let title = clean_title(title.as_deref().unwrap_or(""), fallback)?;
-
-    // Probing reads only headers (milliseconds), so a file we will never
-    // accept is refused now, while the uploader is still looking, instead
-    // of turning into a `rejected` asset later.
-    let probe_path = partial.clone();
-    let limits = st.cfg.media_limits();
-    let verdict = tokio::task::spawn_blocking(move || {
-        let info = crate::media::probe(&probe_path)?;
-        crate::media::validate(&info, size, &limits)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))?;
-    if let Err(e) = verdict {
-        if !e.is_user_error() {
-            return Err(ApiError::Internal(anyhow::anyhow!(
-                "probe failed: {e} ({})",
-                e.detail().unwrap_or_default()
-            )));
-        }
-        metrics::counter!("manager_uploads_total", "result" => "rejected").increment(1);
-        tracing::info!(
-            code = e.code(),
-            user = caller.user.id,
-            "upload refused: {e}"
-        );
-        return Err(ApiError::Unprocessable {
-            code: e.code(),
-            message: e.to_string(),
-        });
-    }
-
-    let src = crate::pipeline::source_path(&st.pipeline, &asset_id);
-    tokio::fs::rename(&partial, &src)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    guard.0 = Some(src.clone());
-    // The rename itself must survive a power cut before the upload is
-    // acknowledged: the file's data was fsynced, its new name was not.
-    let staging = st.cfg.staging_dir();
-    tokio::task::spawn_blocking(move || crate::pipeline::fsync_dir(&staging))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    // The row and the upload's cost (docs/credits.md) in one transaction.
-    crate::ledger::insert_asset_paid(
-        &*st.db,
-        st.cfg.credits.upload_cost as i64,
-        &asset_id,
-        caller.user.id,
-        &title,
-        &source_name,
-        size as i64,
+    let asset_id = crate::ingest::accept(
+        &st.pipeline,
+        &caller.user,
+        crate::ingest::Received {
+            staged: &partial,
+            size,
+            source_name: &source_name,
+            title: title.as_deref().unwrap_or(""),
+        },
     )
     .await?;
-    guard.0 = None;
     drop(slot);
-    st.pipeline.wake.notify_one();
-    metrics::counter!("manager_uploads_total", "result" => "accepted").increment(1);
-    tracing::info!(asset = %asset_id, user = caller.user.id, bytes = size, "upload accepted");
 
     let status_url = format!("/api/v1/assets/{asset_id}");
     // A browser that posted the plain form (no script) goes to the movie page.
@@ -483,20 +410,4 @@ pub async fn retry(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "asset_id": id, "state": "queued" })),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn titles_are_cleaned_and_bounded() {
-        assert_eq!(clean_title("  My film\u{7} ", "x").unwrap(), "My film");
-        assert_eq!(clean_title("", "holiday").unwrap(), "holiday");
-        assert_eq!(clean_title("", "").unwrap_err().code(), "title_missing");
-        assert_eq!(
-            clean_title(&"a".repeat(201), "x").unwrap_err().code(),
-            "title_too_long"
-        );
-    }
 }

@@ -75,6 +75,25 @@ pub enum ApiError {
     /// A purchase the buyer's balance does not cover (docs/credits.md).
     #[error("your balance ({balance} credits) does not cover the price ({price} credits)")]
     InsufficientCredits { balance: i64, price: i64 },
+    /// Something that existed and is gone for good (an expired upload).
+    #[error("{message}")]
+    Gone { code: &'static str, message: String },
+    /// A tus chunk whose `Upload-Checksum` does not match (tus's own 460).
+    #[error("the chunk's checksum does not match its bytes; it was discarded, send it again")]
+    ChecksumMismatch,
+    #[error("{message}")]
+    UnsupportedMediaType { code: &'static str, message: String },
+    /// A protocol version the client asks for and we do not speak.
+    #[error("{message}")]
+    PreconditionFailed { code: &'static str, message: String },
+    /// A tus chunk past the upload's declared length.
+    #[error(
+        "the chunk goes past the upload's declared length of {length} bytes; it was discarded"
+    )]
+    PastLength { length: u64 },
+    /// Another request holds the resource and would not let go in time.
+    #[error("{message}")]
+    Locked { code: &'static str, message: String },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -143,6 +162,56 @@ impl From<crate::ledger::LedgerError> for ApiError {
             E::NotPublished => ApiError::NotPublished,
             E::NoMirror => ApiError::NoMirror,
             E::Damaged => ApiError::Damaged,
+            E::Db(e) => db_error(e),
+            E::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<crate::ingest::IngestError> for ApiError {
+    fn from(e: crate::ingest::IngestError) -> Self {
+        use crate::ingest::IngestError as E;
+        match e {
+            E::Empty => ApiError::Unprocessable {
+                code: "empty_file",
+                message: E::Empty.to_string(),
+            },
+            E::BadTitle { code, message } => ApiError::BadRequest { code, message },
+            E::Rejected { code, message } => ApiError::Unprocessable { code, message },
+            E::Ledger(e) => e.into(),
+            E::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<crate::tus::TusError> for ApiError {
+    fn from(e: crate::tus::TusError) -> Self {
+        use crate::tus::TusError as E;
+        let message = e.to_string();
+        match e {
+            E::NotFound => ApiError::NotFound("upload"),
+            E::Gone => ApiError::Gone {
+                code: "upload_expired",
+                message,
+            },
+            E::OffsetMismatch { .. } => ApiError::Conflict {
+                code: "offset_mismatch",
+                message,
+            },
+            E::ChecksumMismatch => ApiError::ChecksumMismatch,
+            E::Invalid { code, message } => ApiError::BadRequest { code, message },
+            E::TooLarge { limit } => ApiError::TooLarge { limit },
+            E::PastLength { length } => ApiError::PastLength { length },
+            E::Busy => ApiError::Locked {
+                code: "upload_busy",
+                message,
+            },
+            E::Cut { .. } => ApiError::BadRequest {
+                code: "upload_incomplete",
+                message,
+            },
+            E::Quota(q) => q.into(),
+            E::Ingest(e) => e.into(),
             E::Db(e) => db_error(e),
             E::Internal(e) => ApiError::Internal(e),
         }
@@ -232,6 +301,12 @@ impl ApiError {
             ApiError::NodeAuth(e) => e.code(),
             ApiError::Damaged => "movie_damaged",
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
+            ApiError::Gone { code, .. }
+            | ApiError::UnsupportedMediaType { code, .. }
+            | ApiError::PreconditionFailed { code, .. }
+            | ApiError::Locked { code, .. } => code,
+            ApiError::ChecksumMismatch => "checksum_mismatch",
+            ApiError::PastLength { .. } => "past_upload_length",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -262,6 +337,14 @@ impl ApiError {
             ApiError::InsufficientCredits { .. } | ApiError::PaymentRequired { .. } => {
                 StatusCode::PAYMENT_REQUIRED
             }
+            ApiError::Gone { .. } => StatusCode::GONE,
+            ApiError::ChecksumMismatch => {
+                StatusCode::from_u16(460).expect("460 is a valid status code")
+            }
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::PastLength { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Locked { .. } => StatusCode::LOCKED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

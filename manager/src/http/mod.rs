@@ -15,6 +15,7 @@ pub mod session;
 pub mod status;
 pub mod telemetry;
 pub mod terminal;
+pub mod tus;
 pub mod web;
 
 use axum::{
@@ -128,6 +129,7 @@ pub fn build_router(state: SharedState) -> Router {
         )
         .merge(nodes::routes(state.clone()))
         .merge(runners::routes())
+        .merge(tus::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(telemetry::metrics))
         .layer(axum::middleware::from_fn(no_framing))
