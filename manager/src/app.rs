@@ -125,6 +125,9 @@ impl AppState {
             cfg.upload_expiry_hours * 3600,
         )
         .map_err(|e| anyhow::anyhow!("cannot open the resumable uploads' folder: {e}"))?;
+        tus.recover(&*db, &cfg.staging_dir()).await.map_err(|e| {
+            anyhow::anyhow!("cannot check unfinished uploads against the database: {e}")
+        })?;
         Ok(Self {
             uploads: Default::default(),
             tus: Arc::new(tus),

@@ -65,6 +65,9 @@ pub fn clean_title(raw: &str, file_name: &str) -> Result<String, IngestError> {
 
 /// A file fully received at `staged` (fsynced, `size` bytes) from `user`.
 pub struct Received<'a> {
+    /// The new movie's id (the caller's choice, so a resumable upload can
+    /// note it before the movie exists).
+    pub asset_id: &'a str,
     pub staged: &'a Path,
     pub size: u64,
     /// The name the uploader's file had (at most 255 characters kept).
@@ -73,9 +76,9 @@ pub struct Received<'a> {
     pub title: &'a str,
 }
 
-/// Probes, moves and records `r`; returns the new asset's id. On `Err` the
+/// Probes, moves and records `r` as the movie `r.asset_id`. On `Err` the
 /// staged file is where it was.
-pub async fn accept(p: &Pipeline, user: &User, r: Received<'_>) -> Result<String, IngestError> {
+pub async fn accept(p: &Pipeline, user: &User, r: Received<'_>) -> Result<(), IngestError> {
     let source_name: String = r.source_name.chars().take(255).collect();
     if r.size == 0 {
         metrics::counter!("manager_uploads_total", "result" => "empty").increment(1);
@@ -106,8 +109,8 @@ pub async fn accept(p: &Pipeline, user: &User, r: Received<'_>) -> Result<String
         });
     }
 
-    let asset_id = uuid::Uuid::new_v4().simple().to_string();
-    let src = crate::pipeline::source_path(p, &asset_id);
+    let asset_id = r.asset_id;
+    let src = crate::pipeline::source_path(p, asset_id);
     tokio::fs::rename(r.staged, &src)
         .await
         .map_err(|e| IngestError::Internal(e.into()))?;
@@ -123,7 +126,7 @@ pub async fn accept(p: &Pipeline, user: &User, r: Received<'_>) -> Result<String
         Ok(()) => crate::ledger::insert_asset_paid(
             &*p.db,
             p.cfg.credits.upload_cost as i64,
-            &asset_id,
+            asset_id,
             user.id,
             &title,
             &source_name,
@@ -142,7 +145,7 @@ pub async fn accept(p: &Pipeline, user: &User, r: Received<'_>) -> Result<String
     p.wake.notify_one();
     metrics::counter!("manager_uploads_total", "result" => "accepted").increment(1);
     tracing::info!(asset = %asset_id, user = user.id, bytes = size, "upload accepted");
-    Ok(asset_id)
+    Ok(())
 }
 
 #[cfg(test)]

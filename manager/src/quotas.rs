@@ -112,12 +112,15 @@ pub struct Pending {
 }
 
 /// Takes an upload slot for `user`, or says which limit stands in the way.
+/// `pending` is asked under the same lock as the slots are counted, after
+/// the database was read: a resumable upload created meanwhile is seen
+/// either as its creator's slot or as pending, never as neither.
 pub async fn begin_upload(
     db: &dyn Catalog,
     q: &QuotasConfig,
     inflight: &Arc<InFlight>,
     user: &User,
-    pending: Pending,
+    pending: &(dyn Fn() -> Pending + Send + Sync),
 ) -> Result<UploadSlot, BeginError> {
     if user.is_operator() {
         return Ok(UploadSlot {
@@ -130,6 +133,8 @@ pub async fn begin_upload(
     let (used, today) = db
         .upload_usage(user.id, crate::catalog::now() - 86_400)
         .await?;
+    let mut m = inflight.0.lock().unwrap_or_else(|e| e.into_inner());
+    let pending = pending();
     let used = (used.max(0) as u64).saturating_add(pending.bytes);
     if today + pending.count as i64 >= q.uploads_per_day as i64 {
         return Err(QuotaError::TooManyToday {
@@ -142,17 +147,15 @@ pub async fn begin_upload(
         limit if used >= limit => return Err(QuotaError::Exceeded { used, limit }.into()),
         limit => limit - used,
     };
-    {
-        let mut m = inflight.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(user.id).or_insert(0);
-        if *n + pending.count >= q.concurrent_uploads {
-            return Err(QuotaError::TooManyAtOnce {
-                limit: q.concurrent_uploads,
-            }
-            .into());
+    let n = m.entry(user.id).or_insert(0);
+    if *n + pending.count >= q.concurrent_uploads {
+        return Err(QuotaError::TooManyAtOnce {
+            limit: q.concurrent_uploads,
         }
-        *n += 1;
+        .into());
     }
+    *n += 1;
+    drop(m);
     Ok(UploadSlot {
         inflight: Some((inflight.clone(), user.id)),
         remaining,

@@ -57,6 +57,7 @@ use crate::{
 pub const VERSION: &str = "1.0.0";
 pub const EXTENSIONS: &str = "creation,creation-with-upload,expiration,checksum,termination";
 pub const CHECKSUM_ALGORITHMS: &str = "sha1,sha256";
+const MAX_METADATA_BYTES: usize = 4096;
 
 /// How long a new request waits for the one it interrupted to let go.
 const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -81,6 +82,9 @@ pub enum TusError {
     PastLength { length: u64 },
     #[error("another request is still writing this upload; try again in a few seconds")]
     Busy,
+    /// Every byte is here but the movie could not be recorded yet.
+    #[error("the upload is complete but could not be finished yet ({0}); try again in a minute")]
+    FinishLater(String),
     #[error("the chunk was cut off before it ended; the server kept {offset} bytes")]
     Cut { offset: u64 },
     #[error(transparent)]
@@ -157,13 +161,15 @@ impl Checksum {
         let (algorithm, len) = match name.to_ascii_lowercase().as_str() {
             "sha1" => (Algorithm::Sha1, 20),
             "sha256" => (Algorithm::Sha256, 32),
-            other => return Err(TusError::Invalid {
-                code: "checksum_algorithm_unsupported",
-                message: format!(
+            other => {
+                return Err(TusError::Invalid {
+                    code: "checksum_algorithm_unsupported",
+                    message: format!(
                     "checksum algorithm `{}` is not supported; use one of {CHECKSUM_ALGORITHMS}",
                     other.chars().take(20).collect::<String>()
                 ),
-            }),
+                })
+            }
         };
         let expected = base64::engine::general_purpose::STANDARD
             .decode(digest.trim())
@@ -188,6 +194,15 @@ impl Checksum {
     }
 }
 
+/// A PATCH's (or a creation's) chunk as its headers describe it.
+pub struct Chunk {
+    /// `Upload-Offset`: where the client believes the upload stands.
+    pub offset: u64,
+    /// `Content-Length`, when sent.
+    pub announced: Option<u64>,
+    pub checksum: Option<Checksum>,
+}
+
 /// `Upload-Metadata`: comma-separated `key base64(value)` pairs. Only
 /// `filename` and `title` are used; other keys are allowed and ignored.
 pub fn parse_metadata(header: &str) -> Result<(String, String), TusError> {
@@ -196,6 +211,10 @@ pub fn parse_metadata(header: &str) -> Result<(String, String), TusError> {
         code: "metadata_malformed",
         message: format!("Upload-Metadata: {why}"),
     };
+    // A file name and a title, in base64, fit many times over.
+    if header.len() > MAX_METADATA_BYTES {
+        return Err(bad(&format!("longer than {MAX_METADATA_BYTES} bytes")));
+    }
     let (mut filename, mut title) = (String::new(), String::new());
     for pair in header.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once(' ').unwrap_or((pair, ""));
@@ -239,6 +258,9 @@ struct Record {
     closed_at: Option<i64>,
     #[serde(default)]
     expired: bool,
+    /// The movie id chosen for it while it is being finished.
+    #[serde(default)]
+    ingesting: Option<String>,
 }
 
 struct Upload {
@@ -251,6 +273,8 @@ struct Upload {
     writer: tokio::sync::Mutex<()>,
     /// Cancels the request writing now, when another takes over.
     stop: Mutex<CancellationToken>,
+    /// Terminated or refused: a request that waited for it finds nothing.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 /// What a client is told about an upload.
@@ -352,7 +376,9 @@ impl Uploads {
         };
         let meta = std::fs::metadata(&bin);
         let open = rec.asset.is_none() && !rec.expired;
-        if open && meta.is_err() {
+        // Without its bytes and not being finished (those wait for
+        // `recover`, which knows the database).
+        if open && meta.is_err() && rec.ingesting.is_none() {
             tracing::warn!(upload = id, "resumable upload without its bytes removed");
             let _ = std::fs::remove_file(&json);
             return None;
@@ -378,6 +404,7 @@ impl Uploads {
             touched: Mutex::new(touched),
             writer: Default::default(),
             stop: Mutex::new(CancellationToken::new()),
+            gone: Default::default(),
         });
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         Some(map.entry(id.to_string()).or_insert(up).clone())
@@ -448,7 +475,10 @@ impl Uploads {
         if rec.owner != owner {
             return Err(TusError::NotFound);
         }
-        if rec.expired || (rec.asset.is_none() && crate::catalog::now() >= self.info(&up).expires) {
+        let idle = up.writer.try_lock().is_ok();
+        if rec.expired
+            || (idle && rec.asset.is_none() && crate::catalog::now() >= self.info(&up).expires)
+        {
             return Err(TusError::Gone);
         }
         Ok(up)
@@ -459,13 +489,25 @@ impl Uploads {
         &self,
         up: &'a Upload,
     ) -> Result<(tokio::sync::MutexGuard<'a, ()>, CancellationToken), TusError> {
-        up.stop.lock().unwrap_or_else(|e| e.into_inner()).cancel();
+        // Ours is installed as the old one is cancelled, in one step: a
+        // third request arriving while we wait cancels ours, not a dead one.
+        let token = CancellationToken::new();
+        std::mem::replace(
+            &mut *up.stop.lock().unwrap_or_else(|e| e.into_inner()),
+            token.clone(),
+        )
+        .cancel();
         let guard = tokio::time::timeout(TAKEOVER_WAIT, up.writer.lock())
             .await
             .map_err(|_| TusError::Busy)?;
-        let token = CancellationToken::new();
-        *up.stop.lock().unwrap_or_else(|e| e.into_inner()) = token.clone();
-        // Expired while we waited for the lock?
+        if token.is_cancelled() {
+            // A newer request wants it; it gets it.
+            return Err(TusError::Busy);
+        }
+        // Removed or expired while we waited for the lock?
+        if up.gone.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TusError::NotFound);
+        }
         if up.rec.lock().unwrap_or_else(|e| e.into_inner()).expired {
             return Err(TusError::Gone);
         }
@@ -474,7 +516,6 @@ impl Uploads {
 
     /// A new upload of `length` bytes for `user`, checked against the
     /// site's and the account's limits before a byte is sent.
-    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
         p: &Pipeline,
@@ -495,9 +536,12 @@ impl Uploads {
         }
         // The title is checked now, so the uploader hears of it before
         // sending hundreds of megabytes; it is checked again at the end.
-        ingest::clean_title(title, filename)?;
-        let pending = self.pending_of(user.id);
-        let slot = quotas::begin_upload(&*p.db, &p.cfg.quotas, inflight, user, pending).await?;
+        let title = ingest::clean_title(title, filename)?;
+        let owner = user.id;
+        let slot = quotas::begin_upload(&*p.db, &p.cfg.quotas, inflight, user, &|| {
+            self.pending_of(owner)
+        })
+        .await?;
         if let Err(e) = slot.check(length) {
             metrics::counter!("manager_uploads_total", "result" => "quota_exceeded").increment(1);
             return Err(e.into());
@@ -509,11 +553,12 @@ impl Uploads {
             owner: user.id,
             length,
             filename: filename.to_string(),
-            title: title.to_string(),
+            title,
             created: now,
             asset: None,
             closed_at: None,
             expired: false,
+            ingesting: None,
         };
         let bin = self.bin_path(&rec.id);
         let json = self.json_path(&rec.id);
@@ -537,6 +582,7 @@ impl Uploads {
             touched: Mutex::new(now),
             writer: Default::default(),
             stop: Mutex::new(CancellationToken::new()),
+            gone: Default::default(),
         });
         self.map
             .lock()
@@ -552,7 +598,24 @@ impl Uploads {
     pub async fn head(&self, p: &Pipeline, user: &User, id: &str) -> Result<Info, TusError> {
         let up = self.lookup(id, user.id)?;
         let (_guard, _token) = self.take_over(&up).await?;
-        self.finish_if_complete(p, user, &up).await?;
+        match self.finish_if_complete(p, user, &up).await {
+            Ok(()) => {}
+            // Refused for what the file is: said as it is.
+            Err(
+                e @ TusError::Ingest(
+                    IngestError::Empty
+                    | IngestError::BadTitle { .. }
+                    | IngestError::Rejected { .. },
+                ),
+            ) => return Err(e),
+            // Every byte is kept: a client that asks again later finishes
+            // it (the browser's client retries only a 423 on a HEAD;
+            // anything else makes it start the whole file again).
+            Err(e) => {
+                tracing::warn!(upload = id, "finishing a complete upload failed: {e}");
+                return Err(TusError::FinishLater(e.to_string()));
+            }
+        }
         Ok(self.info(&up))
     }
 
@@ -564,14 +627,18 @@ impl Uploads {
         p: &Pipeline,
         user: &User,
         id: &str,
-        offset: u64,
-        checksum: Option<Checksum>,
+        chunk: Chunk,
         mut body: S,
     ) -> Result<Info, TusError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        let Chunk {
+            offset,
+            announced,
+            checksum,
+        } = chunk;
         let up = self.lookup(id, user.id)?;
         let (_guard, token) = self.take_over(&up).await?;
         let start = *up.offset.lock().unwrap_or_else(|e| e.into_inner());
@@ -579,6 +646,10 @@ impl Uploads {
             return Err(TusError::OffsetMismatch { expected: start });
         }
         let length = up.rec.lock().unwrap_or_else(|e| e.into_inner()).length;
+        // The reserve, before a byte of this chunk is written (small chunks
+        // never reach the in-loop check).
+        let incoming = announced.unwrap_or(0).min(length - start);
+        quotas::check_space(&p.cfg.staging_dir(), p.cfg.disk_reserve_mb, incoming)?;
         let bin = self.bin_path(id);
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -612,6 +683,9 @@ impl Uploads {
                     }
                     if at - space_checked_at >= quotas::SPACE_CHECK_EVERY {
                         space_checked_at = at;
+                        // Bytes arriving keep it alive, however long the request.
+                        *up.touched.lock().unwrap_or_else(|e| e.into_inner()) =
+                            crate::catalog::now();
                         if let Err(e) = quotas::check_space(&staging, p.cfg.disk_reserve_mb, 0) {
                             break Err((e.into(), true));
                         }
@@ -664,7 +738,10 @@ impl Uploads {
             *up.touched.lock().unwrap_or_else(|e| e.into_inner()) = crate::catalog::now();
         }
         if let Err((e, _)) = outcome {
-            return Err(e);
+            return Err(match e {
+                TusError::Cut { .. } => TusError::Cut { offset: keep },
+                e => e,
+            });
         }
         self.finish_if_complete(p, user, &up).await?;
         Ok(self.info(&up))
@@ -683,11 +760,28 @@ impl Uploads {
         if rec.asset.is_some() || offset < rec.length {
             return Ok(());
         }
+        let mut rec = rec;
+        // An earlier attempt may have recorded the movie and failed after
+        // (its answer lost, or this record not saved): then it is done.
+        if let Some(asset) = rec.ingesting.clone() {
+            if p.db.asset(&asset).await?.is_some() {
+                return self.finished(up, rec, asset);
+            }
+        }
+        // The movie's id is chosen and saved first, so whatever stops this
+        // (a kill -9 between the database's commit and the record's save)
+        // a restart can tell whether the movie exists ([`Uploads::recover`]):
+        // one upload never becomes two movies.
+        let asset = uuid::Uuid::new_v4().simple().to_string();
+        rec.ingesting = Some(asset.clone());
+        self.save(&rec).map_err(io_error)?;
+        *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec.clone();
         let bin = self.bin_path(&rec.id);
         let result = ingest::accept(
             p,
             user,
             ingest::Received {
+                asset_id: &asset,
                 staged: &bin,
                 size: offset,
                 source_name: &rec.filename,
@@ -696,20 +790,7 @@ impl Uploads {
         )
         .await;
         match result {
-            Ok(asset) => {
-                let mut done = rec.clone();
-                done.asset = Some(asset.clone());
-                done.closed_at = Some(crate::catalog::now());
-                *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = done.clone();
-                // The movie exists whatever happens to this record; if it
-                // cannot be saved a restart forgets the upload (its bytes
-                // are already the job's source) and a HEAD answers 404.
-                if let Err(e) = self.save(&done) {
-                    tracing::warn!(upload = %rec.id, "cannot save the finished upload's record: {e}");
-                }
-                tracing::info!(upload = %rec.id, asset = %asset, "resumable upload finished");
-                Ok(())
-            }
+            Ok(()) => self.finished(up, rec, asset),
             Err(e @ (IngestError::Internal(_) | IngestError::Ledger(_))) => Err(e.into()),
             Err(e) => {
                 // Refused for what the file is: sending it again changes
@@ -720,11 +801,70 @@ impl Uploads {
         }
     }
 
+    /// Marks `up` finished as the movie `asset`. The movie exists whatever
+    /// happens to the record; one not saved is finished again at the next
+    /// start ([`Uploads::recover`]).
+    fn finished(&self, up: &Upload, mut rec: Record, asset: String) -> Result<(), TusError> {
+        rec.asset = Some(asset.clone());
+        rec.ingesting = None;
+        rec.closed_at = Some(crate::catalog::now());
+        *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec.clone();
+        if let Err(e) = self.save(&rec) {
+            tracing::warn!(upload = %rec.id, "cannot save the finished upload's record: {e}");
+        }
+        tracing::info!(upload = %rec.id, asset = %asset, "resumable upload finished");
+        Ok(())
+    }
+
+    /// At start, for uploads a stop caught while becoming a movie: finished
+    /// if the movie was recorded, else its bytes are put back (from the
+    /// job's source name, where the stop may have left them) to be
+    /// finished by the client's next request.
+    pub async fn recover(
+        &self,
+        db: &dyn crate::catalog::Catalog,
+        staging: &Path,
+    ) -> sqlx::Result<()> {
+        let ups: Vec<Arc<Upload>> = {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.values().cloned().collect()
+        };
+        for up in ups {
+            let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(asset) = rec.ingesting.clone() else {
+                continue;
+            };
+            if db.asset(&asset).await?.is_some() {
+                let _ = self.finished(&up, rec, asset);
+                continue;
+            }
+            let src = staging.join(format!("{asset}.src"));
+            let bin = self.bin_path(&rec.id);
+            if src.exists() {
+                if let Err(e) = std::fs::rename(&src, &bin) {
+                    tracing::warn!(upload = %rec.id, "cannot put an unfinished upload's bytes back: {e}");
+                    continue;
+                }
+            }
+            let mut rec = rec;
+            rec.ingesting = None;
+            match std::fs::metadata(&bin) {
+                Ok(m) => {
+                    *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = m.len().min(rec.length);
+                    let _ = self.save(&rec);
+                    *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec;
+                }
+                Err(_) => self.forget(&rec.id),
+            }
+        }
+        Ok(())
+    }
+
     fn forget(&self, id: &str) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(up) = map.remove(id) {
+            up.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let _ = std::fs::remove_file(self.bin_path(id));
         let _ = std::fs::remove_file(self.json_path(id));
     }

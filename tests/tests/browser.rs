@@ -687,3 +687,254 @@ async fn an_operator_runs_the_site_from_the_admin_in_chromium() {
         assert!(log.contains(action), "{action} in {log}");
     }
 }
+
+/// A loopback TCP proxy between the browser and the manager: counts the
+/// bytes the browser sends, paces them (a home connection, so there is
+/// time to cut), and can cut every connection at once, as a dropped line
+/// or a restarted router would. Its target can move (a restarted manager
+/// listens on a new port).
+struct CutProxy {
+    url: String,
+    target: std::sync::Arc<std::sync::Mutex<String>>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(target: &str, bytes_per_sec: u64) -> CutProxy {
+        use std::sync::{atomic::Ordering, Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = Arc::new(Mutex::new(target.trim_start_matches("http://").to_string()));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let (t, s, cs) = (target.clone(), sent.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let addr = t.lock().unwrap().clone();
+                let sent = s.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(addr).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            sent.fetch_add(n as u64, Ordering::Relaxed);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_secs_f64(
+                                n as f64 / bytes_per_sec as f64,
+                            ))
+                            .await;
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+                cs.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        CutProxy {
+            url,
+            target,
+            sent,
+            conns,
+            accept,
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drops every connection through the proxy (both ends see a reset).
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn retarget(&self, target: &str) {
+        *self.target.lock().unwrap() = target.trim_start_matches("http://").to_string();
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// The bytes an unfinished resumable upload holds on the manager's disk.
+fn tus_received(cluster: &Cluster) -> Option<u64> {
+    let dir = cluster.manager_data.join("staging").join("tus");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+        .and_then(|e| e.metadata().ok())
+        .map(|m| m.len())
+}
+
+/// Waits until the browser has sent `bytes` through the proxy, reading the
+/// page's progress line meanwhile; returns the last line seen.
+async fn wait_sent(c: &fantoccini::Client, proxy: &CutProxy, bytes: u64, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut line = String::new();
+    while proxy.sent() < bytes {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: only {} of {bytes} bytes sent; page says {line:?}",
+            proxy.sent()
+        );
+        if let Ok(e) = c.find(Locator::Id("status")).await {
+            line = e.text().await.unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mb_upload_survives_a_cut_connection_and_a_manager_restart_in_chromium() {
+    let mut cluster = Cluster::start(&["utah", "toronto"]);
+    // 5 s of lossless 720p noise: about 210 MB that is a real movie.
+    let input = cluster.dir.path().join("big.mkv");
+    e2e::ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=gray:s=1280x720:r=25",
+        "-vf",
+        "noise=alls=100:allf=t+u",
+        "-t",
+        "5",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-qp",
+        "0",
+        "-pix_fmt",
+        "yuv420p",
+        input.to_str().unwrap(),
+    ]);
+    let size = std::fs::metadata(&input).unwrap().len();
+    assert!(size > 200_000_000, "{size}");
+    // 40 MB/s: about five seconds a side of each event.
+    let proxy = CutProxy::start(&cluster.manager.url, 40 << 20).await;
+    let profile = cluster.dir.path().join("chromium-profile-tus");
+    let (_driver, driver_url) = start_chromedriver().await;
+    let c = chromium(&profile, &driver_url).await;
+    let base = proxy.url.clone();
+    log_in(
+        &c,
+        &base,
+        &cluster.operator_email,
+        &cluster.operator_password,
+    )
+    .await;
+    c.goto(&format!("{base}/upload")).await.unwrap();
+    fill(&c, "input[name=title]", "Big noise").await;
+    c.find(Locator::Css("input[name=file]"))
+        .await
+        .unwrap()
+        .send_keys(input.to_str().unwrap())
+        .await
+        .unwrap();
+    let before = proxy.sent();
+    c.find(Locator::Id("send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // Halfway, every connection is cut.
+    let line = wait_sent(&c, &proxy, before + size / 2, "before the cut").await;
+    assert!(
+        line.contains("MiB/s") && line.contains("left") && line.contains('%'),
+        "the page shows bytes, speed and time left: {line:?}"
+    );
+    proxy.cut();
+    let sent_at_cut = proxy.sent();
+    // What the server kept of it is what the client may skip.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept_at_cut = tus_received(&cluster).expect("an unfinished upload on disk");
+    assert!(kept_at_cut > size / 4, "kept {kept_at_cut} of {size}");
+    screenshot(&c, "upload-after-cut").await;
+
+    // At three quarters, the manager is killed and started again.
+    wait_sent(&c, &proxy, sent_at_cut + size / 4, "after the cut").await;
+    cluster.manager.kill9();
+    cluster.restart_manager();
+    proxy.retarget(&cluster.manager.url);
+    proxy.cut();
+
+    // It carries on by itself and lands on the movie page, published.
+    let deadline = Instant::now() + Duration::from_secs(400);
+    loop {
+        let url = c.current_url().await.unwrap();
+        if url.path().starts_with("/assets/") && c.find(Locator::Id("player")).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never published; at {url}, {} bytes sent\n{}",
+            proxy.sent(),
+            cluster.manager.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after_cut = proxy.sent() - sent_at_cut;
+    let chunk = 32u64 << 20;
+    eprintln!(
+        "tus in chromium: {size} bytes, cut at {sent_at_cut} sent / {kept_at_cut} kept, \
+         {after_cut} sent after the cut (remainder {} + one chunk {chunk})",
+        size - kept_at_cut
+    );
+    // The page loads and requests after the cut are small; the bytes are
+    // the remainder, plus at most the chunk in flight at the restart.
+    assert!(
+        after_cut <= size - kept_at_cut + chunk + (1 << 20),
+        "{after_cut} bytes sent after the cut for a remainder of {}",
+        size - kept_at_cut
+    );
+    let asset = c
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .trim_start_matches("/assets/")
+        .to_string();
+    let v = cluster.asset(&asset).await;
+    assert_eq!(v["state"], "published", "{v}");
+    assert_eq!(v["title"], "Big noise");
+    assert!(
+        cluster
+            .manager
+            .log_text()
+            .contains("resumable upload finished"),
+        "the upload went by tus"
+    );
+    screenshot(&c, "upload-published").await;
+    c.close().await.unwrap();
+}

@@ -343,10 +343,17 @@ async fn tus_uploads_answer_as_the_protocol_says_and_survive_a_restart() {
         .send()
         .await
         .unwrap();
-    let junk_loc = header(&r, "location").to_string();
+    assert!(header(&r, "location").is_empty(), "refused, so not created");
     let (s, v) = status_json(r).await;
     assert_eq!((s, error_code(&v)), (422, error_code(&form_answer)), "{v}");
-    assert_eq!(offset_of(&c, &op, &junk_loc).await.0, 404);
+    // Left: the finished upload's record and the expired one's (410 for a
+    // while yet); nothing of the refused one.
+    let mut left = vec![
+        format!("{}.json", loc.rsplit('/').next().unwrap()),
+        format!("{b_id}.json"),
+    ];
+    left.sort();
+    assert_eq!(files_in(&tus_dir), left);
 
     // Creation with upload: one request, the whole movie.
     let r = tus(&c, Method::POST, "/api/v1/tus/", &op)
@@ -366,6 +373,24 @@ async fn tus_uploads_answer_as_the_protocol_says_and_survive_a_restart() {
     let v = c.wait_terminal(&second, Duration::from_secs(180)).await;
     assert_eq!(v["state"], "published", "{v}");
     assert_eq!(v["title"], "second");
+
+    // A kill -9 after the movie was recorded but before the upload's record
+    // said so: at the next start the upload is found finished as that
+    // movie (asked again, it does not become a second one).
+    let movies_before = c.my_assets().await.len();
+    c.manager.kill9();
+    let rec_path = tus_dir.join(format!("{}.json", loc.rsplit('/').next().unwrap()));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    rec["ingesting"] = rec["asset"].clone();
+    rec["asset"] = serde_json::Value::Null;
+    rec["closed_at"] = serde_json::Value::Null;
+    std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    c.restart_manager();
+    let r = tus(&c, Method::HEAD, &loc, &op).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "asset-id"), asset);
+    assert_eq!(c.my_assets().await.len(), movies_before);
 }
 
 /// The independent client: tuspy uploads in 64 KiB chunks with a sha1 per

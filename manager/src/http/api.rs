@@ -214,14 +214,11 @@ pub async fn upload(
     let mut guard = StagingGuard(None);
     // The account's limits, before a byte is written; the slot is given
     // back when this request ends, however it ends.
-    let slot = crate::quotas::begin_upload(
-        &*st.db,
-        &st.cfg.quotas,
-        &st.uploads,
-        &caller.user,
-        st.tus.pending_of(caller.user.id),
-    )
-    .await?;
+    let slot =
+        crate::quotas::begin_upload(&*st.db, &st.cfg.quotas, &st.uploads, &caller.user, &|| {
+            st.tus.pending_of(caller.user.id)
+        })
+        .await?;
     // The disk's reserve, before a byte is written when the length is
     // announced (the whole form, a little more than the file).
     let staging = st.cfg.staging_dir();
@@ -299,10 +296,12 @@ pub async fn upload(
             "choose a movie file to upload (form field `file`)",
         ));
     };
-    let asset_id = crate::ingest::accept(
+    let asset_id = uuid::Uuid::new_v4().simple().to_string();
+    crate::ingest::accept(
         &st.pipeline,
         &caller.user,
         crate::ingest::Received {
+            asset_id: &asset_id,
             staged: &partial,
             size,
             source_name: &source_name,

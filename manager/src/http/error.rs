@@ -206,6 +206,10 @@ impl From<crate::tus::TusError> for ApiError {
                 code: "upload_busy",
                 message,
             },
+            E::FinishLater(_) => ApiError::Locked {
+                code: "upload_finishing",
+                message,
+            },
             E::Cut { .. } => ApiError::BadRequest {
                 code: "upload_incomplete",
                 message,

@@ -33,6 +33,8 @@ pub fn build_router(state: SharedState) -> Router {
         .route("/login", get(web::login_form).post(web::login))
         .route("/logout", post(web::logout))
         .route("/upload", get(web::upload_form))
+        .route("/upload/{id}/discard", post(web::discard_upload))
+        .route("/static/tus-js-client-4.3.1.min.js", get(web::tus_client))
         .route("/assets/{id}", get(web::asset_page))
         .route("/posters/{file}", get(web::poster))
         .route("/terminals", get(web::terminals).post(web::create_terminal))

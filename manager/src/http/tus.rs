@@ -35,6 +35,8 @@ pub fn routes() -> Router<SharedState> {
 async fn protocol_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
     h.insert("tus-resumable", HeaderValue::from_static(tus::VERSION));
+    // An upload's state is never to be answered from a cache.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if resp.status() == StatusCode::PRECONDITION_FAILED {
         resp.headers_mut()
             .insert("tus-version", HeaderValue::from_static(tus::VERSION));
@@ -167,38 +169,39 @@ async fn create(
             &title,
         )
         .await?;
-    let location = format!("/api/v1/tus/{}", info.id);
-    let (status, info, error) = if with_body {
+    let info = if with_body {
         match st
             .tus
             .patch(
                 &st.pipeline,
                 &caller.user,
                 &info.id,
-                0,
-                sum,
+                tus::Chunk {
+                    offset: 0,
+                    announced: number(&headers, "content-length")?,
+                    checksum: sum,
+                },
                 body.into_data_stream(),
             )
             .await
         {
-            Ok(info) => (StatusCode::CREATED, info, None),
+            Ok(info) => info,
             // Created all the same; the client resumes from what was kept.
-            Err(tus::TusError::Cut { offset }) => {
-                let mut info = info;
-                info.offset = offset;
-                (StatusCode::CREATED, info, None)
+            Err(tus::TusError::Cut { offset }) => tus::Info { offset, ..info },
+            // Refused (a bad checksum, past its length, no room, not a
+            // movie): a client takes the answer as "not created", so it
+            // is not.
+            Err(e) => {
+                let _ = st.tus.terminate(&caller.user, &info.id).await;
+                return Err(e.into());
             }
-            Err(e) => (StatusCode::CREATED, info, Some(ApiError::from(e))),
         }
     } else {
-        (StatusCode::CREATED, info, None)
+        info
     };
-    let mut resp = match error {
-        Some(e) => e.into_response(),
-        None => status.into_response(),
-    };
+    let mut resp = StatusCode::CREATED.into_response();
     let h = resp.headers_mut();
-    set(h, "location", location);
+    set(h, "location", format!("/api/v1/tus/{}", info.id));
     describe(h, &info);
     Ok(resp)
 }
@@ -217,7 +220,6 @@ async fn status(
     describe(h, &info);
     set(h, "upload-length", info.length);
     set(h, "upload-metadata", tus::encode_metadata(&info));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }
 
@@ -246,8 +248,11 @@ async fn patch(
             &st.pipeline,
             &caller.user,
             &id,
-            offset,
-            sum,
+            tus::Chunk {
+                offset,
+                announced: number(&headers, "content-length")?,
+                checksum: sum,
+            },
             body.into_data_stream(),
         )
         .await?;

@@ -105,14 +105,49 @@ struct UploadPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
     max_mib: u64,
+    /// The caller's resumable uploads not finished yet.
+    unfinished: Vec<Unfinished>,
+    expiry_hours: u64,
+}
+
+struct Unfinished {
+    id: String,
+    name: String,
+    percent: u32,
+    received_mib: String,
+    total_mib: String,
+    expires: String,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1048576.0)
 }
 
 pub async fn upload_form(State(st): State<SharedState>, c: Caller) -> Result<Response, PageError> {
+    let unfinished = st
+        .tus
+        .unfinished_of(c.user.id)
+        .into_iter()
+        .map(|u| Unfinished {
+            name: if u.title.is_empty() {
+                u.filename.clone()
+            } else {
+                u.title.clone()
+            },
+            percent: (u.offset as f64 * 100.0 / u.length.max(1) as f64).floor() as u32,
+            received_mib: mib(u.offset),
+            total_mib: mib(u.length),
+            expires: crate::backup::format_utc(u.expires),
+            id: u.id,
+        })
+        .collect();
     let c = Some(c);
     let (user, csrf) = who(&c);
     Ok(render(&UploadPage {
         user,
         csrf,
+        unfinished,
+        expiry_hours: st.cfg.upload_expiry_hours,
         max_mib: st.cfg.max_upload_bytes / (1024 * 1024),
     }))
 }
@@ -430,6 +465,36 @@ pub async fn poster(
         bytes,
     )
         .into_response())
+}
+
+/// `POST /upload/{id}/discard`: drops an unfinished resumable upload and
+/// its bytes (the upload page's button; the API's twin is tus `DELETE`).
+pub async fn discard_upload(
+    State(st): State<SharedState>,
+    c: Caller,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
+    c.check_csrf(Some(&f.csrf))?;
+    match st.tus.terminate(&c.user, &id).await {
+        Ok(()) | Err(crate::tus::TusError::NotFound | crate::tus::TusError::Gone) => {}
+        Err(e) => return Err(ApiError::from(e).into()),
+    }
+    Ok(Redirect::to("/upload").into_response())
+}
+
+/// `GET /static/tus-js-client-4.3.1.min.js`: the tus client the upload page
+/// uses, vendored from npm with its licence (assets/vendor/tus-js-client).
+pub async fn tus_client() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            // The name carries the version: a new one is a new URL.
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        include_str!("../../assets/vendor/tus-js-client/tus.min.js"),
+    )
+        .into_response()
 }
 
 /// The cancel button on a movie's page (the plain-form twin of the API).
