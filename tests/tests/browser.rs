@@ -938,3 +938,135 @@ async fn a_200_mb_upload_survives_a_cut_connection_and_a_manager_restart_in_chro
     screenshot(&c, "upload-published").await;
     c.close().await.unwrap();
 }
+
+/// Runs axe-core (tests/vendor/axe-core, from npm) in the current page;
+/// returns its violations of impact "serious" or "critical", described.
+async fn serious_violations(c: &fantoccini::Client) -> Vec<String> {
+    let axe = include_str!("../vendor/axe-core/axe.min.js");
+    c.execute(&format!("{axe}\nreturn true;"), vec![])
+        .await
+        .expect("axe-core loads in the page");
+    let v = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document, { resultTypes: ['violations'] })
+               .then(r => done(r.violations.map(v => ({
+                   id: v.id, impact: v.impact, help: v.help,
+                   nodes: v.nodes.slice(0, 3).map(n => n.target.join(' '))
+               }))))
+               .catch(e => done([{ id: 'axe-error', impact: 'critical', help: String(e), nodes: [] }]));",
+            vec![],
+        )
+        .await
+        .expect("axe-core runs");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| matches!(v["impact"].as_str(), Some("serious") | Some("critical")))
+        .map(|v| {
+            format!(
+                "{} ({}): {} at {}",
+                v["id"], v["impact"], v["help"], v["nodes"]
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_passes_the_accessibility_check_at_desktop_and_phone_widths() {
+    let cluster = Cluster::start(&["utah", "toronto"]);
+    let input = cluster.dir.path().join("garden.webm");
+    make_webm(&input);
+    let asset = cluster
+        .publish(&input, "Garden at dusk", Duration::from_secs(300))
+        .await;
+    let profile = cluster.dir.path().join("chromium-profile-a11y");
+    let (_driver, driver_url) = start_chromedriver().await;
+    let c = chromium(&profile, &driver_url).await;
+    let base = cluster.manager.url.clone();
+    let shots = e2e::bin_dir().join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let public = [
+        ("home", "/".to_string()),
+        ("search", "/?q=garden".to_string()),
+        ("movie", format!("/assets/{asset}")),
+        ("login", "/login".to_string()),
+        ("signup", "/signup".to_string()),
+        ("status", "/status".to_string()),
+    ];
+    let signed_in = [
+        ("home-signed-in", "/".to_string()),
+        ("upload", "/upload".to_string()),
+        ("movie-owner", format!("/assets/{asset}")),
+        ("account", "/account".to_string()),
+        ("terminals", "/terminals".to_string()),
+    ];
+    // The check itself can fail: a picture without text and a field
+    // without a label, put into a page, are found.
+    c.goto(&format!("{base}/login")).await.unwrap();
+    c.execute(
+        "document.querySelector('main').insertAdjacentHTML('beforeend', \
+         '<img src=\"/posters/x.jpg\"><input type=\"text\" name=\"unlabelled\">'); return true;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let planted = serious_violations(&c).await;
+    assert!(
+        planted.iter().any(|v| v.contains("image-alt"))
+            && planted.iter().any(|v| v.contains("label")),
+        "axe-core did not find planted violations: {planted:?}"
+    );
+    let mut failures = Vec::new();
+    for (round, pages) in [("public", &public[..]), ("signed-in", &signed_in[..])] {
+        if round == "signed-in" {
+            c.set_window_size(1280, 900).await.unwrap();
+            log_in(
+                &c,
+                &base,
+                &cluster.operator_email,
+                &cluster.operator_password,
+            )
+            .await;
+        }
+        for (name, path) in pages.iter() {
+            for (width, height, label) in [(1280, 900, "desktop"), (390, 844, "phone")] {
+                c.set_window_size(width, height).await.unwrap();
+                c.goto(&format!("{base}{path}")).await.unwrap();
+                c.wait()
+                    .at_most(Duration::from_secs(30))
+                    .for_element(Locator::Css("h1"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{name} ({label}): no heading: {e}"));
+                let shot = c.screenshot().await.unwrap();
+                let file = shots.join(format!("{name}-{label}.png"));
+                std::fs::write(&file, shot).unwrap();
+                // Readable on a phone: nothing wider than the screen.
+                let overflow = c
+                    .execute(
+                        "return document.documentElement.scrollWidth - window.innerWidth;",
+                        vec![],
+                    )
+                    .await
+                    .unwrap()
+                    .as_i64()
+                    .unwrap_or(0);
+                if overflow > 0 {
+                    failures.push(format!(
+                        "{name} ({label}): {overflow} px wider than the window"
+                    ));
+                }
+                for v in serious_violations(&c).await {
+                    failures.push(format!("{name} ({label}): {v}"));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "screenshots of every page at 1280 and 390 px: {}",
+        shots.display()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    c.close().await.unwrap();
+}

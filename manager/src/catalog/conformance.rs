@@ -39,7 +39,8 @@ macro_rules! suite {
             the_monitor_keeps_states_days_and_changes,
             incidents_deliveries_and_drains,
             withdrawals_priorities_and_disabled_accounts,
-            owners_take_turns_in_the_queue_and_usage_is_counted);
+            owners_take_turns_in_the_queue_and_usage_is_counted,
+            the_home_page_pages_by_keyset_and_searches_titles);
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(
@@ -83,6 +84,53 @@ async fn published(c: &SharedCatalog, id: &str, owner: i64, price: i64) {
     c.replica_verified(id, "utah").await.unwrap();
     assert!(c.publish_if_replicated(id, 1).await.unwrap());
     c.set_price(id, price).await.unwrap();
+}
+
+/// The home page's listing: newest first, a page after another by keyset
+/// (ties in time broken by id), titles searched in any case with `%` and
+/// `_` taken as themselves; only published movies.
+pub(crate) async fn the_home_page_pages_by_keyset_and_searches_titles(c: &SharedCatalog) {
+    let owner = account(c, "owner@example.com", 0).await;
+    for id in ["Alpha", "beta_1", "betaX1", "Gamma 100%", "delta"] {
+        published(c, id, owner, 0).await;
+    }
+    c.insert_asset("hidden", owner, "beta_1 too", "m.mp4", 10)
+        .await
+        .unwrap();
+    let ids = |v: Vec<Asset>| v.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = c.published_page(after.clone(), None, 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        let last = page.last().unwrap();
+        after = Some((last.created_at, last.id.clone()));
+        all.extend(ids(page));
+    }
+    let mut expected: Vec<(i64, String)> = Vec::new();
+    for id in &all {
+        expected.push((c.asset(id).await.unwrap().unwrap().created_at, id.clone()));
+    }
+    let mut sorted = expected.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(expected, sorted, "newest first, ties by id");
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(
+        ids(c.published_page(None, Some("BETA_"), 10).await.unwrap()),
+        ["beta_1"]
+    );
+    assert_eq!(
+        ids(c.published_page(None, Some("100%"), 10).await.unwrap()),
+        ["Gamma 100%"]
+    );
+    assert!(c
+        .published_page(None, Some("nothing like it"), 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 fn order<'a>(

@@ -684,6 +684,17 @@ pub trait Catalog: Send + Sync + 'static {
 
     async fn published_assets(&self, limit: i64) -> sqlx::Result<Vec<Asset>>;
 
+    /// A page of published movies, newest first: those after `after` (the
+    /// `(created_at, id)` of the last one on the page before), whose title
+    /// contains `search` (any case), at most `limit`. A keyset query: a deep
+    /// page costs what the first one does.
+    async fn published_page(
+        &self,
+        after: Option<(i64, String)>,
+        search: Option<&str>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<Asset>>;
+
     async fn assets_of(&self, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>>;
 
     /// Takes the oldest due job under a lease of `lease_secs`, in one statement

@@ -273,6 +273,49 @@ macro_rules! portable_impl {
             .await
         }
 
+        async fn published_page(
+            &self,
+            after: Option<(i64, String)>,
+            search: Option<&str>,
+            limit: i64,
+        ) -> sqlx::Result<Vec<Asset>> {
+            let db = &self.pool;
+            // One statement per shape, so each plans on the index
+            // (`assets_published`) rather than around an `$n IS NULL`.
+            let mut sql = format!(
+                "SELECT {ASSET_COLS} FROM assets WHERE state = 'published' AND withdrawn_at IS NULL"
+            );
+            let mut n = 1;
+            if after.is_some() {
+                sql += &format!(" AND (created_at < ${} OR (created_at = ${} AND id < ${}))", n, n, n + 1);
+                n += 2;
+            }
+            let pattern = search.map(|s| {
+                let escaped: String = s
+                    .to_lowercase()
+                    .chars()
+                    .flat_map(|c| match c {
+                        '%' | '_' | '\\' => vec!['\\', c],
+                        c => vec![c],
+                    })
+                    .collect();
+                format!("%{escaped}%")
+            });
+            if pattern.is_some() {
+                sql += &format!(" AND LOWER(title) LIKE ${n} ESCAPE '\\'");
+                n += 1;
+            }
+            sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT ${n}");
+            let mut q = sqlx::query_as(&sql);
+            if let Some((at, id)) = after {
+                q = q.bind(at).bind(id);
+            }
+            if let Some(p) = pattern {
+                q = q.bind(p);
+            }
+            q.bind(limit).fetch_all(db).await
+        }
+
         async fn assets_of(&self, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>> {
             let db = &self.pool;
             sqlx::query_as(&format!(

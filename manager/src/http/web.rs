@@ -77,26 +77,114 @@ fn who(c: &Option<Caller>) -> (Option<&str>, &str) {
 struct IndexPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
-    published: Vec<catalog::Asset>,
-    mine: Vec<catalog::Asset>,
+    movies: Vec<Card>,
+    /// The search as typed (empty: none).
+    q: String,
+    /// The link to the next (older) page, when there is one.
+    older: Option<String>,
+    /// Whether this is a later page (a link back to the newest).
+    later_page: bool,
+    newest: String,
+}
+
+/// A movie as the home page shows it.
+struct Card {
+    id: String,
+    title: String,
+    duration: String,
+    price: i64,
+}
+
+/// Movies on a page of the home page.
+const CARDS_PER_PAGE: i64 = 24;
+
+#[derive(Deserialize, Default)]
+pub struct IndexQuery {
+    #[serde(default)]
+    q: String,
+    /// `<created_at>.<id>` of the last movie on the page before.
+    #[serde(default)]
+    after: String,
+}
+
+/// `m:ss` or `h:mm:ss`.
+fn clock(secs: Option<f64>) -> String {
+    let Some(s) = secs else {
+        return String::new();
+    };
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
 }
 
 pub async fn index(
     State(st): State<SharedState>,
     MaybeCaller(c): MaybeCaller,
+    axum::extract::Query(query): axum::extract::Query<IndexQuery>,
 ) -> Result<Response, PageError> {
-    let published = st.db.published_assets(100).await?;
-    let mine = match &c {
-        Some(c) => st.db.assets_of(c.user.id, 100).await?,
-        None => Vec::new(),
+    let q: String = query.q.trim().chars().take(100).collect();
+    // A cursor that is not one of ours is the first page.
+    let after = query.after.split_once('.').and_then(|(at, id)| {
+        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric());
+        Some((at.parse::<i64>().ok()?, id.to_string())).filter(|_| ok)
+    });
+    let later_page = after.is_some();
+    let search = (!q.is_empty()).then_some(q.as_str());
+    let mut page = st
+        .db
+        .published_page(after, search, CARDS_PER_PAGE + 1)
+        .await?;
+    let older = if page.len() as i64 > CARDS_PER_PAGE {
+        page.truncate(CARDS_PER_PAGE as usize);
+        page.last().map(|a| {
+            let mut url = format!("/?after={}.{}", a.created_at, a.id);
+            if !q.is_empty() {
+                url += "&q=";
+                url += &url_encode(&q);
+            }
+            url
+        })
+    } else {
+        None
     };
+    let movies = page
+        .into_iter()
+        .map(|a| Card {
+            duration: clock(a.duration_secs),
+            price: a.price,
+            id: a.id,
+            title: a.title,
+        })
+        .collect();
     let (user, csrf) = who(&c);
     Ok(render(&IndexPage {
         user,
         csrf,
-        published,
-        mine,
+        movies,
+        newest: if q.is_empty() {
+            "/".into()
+        } else {
+            format!("/?q={}", url_encode(&q))
+        },
+        q,
+        older,
+        later_page,
     }))
+}
+
+/// Percent-encodes `s` for a query string.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[derive(Template)]
@@ -165,6 +253,115 @@ struct AssetPage<'a> {
     /// request id for the buy form (a double submit is charged once).
     owner: bool,
     request_id: String,
+    /// Where processing stands, step by step (empty once settled).
+    steps: Vec<Step>,
+    /// For a refused movie: what the uploader can do about it.
+    advice: Option<&'static str>,
+    duration: String,
+    size_mib: String,
+    token_hours: u64,
+}
+
+/// One step of processing as the movie page shows it.
+struct Step {
+    label: &'static str,
+    /// `done`, `now` or `next`.
+    state: &'static str,
+    detail: String,
+}
+
+/// The steps from upload to publication, and where `a` is on them.
+fn steps(a: &AssetView, source_bytes: i64, percent: u32) -> Vec<Step> {
+    use crate::domain::{AssetState as S, ReplicaState as R};
+    let at = match a.state {
+        S::Queued => 1,
+        S::Probing => 1,
+        S::Transcoding => 2,
+        S::Sealing => 3,
+        S::Replicating => 4,
+        _ => return Vec::new(),
+    };
+    let state = |i: usize| match i.cmp(&at) {
+        std::cmp::Ordering::Less => "done",
+        std::cmp::Ordering::Equal => "now",
+        std::cmp::Ordering::Greater => "next",
+    };
+    let copies = a
+        .replicas
+        .iter()
+        .map(|r| {
+            let what = match r.state {
+                R::Verified => "copied",
+                R::Pending | R::Repairing => "copying",
+                R::Failed => "retrying",
+                R::Retired => "retired",
+            };
+            format!(
+                "{}: {what}",
+                if r.site.is_empty() { &r.node } else { &r.site }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    vec![
+        Step {
+            label: "Received",
+            state: "done",
+            detail: format!("{} MiB", mib(source_bytes.max(0) as u64)),
+        },
+        Step {
+            label: "Checking the file",
+            state: state(1),
+            detail: if a.state == S::Queued {
+                "waiting for a free converter".into()
+            } else {
+                String::new()
+            },
+        },
+        Step {
+            label: "Converting for Second Life's player",
+            state: state(2),
+            detail: if at == 2 {
+                format!("{percent}%")
+            } else {
+                String::new()
+            },
+        },
+        Step {
+            label: "Encrypting",
+            state: state(3),
+            detail: String::new(),
+        },
+        Step {
+            label: "Copying to the mirrors",
+            state: state(4),
+            detail: if at == 4 { copies } else { String::new() },
+        },
+    ]
+}
+
+/// What an uploader can do about a refusal, by its code.
+fn advice(code: &str) -> &'static str {
+    match code {
+        "not_media" | "no_streams" | "no_video" | "still_image" => {
+            "This file is not a movie we can read. Export it again from your video editor as MP4 (H.264 video, AAC sound) and upload that."
+        }
+        "corrupt_media" | "truncated" => {
+            "The file looks damaged or incomplete, perhaps a copy or download that did not finish. Play it on your computer to check, then upload a complete copy."
+        }
+        "unsupported_codec" | "container_not_allowed" => {
+            "Its video or sound is in a format we cannot convert. Export it as MP4 (H.264 video, AAC sound) and upload that."
+        }
+        "too_large" => "The file is larger than this site accepts. Export it at a lower quality or cut it shorter, then upload again.",
+        "too_long" => "The movie is longer than this site accepts. Cut it into parts and upload each one.",
+        "too_wide" => "The picture is larger than this site accepts. Export it at 1920×1080 or smaller and upload again.",
+        "empty_file" => "The file was empty. Choose the movie file itself and upload again.",
+        "cancelled" => "This upload was cancelled. Upload the movie again whenever you like.",
+        "transcode_failed" | "processing_failed" => {
+            "Converting it failed on our side, not because of anything you did. The operator has been told; try uploading it again later."
+        }
+        _ => "Upload the movie again, or ask the operator for help and quote the code.",
+    }
 }
 
 pub async fn asset_page(
@@ -184,7 +381,16 @@ pub async fn asset_page(
     let busy = !view.state.is_settled();
     let percent = (view.progress.clamp(0.0, 1.0) * 100.0).round() as u32;
     let (user, csrf) = who(&c);
+    let advice = match (&view.error, view.state) {
+        (Some(e), crate::domain::AssetState::Rejected) => Some(advice(&e.code)),
+        _ => None,
+    };
     Ok(render(&AssetPage {
+        steps: steps(&view, a.source_bytes, percent),
+        advice,
+        duration: clock(a.duration_secs),
+        size_mib: mib(a.plain_len.unwrap_or(a.source_bytes).max(0) as u64),
+        token_hours: st.cfg.token_ttl_secs / 3600,
         user,
         csrf,
         busy,

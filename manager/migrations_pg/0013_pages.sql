@@ -1,0 +1,6 @@
+-- The home page lists published movies newest first, a page at a time by
+-- keyset (created_at, id) after the last one shown (docs/scale.md): this
+-- index holds exactly those rows in that order, so a page costs its own
+-- rows however deep it is and however large the catalog.
+CREATE INDEX assets_published ON assets (created_at DESC, id DESC)
+    WHERE state = 'published' AND withdrawn_at IS NULL;
