@@ -131,6 +131,45 @@ pub(crate) async fn the_home_page_pages_by_keyset_and_searches_titles(c: &Shared
         .await
         .unwrap()
         .is_empty());
+
+    // "My movies": each with its copies, views sold and earnings, paged
+    // like the home page; the ledger paged by entry.
+    c.set_price("Alpha", 10).await.unwrap();
+    let buyer = account(c, "buyer@example.com", 50).await;
+    c.purchase(&order(buyer, "Alpha", "r1", "g1", None))
+        .await
+        .unwrap();
+    let mut mine = Vec::new();
+    let mut after = None;
+    loop {
+        let page = c.owner_movies(owner, after.clone(), 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        let last = page.last().unwrap();
+        after = Some((last.created_at, last.id.clone()));
+        mine.extend(page);
+    }
+    assert_eq!(mine.len(), 6, "the five published and the one in the queue");
+    let alpha = mine.iter().find(|m| m.id == "Alpha").unwrap();
+    assert_eq!(
+        (alpha.copies, alpha.views, alpha.earned, alpha.price),
+        (1, 1, 7, 10)
+    );
+    let hidden = mine.iter().find(|m| m.id == "hidden").unwrap();
+    assert_eq!(
+        (hidden.state, hidden.copies, hidden.views),
+        (AssetState::Queued, 0, 0)
+    );
+    let first = c.history_page(buyer, None, 1).await.unwrap();
+    assert_eq!(first[0].kind, "purchase");
+    let second = c.history_page(buyer, Some(first[0].id), 1).await.unwrap();
+    assert_eq!(second[0].kind, "signup_bonus");
+    assert!(c
+        .history_page(buyer, Some(second[0].id), 1)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 fn order<'a>(

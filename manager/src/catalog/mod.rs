@@ -423,6 +423,21 @@ pub struct LedgerRow {
     pub created_at: i64,
 }
 
+/// One of an uploader's movies as "my movies" lists it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct OwnerMovie {
+    pub id: String,
+    pub title: String,
+    pub state: AssetState,
+    pub created_at: i64,
+    pub price: i64,
+    /// Copies proven intact.
+    pub copies: i64,
+    /// Views sold (purchases not refunded) and the owner's share of them.
+    pub views: i64,
+    pub earned: i64,
+}
+
 #[derive(Debug, Clone, Serialize, FromRow)]
 pub struct GrantRowView {
     pub id: String,
@@ -696,6 +711,25 @@ pub trait Catalog: Send + Sync + 'static {
     ) -> sqlx::Result<Vec<Asset>>;
 
     async fn assets_of(&self, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>>;
+
+    /// `owner_id`'s movies, newest first, after `after` (`(created_at, id)`
+    /// of the last one on the page before), with their verified copies,
+    /// views sold and earnings; at most `limit`.
+    async fn owner_movies(
+        &self,
+        owner_id: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<OwnerMovie>>;
+
+    /// `account`'s ledger, newest first, entries older than `before` (an
+    /// entry id), at most `limit`.
+    async fn history_page(
+        &self,
+        account: i64,
+        before: Option<i64>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<LedgerRow>>;
 
     /// Takes the oldest due job under a lease of `lease_secs`, in one statement
     /// so two workers (or two managers on one database) never take the same

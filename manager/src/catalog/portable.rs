@@ -316,6 +316,53 @@ macro_rules! portable_impl {
             q.bind(limit).fetch_all(db).await
         }
 
+        async fn owner_movies(
+            &self,
+            owner_id: i64,
+            after: Option<(i64, String)>,
+            limit: i64,
+        ) -> sqlx::Result<Vec<OwnerMovie>> {
+            let (at, id) = after.unwrap_or((i64::MAX, String::new()));
+            sqlx::query_as(
+                "SELECT a.id, a.title,
+                   CASE WHEN a.withdrawn_at IS NULL THEN a.state ELSE 'withdrawn' END AS state,
+                   a.created_at, a.price,
+                   (SELECT CAST(COUNT(*) AS BIGINT) FROM replicas r
+                     WHERE r.asset_id = a.id AND r.state = 'verified') AS copies,
+                   (SELECT CAST(COUNT(*) AS BIGINT) FROM play_grants g
+                     WHERE g.asset_id = a.id AND g.state = 'active') AS views,
+                   (SELECT CAST(COALESCE(SUM(g.seller_share), 0) AS BIGINT) FROM play_grants g
+                     WHERE g.asset_id = a.id AND g.state = 'active') AS earned
+                 FROM assets a
+                 WHERE a.owner_id = $1
+                   AND (a.created_at < $2 OR (a.created_at = $2 AND a.id < $3) OR $3 = '')
+                 ORDER BY a.created_at DESC, a.id DESC LIMIT $4",
+            )
+            .bind(owner_id)
+            .bind(at)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+        }
+
+        async fn history_page(
+            &self,
+            account: i64,
+            before: Option<i64>,
+            limit: i64,
+        ) -> sqlx::Result<Vec<LedgerRow>> {
+            sqlx::query_as(
+                "SELECT id, amount, kind, reference, actor, reason, balance_after, created_at FROM ledger
+                 WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+            )
+            .bind(account)
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+        }
+
         async fn assets_of(&self, owner_id: i64, limit: i64) -> sqlx::Result<Vec<Asset>> {
             let db = &self.pool;
             sqlx::query_as(&format!(

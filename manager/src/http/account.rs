@@ -345,10 +345,7 @@ pub async fn buy_form(
 
 // ---- the account -----------------------------------------------------------------
 
-/// The newest movies the account page lists; the API and the export list
-/// up to [`MOVIES_LISTED`]. (Each costs a query: the page must not grow
-/// with an uploader's whole library.)
-const MOVIES_ON_PAGE: i64 = 200;
+/// The movies the API and the export list (the page has its own pages).
 const MOVIES_LISTED: i64 = 10_000;
 
 async fn account_json(
@@ -411,17 +408,26 @@ pub async fn export(State(st): State<SharedState>, c: Caller) -> Result<Response
 /// A linked avatar and where the link was made.
 struct AvatarLine {
     key: String,
-    linked_at: i64,
+    linked_at: String,
     /// The screen's name, and whose it is.
     via: String,
     owner: Option<String>,
 }
 
-struct MovieLine {
-    id: String,
-    title: String,
-    state: String,
-    replicas: usize,
+/// Movies and ledger entries on a page of the account page.
+const MOVIES_PER_PAGE: i64 = 50;
+const ENTRIES_PER_PAGE: i64 = 50;
+
+/// Where the account page's two lists start (keyset cursors from the
+/// "older" links).
+#[derive(Deserialize, Default)]
+pub struct AccountQuery {
+    /// `<created_at>.<id>` of the last movie on the page before.
+    #[serde(default)]
+    movies_after: String,
+    /// The id of the last ledger entry on the page before.
+    #[serde(default)]
+    ledger_before: Option<i64>,
 }
 
 #[derive(Template)]
@@ -430,10 +436,14 @@ struct AccountPage<'a> {
     user: Option<&'a str>,
     csrf: &'a str,
     balance: i64,
-    entries: Vec<ledger::LedgerRow>,
-    movies: Vec<MovieLine>,
-    /// The list stops at [`MOVIES_ON_PAGE`] (say so).
-    movies_cut: bool,
+    entries: Vec<EntryLine>,
+    movies: Vec<crate::catalog::OwnerMovie>,
+    /// Links to the next (older) page of each list, and whether this is a
+    /// later page of it (a link back to the newest).
+    movies_older: Option<String>,
+    movies_later: bool,
+    ledger_older: Option<String>,
+    ledger_later: bool,
     link_code: Option<String>,
     avatars: Vec<AvatarLine>,
     /// Operators get a link to the admin.
@@ -444,37 +454,59 @@ async fn account_page_with(
     st: &SharedState,
     c: &Caller,
     link_code: Option<String>,
+    q: &AccountQuery,
 ) -> Result<Response, ApiError> {
-    // One more than shown, to know whether the list was cut.
-    let v = account_json(st, c, 100, MOVIES_ON_PAGE + 1).await?;
-    let entries = st.db.history(c.user.id, 100).await?;
-    let movies: Vec<MovieLine> = v["movies"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .map(|m| MovieLine {
-                    id: m["id"].as_str().unwrap_or("").into(),
-                    title: m["title"].as_str().unwrap_or("").into(),
-                    state: m["state"].as_str().unwrap_or("").into(),
-                    replicas: m["verified_replicas"].as_u64().unwrap_or(0) as usize,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let balance = st.db.balance(c.user.id).await?;
+    let after = q.movies_after.split_once('.').and_then(|(at, id)| {
+        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric());
+        Some((at.parse::<i64>().ok()?, id.to_string())).filter(|_| ok)
+    });
+    let movies_later = after.is_some();
+    // One more than shown, to know whether there is a next page.
+    let mut movies = st
+        .db
+        .owner_movies(c.user.id, after, MOVIES_PER_PAGE + 1)
+        .await?;
+    let movies_older = (movies.len() as i64 > MOVIES_PER_PAGE).then(|| {
+        movies.truncate(MOVIES_PER_PAGE as usize);
+        let last = movies.last().expect("a full page");
+        format!(
+            "/account?movies_after={}.{}#movies",
+            last.created_at, last.id
+        )
+    });
+    let mut entries = st
+        .db
+        .history_page(c.user.id, q.ledger_before, ENTRIES_PER_PAGE + 1)
+        .await?;
+    let ledger_older = (entries.len() as i64 > ENTRIES_PER_PAGE).then(|| {
+        entries.truncate(ENTRIES_PER_PAGE as usize);
+        let last = entries.last().expect("a full page");
+        format!("/account?ledger_before={}#ledger", last.id)
+    });
     let avatars = st.db.avatar_links(c.user.id).await?;
     let mut resp = render(&AccountPage {
         user: Some(&c.user.email),
         csrf: c.csrf.as_deref().unwrap_or(""),
-        balance: v["balance"].as_i64().unwrap_or(0),
-        entries,
-        movies_cut: movies.len() as i64 > MOVIES_ON_PAGE,
-        movies: movies.into_iter().take(MOVIES_ON_PAGE as usize).collect(),
+        balance,
+        entries: entries
+            .into_iter()
+            .map(|e| EntryLine {
+                when: crate::backup::format_utc(e.created_at),
+                e,
+            })
+            .collect(),
+        movies,
+        movies_older,
+        movies_later,
+        ledger_older,
+        ledger_later: q.ledger_before.is_some(),
         link_code,
         avatars: avatars
             .into_iter()
             .map(|l| AvatarLine {
                 key: l.avatar_key,
-                linked_at: l.linked_at,
+                linked_at: crate::backup::format_utc(l.linked_at),
                 via: l.via_terminal,
                 owner: l.via_owner_id.map(|o| {
                     if o == c.user.id {
@@ -494,9 +526,19 @@ async fn account_page_with(
     Ok(resp)
 }
 
+/// A ledger entry and its time as people read it.
+struct EntryLine {
+    e: ledger::LedgerRow,
+    when: String,
+}
+
 /// `GET /account`.
-pub async fn account_page(State(st): State<SharedState>, c: Caller) -> Response {
-    account_page_with(&st, &c, None)
+pub async fn account_page(
+    State(st): State<SharedState>,
+    c: Caller,
+    axum::extract::Query(q): axum::extract::Query<AccountQuery>,
+) -> Response {
+    account_page_with(&st, &c, None, &q)
         .await
         .unwrap_or_else(page_error)
 }
@@ -518,7 +560,7 @@ pub async fn new_link_code(
     let r = async {
         c.check_csrf(Some(&f.csrf))?;
         let code = crate::avatars::new_code(&*st.db, c.user.id).await?;
-        account_page_with(&st, &c, Some(code)).await
+        account_page_with(&st, &c, Some(code), &AccountQuery::default()).await
     }
     .await;
     r.unwrap_or_else(page_error)
