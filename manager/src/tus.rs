@@ -261,6 +261,10 @@ struct Record {
     /// The movie id chosen for it while it is being finished.
     #[serde(default)]
     ingesting: Option<String>,
+    /// Where the checksummed chunk being written started: set (and saved)
+    /// before its first byte, cleared once it is checked.
+    #[serde(default)]
+    verifying_from: Option<u64>,
 }
 
 struct Upload {
@@ -275,6 +279,15 @@ struct Upload {
     stop: Mutex<CancellationToken>,
     /// Terminated or refused: a request that waited for it finds nothing.
     gone: std::sync::atomic::AtomicBool,
+}
+
+/// The right to write an upload, held for one request: this process's
+/// lock, the cancel token other requests use to take over, and the open,
+/// `flock`ed `.bin` (none once its bytes are gone: finished or expired).
+struct Writer<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    token: CancellationToken,
+    file: Option<std::fs::File>,
 }
 
 /// What a client is told about an upload.
@@ -385,7 +398,10 @@ impl Uploads {
         }
         let (offset, touched) = match &meta {
             Ok(m) => (
-                m.len().min(rec.length),
+                rec.verifying_from
+                    .unwrap_or(m.len())
+                    .min(m.len())
+                    .min(rec.length),
                 m.modified()
                     .ok()
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -412,6 +428,14 @@ impl Uploads {
 
     fn save(&self, rec: &Record) -> std::io::Result<()> {
         save_record(&self.dir, rec)
+    }
+
+    /// [`Uploads::save`] off the async threads (two fsyncs).
+    async fn save_async(&self, rec: Record) -> std::io::Result<()> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || save_record(&dir, &rec))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     fn info(&self, up: &Upload) -> Info {
@@ -484,11 +508,12 @@ impl Uploads {
         Ok(up)
     }
 
-    /// Stops the request writing `up` now, if any, and takes its place.
-    async fn take_over<'a>(
-        &self,
-        up: &'a Upload,
-    ) -> Result<(tokio::sync::MutexGuard<'a, ()>, CancellationToken), TusError> {
+    /// Stops the request writing `up` now, if any, and takes its place:
+    /// this process's lock, then the `.bin`'s `flock` (another manager
+    /// sharing the folder may hold it: then `Busy`, which clients retry),
+    /// then the record and offset read again from disk, where another
+    /// process may have moved them on.
+    async fn take_over<'a>(&self, up: &'a Upload) -> Result<Writer<'a>, TusError> {
         // Ours is installed as the old one is cancelled, in one step: a
         // third request arriving while we wait cancels ours, not a dead one.
         let token = CancellationToken::new();
@@ -511,7 +536,63 @@ impl Uploads {
         if up.rec.lock().unwrap_or_else(|e| e.into_inner()).expired {
             return Err(TusError::Gone);
         }
-        Ok((guard, token))
+        let id = up.rec.lock().unwrap_or_else(|e| e.into_inner()).id.clone();
+        let (json, bin) = (self.json_path(&id), self.bin_path(&id));
+        let locked = tokio::task::spawn_blocking(move || -> Result<_, TusError> {
+            let file = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&bin)
+            {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_error(e)),
+            };
+            if let Some(f) = &file {
+                match f.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => return Err(TusError::Busy),
+                    Err(std::fs::TryLockError::Error(e)) => return Err(io_error(e)),
+                }
+            }
+            let rec: Option<Record> = std::fs::read(&json)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            Ok((file, rec))
+        })
+        .await
+        .map_err(|e| TusError::Internal(e.into()))??;
+        let (file, rec) = locked;
+        let Some(mut rec) = rec else {
+            // Removed by another process meanwhile.
+            self.map
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(TusError::NotFound);
+        };
+        if let Some(from) = rec.verifying_from.take() {
+            // A checksummed chunk was being written when its writer
+            // stopped (a kill -9): it was never checked, so it goes.
+            if let Some(f) = &file {
+                f.set_len(from).map_err(io_error)?;
+                self.save(&rec).map_err(io_error)?;
+            }
+        }
+        if let Some(f) = &file {
+            let len = f.metadata().map_err(io_error)?.len().min(rec.length);
+            *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = len;
+        }
+        let expired = rec.expired;
+        *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec;
+        if expired {
+            return Err(TusError::Gone);
+        }
+        Ok(Writer {
+            _guard: guard,
+            token,
+            file,
+        })
     }
 
     /// A new upload of `length` bytes for `user`, checked against the
@@ -559,6 +640,7 @@ impl Uploads {
             closed_at: None,
             expired: false,
             ingesting: None,
+            verifying_from: None,
         };
         let bin = self.bin_path(&rec.id);
         let json = self.json_path(&rec.id);
@@ -597,7 +679,7 @@ impl Uploads {
     /// it if all its bytes are there but the last step failed before.
     pub async fn head(&self, p: &Pipeline, user: &User, id: &str) -> Result<Info, TusError> {
         let up = self.lookup(id, user.id)?;
-        let (_guard, _token) = self.take_over(&up).await?;
+        let _writer = self.take_over(&up).await?;
         match self.finish_if_complete(p, user, &up).await {
             Ok(()) => {}
             // Refused for what the file is: said as it is.
@@ -640,7 +722,8 @@ impl Uploads {
             checksum,
         } = chunk;
         let up = self.lookup(id, user.id)?;
-        let (_guard, token) = self.take_over(&up).await?;
+        let writer = self.take_over(&up).await?;
+        let token = writer.token.clone();
         let start = *up.offset.lock().unwrap_or_else(|e| e.into_inner());
         if offset != start {
             return Err(TusError::OffsetMismatch { expected: start });
@@ -651,15 +734,26 @@ impl Uploads {
         let incoming = announced.unwrap_or(0).min(length - start);
         quotas::check_space(&p.cfg.staging_dir(), p.cfg.disk_reserve_mb, incoming)?;
         let bin = self.bin_path(id);
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(&bin)
-            .await
-            .map_err(io_error)?;
+        let Some(locked) = writer.file.as_ref() else {
+            // Every byte is there (a finished upload): nothing to append.
+            return Err(TusError::OffsetMismatch { expected: start });
+        };
+        // A clone shares the open file, and so its lock.
+        let mut file = tokio::fs::File::from_std(locked.try_clone().map_err(io_error)?);
+        if checksum.is_some() {
+            // Noted durably before a byte is written: a stop before the
+            // chunk is checked makes the next writer cut it off.
+            let mut rec = up.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            rec.verifying_from = Some(start);
+            self.save_async(rec).await.map_err(io_error)?;
+        }
         file.set_len(start).await.map_err(io_error)?;
         file.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(io_error)?;
+        // Bodies arrive in frames of a few KiB; each write is a trip to
+        // the blocking pool, so they are gathered a MiB at a time.
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = checksum.as_ref().map(Checksum::hasher);
         let mut at = start;
         let mut space_checked_at = start;
@@ -693,7 +787,7 @@ impl Uploads {
                     if let Some(h) = hasher.as_mut() {
                         h.update(&chunk);
                     }
-                    if let Err(e) = file.write_all(&chunk).await {
+                    if let Err(e) = out.write_all(&chunk).await {
                         break Err((io_error(e), false));
                     }
                     at += chunk.len() as u64;
@@ -715,7 +809,10 @@ impl Uploads {
             Err((_, true)) => at,
             Err((_, false)) => start,
         };
+        let flushed = out.flush().await;
+        let mut file = out.into_inner();
         let synced = async {
+            flushed?;
             file.flush().await?;
             if keep != at {
                 file.set_len(keep).await?;
@@ -733,6 +830,10 @@ impl Uploads {
             return Err(io_error(e));
         }
         drop(file);
+        if checksum.is_some() {
+            let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            self.save_async(rec).await.map_err(io_error)?;
+        }
         *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = keep;
         if keep > start {
             *up.touched.lock().unwrap_or_else(|e| e.into_inner()) = crate::catalog::now();
@@ -873,7 +974,7 @@ impl Uploads {
     /// movie stays; only the record goes).
     pub async fn terminate(&self, user: &User, id: &str) -> Result<(), TusError> {
         let up = self.lookup(id, user.id)?;
-        let (_guard, _token) = self.take_over(&up).await?;
+        let _writer = self.take_over(&up).await?;
         self.forget(id);
         tracing::info!(upload = id, user = user.id, "resumable upload terminated");
         Ok(())
@@ -889,10 +990,31 @@ impl Uploads {
         };
         let mut expired = 0;
         for up in ups {
-            // One being written is alive, whatever its clock says.
+            // One being written is alive, whatever its clock says, here or
+            // in another process sharing the folder (its `flock`).
             let Ok(_guard) = up.writer.try_lock() else {
                 continue;
             };
+            let id = up.rec.lock().unwrap_or_else(|e| e.into_inner()).id.clone();
+            let bin = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.bin_path(&id));
+            if let Ok(f) = &bin {
+                if f.try_lock().is_err() {
+                    continue;
+                }
+                // Bytes another process received count as activity too.
+                if let Some(t) = f
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                {
+                    let mut touched = up.touched.lock().unwrap_or_else(|e| e.into_inner());
+                    *touched = (*touched).max(t.as_secs() as i64);
+                }
+            }
             let info = self.info(&up);
             if now < info.expires {
                 continue;
