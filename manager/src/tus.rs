@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     catalog::User,
     ingest::{self, IngestError},
-    pipeline::Pipeline,
+    pipeline::{Ctx, Pipeline},
     quotas::{self, InFlight, Pending, QuotaError},
 };
 
@@ -82,6 +82,8 @@ pub enum TusError {
     PastLength { length: u64 },
     #[error("another request is still writing this upload; try again in a few seconds")]
     Busy,
+    #[error("an upload costs {cost} credits and this account holds {balance}; top it up first")]
+    CannotPay { balance: i64, cost: i64 },
     /// Every byte is here but the movie could not be recorded yet.
     #[error("the upload is complete but could not be finished yet ({0}); try again in a minute")]
     FinishLater(String),
@@ -274,7 +276,7 @@ struct Upload {
     /// Unix time of the last byte received (or creation): expiry counts
     /// from it.
     touched: Mutex<i64>,
-    writer: tokio::sync::Mutex<()>,
+    writer: Arc<tokio::sync::Mutex<()>>,
     /// Cancels the request writing now, when another takes over.
     stop: Mutex<CancellationToken>,
     /// Terminated or refused: a request that waited for it finds nothing.
@@ -284,10 +286,13 @@ struct Upload {
 /// The right to write an upload, held for one request: this process's
 /// lock, the cancel token other requests use to take over, and the open,
 /// `flock`ed `.bin` (none once its bytes are gone: finished or expired).
-struct Writer<'a> {
-    _guard: tokio::sync::MutexGuard<'a, ()>,
-    token: CancellationToken,
+///
+/// The file comes first so that it closes before the lock is let go: a
+/// request waiting for the lock then never finds the `flock` still held.
+struct Writer {
     file: Option<std::fs::File>,
+    token: CancellationToken,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// What a client is told about an upload.
@@ -303,10 +308,12 @@ pub struct Info {
     pub asset: Option<String>,
 }
 
+/// Cheap to clone: clones share the uploads.
+#[derive(Clone)]
 pub struct Uploads {
     dir: PathBuf,
     ttl: i64,
-    map: Mutex<HashMap<String, Arc<Upload>>>,
+    map: Arc<Mutex<HashMap<String, Arc<Upload>>>>,
 }
 
 /// Writes `rec` whole or not at all: a temporary file, fsynced, renamed,
@@ -323,6 +330,10 @@ fn save_record(dir: &Path, rec: &Record) -> std::io::Result<()> {
     crate::pipeline::fsync_dir(dir)
 }
 
+fn up_id(up: &Upload) -> String {
+    up.rec.lock().unwrap_or_else(|e| e.into_inner()).id.clone()
+}
+
 fn valid_id(id: &str) -> bool {
     id.len() == 32
         && id
@@ -337,7 +348,7 @@ impl Uploads {
         let up = Uploads {
             dir,
             ttl: ttl_secs as i64,
-            map: Mutex::new(HashMap::new()),
+            map: Default::default(),
         };
         let mut loaded = 0;
         for entry in std::fs::read_dir(&up.dir)?.flatten() {
@@ -347,7 +358,16 @@ impl Uploads {
                     loaded += 1;
                 }
             } else if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(entry.path());
+                // Another manager sharing the folder may be saving it now.
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 60);
+                if old {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         if loaded > 0 {
@@ -460,7 +480,13 @@ impl Uploads {
         let mut p = Pending::default();
         for up in map.values() {
             let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner());
-            if rec.owner == owner && rec.asset.is_none() && !rec.expired {
+            // Finished a moment ago, it still counts: the caller may have
+            // read the database's usage just before its row was written.
+            let just_finished = rec.asset.is_some()
+                && rec
+                    .closed_at
+                    .is_some_and(|t| t >= crate::catalog::now() - 10);
+            if rec.owner == owner && !rec.expired && (rec.asset.is_none() || just_finished) {
                 p.count += 1;
                 p.bytes = p.bytes.saturating_add(rec.length);
             }
@@ -478,11 +504,13 @@ impl Uploads {
         let mut out: Vec<(i64, Info)> = ups
             .iter()
             .filter_map(|up| {
-                let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner());
-                (rec.owner == owner && rec.asset.is_none() && !rec.expired).then_some(rec.created)
+                let created = {
+                    let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner());
+                    (rec.owner == owner && rec.asset.is_none() && !rec.expired)
+                        .then_some(rec.created)?
+                };
+                Some((created, self.info(up)))
             })
-            .zip(ups.iter())
-            .map(|(created, up)| (created, self.info(up)))
             .collect();
         out.sort_by_key(|(created, _)| -created);
         out.into_iter().map(|(_, i)| i).collect()
@@ -513,7 +541,7 @@ impl Uploads {
     /// sharing the folder may hold it: then `Busy`, which clients retry),
     /// then the record and offset read again from disk, where another
     /// process may have moved them on.
-    async fn take_over<'a>(&self, up: &'a Upload) -> Result<Writer<'a>, TusError> {
+    async fn take_over(&self, up: &Upload) -> Result<Writer, TusError> {
         // Ours is installed as the old one is cancelled, in one step: a
         // third request arriving while we wait cancels ours, not a dead one.
         let token = CancellationToken::new();
@@ -522,7 +550,7 @@ impl Uploads {
             token.clone(),
         )
         .cancel();
-        let guard = tokio::time::timeout(TAKEOVER_WAIT, up.writer.lock())
+        let guard = tokio::time::timeout(TAKEOVER_WAIT, up.writer.clone().lock_owned())
             .await
             .map_err(|_| TusError::Busy)?;
         if token.is_cancelled() {
@@ -537,8 +565,9 @@ impl Uploads {
             return Err(TusError::Gone);
         }
         let id = up.rec.lock().unwrap_or_else(|e| e.into_inner()).id.clone();
-        let (json, bin) = (self.json_path(&id), self.bin_path(&id));
-        let locked = tokio::task::spawn_blocking(move || -> Result<_, TusError> {
+        let this = self.clone();
+        let (file, rec, len) = tokio::task::spawn_blocking(move || -> Result<_, TusError> {
+            let bin = this.bin_path(&id);
             let file = match std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -555,43 +584,50 @@ impl Uploads {
                     Err(std::fs::TryLockError::Error(e)) => return Err(io_error(e)),
                 }
             }
-            let rec: Option<Record> = std::fs::read(&json)
+            let Some(mut rec) = std::fs::read(this.json_path(&id))
                 .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            Ok((file, rec))
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            else {
+                return Ok((file, None, 0));
+            };
+            let mut len = 0;
+            if let Some(f) = &file {
+                if let Some(from) = rec.verifying_from.take() {
+                    // A checksummed chunk was being written when its
+                    // writer stopped (a kill -9): never checked, it goes.
+                    f.set_len(from).map_err(io_error)?;
+                    this.save(&rec).map_err(io_error)?;
+                }
+                // What is reported must be on disk, whoever wrote it.
+                f.sync_all().map_err(io_error)?;
+                len = f.metadata().map_err(io_error)?.len();
+            }
+            Ok((file, Some(rec), len))
         })
         .await
         .map_err(|e| TusError::Internal(e.into()))??;
-        let (file, rec) = locked;
-        let Some(mut rec) = rec else {
+        let Some(rec) = rec else {
             // Removed by another process meanwhile.
             self.map
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+                .remove(&up_id(up));
             return Err(TusError::NotFound);
         };
-        if let Some(from) = rec.verifying_from.take() {
-            // A checksummed chunk was being written when its writer
-            // stopped (a kill -9): it was never checked, so it goes.
-            if let Some(f) = &file {
-                f.set_len(from).map_err(io_error)?;
-                self.save(&rec).map_err(io_error)?;
-            }
-        }
-        if let Some(f) = &file {
-            let len = f.metadata().map_err(io_error)?.len().min(rec.length);
-            *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = len;
-        }
+        *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = if rec.asset.is_some() {
+            rec.length
+        } else {
+            len.min(rec.length)
+        };
         let expired = rec.expired;
         *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec;
         if expired {
             return Err(TusError::Gone);
         }
         Ok(Writer {
-            _guard: guard,
-            token,
             file,
+            token,
+            _guard: guard,
         })
     }
 
@@ -628,6 +664,15 @@ impl Uploads {
             return Err(e.into());
         }
         quotas::check_space(&p.cfg.staging_dir(), p.cfg.disk_reserve_mb, length)?;
+        // The upload's cost is charged when it finishes; an account that
+        // cannot pay it hears so now, not after sending the whole file.
+        let cost = p.cfg.credits.upload_cost as i64;
+        if cost > 0 && !user.is_operator() {
+            let balance = p.db.balance(user.id).await?;
+            if balance < cost {
+                return Err(TusError::CannotPay { balance, cost });
+            }
+        }
         let now = crate::catalog::now();
         let rec = Record {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -677,10 +722,10 @@ impl Uploads {
 
     /// Where `id` stands, once any request writing it has stopped; finishes
     /// it if all its bytes are there but the last step failed before.
-    pub async fn head(&self, p: &Pipeline, user: &User, id: &str) -> Result<Info, TusError> {
+    pub async fn head(&self, p: &Ctx, user: &User, id: &str) -> Result<Info, TusError> {
         let up = self.lookup(id, user.id)?;
-        let _writer = self.take_over(&up).await?;
-        match self.finish_if_complete(p, user, &up).await {
+        let writer = self.take_over(&up).await?;
+        match self.finish_if_complete(p, user, &up, writer).await {
             Ok(()) => {}
             // Refused for what the file is: said as it is.
             Err(
@@ -706,7 +751,7 @@ impl Uploads {
     /// last byte arrives.
     pub async fn patch<S, E>(
         &self,
-        p: &Pipeline,
+        p: &Ctx,
         user: &User,
         id: &str,
         chunk: Chunk,
@@ -722,7 +767,7 @@ impl Uploads {
             checksum,
         } = chunk;
         let up = self.lookup(id, user.id)?;
-        let writer = self.take_over(&up).await?;
+        let mut writer = self.take_over(&up).await?;
         let token = writer.token.clone();
         let start = *up.offset.lock().unwrap_or_else(|e| e.into_inner());
         if offset != start {
@@ -734,12 +779,13 @@ impl Uploads {
         let incoming = announced.unwrap_or(0).min(length - start);
         quotas::check_space(&p.cfg.staging_dir(), p.cfg.disk_reserve_mb, incoming)?;
         let bin = self.bin_path(id);
-        let Some(locked) = writer.file.as_ref() else {
+        let Some(locked) = writer.file.take() else {
             // Every byte is there (a finished upload): nothing to append.
             return Err(TusError::OffsetMismatch { expected: start });
         };
-        // A clone shares the open file, and so its lock.
-        let mut file = tokio::fs::File::from_std(locked.try_clone().map_err(io_error)?);
+        // The one descriptor that holds the lock writes too: on NFS,
+        // closing any other descriptor of the file would let the lock go.
+        let mut file = tokio::fs::File::from_std(locked);
         if checksum.is_some() {
             // Noted durably before a byte is written: a stop before the
             // chunk is checked makes the next writer cut it off.
@@ -821,15 +867,14 @@ impl Uploads {
         }
         .await;
         if let Err(e) = synced {
-            // What is on disk is unknown: the length says what stays.
-            let len = tokio::fs::metadata(&bin)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(start);
-            *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = len.min(length).max(start);
+            // What reached the disk is unknown (and after a failed fsync
+            // a later one may succeed without it): this chunk goes.
+            let _ = file.set_len(start).await;
+            *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = start;
+            tracing::warn!(upload = id, path = %bin.display(), "a chunk could not be made durable: {e}");
             return Err(io_error(e));
         }
-        drop(file);
+        writer.file = Some(file.into_std().await);
         if checksum.is_some() {
             let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
             self.save_async(rec).await.map_err(io_error)?;
@@ -844,29 +889,54 @@ impl Uploads {
                 e => e,
             });
         }
-        self.finish_if_complete(p, user, &up).await?;
+        self.finish_if_complete(p, user, &up, writer).await?;
         Ok(self.info(&up))
     }
 
-    /// Ingests `up` if every byte is there and it is not finished yet.
-    /// The caller holds its writer lock.
+    /// Ingests `up` if every byte is there and it is not finished yet,
+    /// holding `writer` until done. The work runs as a task of its own: a
+    /// client that hangs up mid-way must not stop it between the move of
+    /// the bytes and the database's row.
     async fn finish_if_complete(
         &self,
-        p: &Pipeline,
+        p: &Ctx,
         user: &User,
-        up: &Upload,
+        up: &Arc<Upload>,
+        writer: Writer,
     ) -> Result<(), TusError> {
-        let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let offset = *up.offset.lock().unwrap_or_else(|e| e.into_inner());
-        if rec.asset.is_some() || offset < rec.length {
-            return Ok(());
+        {
+            let rec = up.rec.lock().unwrap_or_else(|e| e.into_inner());
+            let offset = *up.offset.lock().unwrap_or_else(|e| e.into_inner());
+            if rec.asset.is_some() || offset < rec.length {
+                return Ok(());
+            }
         }
-        let mut rec = rec;
-        // An earlier attempt may have recorded the movie and failed after
-        // (its answer lost, or this record not saved): then it is done.
+        let (this, p, user, up) = (self.clone(), p.clone(), user.clone(), up.clone());
+        tokio::spawn(async move {
+            let _writer = writer;
+            this.finish(&p, &user, &up).await
+        })
+        .await
+        .map_err(|e| TusError::Internal(e.into()))?
+    }
+
+    async fn finish(&self, p: &Pipeline, user: &User, up: &Upload) -> Result<(), TusError> {
+        let mut rec = up.rec.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let offset = *up.offset.lock().unwrap_or_else(|e| e.into_inner());
+        let bin = self.bin_path(&rec.id);
+        // An earlier attempt that did not end cleanly: the movie recorded
+        // (its answer lost, or this record not saved), or the bytes left
+        // under the job's source name without a row.
         if let Some(asset) = rec.ingesting.clone() {
+            let src = crate::pipeline::source_path(p, &asset);
             if p.db.asset(&asset).await?.is_some() {
-                return self.finished(up, rec, asset);
+                if !src.exists() && bin.exists() {
+                    tokio::fs::rename(&bin, &src).await.map_err(io_error)?;
+                }
+                return self.finished(up, rec, asset).await;
+            }
+            if src.exists() {
+                tokio::fs::rename(&src, &bin).await.map_err(io_error)?;
             }
         }
         // The movie's id is chosen and saved first, so whatever stops this
@@ -875,9 +945,8 @@ impl Uploads {
         // one upload never becomes two movies.
         let asset = uuid::Uuid::new_v4().simple().to_string();
         rec.ingesting = Some(asset.clone());
-        self.save(&rec).map_err(io_error)?;
+        self.save_async(rec.clone()).await.map_err(io_error)?;
         *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec.clone();
-        let bin = self.bin_path(&rec.id);
         let result = ingest::accept(
             p,
             user,
@@ -891,12 +960,12 @@ impl Uploads {
         )
         .await;
         match result {
-            Ok(()) => self.finished(up, rec, asset),
+            Ok(()) => self.finished(up, rec, asset).await,
             Err(e @ (IngestError::Internal(_) | IngestError::Ledger(_))) => Err(e.into()),
             Err(e) => {
                 // Refused for what the file is: sending it again changes
                 // nothing, so nothing is kept.
-                self.forget(&rec.id);
+                self.forget_async(rec.id.clone()).await;
                 Err(e.into())
             }
         }
@@ -905,12 +974,13 @@ impl Uploads {
     /// Marks `up` finished as the movie `asset`. The movie exists whatever
     /// happens to the record; one not saved is finished again at the next
     /// start ([`Uploads::recover`]).
-    fn finished(&self, up: &Upload, mut rec: Record, asset: String) -> Result<(), TusError> {
+    async fn finished(&self, up: &Upload, mut rec: Record, asset: String) -> Result<(), TusError> {
         rec.asset = Some(asset.clone());
         rec.ingesting = None;
         rec.closed_at = Some(crate::catalog::now());
         *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = rec.clone();
-        if let Err(e) = self.save(&rec) {
+        *up.offset.lock().unwrap_or_else(|e| e.into_inner()) = rec.length;
+        if let Err(e) = self.save_async(rec.clone()).await {
             tracing::warn!(upload = %rec.id, "cannot save the finished upload's record: {e}");
         }
         tracing::info!(upload = %rec.id, asset = %asset, "resumable upload finished");
@@ -936,11 +1006,20 @@ impl Uploads {
                 continue;
             };
             if db.asset(&asset).await?.is_some() {
-                let _ = self.finished(&up, rec, asset);
+                let _ = self.finished(&up, rec, asset).await;
                 continue;
             }
             let src = staging.join(format!("{asset}.src"));
             let bin = self.bin_path(&rec.id);
+            // Another manager sharing the folder may be finishing it right
+            // now: its lock on those bytes says so.
+            let busy = std::fs::File::open(&src)
+                .or_else(|_| std::fs::File::open(&bin))
+                .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+                .unwrap_or(false);
+            if busy {
+                continue;
+            }
             if src.exists() {
                 if let Err(e) = std::fs::rename(&src, &bin) {
                     tracing::warn!(upload = %rec.id, "cannot put an unfinished upload's bytes back: {e}");
@@ -970,12 +1049,18 @@ impl Uploads {
         let _ = std::fs::remove_file(self.json_path(id));
     }
 
+    /// [`Uploads::forget`] off the async threads.
+    async fn forget_async(&self, id: String) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.forget(&id)).await;
+    }
+
     /// Termination: the upload and its bytes are removed (a finished one's
     /// movie stays; only the record goes).
     pub async fn terminate(&self, user: &User, id: &str) -> Result<(), TusError> {
         let up = self.lookup(id, user.id)?;
         let _writer = self.take_over(&up).await?;
-        self.forget(id);
+        self.forget_async(id.to_string()).await;
         tracing::info!(upload = id, user = user.id, "resumable upload terminated");
         Ok(())
     }
@@ -1013,6 +1098,21 @@ impl Uploads {
                 {
                     let mut touched = up.touched.lock().unwrap_or_else(|e| e.into_inner());
                     *touched = (*touched).max(t.as_secs() as i64);
+                }
+            }
+            // The record as it is on disk now: another process sharing the
+            // folder may have finished or removed it.
+            match std::fs::read(self.json_path(&id))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            {
+                Some(on_disk) => *up.rec.lock().unwrap_or_else(|e| e.into_inner()) = on_disk,
+                None => {
+                    self.map
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    continue;
                 }
             }
             let info = self.info(&up);

@@ -283,8 +283,30 @@ async fn measure(n: usize) -> Figures {
     let (_, session) = e2e::form_login(&m, "/login", &c.operator_email, &c.operator_password).await;
     let session = session.expect("the operator's session");
     let client = no_redirects();
+    // The home page's second page, by the cursor its "Older movies" link
+    // carries (a keyset: any page costs what the first does), and its
+    // search, for a title near the oldest (the scan goes deepest) and for a
+    // word every title has.
+    let home = client
+        .get(format!("{m}/"))
+        .send()
+        .await
+        .expect("home")
+        .text()
+        .await
+        .expect("home body");
+    let page2 = home
+        .split("href=\"")
+        .filter_map(|s| s.split('"').next())
+        .find(|h| h.starts_with("/?after="))
+        .map(|h| h.replace("&amp;", "&"))
+        .expect("an older-movies link on the home page");
+    let rare = format!("/?q=Scale+movie+{}", n / 100);
     for (name, path, auth) in [
         ("/", "/", true),
+        ("/ page 2", page2.as_str(), false),
+        ("/?q= (few titles)", rare.as_str(), false),
+        ("/?q=movie (all)", "/?q=movie", false),
         ("/account", "/account", true),
         ("/api/v1/assets", "/api/v1/assets", false),
         ("/admin/movies", "/admin/movies", true),

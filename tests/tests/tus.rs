@@ -247,6 +247,25 @@ async fn tus_uploads_answer_as_the_protocol_says_and_survive_a_restart() {
     // The account's limits hold unfinished uploads: two at once here.
     let a = create(&c, &other, 1000, "a.mp4").await;
     let b = create(&c, &other, 1000, "b.mp4").await;
+    // The upload page lists one's own unfinished uploads, no one else's.
+    let page = c
+        .client()
+        .get(format!("{}/upload", c.manager.url))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("data-name=\"a.mp4\"") && page.contains("data-name=\"b.mp4\""),
+        "{page}"
+    );
+    assert!(
+        !page.contains("garden.webm"),
+        "the operator's upload on another's page"
+    );
     let r = tus(&c, Method::POST, "/api/v1/tus/", &other)
         .header("Upload-Length", "1000")
         .header("Upload-Metadata", format!("filename {}", b64(b"c.mp4")))

@@ -287,12 +287,19 @@ macro_rules! portable_impl {
             );
             let mut n = 1;
             if after.is_some() {
-                sql += &format!(" AND (created_at < ${} OR (created_at = ${} AND id < ${}))", n, n, n + 1);
+                // The first condition bounds the index scan; the second
+                // breaks ties in time by id.
+                sql += &format!(
+                    " AND created_at <= ${n} AND (created_at < ${n} OR id < ${})",
+                    n + 1
+                );
                 n += 2;
             }
+            // Both sides go through the engine's own LOWER, so whatever it
+            // folds (SQLite: ASCII; PostgreSQL: the database's locale) it
+            // folds alike.
             let pattern = search.map(|s| {
                 let escaped: String = s
-                    .to_lowercase()
                     .chars()
                     .flat_map(|c| match c {
                         '%' | '_' | '\\' => vec!['\\', c],
@@ -302,7 +309,7 @@ macro_rules! portable_impl {
                 format!("%{escaped}%")
             });
             if pattern.is_some() {
-                sql += &format!(" AND LOWER(title) LIKE ${n} ESCAPE '\\'");
+                sql += &format!(" AND LOWER(title) LIKE LOWER(${n}) ESCAPE '\\'");
                 n += 1;
             }
             sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT ${n}");

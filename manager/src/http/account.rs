@@ -425,9 +425,10 @@ pub struct AccountQuery {
     /// `<created_at>.<id>` of the last movie on the page before.
     #[serde(default)]
     movies_after: String,
-    /// The id of the last ledger entry on the page before.
+    /// The id of the last ledger entry on the page before (anything else:
+    /// the newest).
     #[serde(default)]
-    ledger_before: Option<i64>,
+    ledger_before: String,
 }
 
 #[derive(Template)]
@@ -475,9 +476,10 @@ async fn account_page_with(
             last.created_at, last.id
         )
     });
+    let ledger_before = q.ledger_before.parse::<i64>().ok();
     let mut entries = st
         .db
-        .history_page(c.user.id, q.ledger_before, ENTRIES_PER_PAGE + 1)
+        .history_page(c.user.id, ledger_before, ENTRIES_PER_PAGE + 1)
         .await?;
     let ledger_older = (entries.len() as i64 > ENTRIES_PER_PAGE).then(|| {
         entries.truncate(ENTRIES_PER_PAGE as usize);
@@ -500,7 +502,7 @@ async fn account_page_with(
         movies_older,
         movies_later,
         ledger_older,
-        ledger_later: q.ledger_before.is_some(),
+        ledger_later: ledger_before.is_some(),
         link_code,
         avatars: avatars
             .into_iter()
@@ -536,8 +538,9 @@ struct EntryLine {
 pub async fn account_page(
     State(st): State<SharedState>,
     c: Caller,
-    axum::extract::Query(q): axum::extract::Query<AccountQuery>,
+    q: Result<axum::extract::Query<AccountQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let q = q.map(|q| q.0).unwrap_or_default();
     account_page_with(&st, &c, None, &q)
         .await
         .unwrap_or_else(page_error)

@@ -206,6 +206,10 @@ impl From<crate::tus::TusError> for ApiError {
                 code: "upload_busy",
                 message,
             },
+            E::CannotPay { balance, cost } => ApiError::InsufficientCredits {
+                balance,
+                price: cost,
+            },
             E::FinishLater(_) => ApiError::Locked {
                 code: "upload_finishing",
                 message,

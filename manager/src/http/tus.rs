@@ -188,6 +188,21 @@ async fn create(
             Ok(info) => info,
             // Created all the same; the client resumes from what was kept.
             Err(tus::TusError::Cut { offset }) => tus::Info { offset, ..info },
+            // Every byte is here but could not be finished yet (the
+            // database away): created and complete; the next HEAD
+            // finishes it.
+            Err(
+                tus::TusError::Ingest(
+                    crate::ingest::IngestError::Internal(_) | crate::ingest::IngestError::Ledger(_),
+                )
+                | tus::TusError::Db(_),
+            ) => {
+                let len = info.length;
+                tus::Info {
+                    offset: len,
+                    ..info
+                }
+            }
             // Refused (a bad checksum, past its length, no room, not a
             // movie): a client takes the answer as "not created", so it
             // is not.

@@ -123,8 +123,11 @@ fn clock(secs: Option<f64>) -> String {
 pub async fn index(
     State(st): State<SharedState>,
     MaybeCaller(c): MaybeCaller,
-    axum::extract::Query(query): axum::extract::Query<IndexQuery>,
+    query: Result<axum::extract::Query<IndexQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, PageError> {
+    // A query string that is not ours (a field twice, garbage) is the
+    // first page, not an error.
+    let query = query.map(|q| q.0).unwrap_or_default();
     let q: String = query.q.trim().chars().take(100).collect();
     // A cursor that is not one of ours is the first page.
     let after = query.after.split_once('.').and_then(|(at, id)| {
@@ -201,6 +204,10 @@ struct UploadPage<'a> {
 struct Unfinished {
     id: String,
     name: String,
+    /// The file's name and size, which the page matches a chosen file
+    /// against to carry on.
+    filename: String,
+    length: u64,
     percent: u32,
     received_mib: String,
     total_mib: String,
@@ -226,6 +233,8 @@ pub async fn upload_form(State(st): State<SharedState>, c: Caller) -> Result<Res
             received_mib: mib(u.offset),
             total_mib: mib(u.length),
             expires: crate::backup::format_utc(u.expires),
+            filename: u.filename,
+            length: u.length,
             id: u.id,
         })
         .collect();
