@@ -419,8 +419,10 @@ async fn tus_uploads_answer_as_the_protocol_says_and_survive_a_restart() {
     assert_eq!(c.my_assets().await.len(), movies_before);
 }
 
-/// The independent client: tuspy uploads in 64 KiB chunks with a sha1 per
-/// chunk, stops halfway, and a second tuspy uploader resumes from the URL.
+/// The independent client (tests/tus/conformance.py): tuspy uploads in
+/// 64 KiB chunks with a sha1 per chunk, stops halfway, and a second tuspy
+/// uploader resumes from the URL; then, on an upload tuspy created, every
+/// answer the protocol names for a bad request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tuspy_uploads_and_resumes() {
     let c = Cluster::start(&["utah", "toronto"]);
@@ -437,6 +439,7 @@ async fn tuspy_uploads_and_resumes() {
         .arg(&script)
         .arg(format!("{}/api/v1/tus/", c.manager.url))
         .arg(&c.api_token)
+        .arg(c.buyer("peer@example.com", 10))
         .arg(&movie)
         .output()
         .await
