@@ -100,24 +100,7 @@ async fn a_movie_uploaded_through_the_web_form_plays_in_chromium() {
         .for_element(Locator::Css("input[name=title]"))
         .await
         .unwrap();
-    c.find(Locator::Css("input[name=title]"))
-        .await
-        .unwrap()
-        .send_keys("Garden")
-        .await
-        .unwrap();
-    c.find(Locator::Css("input[name=file]"))
-        .await
-        .unwrap()
-        .send_keys(input.to_str().unwrap())
-        .await
-        .unwrap();
-    c.find(Locator::Id("send"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    send_through_page(&c, "Garden", &input).await;
 
     // The script sends us to the movie page, which refreshes until published.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -329,6 +312,18 @@ async fn plays(c: &fantoccini::Client) -> serde_json::Value {
         assert!(Instant::now() < deadline, "video did not play: {s}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// On the upload page: types the title, chooses `file`, presses Upload.
+async fn send_through_page(c: &fantoccini::Client, title: &str, file: &std::path::Path) {
+    fill(c, "input[name=title]", title).await;
+    fill(c, "input[name=file]", file.to_str().unwrap()).await;
+    c.find(Locator::Id("send"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 }
 
 async fn fill(c: &fantoccini::Client, css: &str, text: &str) {
@@ -853,20 +848,8 @@ async fn a_200_mb_upload_survives_a_cut_connection_and_a_manager_restart_in_chro
     )
     .await;
     c.goto(&format!("{base}/upload")).await.unwrap();
-    fill(&c, "input[name=title]", "Big noise").await;
-    c.find(Locator::Css("input[name=file]"))
-        .await
-        .unwrap()
-        .send_keys(input.to_str().unwrap())
-        .await
-        .unwrap();
     let before = proxy.sent();
-    c.find(Locator::Id("send"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    send_through_page(&c, "Big noise", &input).await;
 
     // Halfway, every connection is cut.
     let line = wait_sent(&c, &proxy, before + size / 2, "before the cut").await;
@@ -898,19 +881,7 @@ async fn a_200_mb_upload_survives_a_cut_connection_and_a_manager_restart_in_chro
     let sent_at_reload = proxy.sent();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let kept_at_reload = tus_received(&cluster).expect("the upload kept through the reload");
-    fill(&c, "input[name=title]", "Big noise").await;
-    c.find(Locator::Css("input[name=file]"))
-        .await
-        .unwrap()
-        .send_keys(input.to_str().unwrap())
-        .await
-        .unwrap();
-    c.find(Locator::Id("send"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    send_through_page(&c, "Big noise", &input).await;
 
     // It lands on the movie page, which follows processing step by step,
     // until the movie is published.

@@ -458,10 +458,7 @@ async fn account_page_with(
     q: &AccountQuery,
 ) -> Result<Response, ApiError> {
     let balance = st.db.balance(c.user.id).await?;
-    let after = q.movies_after.split_once('.').and_then(|(at, id)| {
-        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric());
-        Some((at.parse::<i64>().ok()?, id.to_string())).filter(|_| ok)
-    });
+    let after = super::web::keyset_cursor(&q.movies_after);
     let movies_later = after.is_some();
     // One more than shown, to know whether there is a next page.
     let mut movies = st

@@ -22,7 +22,7 @@ use crate::{
     SharedState,
 };
 
-pub use crate::ingest::MAX_TITLE_CHARS;
+use crate::ingest::MAX_TITLE_CHARS;
 
 #[derive(Serialize)]
 pub struct UploadAccepted {

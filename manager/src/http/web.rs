@@ -107,6 +107,15 @@ pub struct IndexQuery {
     after: String,
 }
 
+/// A page's keyset cursor, `<created_at>.<id>` of the last row on the page
+/// before (the home page's and "my movies"' "older" links). Anything that
+/// is not one of ours is `None`: the first page.
+pub(super) fn keyset_cursor(raw: &str) -> Option<(i64, String)> {
+    let (at, id) = raw.split_once('.')?;
+    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric());
+    Some((at.parse::<i64>().ok()?, id.to_string())).filter(|_| ok)
+}
+
 /// `m:ss` or `h:mm:ss`.
 fn clock(secs: Option<f64>) -> String {
     let Some(s) = secs else {
@@ -130,10 +139,7 @@ pub async fn index(
     let query = query.map(|q| q.0).unwrap_or_default();
     let q: String = query.q.trim().chars().take(100).collect();
     // A cursor that is not one of ours is the first page.
-    let after = query.after.split_once('.').and_then(|(at, id)| {
-        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric());
-        Some((at.parse::<i64>().ok()?, id.to_string())).filter(|_| ok)
-    });
+    let after = keyset_cursor(&query.after);
     let later_page = after.is_some();
     let search = (!q.is_empty()).then_some(q.as_str());
     let mut page = st
@@ -722,4 +728,28 @@ pub async fn cancel(
     c.check_csrf(Some(&f.csrf))?;
     api::cancel_as(&st, &c, &id).await?;
     Ok(Redirect::to(&format!("/assets/{id}")).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_own_cursors_are_taken() {
+        assert_eq!(
+            keyset_cursor("1700000000.0a1b"),
+            Some((1700000000, "0a1b".to_string()))
+        );
+        for bad in [
+            "",
+            "1700000000",
+            "1700000000.",
+            "x.0a1b",
+            "1.a'b",
+            "1.../etc",
+        ] {
+            assert_eq!(keyset_cursor(bad), None, "{bad:?}");
+        }
+        assert_eq!(keyset_cursor(&format!("1.{}", "a".repeat(65))), None);
+    }
 }
